@@ -1,0 +1,8 @@
+//! Test peers for knock that speak the real protocols, for tests and benchmarks only.
+//!
+//! - [`apns`]: a mock of Apple's APNs provider API (HTTP/2 over TLS, `/3/device/<token>`, ES256 JWT checked,
+//!   Apple's status codes and reasons), with per-token behaviour that tests can switch.
+//! - [`server`]: the XMPP server side of an XEP-0114 component link, playing Prosody or ejabberd.
+
+pub mod apns;
+pub mod server;
