@@ -1,0 +1,495 @@
+//! A small APNs provider client: HTTP/2 over TLS to `/3/device/<token>`, token (ES256 JWT) or certificate auth.
+//!
+//! One client per configured app. hyper's pooled HTTP/2 client multiplexes every request on one connection
+//! and reconnects after GOAWAY or errors. Retries (429, 5xx, network) back off inside a deadline, so a publish
+//! is always answered in time. knock has its own client because a2 cannot be pointed at a test endpoint.
+
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use super::{Backend, PushOutcome, Wakeup};
+use crate::config::{ApnsAuth, ApnsConfig, PushType};
+
+/// Why an APNs client could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ApnsSetupError {
+    /// A key, certificate or CA file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file was read but does not hold what it should.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The endpoint or TLS setup was rejected.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Sign a fresh provider token this often; Apple rejects tokens older than an hour.
+const JWT_REFRESH: Duration = Duration::from_secs(50 * 60);
+/// Apple answers `TooManyProviderTokenUpdates` to more frequent refreshes.
+const JWT_MIN_REFRESH: Duration = Duration::from_secs(20 * 60);
+/// Attempts per push, including the first.
+const ATTEMPTS: u32 = 3;
+/// First retry delay; doubled each time.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Error bodies are a short JSON object; never read more than this.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// Signs and caches the provider JWT for token auth.
+struct JwtSigner {
+    /// The `.p8` key.
+    key: jsonwebtoken::EncodingKey,
+    /// JWT header `kid`.
+    key_id: String,
+    /// JWT claim `iss`.
+    team_id: String,
+    /// The token in use and when it was signed; shared by all concurrent pushes.
+    current: Mutex<Option<(Arc<str>, Instant)>>,
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    iat: u64,
+}
+
+impl JwtSigner {
+    fn load(path: &Path, key_id: &str, team_id: &str) -> Result<JwtSigner, ApnsSetupError> {
+        let pem = read(path)?;
+        let key =
+            jsonwebtoken::EncodingKey::from_ec_pem(&pem).map_err(|e| ApnsSetupError::Invalid {
+                path: path.display().to_string(),
+                reason: format!("not an ES256 .p8 key: {e}"),
+            })?;
+        let signer = JwtSigner {
+            key,
+            key_id: key_id.to_owned(),
+            team_id: team_id.to_owned(),
+            current: Mutex::new(None),
+        };
+        // Sign once now so a bad key fails `knock check`, not the first push.
+        signer.sign().map_err(|reason| ApnsSetupError::Invalid {
+            path: path.display().to_string(),
+            reason,
+        })?;
+        Ok(signer)
+    }
+
+    fn sign(&self) -> Result<Arc<str>, String> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.key_id.clone());
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let claims = Claims {
+            iss: &self.team_id,
+            iat,
+        };
+        let token = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())?;
+        let token: Arc<str> = token.into();
+        *self.lock() = Some((token.clone(), Instant::now()));
+        Ok(token)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Arc<str>, Instant)>> {
+        // A poisoned lock only means a panic elsewhere mid-assignment of a complete value; the value is usable.
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token to send now, signing a new one when the current is near Apple's one-hour limit.
+    fn token(&self) -> Result<Arc<str>, String> {
+        if let Some((token, signed)) = self.lock().as_ref() {
+            if signed.elapsed() < JWT_REFRESH {
+                return Ok(token.clone());
+            }
+        }
+        self.sign()
+    }
+
+    /// Apple said `ExpiredProviderToken` for `rejected`: sign a new one if that is allowed, else `None`.
+    fn refresh_after_expiry(&self, rejected: &str) -> Option<Arc<str>> {
+        if let Some((token, signed)) = self.lock().as_ref() {
+            if &**token != rejected {
+                return Some(token.clone());
+            }
+            if signed.elapsed() < JWT_MIN_REFRESH {
+                return None;
+            }
+        }
+        self.sign().ok()
+    }
+}
+
+/// An APNs client for one app.
+pub struct ApnsClient {
+    /// hyper's pooled client: one multiplexed HTTP/2 connection, re-established on demand.
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `https://host[:port]`, no trailing slash.
+    base: String,
+    /// The app's name, for logs.
+    app: String,
+    /// `apns-topic`.
+    topic: HeaderValue,
+    /// Background or alert.
+    push_type: PushType,
+    /// The alert title (alert pushes only).
+    alert_title: String,
+    /// Whether the payload carries the node.
+    include_node: bool,
+    /// Seconds Apple may store an undelivered push.
+    expiration: u64,
+    /// Token auth signer, or `None` for certificate auth.
+    jwt: Option<JwtSigner>,
+    /// Every push resolves within this, retries included.
+    deadline: Duration,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ApnsSetupError> {
+    std::fs::read(path).map_err(|source| ApnsSetupError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> ApnsSetupError {
+    ApnsSetupError::Invalid {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn load_certs(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ApnsSetupError> {
+    let pem = read(path)?;
+    let certs = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+impl ApnsClient {
+    /// Build the client for one app: read keys and CA files, set up TLS. Does not connect yet.
+    pub fn new(app: &ApnsConfig, deadline: Duration) -> Result<ApnsClient, ApnsSetupError> {
+        let base = app.endpoint_url().map_err(ApnsSetupError::Setup)?;
+        let auth = match &app.auth {
+            Some(auth) => Some(
+                auth.kind("apns.auth")
+                    .map_err(|e| ApnsSetupError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca) = &app.ca_file {
+            for cert in load_certs(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid(ca, format!("unusable CA certificate: {e}")))?;
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApnsSetupError::Setup(e.to_string()))?
+        .with_root_certificates(roots);
+
+        let (tls, jwt) = match auth {
+            Some(ApnsAuth::Certificate {
+                cert_file,
+                key_file,
+            }) => {
+                let certs = load_certs(&cert_file)?;
+                let pem = read(&key_file)?;
+                let key = rustls_pemfile::private_key(&mut BufReader::new(pem.as_slice()))
+                    .map_err(|e| invalid(&key_file, format!("bad PEM: {e}")))?
+                    .ok_or_else(|| invalid(&key_file, "no private key in the file"))?;
+                let tls = builder.with_client_auth_cert(certs, key).map_err(|e| {
+                    invalid(&cert_file, format!("certificate and key do not fit: {e}"))
+                })?;
+                (tls, None)
+            }
+            Some(ApnsAuth::Token {
+                key_file,
+                key_id,
+                team_id,
+            }) => (
+                builder.with_no_client_auth(),
+                Some(JwtSigner::load(&key_file, &key_id, &team_id)?),
+            ),
+            None => (builder.with_no_client_auth(), None),
+        };
+
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http2()
+            .build();
+        let http = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(600))
+            .build(connector);
+        let topic = HeaderValue::from_str(&app.topic).map_err(|_| {
+            ApnsSetupError::Setup(format!("topic {:?} is not a valid header value", app.topic))
+        })?;
+        Ok(ApnsClient {
+            http,
+            base,
+            app: app.name.clone(),
+            topic,
+            push_type: app.push_type,
+            alert_title: app.alert_title.clone(),
+            include_node: app.include_node,
+            expiration: app.expiration_secs,
+            jwt,
+            deadline,
+        })
+    }
+
+    /// The JSON payload: a bare wake-up, never any message content.
+    fn payload(&self, node: &str) -> Bytes {
+        let mut body = match self.push_type {
+            PushType::Background => serde_json::json!({ "aps": { "content-available": 1 } }),
+            PushType::Alert => serde_json::json!({
+                "aps": { "alert": { "title": self.alert_title }, "mutable-content": 1 }
+            }),
+        };
+        if self.include_node {
+            body["node"] = serde_json::Value::from(node);
+        }
+        Bytes::from(body.to_string())
+    }
+
+    fn request(
+        &self,
+        wakeup: Wakeup<'_>,
+        jwt: Option<&str>,
+    ) -> Result<Request<Full<Bytes>>, String> {
+        let (push_type, priority) = match self.push_type {
+            PushType::Background => ("background", "5"),
+            PushType::Alert => ("alert", "10"),
+        };
+        let expiration = if self.expiration == 0 {
+            0
+        } else {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+                + self.expiration
+        };
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/3/device/{}", self.base, wakeup.token))
+            .header("apns-topic", self.topic.clone())
+            .header("apns-push-type", push_type)
+            .header("apns-priority", priority)
+            .header("apns-expiration", expiration.to_string())
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(jwt) = jwt {
+            builder = builder.header(AUTHORIZATION, format!("bearer {jwt}"));
+        }
+        builder
+            .body(Full::new(self.payload(wakeup.node)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// One HTTP exchange: the status and Apple's `reason`, if any.
+    async fn send_once(
+        &self,
+        wakeup: Wakeup<'_>,
+        jwt: Option<&str>,
+    ) -> Result<(StatusCode, String), String> {
+        let request = self.request(wakeup, jwt)?;
+        let response = self.http.request(request).await.map_err(|e| {
+            // hyper's error chain says *why* (connect refused, TLS, GOAWAY); the top level rarely does.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok((status, String::new()));
+        }
+        let body = Limited::new(response.into_body(), MAX_ERROR_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let reason = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        Ok((status, reason))
+    }
+
+    async fn push(&self, wakeup: Wakeup<'_>) -> PushOutcome {
+        let mut jwt = match self.jwt.as_ref().map(JwtSigner::token).transpose() {
+            Ok(jwt) => jwt,
+            Err(reason) => return PushOutcome::Misconfigured { reason },
+        };
+        let mut refreshed = false;
+        let mut backoff = FIRST_BACKOFF;
+        let mut last = PushOutcome::Unavailable {
+            reason: "no attempt made".into(),
+        };
+        for attempt in 1..=ATTEMPTS {
+            let retry = match self.send_once(wakeup, jwt.as_deref()).await {
+                Ok((status, reason)) => match classify(status, &reason) {
+                    Verdict::Final(outcome) => return outcome,
+                    Verdict::ExpiredJwt => {
+                        let fresh = match (&self.jwt, &jwt) {
+                            (Some(signer), Some(old)) if !refreshed => {
+                                signer.refresh_after_expiry(old)
+                            }
+                            _ => None,
+                        };
+                        match fresh {
+                            Some(fresh) => {
+                                refreshed = true;
+                                jwt = Some(fresh);
+                                last = PushOutcome::Misconfigured { reason };
+                                continue;
+                            }
+                            None => return PushOutcome::Misconfigured { reason },
+                        }
+                    }
+                    Verdict::Retry(outcome) => outcome,
+                },
+                Err(reason) => PushOutcome::Unavailable { reason },
+            };
+            tracing::debug!(app = %self.app, attempt, outcome = ?retry, "APNs attempt failed");
+            last = retry;
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+        last
+    }
+}
+
+/// What one APNs answer means for the push.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Settled: delivered, dead, or a problem retrying cannot fix.
+    Final(PushOutcome),
+    /// Worth another attempt; this is the outcome if none is left.
+    Retry(PushOutcome),
+    /// The provider token expired: sign a new one and retry once.
+    ExpiredJwt,
+}
+
+/// Apple's status codes and reasons, mapped to what knock does.
+fn classify(status: StatusCode, reason: &str) -> Verdict {
+    let reason = reason.to_owned();
+    match status.as_u16() {
+        200..=299 => Verdict::Final(PushOutcome::Delivered),
+        410 => Verdict::Final(PushOutcome::DeadToken { reason }),
+        400 if reason == "BadDeviceToken" || reason == "DeviceTokenNotForTopic" => {
+            Verdict::Final(PushOutcome::DeadToken { reason })
+        }
+        403 if reason == "ExpiredProviderToken" => Verdict::ExpiredJwt,
+        429 => Verdict::Retry(PushOutcome::Throttled),
+        500..=599 => Verdict::Retry(PushOutcome::Unavailable {
+            reason: format!("{} {reason}", status.as_u16()),
+        }),
+        _ => Verdict::Final(PushOutcome::Misconfigured {
+            reason: format!("{} {reason}", status.as_u16()),
+        }),
+    }
+}
+
+impl Backend for ApnsClient {
+    fn wake<'a>(&'a self, wakeup: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
+        Box::pin(async move {
+            match tokio::time::timeout(self.deadline, self.push(wakeup)).await {
+                Ok(outcome) => outcome,
+                Err(_) => PushOutcome::Unavailable {
+                    reason: format!("no answer from APNs within {:?}", self.deadline),
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apple_answers_map_to_outcomes() {
+        let dead = |r: &str| Verdict::Final(PushOutcome::DeadToken { reason: r.into() });
+        assert_eq!(
+            classify(StatusCode::OK, ""),
+            Verdict::Final(PushOutcome::Delivered)
+        );
+        assert_eq!(
+            classify(StatusCode::GONE, "Unregistered"),
+            dead("Unregistered")
+        );
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, "BadDeviceToken"),
+            dead("BadDeviceToken")
+        );
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, "DeviceTokenNotForTopic"),
+            dead("DeviceTokenNotForTopic")
+        );
+        assert_eq!(
+            classify(StatusCode::FORBIDDEN, "ExpiredProviderToken"),
+            Verdict::ExpiredJwt
+        );
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+            Verdict::Retry(PushOutcome::Throttled)
+        );
+        assert!(matches!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            Verdict::Retry(PushOutcome::Unavailable { .. })
+        ));
+        assert!(matches!(
+            classify(StatusCode::FORBIDDEN, "InvalidProviderToken"),
+            Verdict::Final(PushOutcome::Misconfigured { .. })
+        ));
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, "TopicDisallowed"),
+            Verdict::Final(PushOutcome::Misconfigured { .. })
+        ));
+    }
+}

@@ -1,0 +1,100 @@
+//! Where registrations live: the [`Store`] trait and the [`Registration`] it keeps.
+//!
+//! Handlers speak only this trait, so another backend can be added without touching them. A registration holds
+//! what a push needs and nothing more: no JID (only keyed hashes of it), no secret (only its hash), no timestamps.
+
+mod sled;
+
+pub use self::sled::SledStore;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// A 32-byte keyed hash: identifies a device or an owner without revealing the JID behind it.
+pub type Digest = [u8; 32];
+
+/// One registered device: the pubsub node a server publishes to, and where the wake-up goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The pubsub node (random, URL-safe); the store's primary key.
+    pub node: String,
+    /// Keyed hash of (bare JID, device id, app): finds the registration again when the same device re-registers.
+    #[serde(with = "hex_digest")]
+    pub device: Digest,
+    /// Keyed hash of the registering bare JID: only its owner may disable a node.
+    #[serde(with = "hex_digest")]
+    pub owner: Digest,
+    /// The registering user's server: publishes are accepted only from this bare domain.
+    pub domain: String,
+    /// Which configured app the token belongs to.
+    pub app: String,
+    /// The APNs device token, lowercase hex.
+    pub token: String,
+    /// SHA-256 of the publish secret; the secret itself is never stored.
+    #[serde(with = "hex_digest")]
+    pub secret_hash: Digest,
+}
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The node is already held by another device.
+    #[error("node is held by another device")]
+    Conflict,
+    /// The backing database failed (I/O error, corruption, full disk).
+    #[error("store I/O: {0}")]
+    Io(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// The registration database.
+pub trait Store: Send + Sync + 'static {
+    /// The registration for a node, if any.
+    fn get(&self, node: &str) -> Result<Option<Registration>, StoreError>;
+
+    /// The node a device is registered under, if any.
+    fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError>;
+
+    /// Insert or update a registration atomically. The node must be free or already this device's
+    /// ([`StoreError::Conflict`] otherwise); a device's previous node, if different, is removed.
+    /// Not durable until [`Store::flush`] completes.
+    fn put(&self, registration: &Registration) -> Result<(), StoreError>;
+
+    /// Remove a node's registration; returns what was removed.
+    fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError>;
+
+    /// Remove a node's registration only if it still carries `token` — so a dead-token report racing with a
+    /// re-registration never deletes the fresh token. Returns whether something was removed.
+    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError>;
+
+    /// Make every change so far durable (survives kill -9).
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Number of registrations (may scan: for stats, not hot paths).
+    fn len(&self) -> Result<usize, StoreError>;
+
+    /// Whether the store holds no registration.
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// A 32-byte secret key created once per store, used to key the JID hashes and derive publish secrets.
+    fn instance_key(&self) -> Result<[u8; 32], StoreError>;
+}
+
+mod hex_digest {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &super::Digest, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Digest, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}

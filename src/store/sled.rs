@@ -1,0 +1,241 @@
+//! The sled-backed [`Store`]: three trees in one embedded database.
+//!
+//! `registrations` maps node -> registration (JSON), `devices` maps device hash -> node, `meta` holds the
+//! instance key. Writes touching two trees run in one sled transaction, so a crash never leaves half a record.
+
+use std::path::Path;
+
+use futures::future::BoxFuture;
+use rand::RngCore;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{Digest, Registration, Store, StoreError};
+
+/// Registrations in a sled database on local disk.
+#[derive(Clone)]
+pub struct SledStore {
+    /// Kept for flushes and the meta tree.
+    db: sled::Db,
+    /// node -> JSON-encoded [`Registration`].
+    registrations: sled::Tree,
+    /// device hash -> node.
+    devices: sled::Tree,
+}
+
+const INSTANCE_KEY: &[u8] = b"instance-key";
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(inner) => inner,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Registration, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode(registration: &Registration) -> Vec<u8> {
+    serde_json::to_vec(registration).expect("a Registration always serialises")
+}
+
+impl SledStore {
+    /// Open (or create) the database in `path`.
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(SledStore {
+            registrations: db.open_tree("registrations")?,
+            devices: db.open_tree("devices")?,
+            db,
+        })
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, node: &str) -> Result<Option<Registration>, StoreError> {
+        self.registrations
+            .get(node.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .devices
+            .get(device)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn put(&self, registration: &Registration) -> Result<(), StoreError> {
+        let record = encode(registration);
+        (&self.registrations, &self.devices)
+            .transaction(|(regs, devices)| {
+                let node = registration.node.as_bytes();
+                if let Some(existing) = regs.get(node)? {
+                    let existing =
+                        decode(&existing).map_err(ConflictableTransactionError::Abort)?;
+                    if existing.device != registration.device {
+                        return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+                    }
+                }
+                if let Some(previous) = devices.insert(&registration.device, node)? {
+                    if previous.as_ref() != node {
+                        regs.remove(previous)?;
+                    }
+                }
+                regs.insert(node, record.as_slice())?;
+                Ok(())
+            })
+            .map_err(StoreError::from)
+    }
+
+    fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
+        (&self.registrations, &self.devices)
+            .transaction(|(regs, devices)| {
+                let Some(bytes) = regs.remove(node.as_bytes())? else {
+                    return Ok(None);
+                };
+                let registration = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                if devices.get(registration.device)?.as_deref() == Some(node.as_bytes()) {
+                    devices.remove(&registration.device)?;
+                }
+                Ok(Some(registration))
+            })
+            .map_err(StoreError::from)
+    }
+
+    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError> {
+        (&self.registrations, &self.devices)
+            .transaction(|(regs, devices)| {
+                let Some(bytes) = regs.get(node.as_bytes())? else {
+                    return Ok(false);
+                };
+                let registration = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                if registration.token != token {
+                    return Ok(false);
+                }
+                regs.remove(node.as_bytes())?;
+                if devices.get(registration.device)?.as_deref() == Some(node.as_bytes()) {
+                    devices.remove(&registration.device)?;
+                }
+                Ok(true)
+            })
+            .map_err(StoreError::from)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.db.flush_async().await?;
+            Ok(())
+        })
+    }
+
+    fn len(&self) -> Result<usize, StoreError> {
+        Ok(self.registrations.len())
+    }
+
+    fn instance_key(&self) -> Result<[u8; 32], StoreError> {
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut fresh);
+        // compare_and_swap makes two racing first starts agree on one key.
+        let _ = self
+            .db
+            .compare_and_swap(INSTANCE_KEY, None as Option<&[u8]>, Some(&fresh[..]))?;
+        let stored = self
+            .db
+            .get(INSTANCE_KEY)?
+            .ok_or_else(|| StoreError::Corrupt("instance key vanished".into()))?;
+        stored
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("instance key has the wrong length".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(node: &str, device: u8, token: &str) -> Registration {
+        Registration {
+            node: node.into(),
+            device: [device; 32],
+            owner: [9; 32],
+            domain: "example.org".into(),
+            app: "chat".into(),
+            token: token.into(),
+            secret_hash: [1; 32],
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn put_get_remove_keep_the_device_index_in_step() {
+        let (_dir, store) = open();
+        store.put(&reg("n1", 1, "aa")).expect("put");
+        assert_eq!(store.get("n1").expect("get"), Some(reg("n1", 1, "aa")));
+        assert_eq!(
+            store.node_for_device(&[1; 32]).expect("idx").as_deref(),
+            Some("n1")
+        );
+        // Same device, same node: token update.
+        store.put(&reg("n1", 1, "bb")).expect("update");
+        assert_eq!(
+            store.get("n1").expect("get").map(|r| r.token).as_deref(),
+            Some("bb")
+        );
+        // Another device may not take the node.
+        assert!(matches!(
+            store.put(&reg("n1", 2, "cc")),
+            Err(StoreError::Conflict)
+        ));
+        // Same device moving to a new node drops the old node.
+        store.put(&reg("n2", 1, "dd")).expect("move");
+        assert_eq!(store.get("n1").expect("get"), None);
+        assert_eq!(store.len().expect("len"), 1);
+        assert_eq!(
+            store.remove("n2").expect("rm").map(|r| r.node).as_deref(),
+            Some("n2")
+        );
+        assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+    }
+
+    #[test]
+    fn remove_if_token_spares_a_fresh_token() {
+        let (_dir, store) = open();
+        store.put(&reg("n1", 1, "new")).expect("put");
+        assert!(!store.remove_if_token("n1", "old").expect("rm"));
+        assert!(store.get("n1").expect("get").is_some());
+        assert!(store.remove_if_token("n1", "new").expect("rm"));
+        assert!(store.get("n1").expect("get").is_none());
+        assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+    }
+
+    #[test]
+    fn instance_key_is_stable_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = SledStore::open(dir.path())
+            .expect("open")
+            .instance_key()
+            .expect("key");
+        let again = SledStore::open(dir.path())
+            .expect("open")
+            .instance_key()
+            .expect("key");
+        assert_eq!(first, again);
+    }
+}
