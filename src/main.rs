@@ -1,1 +1,168 @@
-fn main() {}
+//! The `knock` command line: `run` serves, `check` validates a configuration. Everything else is the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use knock::app::App;
+use knock::config::Config;
+use knock::link::{self, LinkSettings};
+
+/// An XMPP push App Server (XEP-0357) that wakes iOS apps through APNs.
+#[derive(Parser)]
+#[command(name = "knock", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the XMPP server and serve until SIGTERM or SIGINT.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration: parse it, read the secret, load every key and certificate.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => run(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("knock: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; `KNOCK_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
+fn init_logging() {
+    let filter = std::env::var("KNOCK_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<(Config, String)> {
+    let config = Config::load(path)?;
+    let secret = config.component_secret()?;
+    Ok((config, secret))
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let (config, _secret) = load(path)?;
+    // rustls needs no process-wide provider: the APNs client names ring explicitly.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async { App::backends_from_config(&config) })?;
+    println!(
+        "{}: OK — component {} via {}, {} app(s): {}",
+        path.display(),
+        config.component.jid,
+        config.component.server,
+        config.apns.len(),
+        config
+            .apns
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let (config, secret) = load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let app = Arc::new(App::from_config(&config).context("starting knock")?);
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            registrations = app.store.len().unwrap_or(0),
+            apps = app.apps.len(),
+            "knock starting"
+        );
+        let (trigger, shutdown) = knock::shutdown::channel();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            trigger.fire();
+        });
+        tokio::spawn(report_stats(app.clone(), shutdown.clone()));
+        let settings = LinkSettings {
+            jid: config.component_jid(),
+            server: config.component.server.clone(),
+            secret,
+            ping_interval: Duration::from_secs(config.component.ping_interval_secs),
+            max_in_flight: config.component.max_in_flight,
+            publish_deadline: config.publish_deadline(),
+        };
+        link::run(app.clone(), settings, shutdown).await;
+        app.store.flush().await.context("flushing the store")?;
+        tracing::info!(stats = %app.stats.summary(), "knock stopped");
+        Ok(())
+    })
+}
+
+/// SIGTERM (systemd, docker) or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Log the counters every five minutes when they changed: counts only, never who.
+async fn report_stats(app: Arc<App>, mut shutdown: knock::shutdown::Shutdown) {
+    let mut last = String::new();
+    let mut every = tokio::time::interval(Duration::from_secs(300));
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = every.tick() => {}
+        }
+        let now = app.stats.summary();
+        if now != last {
+            tracing::info!(stats = %now, "activity");
+            last = now;
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The shared state every handler works with: store, push backends per app, keyring, rate limiter, counters.
+//!
+//! Built once from the [`Config`] (or piece by piece in tests, with any [`Backend`]); handlers borrow it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use xmpp_parsers::jid::BareJid;
+
+use crate::config::Config;
+use crate::push::{ApnsClient, Backend, DryRun};
+use crate::rate_limit::RateLimiter;
+use crate::secrets::Keyring;
+use crate::stats::Stats;
+use crate::store::{SledStore, Store, StoreError};
+
+/// Why knock could not be assembled from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The store could not be opened.
+    #[error("store {path}: {source}")]
+    Store {
+        /// The configured path.
+        path: String,
+        /// What failed.
+        source: StoreError,
+    },
+    /// An app's APNs client could not be built.
+    #[error("apns app {app:?}: {source}")]
+    Apns {
+        /// The app's name.
+        app: String,
+        /// What failed.
+        source: crate::push::apns::ApnsSetupError,
+    },
+}
+
+/// One configured app and the backend that wakes it.
+#[derive(Clone)]
+pub struct PushApp {
+    /// The name clients use in the `app` field.
+    pub name: String,
+    /// How its wake-ups are sent.
+    pub backend: Arc<dyn Backend>,
+}
+
+/// Everything the handlers need.
+pub struct App {
+    /// The component's own JID; replies come from it and `<enable/>` must name it.
+    pub jid: BareJid,
+    /// The registration store.
+    pub store: Arc<dyn Store>,
+    /// Keyed hashes for device and owner identities and node secrets.
+    pub keys: Keyring,
+    /// The configured apps; the first is the default.
+    pub apps: Vec<PushApp>,
+    /// Per-node push coalescing.
+    pub limiter: RateLimiter,
+    /// Every publish is answered within this.
+    pub publish_deadline: Duration,
+    /// What happened, in counts.
+    pub stats: Stats,
+}
+
+impl App {
+    /// Assemble an app from parts (tests plug in their own store and backends).
+    pub fn new(
+        jid: BareJid,
+        store: Arc<dyn Store>,
+        apps: Vec<PushApp>,
+        push_interval: Duration,
+        publish_deadline: Duration,
+    ) -> Result<App, StoreError> {
+        let keys = Keyring::new(store.instance_key()?);
+        Ok(App {
+            jid,
+            store,
+            keys,
+            apps,
+            limiter: RateLimiter::new(push_interval),
+            publish_deadline,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Build every configured app's push backend: reads keys and certificates, connects nowhere.
+    pub fn backends_from_config(config: &Config) -> Result<Vec<PushApp>, SetupError> {
+        // The backend's own deadline leaves room to send the reply before the publish deadline.
+        let push_deadline = config.publish_deadline().mul_f64(0.9);
+        config
+            .apns
+            .iter()
+            .map(|app| {
+                let backend: Arc<dyn Backend> = if app.dry_run {
+                    Arc::new(DryRun {
+                        app: app.name.clone(),
+                    })
+                } else {
+                    Arc::new(ApnsClient::new(app, push_deadline).map_err(|source| {
+                        SetupError::Apns {
+                            app: app.name.clone(),
+                            source,
+                        }
+                    })?)
+                };
+                Ok(PushApp {
+                    name: app.name.clone(),
+                    backend,
+                })
+            })
+            .collect()
+    }
+
+    /// Open the store and build every app's backend from the configuration.
+    pub fn from_config(config: &Config) -> Result<App, SetupError> {
+        let apps = App::backends_from_config(config)?;
+        let store_error = |source| SetupError::Store {
+            path: config.store.path.display().to_string(),
+            source,
+        };
+        let store = SledStore::open(&config.store.path).map_err(store_error)?;
+        App::new(
+            config.component_jid(),
+            Arc::new(store),
+            apps,
+            config.push_interval(),
+            config.publish_deadline(),
+        )
+        .map_err(store_error)
+    }
+
+    /// The app with this name, or the default app when `name` is `None`.
+    pub fn app(&self, name: Option<&str>) -> Option<&PushApp> {
+        match name {
+            None => self.apps.first(),
+            Some(name) => self.apps.iter().find(|a| a.name == name),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Registration by XEP-0050 ad-hoc commands, named as p2 (Conversations' App Server) names them.
+//!
+//! `register-push-apns` takes `token`, `device-id` (or p2's `android-id`) and an optional `app`, and completes
+//! with a result form carrying `jid`, `node` and `secret` for the client's `<enable/>`. Executed without a form
+//! it answers the form to fill in, so generic ad-hoc UIs work. The same (JID, device, app) always gets the same
+//! node and secret back; only the token changes. `unregister-push-apns` removes the device's registration.
+
+use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
+use xmpp_parsers::jid::Jid;
+
+use super::{
+    apns_token, delete, device_id, form_values, optional, push_app, required, save, HandlerError,
+};
+use crate::app::App;
+use crate::secrets::{random_id, secret_hash};
+use crate::store::Registration;
+use crate::xep0050::{Action, Actions, Command, Status};
+
+/// A command knock offers.
+#[derive(Debug)]
+pub struct CommandInfo {
+    /// The command node.
+    pub node: &'static str,
+    /// Its human-readable name, shown in disco#items.
+    pub name: &'static str,
+}
+
+/// Register an APNs device.
+pub const REGISTER_APNS: &str = "register-push-apns";
+/// Unregister an APNs device.
+pub const UNREGISTER_APNS: &str = "unregister-push-apns";
+
+/// Every command, in the order disco#items lists them.
+pub const COMMANDS: &[CommandInfo] = &[
+    CommandInfo {
+        node: REGISTER_APNS,
+        name: "Register an iOS device for push",
+    },
+    CommandInfo {
+        node: UNREGISTER_APNS,
+        name: "Unregister an iOS device",
+    },
+];
+
+/// The command with this node, if knock offers it.
+pub fn by_node(node: &str) -> Option<&'static CommandInfo> {
+    COMMANDS.iter().find(|c| c.node == node)
+}
+
+/// Run a command for `from`.
+pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command, HandlerError> {
+    let Some(info) = by_node(&command.node) else {
+        return Err(HandlerError::item_not_found("no such command"));
+    };
+    match command.action.unwrap_or(Action::Execute) {
+        Action::Cancel => return Ok(Command::reply(&command, Status::Canceled, None)),
+        Action::Prev => return Err(HandlerError::bad_request("this command has a single stage")),
+        Action::Execute | Action::Complete | Action::Next => {}
+    }
+    let submitted = command
+        .form
+        .as_ref()
+        .filter(|f| f.type_ != DataFormType::Cancel && !f.fields.is_empty());
+    let Some(form) = submitted else {
+        return Ok(ask_for_form(app, &command, info));
+    };
+    let values = form_values(form)?;
+    let device = required(&values, "device-id")
+        .or_else(|_| required(&values, "android-id"))
+        .map_err(|_| HandlerError::bad_request("missing field \"device-id\""))?;
+    let device = device_id(device)?;
+    let push_app = push_app(app, optional(&values, "app"))?;
+    let bare = from.to_bare();
+    let device_key = app.keys.device(bare.as_str(), device, &push_app.name);
+
+    if info.node == UNREGISTER_APNS {
+        let Some(node) = app.store.node_for_device(&device_key)? else {
+            return Err(HandlerError::item_not_found(
+                "this device is not registered",
+            ));
+        };
+        delete(app, &node).await?;
+        tracing::debug!(app = %push_app.name, "device unregistered");
+        return Ok(Command::reply(&command, Status::Completed, None));
+    }
+
+    let token = apns_token(required(&values, "token")?)?;
+    // A device keeps its node for life, so the client's <enable/> at its server stays valid.
+    let node = match app.store.node_for_device(&device_key)? {
+        Some(node) => node,
+        None => random_id(),
+    };
+    let secret = app.keys.node_secret(&node);
+    let registration = Registration {
+        node: node.clone(),
+        device: device_key,
+        owner: app.keys.owner(bare.as_str()),
+        domain: from.domain().to_string(),
+        app: push_app.name.clone(),
+        token,
+        secret_hash: secret_hash(&secret),
+    };
+    save(app, &registration).await?;
+    tracing::debug!(app = %push_app.name, "device registered");
+    let result = DataForm {
+        type_: DataFormType::Result_,
+        title: None,
+        instructions: None,
+        fields: vec![
+            Field::new("jid", FieldType::JidSingle).with_value(app.jid.as_str()),
+            Field::text_single("node", &node),
+            Field::new("secret", FieldType::TextPrivate).with_value(&secret),
+        ],
+    };
+    Ok(Command::reply(&command, Status::Completed, Some(result)))
+}
+
+/// The first stage of a two-step execution: the form to fill in.
+fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
+    let mut fields = Vec::new();
+    if info.node == REGISTER_APNS {
+        let mut token = Field::new("token", FieldType::TextSingle);
+        token.label = Some("APNs device token (hex)".into());
+        token.required = true;
+        fields.push(token);
+    }
+    let mut device = Field::new("device-id", FieldType::TextSingle);
+    device.label = Some("A stable id for this device".into());
+    device.required = true;
+    fields.push(device);
+    if app.apps.len() > 1 {
+        let mut choice = Field::new("app", FieldType::ListSingle);
+        choice.label = Some("App".into());
+        choice.options = app
+            .apps
+            .iter()
+            .map(|a| Option_ {
+                label: None,
+                value: a.name.clone(),
+            })
+            .collect();
+        if let Some(first) = app.apps.first() {
+            choice.values = vec![first.name.clone()];
+        }
+        fields.push(choice);
+    }
+    let form = DataForm {
+        type_: DataFormType::Form,
+        title: Some(info.name.to_owned()),
+        instructions: None,
+        fields,
+    };
+    let mut reply = Command::reply(request, Status::Executing, Some(form));
+    reply.sessionid = Some(request.sessionid.clone().unwrap_or_else(random_id));
+    reply.actions = Some(Actions {
+        execute: Some(Action::Complete),
+        complete: true,
+        ..Actions::default()
+    });
+    reply
+}

@@ -1,0 +1,248 @@
+//! One handler per protocol: [`disco`], [`commands`] (XEP-0050 registration), [`enable`] (the XEP-0357
+//! `<enable/>` shorthand) and [`publish`]. Handlers take typed requests and the [`App`](crate::app::App) and
+//! return a typed payload or a [`HandlerError`]; they know nothing of sockets.
+//!
+//! This file holds what they share: the error type, which maps 1:1 onto an XMPP stanza error, bounded
+//! data-form reading, and the input rules for tokens, device ids and apps.
+
+pub mod commands;
+pub mod disco;
+pub mod enable;
+pub mod publish;
+
+use std::collections::HashMap;
+
+use xmpp_parsers::data_forms::DataForm;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+
+use crate::app::{App, PushApp};
+use crate::store::{Registration, StoreError};
+
+/// A request knock refuses, with the XMPP error it becomes. The text is for humans and never carries a
+/// token, secret or JID.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerError {
+    /// The error type: tells the server whether to retry (`wait`) or give up.
+    pub kind: ErrorType,
+    /// The RFC 6120 condition.
+    pub condition: DefinedCondition,
+    /// A human-readable explanation.
+    pub text: String,
+}
+
+impl HandlerError {
+    fn new(kind: ErrorType, condition: DefinedCondition, text: impl Into<String>) -> Self {
+        HandlerError {
+            kind,
+            condition,
+            text: text.into(),
+        }
+    }
+    /// modify / bad-request.
+    pub fn bad_request(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Modify, DefinedCondition::BadRequest, text)
+    }
+    /// auth / forbidden.
+    pub fn forbidden(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Auth, DefinedCondition::Forbidden, text)
+    }
+    /// cancel / item-not-found.
+    pub fn item_not_found(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Cancel, DefinedCondition::ItemNotFound, text)
+    }
+    /// cancel / conflict.
+    pub fn conflict(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Cancel, DefinedCondition::Conflict, text)
+    }
+    /// cancel / service-unavailable: knock does not do that.
+    pub fn service_unavailable(text: impl Into<String>) -> Self {
+        Self::new(
+            ErrorType::Cancel,
+            DefinedCondition::ServiceUnavailable,
+            text,
+        )
+    }
+    /// wait / resource-constraint: try again later.
+    pub fn resource_constraint(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Wait, DefinedCondition::ResourceConstraint, text)
+    }
+    /// wait / internal-server-error: knock or its push service failed; nothing was lost, try again later.
+    pub fn internal(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Wait, DefinedCondition::InternalServerError, text)
+    }
+
+    /// The stanza error sent on the wire.
+    pub fn to_stanza_error(&self, by: Option<xmpp_parsers::jid::Jid>) -> StanzaError {
+        let mut error =
+            StanzaError::new(self.kind.clone(), self.condition.clone(), "en", &self.text);
+        error.by = by;
+        error
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => HandlerError::conflict("this node belongs to another device"),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                HandlerError::internal("the registration store failed; nothing was changed")
+            }
+        }
+    }
+}
+
+/// Most fields a submitted form may have; knock's forms have at most five.
+pub const MAX_FORM_FIELDS: usize = 32;
+/// Longest value of any field knock reads.
+pub const MAX_FIELD_LEN: usize = 1024;
+
+/// The single-valued fields of a submitted form, by `var`, with limits applied.
+pub fn form_values(form: &DataForm) -> Result<HashMap<&str, &str>, HandlerError> {
+    if form.fields.len() > MAX_FORM_FIELDS {
+        return Err(HandlerError::bad_request(format!(
+            "too many form fields (at most {MAX_FORM_FIELDS})"
+        )));
+    }
+    let mut values = HashMap::with_capacity(form.fields.len());
+    for field in &form.fields {
+        let Some(var) = field.var.as_deref() else {
+            continue;
+        };
+        if field.values.len() > 1 {
+            return Err(HandlerError::bad_request(format!(
+                "field {var:?} has several values"
+            )));
+        }
+        let value = field.values.first().map(String::as_str).unwrap_or("");
+        if value.len() > MAX_FIELD_LEN {
+            return Err(HandlerError::bad_request(format!(
+                "field {var:?} is longer than {MAX_FIELD_LEN} bytes"
+            )));
+        }
+        if values.insert(var, value).is_some() {
+            return Err(HandlerError::bad_request(format!(
+                "field {var:?} appears twice"
+            )));
+        }
+    }
+    Ok(values)
+}
+
+/// A required, non-empty field.
+pub fn required<'a>(values: &HashMap<&str, &'a str>, var: &str) -> Result<&'a str, HandlerError> {
+    match values.get(var) {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim()),
+        _ => Err(HandlerError::bad_request(format!("missing field {var:?}"))),
+    }
+}
+
+/// An optional field; empty counts as absent.
+pub fn optional<'a>(values: &HashMap<&str, &'a str>, var: &str) -> Option<&'a str> {
+    values.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
+}
+
+/// Shortest and longest APNs device token, in hex digits. Apple's are 32 bytes today and documented as
+/// variable length, so knock accepts up to 100 bytes.
+const TOKEN_HEX_LEN: std::ops::RangeInclusive<usize> = 32..=200;
+
+/// Check an APNs device token and normalise it to lowercase hex.
+pub fn apns_token(token: &str) -> Result<String, HandlerError> {
+    if !TOKEN_HEX_LEN.contains(&token.len())
+        || token.len() % 2 != 0
+        || !token.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(HandlerError::bad_request(
+            "token must be the APNs device token in hex (32 to 200 hex digits)",
+        ));
+    }
+    Ok(token.to_ascii_lowercase())
+}
+
+/// Check a client's device id: 1 to 256 characters, no control characters.
+pub fn device_id(id: &str) -> Result<&str, HandlerError> {
+    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+        return Err(HandlerError::bad_request(
+            "device-id must be 1 to 256 characters without control characters",
+        ));
+    }
+    Ok(id)
+}
+
+/// The app a registration names, or the default app.
+pub fn push_app<'a>(app: &'a App, name: Option<&str>) -> Result<&'a PushApp, HandlerError> {
+    app.app(name).ok_or_else(|| {
+        HandlerError::bad_request("unknown app: ask the service's admin for the app name")
+    })
+}
+
+/// Store a registration and wait until it is durable; only then may it be acknowledged.
+pub async fn save(app: &App, registration: &Registration) -> Result<(), HandlerError> {
+    app.store.put(registration)?;
+    app.store.flush().await?;
+    crate::stats::Stats::bump(&app.stats.registered);
+    Ok(())
+}
+
+/// Remove a registration durably.
+pub async fn delete(app: &App, node: &str) -> Result<(), HandlerError> {
+    app.store.remove(node)?;
+    app.store.flush().await?;
+    crate::stats::Stats::bump(&app.stats.unregistered);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xmpp_parsers::data_forms::{DataFormType, Field, FieldType};
+
+    fn form(fields: Vec<(&str, Vec<&str>)>) -> DataForm {
+        DataForm {
+            type_: DataFormType::Submit,
+            title: None,
+            instructions: None,
+            fields: fields
+                .into_iter()
+                .map(|(var, values)| {
+                    let mut f = Field::new(var, FieldType::TextSingle);
+                    f.values = values.into_iter().map(String::from).collect();
+                    f
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn form_limits_are_enforced() {
+        assert!(form_values(&form(vec![("a", vec!["1"]), ("a", vec!["2"])])).is_err());
+        assert!(form_values(&form(vec![("a", vec!["1", "2"])])).is_err());
+        let long = "x".repeat(MAX_FIELD_LEN + 1);
+        assert!(form_values(&form(vec![("a", vec![long.as_str()])])).is_err());
+        let many: Vec<String> = (0..=MAX_FORM_FIELDS).map(|i| format!("f{i}")).collect();
+        assert!(form_values(&form(many.iter().map(|v| (v.as_str(), vec![])).collect())).is_err());
+        let ok = form(vec![("token", vec![" ab "]), ("empty", vec![])]);
+        let values = form_values(&ok).expect("ok");
+        assert_eq!(required(&values, "token"), Ok("ab"));
+        assert!(required(&values, "empty").is_err());
+        assert_eq!(optional(&values, "empty"), None);
+    }
+
+    #[test]
+    fn tokens_must_be_hex_of_sane_length() {
+        let good = "AB".repeat(32);
+        assert_eq!(apns_token(&good), Ok("ab".repeat(32)));
+        assert!(apns_token("abc").is_err());
+        assert!(apns_token(&"zz".repeat(32)).is_err());
+        assert!(apns_token(&"a".repeat(65)).is_err());
+        assert!(apns_token(&"ab".repeat(101)).is_err());
+    }
+
+    #[test]
+    fn device_ids_are_bounded() {
+        assert!(device_id("phone-1").is_ok());
+        assert!(device_id("").is_err());
+        assert!(device_id("a\nb").is_err());
+        assert!(device_id(&"d".repeat(257)).is_err());
+    }
+}

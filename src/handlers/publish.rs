@@ -1,0 +1,145 @@
+//! XEP-0357 publishes: the user's server says "wake this node"; knock checks and pushes.
+//!
+//! The reply tells the server what to do with the registration: Prosody counts non-`wait` errors and drops
+//! it after 16, ejabberd drops it at the first; both keep it on `wait`. So a dead token or unknown node is a
+//! `cancel`, while anything that may heal (APNs down, throttled, our own misconfiguration) is a `wait`.
+//! The notification's content (sender, body, counts) is never read, logged or forwarded.
+
+use xmpp_parsers::jid::Jid;
+use xmpp_parsers::pubsub::pubsub::{Publish, PublishOptions};
+
+use super::{form_values, HandlerError};
+use crate::app::App;
+use crate::push::{PushOutcome, Wakeup};
+use crate::secrets::secret_matches;
+use crate::stats::Stats;
+
+/// What knock did with an accepted publish (both are answered `result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// A wake-up went out.
+    Pushed,
+    /// A wake-up went out less than one interval ago; this one was folded into it.
+    Coalesced,
+}
+
+/// Handle a publish from `from`; `Ok` is answered with an empty result.
+pub async fn publish(
+    app: &App,
+    from: &Jid,
+    publish: Publish,
+    options: Option<PublishOptions>,
+) -> Result<Published, HandlerError> {
+    let result = check_and_push(app, from, publish, options).await;
+    let counter = match &result {
+        Ok(Published::Pushed) => &app.stats.pushed,
+        Ok(Published::Coalesced) => &app.stats.coalesced,
+        Err(e) => match e.condition {
+            xmpp_parsers::stanza_error::DefinedCondition::ItemNotFound => &app.stats.unknown_node,
+            xmpp_parsers::stanza_error::DefinedCondition::Forbidden => &app.stats.forbidden,
+            xmpp_parsers::stanza_error::DefinedCondition::BadRequest => &app.stats.bad_request,
+            _ => &app.stats.push_failed,
+        },
+    };
+    Stats::bump(counter);
+    result
+}
+
+async fn check_and_push(
+    app: &App,
+    from: &Jid,
+    publish: Publish,
+    options: Option<PublishOptions>,
+) -> Result<Published, HandlerError> {
+    // 1. Shape: one publish with an item, as XEP-0357 §5 has it.
+    if publish.items.is_empty() {
+        return Err(HandlerError::bad_request("publish has no item"));
+    }
+    let node = publish.node.0;
+
+    // 2. The node must exist. This comes before the secret check so that a server publishing to a
+    //    deleted node always learns to drop it.
+    let Some(registration) = app.store.get(&node)? else {
+        return Err(HandlerError::item_not_found("no such node"));
+    };
+
+    // 3. Only the registering user's server may publish, and only with the node's secret.
+    let from_server = from.node().is_none()
+        && from.resource().is_none()
+        && from.domain().as_str() == registration.domain;
+    let secret = options
+        .as_ref()
+        .and_then(|o| o.form.as_ref())
+        .map(form_values)
+        .transpose()?
+        .and_then(|values| values.get("secret").copied());
+    match secret {
+        Some(secret) if from_server && secret_matches(&registration.secret_hash, secret) => {}
+        _ => return Err(HandlerError::forbidden("wrong secret or publisher")),
+    }
+
+    // 4. Coalesce bursts.
+    if !app.limiter.try_acquire(&node) {
+        return Ok(Published::Coalesced);
+    }
+
+    // 5. Push.
+    let Some(push_app) = app.app(Some(&registration.app)) else {
+        app.limiter.release(&node);
+        tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
+        return Err(HandlerError::internal(
+            "this node's app is not configured on the push service",
+        ));
+    };
+    let wakeup = Wakeup {
+        token: &registration.token,
+        node: &node,
+    };
+    let outcome =
+        match tokio::time::timeout(app.publish_deadline, push_app.backend.wake(wakeup)).await {
+            Ok(outcome) => outcome,
+            Err(_) => PushOutcome::Unavailable {
+                reason: "push backend missed the publish deadline".into(),
+            },
+        };
+    match outcome {
+        PushOutcome::Delivered => Ok(Published::Pushed),
+        PushOutcome::DeadToken { reason } => {
+            // Only this token is dead: a re-registration that raced us keeps its fresh token.
+            app.limiter.release(&node);
+            if !app.store.remove_if_token(&node, &registration.token)? {
+                // Re-registered with a fresh token meanwhile: the node lives, the next publish uses the new token.
+                return Err(HandlerError::internal(
+                    "the device token changed; try again",
+                ));
+            }
+            app.store.flush().await?;
+            Stats::bump(&app.stats.dead_token);
+            tracing::info!(app = %push_app.name, %reason, "push service reports a dead token; registration deleted");
+            Err(HandlerError::item_not_found(
+                "the device token is no longer valid",
+            ))
+        }
+        PushOutcome::Throttled => {
+            app.limiter.release(&node);
+            tracing::warn!(app = %push_app.name, "push service is throttling knock");
+            Err(HandlerError::resource_constraint(
+                "the push service is throttling; try later",
+            ))
+        }
+        PushOutcome::Unavailable { reason } => {
+            app.limiter.release(&node);
+            tracing::warn!(app = %push_app.name, %reason, "push failed; server told to wait");
+            Err(HandlerError::internal(
+                "the push service is unavailable; try later",
+            ))
+        }
+        PushOutcome::Misconfigured { reason } => {
+            app.limiter.release(&node);
+            tracing::error!(app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
+            Err(HandlerError::internal(
+                "the push service is misconfigured; try later",
+            ))
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Per-node push coalescing: at most one wake-up per node per interval.
+//!
+//! A device being woken will fetch everything when it reconnects, so further publishes inside the window are
+//! answered `result` without a push. A failed push releases its slot, so the next publish tries again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Remembers when each node was last pushed.
+pub struct RateLimiter {
+    /// Minimum time between two pushes to one node.
+    interval: Duration,
+    /// node -> when its last push started. Pruned of expired entries as it grows, so memory tracks the number
+    /// of nodes pushed within one interval, not all nodes ever seen.
+    last: Mutex<Slots>,
+}
+
+struct Slots {
+    map: HashMap<String, Instant>,
+    /// Prune when the map reaches this size; doubles with the live set so pruning stays amortised O(1).
+    prune_at: usize,
+}
+
+const MIN_PRUNE_AT: usize = 1024;
+
+impl RateLimiter {
+    /// A limiter with the given interval (zero disables coalescing).
+    pub fn new(interval: Duration) -> RateLimiter {
+        RateLimiter {
+            interval,
+            last: Mutex::new(Slots {
+                map: HashMap::new(),
+                prune_at: MIN_PRUNE_AT,
+            }),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // Poisoning cannot leave the map half-updated in a way that matters: entries are independent.
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claim the right to push `node` now. `false` means a push went out less than one interval ago.
+    pub fn try_acquire(&self, node: &str) -> bool {
+        if self.interval.is_zero() {
+            return true;
+        }
+        let now = Instant::now();
+        let mut slots = self.slots();
+        if let Some(last) = slots.map.get(node) {
+            if now.duration_since(*last) < self.interval {
+                return false;
+            }
+        }
+        slots.map.insert(node.to_owned(), now);
+        if slots.map.len() >= slots.prune_at {
+            let interval = self.interval;
+            slots.map.retain(|_, t| now.duration_since(*t) < interval);
+            slots.prune_at = (slots.map.len() * 2).max(MIN_PRUNE_AT);
+        }
+        true
+    }
+
+    /// Give the slot back after a failed push, so the next publish is not coalesced into nothing.
+    pub fn release(&self, node: &str) {
+        self.slots().map.remove(node);
+    }
+
+    /// Nodes currently remembered (for tests and stats).
+    pub fn tracked(&self) -> usize {
+        self.slots().map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesces_inside_the_window_and_releases_on_failure() {
+        let rl = RateLimiter::new(Duration::from_secs(60));
+        assert!(rl.try_acquire("a"));
+        assert!(!rl.try_acquire("a"));
+        assert!(rl.try_acquire("b"));
+        rl.release("a");
+        assert!(rl.try_acquire("a"));
+    }
+
+    #[test]
+    fn window_expires() {
+        let rl = RateLimiter::new(Duration::from_millis(20));
+        assert!(rl.try_acquire("a"));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(rl.try_acquire("a"));
+    }
+
+    #[test]
+    fn memory_tracks_live_nodes_only() {
+        let rl = RateLimiter::new(Duration::from_millis(1));
+        for i in 0..10_000 {
+            assert!(rl.try_acquire(&format!("n{i}")));
+            if i % 1000 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        assert!(rl.tracked() < 3 * MIN_PRUNE_AT, "tracked {}", rl.tracked());
+    }
+
+    #[test]
+    fn zero_interval_never_coalesces() {
+        let rl = RateLimiter::new(Duration::ZERO);
+        assert!(rl.try_acquire("a"));
+        assert!(rl.try_acquire("a"));
+        assert_eq!(rl.tracked(), 0);
+    }
+}
