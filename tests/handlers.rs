@@ -1,0 +1,587 @@
+//! The router and handlers end to end, below the socket: real stanzas in, reply stanzas out, a real sled
+//! store, and a scripted push backend. One test per row of the publish table, plus registration and disco.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use knock::app::{App, PushApp};
+use knock::push::{Backend, PushOutcome, Wakeup};
+use knock::router;
+use knock::store::{SledStore, Store};
+use minidom::Element;
+use xmpp_parsers::iq::Iq;
+
+const TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+const TOKEN2: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+/// A backend that answers what the test scripted per token and records every wake-up.
+#[derive(Default)]
+struct Scripted {
+    outcomes: Mutex<HashMap<String, PushOutcome>>,
+    woken: Mutex<Vec<(String, String)>>,
+}
+
+impl Scripted {
+    fn set(&self, token: &str, outcome: PushOutcome) {
+        self.outcomes.lock().unwrap().insert(token.into(), outcome);
+    }
+    fn woken(&self) -> Vec<(String, String)> {
+        self.woken.lock().unwrap().clone()
+    }
+}
+
+impl Backend for Scripted {
+    fn wake<'a>(&'a self, w: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
+        self.woken
+            .lock()
+            .unwrap()
+            .push((w.token.into(), w.node.into()));
+        let outcome = self
+            .outcomes
+            .lock()
+            .unwrap()
+            .get(w.token)
+            .cloned()
+            .unwrap_or(PushOutcome::Delivered);
+        Box::pin(async move { outcome })
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    app: App,
+    backend: Arc<Scripted>,
+}
+
+fn fixture_with(interval: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let backend = Arc::new(Scripted::default());
+    let apps = vec![
+        PushApp {
+            name: "chat".into(),
+            backend: backend.clone(),
+        },
+        PushApp {
+            name: "beta".into(),
+            backend: backend.clone(),
+        },
+    ];
+    let app = App::new(
+        "push.localhost".parse().unwrap(),
+        Arc::new(store),
+        apps,
+        interval,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        app,
+        backend,
+    }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(Duration::ZERO)
+}
+
+fn iq(xml: &str) -> Iq {
+    let elem: Element = xml.parse().expect("test XML parses");
+    Iq::try_from(elem).expect("test IQ parses")
+}
+
+async fn ask(f: &Fixture, xml: &str) -> Element {
+    let reply = router::handle(&f.app, iq(xml))
+        .await
+        .expect("every IQ gets a reply");
+    Element::from(reply)
+}
+
+/// (type, condition) of an error reply, or None for a result.
+fn error_of(reply: &Element) -> Option<(String, String)> {
+    if reply.attr("type") == Some("result") {
+        return None;
+    }
+    assert_eq!(reply.attr("type"), Some("error"), "{reply:?}");
+    let error = reply
+        .get_child("error", "jabber:component:accept")
+        .expect("error child");
+    let condition = error
+        .children()
+        .find(|c| c.ns() == "urn:ietf:params:xml:ns:xmpp-stanzas" && c.name() != "text")
+        .expect("condition");
+    Some((
+        error.attr("type").unwrap().to_owned(),
+        condition.name().to_owned(),
+    ))
+}
+
+fn field(reply: &Element, var: &str) -> Option<String> {
+    let command = reply.get_child("command", "http://jabber.org/protocol/commands")?;
+    let form = command.get_child("x", "jabber:x:data")?;
+    form.children()
+        .find(|f| f.attr("var") == Some(var))
+        .and_then(|f| f.get_child("value", "jabber:x:data"))
+        .map(|v| v.text())
+}
+
+fn register_xml(from: &str, device: &str, token: &str, extra: &str) -> String {
+    format!(
+        "<iq xmlns='jabber:component:accept' type='set' id='r1' from='{from}' to='push.localhost'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' action='execute'>\
+         <x xmlns='jabber:x:data' type='submit'>\
+         <field var='token'><value>{token}</value></field>\
+         <field var='device-id'><value>{device}</value></field>{extra}</x></command></iq>"
+    )
+}
+
+/// Register and return (node, secret).
+async fn register(f: &Fixture, from: &str, device: &str, token: &str) -> (String, String) {
+    let reply = ask(f, &register_xml(from, device, token, "")).await;
+    assert_eq!(error_of(&reply), None, "{reply:?}");
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .unwrap();
+    assert_eq!(command.attr("status"), Some("completed"));
+    assert_eq!(field(&reply, "jid").as_deref(), Some("push.localhost"));
+    (
+        field(&reply, "node").unwrap(),
+        field(&reply, "secret").unwrap(),
+    )
+}
+
+/// The publish Prosody 0.12 sends (verbatim capture, node and secret substituted).
+fn prosody_publish(from: &str, node: &str, secret: &str) -> String {
+    format!("<iq xmlns='jabber:component:accept' from='{from}' to='push.localhost' id='9e5bde39' type='set'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><x xmlns='jabber:x:data' type='form'><field type='hidden' var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field type='text-single' var='message-count'><value>1</value></field><field type='text-single' var='pending-subscription-count'/><field type='jid-single' var='last-message-sender'/><field type='text-single' var='last-message-body'><value>New Message!</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>")
+}
+
+/// The publish ejabberd 23.01 sends (verbatim capture, node and secret substituted).
+fn ejabberd_publish(from: &str, node: &str, secret: &str) -> String {
+    format!("<iq xmlns='jabber:component:accept' to='push.localhost' from='{from}' type='set' id='rr-1795311066657'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE' type='hidden'><value>urn:xmpp:push:summary</value></field><field var='last-message-body' type='text-single' label='The body text of the last received message'><value>New message</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>")
+}
+
+fn err(kind: &str, condition: &str) -> Option<(String, String)> {
+    Some((kind.into(), condition.into()))
+}
+
+// --- registration ---
+
+#[tokio::test]
+async fn register_returns_node_and_secret_and_stores_no_jid() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
+    assert_eq!(node.len(), 22);
+    assert!(secret.len() >= 22);
+    let reg = f.app.store.get(&node).unwrap().expect("stored");
+    assert_eq!(reg.token, TOKEN);
+    assert_eq!(reg.domain, "localhost");
+    let record = format!("{reg:?}");
+    assert!(!record.contains("alice"), "no JID in the store: {record}");
+    assert!(!record.contains(&secret), "no secret in the store");
+}
+
+#[tokio::test]
+async fn re_register_keeps_node_and_secret_and_updates_token() {
+    let f = fixture();
+    let first = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
+    let again = register(&f, "alice@localhost/tablet", "dev1", TOKEN2).await;
+    assert_eq!(first, again);
+    assert_eq!(f.app.store.get(&first.0).unwrap().unwrap().token, TOKEN2);
+    let other_device = register(&f, "alice@localhost/phone", "dev2", TOKEN).await;
+    assert_ne!(first.0, other_device.0);
+    let other_user = register(&f, "bob@localhost/phone", "dev1", TOKEN).await;
+    assert_ne!(first.0, other_user.0);
+}
+
+#[tokio::test]
+async fn two_step_register_offers_the_form_first() {
+    let f = fixture();
+    let reply = ask(&f, "<iq xmlns='jabber:component:accept' type='set' id='a' from='alice@localhost/x' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' action='execute'/></iq>").await;
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .unwrap();
+    assert_eq!(command.attr("status"), Some("executing"));
+    let session = command.attr("sessionid").expect("sessionid").to_owned();
+    let form = command.get_child("x", "jabber:x:data").unwrap();
+    assert_eq!(form.attr("type"), Some("form"));
+    let vars: Vec<_> = form.children().filter_map(|c| c.attr("var")).collect();
+    assert_eq!(vars, ["token", "device-id", "app"]);
+    let submit = format!("<iq xmlns='jabber:component:accept' type='set' id='b' from='alice@localhost/x' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' sessionid='{session}' action='complete'><x xmlns='jabber:x:data' type='submit'><field var='token'><value>{TOKEN}</value></field><field var='device-id'><value>d</value></field><field var='app'><value>beta</value></field></x></command></iq>");
+    let reply = ask(&f, &submit).await;
+    let node = field(&reply, "node").expect("node");
+    assert_eq!(f.app.store.get(&node).unwrap().unwrap().app, "beta");
+}
+
+#[tokio::test]
+async fn android_id_is_accepted_as_device_id() {
+    let f = fixture();
+    let xml =
+        register_xml("a@localhost", "ignored", TOKEN, "").replace("'device-id'", "'android-id'");
+    assert_eq!(error_of(&ask(&f, &xml).await), None);
+}
+
+#[tokio::test]
+async fn bad_registrations_get_bad_request() {
+    let f = fixture();
+    for (xml, why) in [
+        (
+            register_xml("a@localhost", "d", "not-hex", ""),
+            "non-hex token",
+        ),
+        (
+            register_xml("a@localhost", "d", &"ab".repeat(150), ""),
+            "absurdly long token",
+        ),
+        (
+            register_xml("a@localhost", "", TOKEN, ""),
+            "empty device id",
+        ),
+        (
+            register_xml(
+                "a@localhost",
+                "d",
+                TOKEN,
+                "<field var='app'><value>nope</value></field>",
+            ),
+            "unknown app",
+        ),
+        (
+            register_xml(
+                "a@localhost",
+                "d",
+                TOKEN,
+                &"<field var='f'><value>x</value></field>".repeat(40),
+            ),
+            "oversized form",
+        ),
+        (
+            register_xml("a@localhost", "d", TOKEN, "").replace(
+                &format!("<field var='token'><value>{TOKEN}</value></field>"),
+                "",
+            ),
+            "missing token",
+        ),
+    ] {
+        let reply = ask(&f, &xml).await;
+        assert_eq!(error_of(&reply), err("modify", "bad-request"), "{why}");
+        let text = reply
+            .get_child("error", "jabber:component:accept")
+            .unwrap()
+            .get_child("text", "urn:ietf:params:xml:ns:xmpp-stanzas");
+        assert!(
+            text.is_some_and(|t| !t.text().is_empty()),
+            "{why}: human-readable text"
+        );
+    }
+    assert_eq!(f.app.store.len().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn unregister_removes_and_unknown_device_is_item_not_found() {
+    let f = fixture();
+    let (node, _) = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
+    let unregister = "<iq xmlns='jabber:component:accept' type='set' id='u' from='alice@localhost/other' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='unregister-push-apns' action='execute'><x xmlns='jabber:x:data' type='submit'><field var='device-id'><value>dev1</value></field></x></command></iq>";
+    // Another user cannot unregister alice's device.
+    let mallory = ask(&f, &unregister.replace("alice@", "mallory@")).await;
+    assert_eq!(error_of(&mallory), err("cancel", "item-not-found"));
+    let reply = ask(&f, unregister).await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(f.app.store.get(&node).unwrap(), None);
+    assert_eq!(
+        error_of(&ask(&f, unregister).await),
+        err("cancel", "item-not-found")
+    );
+}
+
+#[tokio::test]
+async fn unknown_command_is_item_not_found() {
+    let f = fixture();
+    let reply = ask(&f, "<iq xmlns='jabber:component:accept' type='set' id='a' from='a@localhost' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-push-fcm'/></iq>").await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+}
+
+// --- the <enable/> shorthand ---
+
+const NODE: &str = "clientchosennode0123456789";
+const SECRET: &str = "clientchosensecret0123456789";
+
+fn enable_xml(from: &str, node: &str, secret: &str, token: &str) -> String {
+    format!("<iq xmlns='jabber:component:accept' type='set' id='e' from='{from}' to='push.localhost'><enable xmlns='urn:xmpp:push:0' jid='push.localhost' node='{node}'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field><field var='token'><value>{token}</value></field></x></enable></iq>")
+}
+
+#[tokio::test]
+async fn enable_shorthand_registers_and_publish_works() {
+    let f = fixture();
+    assert_eq!(
+        error_of(&ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await),
+        None
+    );
+    let reply = ask(&f, &prosody_publish("localhost", NODE, SECRET)).await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(f.backend.woken(), vec![(TOKEN.to_owned(), NODE.to_owned())]);
+    // Re-enabling updates the token.
+    assert_eq!(
+        error_of(&ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN2)).await),
+        None
+    );
+    assert_eq!(f.app.store.get(NODE).unwrap().unwrap().token, TOKEN2);
+}
+
+#[tokio::test]
+async fn enable_shorthand_rules() {
+    let f = fixture();
+    let short = ask(&f, &enable_xml("a@localhost", "short", SECRET, TOKEN)).await;
+    assert_eq!(error_of(&short), err("modify", "bad-request"));
+    let weak = ask(&f, &enable_xml("a@localhost", NODE, "weak", TOKEN)).await;
+    assert_eq!(error_of(&weak), err("modify", "bad-request"));
+    let bad_token = ask(&f, &enable_xml("a@localhost", NODE, SECRET, "xyz")).await;
+    assert_eq!(error_of(&bad_token), err("modify", "bad-request"));
+    assert_eq!(
+        error_of(&ask(&f, &enable_xml("a@localhost", NODE, SECRET, TOKEN)).await),
+        None
+    );
+    let taken = ask(&f, &enable_xml("b@localhost", NODE, SECRET, TOKEN2)).await;
+    assert_eq!(error_of(&taken), err("cancel", "conflict"));
+    assert_eq!(f.app.store.get(NODE).unwrap().unwrap().token, TOKEN);
+}
+
+#[tokio::test]
+async fn disable_shorthand_only_for_the_owner() {
+    let f = fixture();
+    ask(&f, &enable_xml("a@localhost/x", NODE, SECRET, TOKEN)).await;
+    let disable = |from: &str| {
+        format!("<iq xmlns='jabber:component:accept' type='set' id='d' from='{from}' to='push.localhost'><disable xmlns='urn:xmpp:push:0' jid='push.localhost' node='{NODE}'/></iq>")
+    };
+    assert_eq!(
+        error_of(&ask(&f, &disable("b@localhost")).await),
+        err("cancel", "item-not-found")
+    );
+    assert!(f.app.store.get(NODE).unwrap().is_some());
+    assert_eq!(error_of(&ask(&f, &disable("a@localhost/y")).await), None);
+    assert!(f.app.store.get(NODE).unwrap().is_none());
+}
+
+// --- publish: one test per row of the table ---
+
+#[tokio::test]
+async fn publish_pushed_is_result_for_both_server_flavours() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    assert_eq!(
+        error_of(&ask(&f, &prosody_publish("localhost", &node, &secret)).await),
+        None
+    );
+    assert_eq!(
+        error_of(&ask(&f, &ejabberd_publish("localhost", &node, &secret)).await),
+        None
+    );
+    assert_eq!(f.backend.woken().len(), 2);
+}
+
+#[tokio::test]
+async fn publish_coalesced_by_the_rate_limit_is_result_without_push() {
+    let f = fixture_with(Duration::from_secs(60));
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    for _ in 0..3 {
+        assert_eq!(
+            error_of(&ask(&f, &prosody_publish("localhost", &node, &secret)).await),
+            None
+        );
+    }
+    assert_eq!(f.backend.woken().len(), 1);
+    assert_eq!(
+        f.app
+            .stats
+            .coalesced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+#[tokio::test]
+async fn publish_unknown_node_is_item_not_found() {
+    let f = fixture();
+    let reply = ask(&f, &prosody_publish("localhost", "nosuchnode", "s")).await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    assert!(f.backend.woken().is_empty());
+}
+
+#[tokio::test]
+async fn publish_wrong_or_missing_secret_or_wrong_publisher_is_forbidden() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    let wrong = ask(&f, &prosody_publish("localhost", &node, "guess")).await;
+    assert_eq!(error_of(&wrong), err("auth", "forbidden"));
+    let missing = prosody_publish("localhost", &node, &secret).replace(
+        &format!("<field var='secret'><value>{secret}</value></field>"),
+        "",
+    );
+    assert_eq!(error_of(&ask(&f, &missing).await), err("auth", "forbidden"));
+    let no_options = {
+        let xml = prosody_publish("localhost", &node, &secret);
+        let start = xml.find("<publish-options>").unwrap();
+        let end = xml.find("</publish-options>").unwrap() + "</publish-options>".len();
+        format!("{}{}", &xml[..start], &xml[end..])
+    };
+    assert_eq!(
+        error_of(&ask(&f, &no_options).await),
+        err("auth", "forbidden")
+    );
+    let other_domain = ask(&f, &prosody_publish("evil.example", &node, &secret)).await;
+    assert_eq!(error_of(&other_domain), err("auth", "forbidden"));
+    let a_user = ask(&f, &prosody_publish("mallory@localhost", &node, &secret)).await;
+    assert_eq!(
+        error_of(&a_user),
+        err("auth", "forbidden"),
+        "a user at the domain is not its server"
+    );
+    assert!(f.backend.woken().is_empty());
+    assert!(f.app.store.get(&node).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn publish_malformed_is_bad_request() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    let no_item = format!("<iq xmlns='jabber:component:accept' type='set' id='m' from='localhost' to='push.localhost'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'/><publish-options><x xmlns='jabber:x:data' type='submit'><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>");
+    assert_eq!(
+        error_of(&ask(&f, &no_item).await),
+        err("modify", "bad-request")
+    );
+    let no_node = "<iq xmlns='jabber:component:accept' type='set' id='m' from='localhost' to='push.localhost'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish><item/></publish></pubsub></iq>";
+    assert_eq!(
+        error_of(&ask(&f, no_node).await),
+        err("modify", "bad-request")
+    );
+    let two_secrets = prosody_publish("localhost", &node, &secret).replace(
+        "<field var='secret'>",
+        "<field var='secret'><value>x</value></field><field var='secret'>",
+    );
+    assert_eq!(
+        error_of(&ask(&f, &two_secrets).await),
+        err("modify", "bad-request")
+    );
+    assert!(f.backend.woken().is_empty());
+}
+
+#[tokio::test]
+async fn publish_dead_token_deletes_the_registration() {
+    for reason in ["Unregistered", "BadDeviceToken", "DeviceTokenNotForTopic"] {
+        let f = fixture();
+        let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+        f.backend.set(
+            TOKEN,
+            PushOutcome::DeadToken {
+                reason: reason.into(),
+            },
+        );
+        let reply = ask(&f, &prosody_publish("localhost", &node, &secret)).await;
+        assert_eq!(
+            error_of(&reply),
+            err("cancel", "item-not-found"),
+            "{reason}"
+        );
+        assert_eq!(f.app.store.get(&node).unwrap(), None, "{reason}");
+        // The next publish learns the same.
+        let again = ask(&f, &prosody_publish("localhost", &node, &secret)).await;
+        assert_eq!(error_of(&again), err("cancel", "item-not-found"));
+    }
+}
+
+#[tokio::test]
+async fn publish_transient_failures_are_wait_and_keep_the_registration() {
+    let cases = [
+        (PushOutcome::Throttled, "resource-constraint"),
+        (
+            PushOutcome::Unavailable {
+                reason: "503".into(),
+            },
+            "internal-server-error",
+        ),
+        (
+            PushOutcome::Misconfigured {
+                reason: "403 InvalidProviderToken".into(),
+            },
+            "internal-server-error",
+        ),
+    ];
+    for (outcome, condition) in cases {
+        let f = fixture_with(Duration::from_secs(60));
+        let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+        f.backend.set(TOKEN, outcome.clone());
+        let reply = ask(&f, &prosody_publish("localhost", &node, &secret)).await;
+        assert_eq!(error_of(&reply), err("wait", condition), "{outcome:?}");
+        assert!(f.app.store.get(&node).unwrap().is_some());
+        // The failure released the rate-limit slot: once healthy, the next publish pushes at once.
+        f.backend.set(TOKEN, PushOutcome::Delivered);
+        assert_eq!(
+            error_of(&ask(&f, &prosody_publish("localhost", &node, &secret)).await),
+            None
+        );
+        assert_eq!(f.backend.woken().len(), 2, "{outcome:?}");
+    }
+}
+
+// --- disco, ping, the rest ---
+
+#[tokio::test]
+async fn disco_info_shows_the_push_identity_and_features() {
+    let f = fixture();
+    let reply = ask(&f, "<iq xmlns='jabber:component:accept' type='get' id='d' from='a@localhost/x' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
+    let query = reply
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .unwrap();
+    let identity = query
+        .get_child("identity", "http://jabber.org/protocol/disco#info")
+        .unwrap();
+    assert_eq!(
+        (identity.attr("category"), identity.attr("type")),
+        (Some("pubsub"), Some("push"))
+    );
+    let features: Vec<_> = query.children().filter_map(|c| c.attr("var")).collect();
+    for f in [
+        "urn:xmpp:push:0",
+        "http://jabber.org/protocol/commands",
+        "http://jabber.org/protocol/disco#info",
+        "urn:xmpp:ping",
+    ] {
+        assert!(features.contains(&f), "{f}");
+    }
+}
+
+#[tokio::test]
+async fn disco_items_lists_the_commands() {
+    let f = fixture();
+    let reply = ask(&f, "<iq xmlns='jabber:component:accept' type='get' id='d' from='a@localhost/x' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/commands'/></iq>").await;
+    let query = reply
+        .get_child("query", "http://jabber.org/protocol/disco#items")
+        .unwrap();
+    let nodes: Vec<_> = query.children().filter_map(|c| c.attr("node")).collect();
+    assert_eq!(nodes, ["register-push-apns", "unregister-push-apns"]);
+    assert!(query
+        .children()
+        .all(|c| c.attr("jid") == Some("push.localhost")));
+}
+
+#[tokio::test]
+async fn ping_is_answered_and_unknown_iqs_are_service_unavailable() {
+    let f = fixture();
+    let pong = ask(&f, "<iq xmlns='jabber:component:accept' type='get' id='p' from='localhost' to='push.localhost'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    assert_eq!(error_of(&pong), None);
+    assert_eq!(pong.attr("to"), Some("localhost"));
+    assert_eq!(pong.attr("from"), Some("push.localhost"));
+    assert_eq!(pong.attr("id"), Some("p"));
+    let version = ask(&f, "<iq xmlns='jabber:component:accept' type='get' id='v' from='a@localhost/x' to='push.localhost'><query xmlns='jabber:iq:version'/></iq>").await;
+    assert_eq!(error_of(&version), err("cancel", "service-unavailable"));
+    let subscribe = ask(&f, "<iq xmlns='jabber:component:accept' type='set' id='s' from='a@localhost/x' to='push.localhost'><pubsub xmlns='http://jabber.org/protocol/pubsub'><subscribe node='n' jid='a@localhost'/></pubsub></iq>").await;
+    assert_eq!(error_of(&subscribe), err("cancel", "service-unavailable"));
+}
+
+#[tokio::test]
+async fn results_and_errors_are_not_answered() {
+    let f = fixture();
+    assert!(router::handle(&f.app, iq("<iq xmlns='jabber:component:accept' type='result' id='x' from='localhost' to='push.localhost'/>")).await.is_none());
+}
