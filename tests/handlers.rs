@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use knock::app::{App, PushApp};
 use knock::push::{Backend, PushOutcome, Wakeup};
 use knock::router;
-use knock::store::{SledStore, Store};
+use knock::store::SledStore;
 use minidom::Element;
 use xmpp_parsers::iq::Iq;
 
