@@ -13,8 +13,8 @@ use knock::store::SledStore;
 use minidom::Element;
 use xmpp_parsers::iq::Iq;
 
-const TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
-const TOKEN2: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+mod common;
+use common::*;
 
 /// A backend that answers what the test scripted per token and records every wake-up.
 #[derive(Default)]
@@ -100,71 +100,9 @@ async fn ask(f: &Fixture, xml: &str) -> Element {
     Element::from(reply)
 }
 
-/// (type, condition) of an error reply, or None for a result.
-fn error_of(reply: &Element) -> Option<(String, String)> {
-    if reply.attr("type") == Some("result") {
-        return None;
-    }
-    assert_eq!(reply.attr("type"), Some("error"), "{reply:?}");
-    let error = reply
-        .get_child("error", "jabber:component:accept")
-        .expect("error child");
-    let condition = error
-        .children()
-        .find(|c| c.ns() == "urn:ietf:params:xml:ns:xmpp-stanzas" && c.name() != "text")
-        .expect("condition");
-    Some((
-        error.attr("type").unwrap().to_owned(),
-        condition.name().to_owned(),
-    ))
-}
-
-fn field(reply: &Element, var: &str) -> Option<String> {
-    let command = reply.get_child("command", "http://jabber.org/protocol/commands")?;
-    let form = command.get_child("x", "jabber:x:data")?;
-    form.children()
-        .find(|f| f.attr("var") == Some(var))
-        .and_then(|f| f.get_child("value", "jabber:x:data"))
-        .map(|v| v.text())
-}
-
-fn register_xml(from: &str, device: &str, token: &str, extra: &str) -> String {
-    format!(
-        "<iq xmlns='jabber:component:accept' type='set' id='r1' from='{from}' to='push.localhost'>\
-         <command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' action='execute'>\
-         <x xmlns='jabber:x:data' type='submit'>\
-         <field var='token'><value>{token}</value></field>\
-         <field var='device-id'><value>{device}</value></field>{extra}</x></command></iq>"
-    )
-}
-
 /// Register and return (node, secret).
 async fn register(f: &Fixture, from: &str, device: &str, token: &str) -> (String, String) {
-    let reply = ask(f, &register_xml(from, device, token, "")).await;
-    assert_eq!(error_of(&reply), None, "{reply:?}");
-    let command = reply
-        .get_child("command", "http://jabber.org/protocol/commands")
-        .unwrap();
-    assert_eq!(command.attr("status"), Some("completed"));
-    assert_eq!(field(&reply, "jid").as_deref(), Some("push.localhost"));
-    (
-        field(&reply, "node").unwrap(),
-        field(&reply, "secret").unwrap(),
-    )
-}
-
-/// The publish Prosody 0.12 sends (verbatim capture, node and secret substituted).
-fn prosody_publish(from: &str, node: &str, secret: &str) -> String {
-    format!("<iq xmlns='jabber:component:accept' from='{from}' to='push.localhost' id='9e5bde39' type='set'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><x xmlns='jabber:x:data' type='form'><field type='hidden' var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field type='text-single' var='message-count'><value>1</value></field><field type='text-single' var='pending-subscription-count'/><field type='jid-single' var='last-message-sender'/><field type='text-single' var='last-message-body'><value>New Message!</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>")
-}
-
-/// The publish ejabberd 23.01 sends (verbatim capture, node and secret substituted).
-fn ejabberd_publish(from: &str, node: &str, secret: &str) -> String {
-    format!("<iq xmlns='jabber:component:accept' to='push.localhost' from='{from}' type='set' id='rr-1795311066657'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE' type='hidden'><value>urn:xmpp:push:summary</value></field><field var='last-message-body' type='text-single' label='The body text of the last received message'><value>New message</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>")
-}
-
-fn err(kind: &str, condition: &str) -> Option<(String, String)> {
-    Some((kind.into(), condition.into()))
+    node_and_secret(&ask(f, &register_xml("r1", from, device, token, "")).await)
 }
 
 // --- registration ---
@@ -218,8 +156,8 @@ async fn two_step_register_offers_the_form_first() {
 #[tokio::test]
 async fn android_id_is_accepted_as_device_id() {
     let f = fixture();
-    let xml =
-        register_xml("a@localhost", "ignored", TOKEN, "").replace("'device-id'", "'android-id'");
+    let xml = register_xml("r1", "a@localhost", "ignored", TOKEN, "")
+        .replace("'device-id'", "'android-id'");
     assert_eq!(error_of(&ask(&f, &xml).await), None);
 }
 
@@ -228,19 +166,20 @@ async fn bad_registrations_get_bad_request() {
     let f = fixture();
     for (xml, why) in [
         (
-            register_xml("a@localhost", "d", "not-hex", ""),
+            register_xml("r1", "a@localhost", "d", "not-hex", ""),
             "non-hex token",
         ),
         (
-            register_xml("a@localhost", "d", &"ab".repeat(150), ""),
+            register_xml("r1", "a@localhost", "d", &"ab".repeat(150), ""),
             "absurdly long token",
         ),
         (
-            register_xml("a@localhost", "", TOKEN, ""),
+            register_xml("r1", "a@localhost", "", TOKEN, ""),
             "empty device id",
         ),
         (
             register_xml(
+                "r1",
                 "a@localhost",
                 "d",
                 TOKEN,
@@ -250,6 +189,7 @@ async fn bad_registrations_get_bad_request() {
         ),
         (
             register_xml(
+                "r1",
                 "a@localhost",
                 "d",
                 TOKEN,
@@ -258,7 +198,7 @@ async fn bad_registrations_get_bad_request() {
             "oversized form",
         ),
         (
-            register_xml("a@localhost", "d", TOKEN, "").replace(
+            register_xml("r1", "a@localhost", "d", TOKEN, "").replace(
                 &format!("<field var='token'><value>{TOKEN}</value></field>"),
                 "",
             ),
@@ -319,7 +259,7 @@ async fn enable_shorthand_registers_and_publish_works() {
         error_of(&ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await),
         None
     );
-    let reply = ask(&f, &prosody_publish("localhost", NODE, SECRET)).await;
+    let reply = ask(&f, &prosody_publish("p1", "localhost", NODE, SECRET)).await;
     assert_eq!(error_of(&reply), None);
     assert_eq!(f.backend.woken(), vec![(TOKEN.to_owned(), NODE.to_owned())]);
     // Re-enabling updates the token.
@@ -371,11 +311,11 @@ async fn publish_pushed_is_result_for_both_server_flavours() {
     let f = fixture();
     let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
     assert_eq!(
-        error_of(&ask(&f, &prosody_publish("localhost", &node, &secret)).await),
+        error_of(&ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await),
         None
     );
     assert_eq!(
-        error_of(&ask(&f, &ejabberd_publish("localhost", &node, &secret)).await),
+        error_of(&ask(&f, &ejabberd_publish("p1", "localhost", &node, &secret)).await),
         None
     );
     assert_eq!(f.backend.woken().len(), 2);
@@ -387,7 +327,7 @@ async fn publish_coalesced_by_the_rate_limit_is_result_without_push() {
     let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
     for _ in 0..3 {
         assert_eq!(
-            error_of(&ask(&f, &prosody_publish("localhost", &node, &secret)).await),
+            error_of(&ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await),
             None
         );
     }
@@ -404,7 +344,7 @@ async fn publish_coalesced_by_the_rate_limit_is_result_without_push() {
 #[tokio::test]
 async fn publish_unknown_node_is_item_not_found() {
     let f = fixture();
-    let reply = ask(&f, &prosody_publish("localhost", "nosuchnode", "s")).await;
+    let reply = ask(&f, &prosody_publish("p1", "localhost", "nosuchnode", "s")).await;
     assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
     assert!(f.backend.woken().is_empty());
 }
@@ -413,15 +353,15 @@ async fn publish_unknown_node_is_item_not_found() {
 async fn publish_wrong_or_missing_secret_or_wrong_publisher_is_forbidden() {
     let f = fixture();
     let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
-    let wrong = ask(&f, &prosody_publish("localhost", &node, "guess")).await;
+    let wrong = ask(&f, &prosody_publish("p1", "localhost", &node, "guess")).await;
     assert_eq!(error_of(&wrong), err("auth", "forbidden"));
-    let missing = prosody_publish("localhost", &node, &secret).replace(
+    let missing = prosody_publish("p1", "localhost", &node, &secret).replace(
         &format!("<field var='secret'><value>{secret}</value></field>"),
         "",
     );
     assert_eq!(error_of(&ask(&f, &missing).await), err("auth", "forbidden"));
     let no_options = {
-        let xml = prosody_publish("localhost", &node, &secret);
+        let xml = prosody_publish("p1", "localhost", &node, &secret);
         let start = xml.find("<publish-options>").unwrap();
         let end = xml.find("</publish-options>").unwrap() + "</publish-options>".len();
         format!("{}{}", &xml[..start], &xml[end..])
@@ -430,9 +370,13 @@ async fn publish_wrong_or_missing_secret_or_wrong_publisher_is_forbidden() {
         error_of(&ask(&f, &no_options).await),
         err("auth", "forbidden")
     );
-    let other_domain = ask(&f, &prosody_publish("evil.example", &node, &secret)).await;
+    let other_domain = ask(&f, &prosody_publish("p1", "evil.example", &node, &secret)).await;
     assert_eq!(error_of(&other_domain), err("auth", "forbidden"));
-    let a_user = ask(&f, &prosody_publish("mallory@localhost", &node, &secret)).await;
+    let a_user = ask(
+        &f,
+        &prosody_publish("p1", "mallory@localhost", &node, &secret),
+    )
+    .await;
     assert_eq!(
         error_of(&a_user),
         err("auth", "forbidden"),
@@ -456,7 +400,7 @@ async fn publish_malformed_is_bad_request() {
         error_of(&ask(&f, no_node).await),
         err("modify", "bad-request")
     );
-    let two_secrets = prosody_publish("localhost", &node, &secret).replace(
+    let two_secrets = prosody_publish("p1", "localhost", &node, &secret).replace(
         "<field var='secret'>",
         "<field var='secret'><value>x</value></field><field var='secret'>",
     );
@@ -478,7 +422,7 @@ async fn publish_dead_token_deletes_the_registration() {
                 reason: reason.into(),
             },
         );
-        let reply = ask(&f, &prosody_publish("localhost", &node, &secret)).await;
+        let reply = ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await;
         assert_eq!(
             error_of(&reply),
             err("cancel", "item-not-found"),
@@ -486,7 +430,7 @@ async fn publish_dead_token_deletes_the_registration() {
         );
         assert_eq!(f.app.store.get(&node).unwrap(), None, "{reason}");
         // The next publish learns the same.
-        let again = ask(&f, &prosody_publish("localhost", &node, &secret)).await;
+        let again = ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await;
         assert_eq!(error_of(&again), err("cancel", "item-not-found"));
     }
 }
@@ -512,13 +456,13 @@ async fn publish_transient_failures_are_wait_and_keep_the_registration() {
         let f = fixture_with(Duration::from_secs(60));
         let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
         f.backend.set(TOKEN, outcome.clone());
-        let reply = ask(&f, &prosody_publish("localhost", &node, &secret)).await;
+        let reply = ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await;
         assert_eq!(error_of(&reply), err("wait", condition), "{outcome:?}");
         assert!(f.app.store.get(&node).unwrap().is_some());
         // The failure released the rate-limit slot: once healthy, the next publish pushes at once.
         f.backend.set(TOKEN, PushOutcome::Delivered);
         assert_eq!(
-            error_of(&ask(&f, &prosody_publish("localhost", &node, &secret)).await),
+            error_of(&ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await),
             None
         );
         assert_eq!(f.backend.woken().len(), 2, "{outcome:?}");

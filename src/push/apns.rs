@@ -17,7 +17,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 
 use super::{Backend, PushOutcome, Wakeup};
@@ -255,6 +255,8 @@ impl ApnsClient {
             .enable_http2()
             .build();
         let http = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(60))
             .pool_idle_timeout(Duration::from_secs(600))

@@ -1,0 +1,670 @@
+//! The real `knock` binary, end to end: an XEP-0114 server stand-in on one side, a mock APNs that behaves like
+//! Apple's (HTTP/2 + TLS, ES256 JWT checked, Apple's status codes) on the other, everything on 127.0.0.1.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use minidom::Element;
+use testkit::apns::{generate_apns_key, Behaviour, MockApns, MockApnsConfig};
+use testkit::server::{AcceptError, ComponentConn, ComponentServer};
+
+mod common;
+use common::*;
+
+const TEAM_ID: &str = "TEAM123456";
+const KEY_ID: &str = "KEYID12345";
+const TOPIC: &str = "im.knock.test";
+const COMPONENT_SECRET: &str = "component-secret";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// knock, its peers, and its files.
+struct Harness {
+    dir: tempfile::TempDir,
+    server: ComponentServer,
+    apns: MockApns,
+    config: PathBuf,
+    log: PathBuf,
+    knock: Option<Child>,
+}
+
+/// Knobs a test may turn in knock's config.
+struct Options {
+    push_interval_ms: u64,
+    ping_interval_secs: u64,
+    secret: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            push_interval_ms: 0,
+            ping_interval_secs: 30,
+            secret: COMPONENT_SECRET,
+        }
+    }
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Harness::start_with(Options::default()).await
+    }
+
+    async fn start_with(options: Options) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = ComponentServer::bind("push.localhost", COMPONENT_SECRET)
+            .await
+            .expect("bind the component listener");
+        let (p8, public_pem) = generate_apns_key();
+        let apns = MockApns::start(MockApnsConfig::token_auth(
+            TEAM_ID,
+            KEY_ID,
+            public_pem,
+            &[TOPIC],
+        ))
+        .await
+        .expect("start mock APNs");
+        let ca = apns.write_ca_file(dir.path()).expect("write CA");
+        std::fs::write(dir.path().join("AuthKey.p8"), p8).expect("write key");
+        let config = dir.path().join("knock.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[component]
+jid = "push.localhost"
+server = "{server}"
+secret = "{secret}"
+ping_interval_secs = {ping}
+
+[store]
+path = "store"
+
+[limits]
+push_interval_ms = {interval}
+
+[[apns]]
+name = "chat"
+topic = "{TOPIC}"
+endpoint = "{url}"
+ca_file = "{ca}"
+
+[apns.auth]
+key_file = "AuthKey.p8"
+key_id = "{KEY_ID}"
+team_id = "{TEAM_ID}"
+"#,
+                server = server.addr(),
+                secret = options.secret,
+                ping = options.ping_interval_secs,
+                interval = options.push_interval_ms,
+                url = apns.url(),
+                ca = ca.display(),
+            ),
+        )
+        .expect("write config");
+        let log = dir.path().join("knock.log");
+        let mut harness = Harness {
+            dir,
+            server,
+            apns,
+            config,
+            log,
+            knock: None,
+        };
+        harness.spawn();
+        harness
+    }
+
+    /// Start the knock binary; its log (debug level, for the privacy check) goes to a file.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_knock"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("KNOCK_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn knock");
+        self.knock = Some(child);
+    }
+
+    async fn accept(&self) -> ComponentConn {
+        match self.server.accept_timeout(WAIT).await {
+            Ok(conn) => conn,
+            Err(e) => panic!(
+                "knock did not connect: {e}\n--- knock log ---\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.knock.as_ref().expect("knock running").id()
+    }
+
+    /// kill -9: no chance to flush anything.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.knock.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM, and wait for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let mut child = self.knock.take().expect("knock running");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "knock did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn ask(conn: &mut ComponentConn, xml: &str) -> Element {
+    conn.request(common::xml(xml), WAIT)
+        .await
+        .expect("knock answers every IQ in time")
+}
+
+async fn register(conn: &mut ComponentConn, device: &str, token: &str) -> (String, String) {
+    node_and_secret(
+        &ask(
+            conn,
+            &register_xml("reg", "alice@localhost/phone", device, token, ""),
+        )
+        .await,
+    )
+}
+
+#[tokio::test]
+async fn handshake_with_a_wrong_secret_is_refused_and_retried() {
+    let h = Harness::start_with(Options {
+        secret: "wrong",
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..2 {
+        match h.server.accept_timeout(WAIT).await {
+            Err(AcceptError::BadSecret) => {}
+            Err(e) => panic!("expected a bad secret, got {e}"),
+            Ok(_) => panic!("a wrong secret must not complete the handshake"),
+        }
+    }
+    assert!(
+        h.log_text().contains("refused the component handshake"),
+        "{}",
+        h.log_text()
+    );
+}
+
+#[tokio::test]
+async fn register_then_publish_wakes_the_device_with_an_empty_push() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    let pushes = h.apns.wait_for_requests(1, WAIT).await;
+    assert_eq!(pushes.len(), 1);
+    let push = &pushes[0];
+    assert_eq!(push.token, TOKEN);
+    assert_eq!(push.status, 200, "{:?}", push.reason);
+    assert_eq!(push.topic.as_deref(), Some(TOPIC));
+    assert_eq!(push.push_type.as_deref(), Some("background"));
+    assert_eq!(push.priority.as_deref(), Some("5"));
+    assert_eq!(push.kid.as_deref(), Some(KEY_ID));
+    let body = push.json().expect("JSON payload");
+    assert_eq!(body["aps"], serde_json::json!({ "content-available": 1 }));
+    assert_eq!(body["node"], serde_json::json!(node));
+    let everything = format!("{:?}{}", push.headers, push.body);
+    for leak in ["New Message!", "alice", "localhost/phone"] {
+        assert!(!everything.contains(leak), "push carries {leak:?}");
+    }
+
+    // ejabberd's flavour of the summary form works the same.
+    let reply = ask(
+        &mut conn,
+        &ejabberd_publish("p2", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(h.apns.wait_for_requests(2, WAIT).await.len(), 2);
+    assert_eq!(
+        h.apns.connections_accepted(),
+        1,
+        "one multiplexed HTTP/2 connection"
+    );
+}
+
+#[tokio::test]
+async fn disco_and_two_step_registration_over_the_link() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let info = ask(&mut conn, &format!("<iq xmlns='{NS}' type='get' id='d1' from='alice@localhost/x' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+    let identity = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .and_then(|q| q.get_child("identity", "http://jabber.org/protocol/disco#info"))
+        .expect("identity");
+    assert_eq!(identity.attr("type"), Some("push"));
+
+    let first = ask(&mut conn, &format!("<iq xmlns='{NS}' type='set' id='c1' from='alice@localhost/x' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' action='execute'/></iq>")).await;
+    let session = first
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .and_then(|c| c.attr("sessionid"))
+        .expect("sessionid")
+        .to_owned();
+    let second = ask(&mut conn, &format!("<iq xmlns='{NS}' type='set' id='c2' from='alice@localhost/x' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' sessionid='{session}'><x xmlns='jabber:x:data' type='submit'><field var='token'><value>{TOKEN}</value></field><field var='device-id'><value>d</value></field></x></command></iq>")).await;
+    let (node, secret) = node_and_secret(&second);
+    assert_eq!(
+        error_of(
+            &ask(
+                &mut conn,
+                &prosody_publish("p", "localhost", &node, &secret)
+            )
+            .await
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn re_register_moves_pushes_to_the_new_token_and_unregister_ends_them() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let first = register(&mut conn, "dev1", TOKEN).await;
+    let again = register(&mut conn, "dev1", TOKEN2).await;
+    assert_eq!(first, again, "same device keeps node and secret");
+    let (node, secret) = again;
+    assert_eq!(
+        error_of(
+            &ask(
+                &mut conn,
+                &prosody_publish("p1", "localhost", &node, &secret)
+            )
+            .await
+        ),
+        None
+    );
+    let pushes = h.apns.wait_for_requests(1, WAIT).await;
+    assert_eq!(pushes[0].token, TOKEN2);
+
+    let reply = ask(
+        &mut conn,
+        &unregister_xml("u1", "alice@localhost/phone", "dev1"),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p2", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    assert_eq!(h.apns.requests().len(), 1, "no push after unregister");
+}
+
+#[tokio::test]
+async fn rejected_publishes_get_the_right_errors_and_no_push() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    let cases = [
+        (prosody_publish("a", "localhost", "unknown-node", &secret), err("cancel", "item-not-found")),
+        (prosody_publish("b", "localhost", &node, "wrong"), err("auth", "forbidden")),
+        (prosody_publish("c", "other.example", &node, &secret), err("auth", "forbidden")),
+        (prosody_publish("d", "mallory@localhost", &node, &secret), err("auth", "forbidden")),
+        (
+            format!("<iq xmlns='{NS}' type='set' id='e' from='localhost' to='push.localhost'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'/></pubsub></iq>"),
+            err("modify", "bad-request"),
+        ),
+        (
+            format!("<iq xmlns='{NS}' type='get' id='f' from='localhost' to='push.localhost'><query xmlns='jabber:iq:version'/></iq>"),
+            err("cancel", "service-unavailable"),
+        ),
+    ];
+    for (stanza, expected) in cases {
+        let reply = ask(&mut conn, &stanza).await;
+        assert_eq!(error_of(&reply), expected, "{stanza}");
+    }
+    assert!(h.apns.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_dead_token_deletes_the_registration() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    h.apns.set_behaviour(TOKEN, Behaviour::Unregistered);
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    assert_eq!(h.apns.requests_for(TOKEN)[0].status, 410);
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p2", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    assert_eq!(
+        h.apns.requests().len(),
+        1,
+        "a deleted registration is never pushed again"
+    );
+}
+
+#[tokio::test]
+async fn an_apns_outage_is_wait_and_keeps_the_registration() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    h.apns.set_behaviour(TOKEN, Behaviour::Unavailable);
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("wait", "internal-server-error"));
+    let attempts = h.apns.requests_for(TOKEN).len();
+    assert!(
+        (2..=3).contains(&attempts),
+        "bounded retries, got {attempts}"
+    );
+
+    h.apns.set_behaviour(TOKEN, Behaviour::Ok);
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p2", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(
+        error_of(&reply),
+        None,
+        "registration kept, push delivered once healthy"
+    );
+
+    h.apns.set_behaviour(TOKEN, Behaviour::Throttled);
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p3", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
+
+    // A transient 503 inside the retry budget is invisible to the server.
+    h.apns
+        .set_behaviour(TOKEN, Behaviour::fail_times(1, Behaviour::Unavailable));
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p4", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+}
+
+#[tokio::test]
+async fn publishes_inside_the_interval_are_coalesced() {
+    let h = Harness::start_with(Options {
+        push_interval_ms: 60_000,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    for i in 0..3 {
+        let reply = ask(
+            &mut conn,
+            &prosody_publish(&format!("p{i}"), "localhost", &node, &secret),
+        )
+        .await;
+        assert_eq!(error_of(&reply), None);
+    }
+    assert_eq!(h.apns.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_slow_push_does_not_block_the_stream() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (slow_node, slow_secret) = register(&mut conn, "slow", TOKEN).await;
+    let (fast_node, fast_secret) = register(&mut conn, "fast", TOKEN2).await;
+    h.apns.set_behaviour(
+        TOKEN,
+        Behaviour::delay(Duration::from_secs(2), Behaviour::Ok),
+    );
+    conn.send(xml(&prosody_publish(
+        "slow",
+        "localhost",
+        &slow_node,
+        &slow_secret,
+    )))
+    .await
+    .expect("send");
+    conn.send(xml(&prosody_publish(
+        "fast",
+        "localhost",
+        &fast_node,
+        &fast_secret,
+    )))
+    .await
+    .expect("send");
+    let first = conn.recv(WAIT).await.expect("a reply");
+    assert_eq!(
+        first.attr("id"),
+        Some("fast"),
+        "the fast publish is answered first"
+    );
+    let second = conn.recv(WAIT).await.expect("a reply");
+    assert_eq!(second.attr("id"), Some("slow"));
+    assert_eq!(error_of(&second), None);
+}
+
+#[tokio::test]
+async fn knock_reconnects_when_the_server_drops_the_link() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    conn.abort();
+    let started = Instant::now();
+    let mut conn = h.accept().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "back within a second or so"
+    );
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+}
+
+#[tokio::test]
+async fn keepalive_pings_and_a_silent_server_means_reconnect() {
+    let h = Harness::start_with(Options {
+        ping_interval_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        conn.pings_received() >= 2,
+        "pings: {}",
+        conn.pings_received()
+    );
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+
+    // Stop answering pings: knock must notice and come back on a fresh link.
+    conn.set_answer_pings(false);
+    let mut conn = h.accept().await;
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_in_flight_publishes_and_registrations_survive_a_restart() {
+    let mut h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    h.apns.set_behaviour(
+        TOKEN,
+        Behaviour::delay(Duration::from_millis(700), Behaviour::Ok),
+    );
+    conn.send(xml(&prosody_publish(
+        "inflight",
+        "localhost",
+        &node,
+        &secret,
+    )))
+    .await
+    .expect("send");
+    // Let knock read it, then ask it to stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = tokio::task::block_in_place(|| h.terminate());
+    let reply = conn
+        .recv(WAIT)
+        .await
+        .expect("the in-flight publish is answered before exit");
+    assert_eq!(reply.attr("id"), Some("inflight"));
+    assert_eq!(error_of(&reply), None);
+    assert!(status.success(), "exit status {status:?}");
+
+    h.apns.set_behaviour(TOKEN, Behaviour::Ok);
+    h.spawn();
+    let mut conn = h.accept().await;
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p2", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None, "registration survived the restart");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_acknowledged_registration_survives_kill_9() {
+    let mut h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    h.kill9();
+    h.spawn();
+    let mut conn = h.accept().await;
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(h.apns.requests_for(TOKEN).len(), 1);
+}
+
+#[tokio::test]
+async fn apns_goaway_is_survived() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    assert_eq!(
+        error_of(
+            &ask(
+                &mut conn,
+                &prosody_publish("p1", "localhost", &node, &secret)
+            )
+            .await
+        ),
+        None
+    );
+    h.apns.send_goaway();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        error_of(
+            &ask(
+                &mut conn,
+                &prosody_publish("p2", "localhost", &node, &secret)
+            )
+            .await
+        ),
+        None
+    );
+    assert_eq!(
+        h.apns.requests().iter().filter(|p| p.status == 200).count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn logs_never_carry_tokens_secrets_or_jids() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    ask(
+        &mut conn,
+        &prosody_publish("p1", "localhost", &node, &secret),
+    )
+    .await;
+    h.apns.set_behaviour(TOKEN, Behaviour::Unregistered);
+    ask(
+        &mut conn,
+        &prosody_publish("p2", "localhost", &node, &secret),
+    )
+    .await;
+    ask(
+        &mut conn,
+        &prosody_publish("p3", "localhost", &node, "wrong-secret"),
+    )
+    .await;
+    let log = h.log_text();
+    assert!(log.contains("component link up"), "{log}");
+    for secret_thing in [
+        TOKEN,
+        secret.as_str(),
+        "alice",
+        "wrong-secret",
+        node.as_str(),
+    ] {
+        assert!(
+            !log.contains(secret_thing),
+            "log (debug level) contains {secret_thing:?}:\n{log}"
+        );
+    }
+    let _ = &h.dir;
+}
