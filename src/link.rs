@@ -3,23 +3,35 @@
 //! Knows sockets and stanzas, not XEPs: every IQ goes to [`router::handle`], whose reply is written back.
 //! Stanzas are handled concurrently (a slow APNs answer never stalls the stream) but at most
 //! `max_in_flight` at once; beyond that knock stops reading and TCP pushes back on the server.
-//! tokio-xmpp's stream ends (`None`) on a read timeout even when the socket is fine, so the link pings
-//! the server and treats a real end of stream or an unanswered ping as a disconnect, then reconnects
-//! with backoff from 100 ms to 5 s: ejabberd disables users' push when it cannot reach the component.
+//!
+//! The link runs on tokio-xmpp's XML stream directly rather than its `Component` wrapper, because the
+//! wrapper ends the whole stream on any stanza that does not parse (`<iq type='get'/>` with no payload, which
+//! any user on the network can send, would force a reconnect) and on its read timeout. Here a stanza that
+//! does not parse gets a `bad-request` and the link stays up; a quiet link is pinged (XEP-0199) after one
+//! `ping_interval` of silence and declared dead when the ping goes unanswered. A lost link is retried with
+//! backoff from 100 ms to 5 s: ejabberd disables users' push while it cannot reach the component.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio_xmpp::connect::{DnsConfig, TcpServerConnector};
-use tokio_xmpp::xmlstream::Timeouts;
-use tokio_xmpp::{Component, Stanza};
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio_xmpp::xmlstream::{
+    initiate_stream, FallibleStreamElement, ReadError, StreamElementError, StreamHeader, Timeouts,
+    XmppStream, XmppStreamElement,
+};
+use tokio_xmpp::Stanza;
+use xmpp_parsers::component::Handshake;
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::jid::{BareJid, Jid};
+use xmpp_parsers::ns;
 use xmpp_parsers::ping::Ping;
 
 use crate::app::App;
+use crate::handlers::HandlerError;
 use crate::router;
 use crate::shutdown::Shutdown;
 
@@ -32,13 +44,31 @@ pub struct LinkSettings {
     pub server: String,
     /// The shared secret.
     pub secret: String,
-    /// Keepalive ping interval.
+    /// Silence after which the server is pinged; twice as long again without an answer and the link is dead.
     pub ping_interval: Duration,
     /// Most stanzas in flight at once.
     pub max_in_flight: usize,
     /// Longest a publish may take; bounds the drain at shutdown.
     pub publish_deadline: Duration,
 }
+
+/// Why the component could not attach.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP or stream I/O failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered the handshake with a stream error or closed the stream: usually a wrong secret or
+    /// a component JID the server does not know.
+    #[error("the server refused the component handshake ({0}): check component.jid and the secret against the server's config")]
+    Refused(String),
+    /// The server said something that is not XEP-0114.
+    #[error("unexpected answer during the handshake: {0}")]
+    Protocol(String),
+}
+
+/// The component stream: tokio-xmpp's XML stream over buffered TCP.
+type Link = XmppStream<BufStream<TcpStream>>;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -63,10 +93,10 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
             attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect(&settings)) => attempt,
         };
         match attempt {
-            Ok(Ok(component)) => {
+            Ok(Ok(link)) => {
                 tracing::info!(server = %settings.server, "component link up");
                 let since = Instant::now();
-                match serve(&app, component, &settings, &mut shutdown).await {
+                match serve(&app, link, &settings, &mut shutdown).await {
                     Ended::Shutdown => {
                         tracing::info!("component link closed for shutdown");
                         return;
@@ -79,15 +109,12 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
                     }
                 }
             }
-            Ok(Err(e)) => match e {
-                tokio_xmpp::Error::Auth(_) => tracing::error!(
-                    server = %settings.server,
-                    "the server refused the component handshake: check component.jid and the secret against the server's config"
-                ),
-                e => {
-                    tracing::warn!(server = %settings.server, error = %e, "cannot connect to the XMPP server")
-                }
-            },
+            Ok(Err(e @ ConnectError::Refused(_))) => {
+                tracing::error!(server = %settings.server, "{e}")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(server = %settings.server, error = %e, "cannot connect to the XMPP server")
+            }
             Err(_) => {
                 tracing::warn!(server = %settings.server, "connecting to the XMPP server timed out")
             }
@@ -100,21 +127,48 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
     }
 }
 
-async fn connect(
-    settings: &LinkSettings,
-) -> Result<Component<TcpServerConnector>, tokio_xmpp::Error> {
-    // A healthy link carries a pong every ping interval, so three silent intervals mean it is dead.
+/// Open the TCP connection, exchange stream headers, and complete the XEP-0114 handshake.
+async fn connect(settings: &LinkSettings) -> Result<Link, ConnectError> {
+    let tcp = TcpStream::connect(&settings.server).await?;
+    tcp.set_nodelay(true)?;
+    // After one interval of silence the stream reports a soft timeout and knock pings; the hard timeout then
+    // gives the server the rest of the response timeout to answer.
     let timeouts = Timeouts {
-        read_timeout: settings.ping_interval * 3,
+        read_timeout: settings.ping_interval,
         response_timeout: settings.ping_interval * 2,
     };
-    Component::new_plaintext(
-        settings.jid.as_str(),
-        &settings.secret,
-        DnsConfig::addr(&settings.server),
-        timeouts,
-    )
-    .await
+    let header = StreamHeader {
+        to: Some(Cow::Owned(settings.jid.to_string())),
+        from: None,
+        id: None,
+    };
+    let mut pending = initiate_stream(BufStream::new(tcp), ns::COMPONENT, header, timeouts).await?;
+    let stream_id = pending
+        .take_header()
+        .id
+        .ok_or_else(|| ConnectError::Protocol("the server's stream header has no id".into()))?;
+    let mut link: Link = pending.skip_features();
+    let handshake =
+        Handshake::from_stream_id_and_password(stream_id.into_owned(), &settings.secret);
+    link.send(&XmppStreamElement::ComponentHandshake(handshake))
+        .await?;
+    loop {
+        match link.next().await {
+            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(_)))) => {
+                return Ok(link)
+            }
+            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
+                return Err(ConnectError::Refused(e.0.to_string()))
+            }
+            Some(Err(ReadError::SoftTimeout)) => continue,
+            Some(Err(ReadError::HardError(e))) => return Err(e.into()),
+            Some(Err(ReadError::StreamFooterReceived)) | None => {
+                return Err(ConnectError::Refused("the server closed the stream".into()))
+            }
+            Some(Ok(other)) => return Err(ConnectError::Protocol(format!("{other:?}"))),
+            Some(Err(e)) => return Err(ConnectError::Protocol(e.to_string())),
+        }
+    }
 }
 
 /// The server to ping: the component's parent domain (push.example.org -> example.org), which is the host
@@ -130,94 +184,125 @@ fn ping_target(jid: &BareJid) -> Jid {
 
 async fn serve(
     app: &App,
-    mut component: Component<TcpServerConnector>,
+    mut link: Link,
     settings: &LinkSettings,
     shutdown: &mut Shutdown,
 ) -> Ended {
     let mut in_flight = FuturesUnordered::new();
-    let mut ping_timer = tokio::time::interval(settings.ping_interval);
-    ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping_timer.tick().await;
     let me: Jid = settings.jid.clone().into();
     let target = ping_target(&settings.jid);
     let mut ping_seq: u64 = 0;
-    // The id of the ping awaiting its answer, and when it was sent.
-    let mut ping_pending: Option<(String, Instant)> = None;
 
     loop {
         tokio::select! {
             biased;
             _ = shutdown.recv() => {
-                return drain(&mut component, in_flight, settings.publish_deadline).await;
+                return drain(&mut link, in_flight, settings.publish_deadline).await;
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(e) = write_replies(&mut component, reply, &mut in_flight).await {
+                if let Err(e) = write_replies(&mut link, reply, &mut in_flight).await {
                     return Ended::Lost(format!("write failed: {e}"));
                 }
             }
-            stanza = component.next(), if in_flight.len() < settings.max_in_flight => {
-                match stanza {
-                    None => return Ended::Lost("stream ended".into()),
-                    Some(Stanza::Iq(iq)) => {
-                        let is_answer = matches!(iq, Iq::Result { .. } | Iq::Error { .. });
-                        if is_answer {
-                            if ping_pending.as_ref().is_some_and(|(id, _)| id == iq.id()) {
-                                ping_pending = None;
-                            }
-                            continue;
+            item = link.next(), if in_flight.len() < settings.max_in_flight => {
+                let reply = match item {
+                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(iq))))) => {
+                        // Answers (pongs included) need no reply; any traffic already proved the link alive.
+                        if !matches!(iq, Iq::Result { .. } | Iq::Error { .. }) {
+                            in_flight.push(router::handle(app, iq));
                         }
-                        in_flight.push(router::handle(app, iq));
+                        continue;
                     }
-                    Some(_) => tracing::trace!("ignoring a message or presence"),
-                }
-            }
-            _ = ping_timer.tick() => {
-                if let Some((_, sent)) = &ping_pending {
-                    if sent.elapsed() >= settings.ping_interval * 2 {
-                        return Ended::Lost("keepalive ping unanswered".into());
+                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(_)))) => {
+                        tracing::trace!("ignoring a message or presence");
+                        continue;
                     }
-                    continue;
-                }
-                ping_seq += 1;
-                let id = format!("knock-ping-{ping_seq}");
-                let ping = Iq::from_get(id.clone(), Ping).with_from(me.clone()).with_to(target.clone());
-                if let Err(e) = component.send(Stanza::Iq(ping)).await {
+                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
+                        return Ended::Lost(format!("the server sent a stream error: {}", e.0));
+                    }
+                    Some(Ok(FallibleStreamElement::Ok(other))) => {
+                        tracing::debug!(element = ?other, "ignoring an unexpected stream element");
+                        continue;
+                    }
+                    Some(Ok(FallibleStreamElement::Err(e))) => match reject_malformed(&me, e) {
+                        Some(reply) => reply,
+                        None => continue,
+                    },
+                    Some(Err(ReadError::SoftTimeout)) => {
+                        ping_seq += 1;
+                        Iq::from_get(format!("knock-ping-{ping_seq}"), Ping)
+                            .with_from(me.clone())
+                            .with_to(target.clone())
+                    }
+                    Some(Err(ReadError::ParseError(e))) => {
+                        tracing::debug!(error = %e, "skipping an element that does not parse");
+                        continue;
+                    }
+                    Some(Err(ReadError::StreamFooterReceived)) => {
+                        return Ended::Lost("the server closed the stream".into());
+                    }
+                    Some(Err(ReadError::HardError(e))) => return Ended::Lost(e.to_string()),
+                    None => return Ended::Lost("connection closed".into()),
+                };
+                if let Err(e) = link.send(&XmppStreamElement::Stanza(Stanza::Iq(reply))).await {
                     return Ended::Lost(format!("write failed: {e}"));
                 }
-                ping_pending = Some((id, Instant::now()));
             }
         }
     }
 }
 
+/// The `bad-request` for an IQ request that does not parse, built from its raw header; `None` when there is
+/// nobody to answer (no sender or id) or nothing to answer (not a get/set: answers are never answered).
+fn reject_malformed(me: &Jid, error: StreamElementError) -> Option<Iq> {
+    let StreamElementError::InvalidStanza { header, error, .. } = error else {
+        return None;
+    };
+    tracing::debug!(%error, "malformed stanza");
+    if !matches!(header.type_.as_deref(), Some("get" | "set")) {
+        return None;
+    }
+    let from: Jid = header.from?.parse().ok()?;
+    let id = header.id?;
+    let to = header
+        .to
+        .and_then(|to| to.parse().ok())
+        .unwrap_or_else(|| me.clone());
+    let error = HandlerError::bad_request("malformed stanza");
+    Some(Iq::Error {
+        error: error.to_stanza_error(Some(to.clone())),
+        from: Some(to),
+        to: Some(from),
+        id,
+        payload: None,
+    })
+}
+
 /// Write one reply, plus every other reply already finished, then flush once.
 async fn write_replies<F>(
-    component: &mut Component<TcpServerConnector>,
+    link: &mut Link,
     first: Option<Iq>,
     in_flight: &mut FuturesUnordered<F>,
-) -> Result<(), tokio_xmpp::Error>
+) -> Result<(), std::io::Error>
 where
     F: std::future::Future<Output = Option<Iq>>,
 {
     let mut reply = first;
     loop {
         if let Some(iq) = reply.take() {
-            component.feed(Stanza::Iq(iq)).await?;
+            link.feed(&XmppStreamElement::Stanza(Stanza::Iq(iq)))
+                .await?;
         }
         match in_flight.next().now_or_never() {
             Some(Some(next)) => reply = next,
             _ => break,
         }
     }
-    component.flush().await
+    SinkExt::<&XmppStreamElement>::flush(link).await
 }
 
 /// Shutdown: read nothing more, answer what is in flight (bounded by the publish deadline), close the stream.
-async fn drain<F>(
-    component: &mut Component<TcpServerConnector>,
-    mut in_flight: FuturesUnordered<F>,
-    deadline: Duration,
-) -> Ended
+async fn drain<F>(link: &mut Link, mut in_flight: FuturesUnordered<F>, deadline: Duration) -> Ended
 where
     F: std::future::Future<Output = Option<Iq>>,
 {
@@ -228,10 +313,11 @@ where
     let answered = tokio::time::timeout(deadline + Duration::from_secs(1), async {
         while let Some(reply) = in_flight.next().await {
             if let Some(iq) = reply {
-                component.send(Stanza::Iq(iq)).await?;
+                link.send(&XmppStreamElement::Stanza(Stanza::Iq(iq)))
+                    .await?;
             }
         }
-        Ok::<(), tokio_xmpp::Error>(())
+        Ok::<(), std::io::Error>(())
     })
     .await;
     match answered {
@@ -242,7 +328,7 @@ where
             "gave up on in-flight stanzas at the deadline"
         ),
     }
-    if let Err(e) = component.send_end().await {
+    if let Err(e) = SinkExt::<&XmppStreamElement>::close(link).await {
         tracing::debug!(error = %e, "closing the stream");
     }
     Ended::Shutdown

@@ -668,3 +668,35 @@ async fn logs_never_carry_tokens_secrets_or_jids() {
     }
     let _ = &h.dir;
 }
+
+#[tokio::test]
+async fn stanzas_that_do_not_parse_are_refused_and_the_link_stays_up() {
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    // Any user on the network can send these; none may cost a reconnect.
+    conn.send_raw(&format!(
+        "<iq xmlns='{NS}' type='get' id='no-payload' from='a@localhost/x' to='push.localhost'/>"
+    ))
+    .await
+    .expect("send");
+    let reply = conn.recv(WAIT).await.expect("an answer");
+    assert_eq!(reply.attr("id"), Some("no-payload"));
+    assert_eq!(error_of(&reply), err("modify", "bad-request"));
+    for raw in [
+        format!("<iq xmlns='{NS}' type='get' from='a@localhost/x' to='push.localhost'><ping xmlns='urn:xmpp:ping'/></iq>"),
+        format!("<iq xmlns='{NS}' type='bogus' id='b' from='a@localhost/x' to='push.localhost'><ping xmlns='urn:xmpp:ping'/></iq>"),
+        format!("<message xmlns='{NS}' from='a@localhost/x' to='push.localhost'><body>hi</body></message>"),
+    ] {
+        conn.send_raw(&raw).await.expect("send");
+    }
+    let pong = ask(&mut conn, &format!("<iq xmlns='{NS}' type='get' id='alive' from='localhost' to='push.localhost'><ping xmlns='urn:xmpp:ping'/></iq>")).await;
+    assert_eq!(error_of(&pong), None, "the same link still answers");
+    assert!(conn.end_reason().is_none());
+    assert!(
+        h.server
+            .accept_timeout(Duration::from_millis(500))
+            .await
+            .is_err(),
+        "knock did not reconnect"
+    );
+}
