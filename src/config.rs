@@ -380,10 +380,10 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if !(100..=60_000).contains(&self.limits.publish_deadline_ms) {
+        if !(100..=30_000).contains(&self.limits.publish_deadline_ms) {
             return Err(ConfigError::invalid(
                 "limits.publish_deadline_ms",
-                "must be between 100 and 60000 (ejabberd stops waiting after 32 s)",
+                "must be between 100 and 30000 (ejabberd stops waiting after 32 s)",
             ));
         }
         if self.apns.is_empty() {

@@ -1,9 +1,11 @@
 //! Random identifiers and keyed hashes: how knock names nodes and devices without storing who they belong to.
 //!
 //! Nodes are 128 random bits. Device and owner identities are HMAC-SHA-256 of the JID under the store's
-//! instance key, so the database alone does not say which JID registered what. Publish secrets for
-//! command registrations are derived from the node under that key, so a re-registration can hand the same
-//! secret back while the store keeps only its hash.
+//! instance key, so the registration records alone do not say which JID registered what. Publish secrets
+//! for command registrations are derived from the node under that key, so a re-registration can hand the
+//! same secret back while the records keep only its hash. The instance key itself lives in the same
+//! database today, so a full copy of the database can still test guessed JIDs against the hashes; moving
+//! the key out of the database is tracked with the at-rest encryption work.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

@@ -136,13 +136,19 @@ impl xmpp_parsers::iq::IqSetPayload for Command {}
 impl xmpp_parsers::iq::IqResultPayload for Command {}
 
 impl Command {
-    /// A reply to `request` with the given status and form, carrying over node and session.
-    pub fn reply(request: &Command, status: Status, form: Option<DataForm>) -> Command {
+    /// A reply to `request` with the given status and form, carrying over node and session (XEP-0050 wants a
+    /// `sessionid` on every reply; `new_session` supplies one when the request had none).
+    pub fn reply(
+        request: &Command,
+        status: Status,
+        form: Option<DataForm>,
+        new_session: impl FnOnce() -> String,
+    ) -> Command {
         Command {
             node: request.node.clone(),
             action: None,
             status: Some(status),
-            sessionid: request.sessionid.clone(),
+            sessionid: Some(request.sessionid.clone().unwrap_or_else(new_session)),
             actions: None,
             notes: Vec::new(),
             form,
@@ -179,7 +185,7 @@ mod tests {
             notes: vec![],
             form: None,
         };
-        let mut reply = Command::reply(&request, Status::Executing, None);
+        let mut reply = Command::reply(&request, Status::Executing, None, || "fresh".into());
         reply.actions = Some(Actions {
             execute: Some(Action::Complete),
             complete: true,

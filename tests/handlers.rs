@@ -529,3 +529,64 @@ async fn results_and_errors_are_not_answered() {
     let f = fixture();
     assert!(router::handle(&f.app, iq("<iq xmlns='jabber:component:accept' type='result' id='x' from='localhost' to='push.localhost'/>")).await.is_none());
 }
+
+#[tokio::test]
+async fn a_shorthand_secret_is_kept_byte_for_byte() {
+    let f = fixture();
+    let spaced = format!(" {SECRET} ");
+    ask(&f, &enable_xml("a@localhost/x", NODE, &spaced, TOKEN)).await;
+    let reply = ask(&f, &prosody_publish("p1", "localhost", NODE, &spaced)).await;
+    assert_eq!(error_of(&reply), None);
+    let trimmed = ask(&f, &prosody_publish("p2", "localhost", NODE, SECRET)).await;
+    assert_eq!(error_of(&trimmed), err("auth", "forbidden"));
+}
+
+#[tokio::test]
+async fn commands_and_shorthand_for_one_device_id_do_not_disturb_each_other() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/p", "dev1", TOKEN).await;
+    let with_device = enable_xml("alice@localhost/p", NODE, SECRET, TOKEN2).replace(
+        "</x></enable>",
+        "<field var='device-id'><value>dev1</value></field></x></enable>",
+    );
+    assert_eq!(error_of(&ask(&f, &with_device).await), None);
+    // Registering by command again still answers the command's own node and secret...
+    assert_eq!(
+        register(&f, "alice@localhost/p", "dev1", TOKEN).await,
+        (node.clone(), secret.clone())
+    );
+    // ...and both nodes keep publishing.
+    assert_eq!(
+        error_of(&ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await),
+        None
+    );
+    assert_eq!(
+        error_of(&ask(&f, &prosody_publish("p2", "localhost", NODE, SECRET)).await),
+        None
+    );
+}
+
+#[tokio::test]
+async fn the_owner_may_re_enable_a_node_under_another_device_id() {
+    let f = fixture();
+    assert_eq!(
+        error_of(&ask(&f, &enable_xml("a@localhost/x", NODE, SECRET, TOKEN)).await),
+        None
+    );
+    let with_device = enable_xml("a@localhost/y", NODE, SECRET, TOKEN2).replace(
+        "</x></enable>",
+        "<field var='device-id'><value>phone</value></field></x></enable>",
+    );
+    assert_eq!(error_of(&ask(&f, &with_device).await), None);
+    assert_eq!(f.app.store.get(NODE).unwrap().unwrap().token, TOKEN2);
+}
+
+#[tokio::test]
+async fn every_command_reply_carries_a_session_id() {
+    let f = fixture();
+    let reply = ask(&f, &register_xml("r1", "a@localhost/p", "d", TOKEN, "")).await;
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .unwrap();
+    assert!(command.attr("sessionid").is_some_and(|s| !s.is_empty()));
+}

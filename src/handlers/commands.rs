@@ -53,7 +53,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         return Err(HandlerError::item_not_found("no such command"));
     };
     match command.action.unwrap_or(Action::Execute) {
-        Action::Cancel => return Ok(Command::reply(&command, Status::Canceled, None)),
+        Action::Cancel => return Ok(Command::reply(&command, Status::Canceled, None, random_id)),
         Action::Prev => return Err(HandlerError::bad_request("this command has a single stage")),
         Action::Execute | Action::Complete | Action::Next => {}
     }
@@ -81,7 +81,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         };
         delete(app, &node).await?;
         tracing::debug!(app = %push_app.name, "device unregistered");
-        return Ok(Command::reply(&command, Status::Completed, None));
+        return Ok(Command::reply(&command, Status::Completed, None, random_id));
     }
 
     let token = apns_token(required(&values, "token")?)?;
@@ -112,7 +112,12 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
             Field::new("secret", FieldType::TextPrivate).with_value(&secret),
         ],
     };
-    Ok(Command::reply(&command, Status::Completed, Some(result)))
+    Ok(Command::reply(
+        &command,
+        Status::Completed,
+        Some(result),
+        random_id,
+    ))
 }
 
 /// The first stage of a two-step execution: the form to fill in.
@@ -150,8 +155,7 @@ fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
         instructions: None,
         fields,
     };
-    let mut reply = Command::reply(request, Status::Executing, Some(form));
-    reply.sessionid = Some(request.sessionid.clone().unwrap_or_else(random_id));
+    let mut reply = Command::reply(request, Status::Executing, Some(form), random_id);
     reply.actions = Some(Actions {
         execute: Some(Action::Complete),
         complete: true,

@@ -55,7 +55,8 @@ pub async fn enable(app: &App, from: &Jid, enable: Enable) -> Result<(), Handler
         )));
     }
     let values = form_values(form)?;
-    let secret = required(&values, "secret")?;
+    // The secret is compared byte for byte at publish time, so it is taken exactly as sent, spaces and all.
+    let secret = values.get("secret").copied().unwrap_or("");
     if secret.len() < MIN_CHOSEN_LEN {
         return Err(HandlerError::bad_request(format!(
             "secret must be at least {MIN_CHOSEN_LEN} characters"
@@ -64,10 +65,12 @@ pub async fn enable(app: &App, from: &Jid, enable: Enable) -> Result<(), Handler
     let token = apns_token(required(&values, "token")?)?;
     let push_app = push_app(app, optional(&values, "app"))?;
     let bare = from.to_bare();
-    // Without a device id, the node itself names the device.
+    // Shorthand devices live in their own namespace, so a command registration for the same device id never
+    // hands out a derived secret for a node whose secret the client chose. Without a device id, the node
+    // itself names the device.
     let device = match optional(&values, "device-id") {
-        Some(id) => device_id(id)?.to_owned(),
-        None => format!("node:{node}"),
+        Some(id) => format!("enable:{}", device_id(id)?),
+        None => format!("enable-node:{node}"),
     };
     let registration = Registration {
         device: app.keys.device(bare.as_str(), &device, &push_app.name),

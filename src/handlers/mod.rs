@@ -159,11 +159,11 @@ pub fn apns_token(token: &str) -> Result<String, HandlerError> {
     Ok(token.to_ascii_lowercase())
 }
 
-/// Check a client's device id: 1 to 256 characters, no control characters.
+/// Check a client's device id: 1 to 256 bytes of UTF-8, no control characters.
 pub fn device_id(id: &str) -> Result<&str, HandlerError> {
     if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
         return Err(HandlerError::bad_request(
-            "device-id must be 1 to 256 characters without control characters",
+            "device-id must be 1 to 256 bytes without control characters",
         ));
     }
     Ok(id)

@@ -51,7 +51,7 @@ async fn check_and_push(
     publish: Publish,
     options: Option<PublishOptions>,
 ) -> Result<Published, HandlerError> {
-    // 1. Shape: one publish with an item, as XEP-0357 §5 has it.
+    // 1. Shape: one publish with an item, as XEP-0357 §7 has it.
     if publish.items.is_empty() {
         return Err(HandlerError::bad_request("publish has no item"));
     }

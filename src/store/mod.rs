@@ -57,7 +57,7 @@ pub trait Store: Send + Sync + 'static {
     /// The node a device is registered under, if any.
     fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError>;
 
-    /// Insert or update a registration atomically. The node must be free or already this device's
+    /// Insert or update a registration atomically. The node must be free or already held by the same owner
     /// ([`StoreError::Conflict`] otherwise); a device's previous node, if different, is removed.
     /// Not durable until [`Store::flush`] completes.
     fn put(&self, registration: &Registration) -> Result<(), StoreError>;

@@ -83,8 +83,14 @@ impl Store for SledStore {
                 if let Some(existing) = regs.get(node)? {
                     let existing =
                         decode(&existing).map_err(ConflictableTransactionError::Abort)?;
-                    if existing.device != registration.device {
+                    if existing.owner != registration.owner {
                         return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+                    }
+                    // The owner re-binds its node to another device identity: the old one lets go of it.
+                    if existing.device != registration.device
+                        && devices.get(existing.device)?.as_deref() == Some(node)
+                    {
+                        devices.remove(&existing.device)?;
                     }
                 }
                 if let Some(previous) = devices.insert(&registration.device, node)? {
@@ -169,7 +175,7 @@ mod tests {
         Registration {
             node: node.into(),
             device: [device; 32],
-            owner: [9; 32],
+            owner: [device; 32],
             domain: "example.org".into(),
             app: "chat".into(),
             token: token.into(),
@@ -198,11 +204,23 @@ mod tests {
             store.get("n1").expect("get").map(|r| r.token).as_deref(),
             Some("bb")
         );
-        // Another device may not take the node.
+        // Another owner may not take the node.
         assert!(matches!(
             store.put(&reg("n1", 2, "cc")),
             Err(StoreError::Conflict)
         ));
+        // The owner may re-bind it to another device identity; the old identity lets go.
+        let rebound = Registration {
+            device: [3; 32],
+            ..reg("n1", 1, "bb")
+        };
+        store.put(&rebound).expect("rebind");
+        assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+        assert_eq!(
+            store.node_for_device(&[3; 32]).expect("idx").as_deref(),
+            Some("n1")
+        );
+        store.put(&reg("n1", 1, "bb")).expect("and back");
         // Same device moving to a new node drops the old node.
         store.put(&reg("n2", 1, "dd")).expect("move");
         assert_eq!(store.get("n1").expect("get"), None);
