@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use minidom::{Element, Node};
 use rxml::writer::{Encoder, Item, SimpleNamespaces, TrackNamespace};
 use rxml::{AsyncReader, AttrMap, Event, Namespace, NcName, NcNameStr, Parser};
@@ -48,6 +49,8 @@ const STREAM_FOOTER: &str = "</stream:stream>";
 const WRITE_QUEUE: usize = 4096;
 /// How long [`ComponentConn::close`] waits for the component to finish its side of the stream.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most stanzas handed from the reader task to the receiver in one go.
+const MAX_BATCH: usize = 256;
 
 /// Why [`ComponentServer::accept`] did not produce a connection.
 #[derive(Debug, thiserror::Error)]
@@ -224,12 +227,7 @@ impl ComponentServer {
             return Err(AcceptError::HostUnknown(to));
         }
 
-        let header = format!(
-            "<?xml version='1.0'?><stream:stream xmlns:stream='{NS_STREAM}' \
-             xmlns='{NS_COMPONENT}' from='{}' id='{}'>",
-            escape(&self.component_jid),
-            escape(&stream_id)
-        );
+        let header = stream_header(&self.component_jid, &stream_id);
         w.write_all(header.as_bytes()).await?;
         w.flush().await?;
 
@@ -291,12 +289,7 @@ impl ComponentServer {
     ) -> io::Result<()> {
         let mut out = String::new();
         if !header_sent {
-            out.push_str(&format!(
-                "<?xml version='1.0'?><stream:stream xmlns:stream='{NS_STREAM}' \
-                 xmlns='{NS_COMPONENT}' from='{}' id='{}'>",
-                escape(&self.component_jid),
-                escape(stream_id)
-            ));
+            out.push_str(&stream_header(&self.component_jid, stream_id));
         }
         out.push_str(&stream_error_xml(condition, None));
         out.push_str(STREAM_FOOTER);
@@ -574,58 +567,76 @@ impl ConnSender {
 
 /// Receiving half of a [`ComponentConn`].
 pub struct ConnReceiver {
-    rx: mpsc::UnboundedReceiver<Element>,
+    rx: mpsc::UnboundedReceiver<Vec<Element>>,
     pending: VecDeque<Element>,
     shared: Arc<Shared>,
     _tasks: Arc<Tasks>,
 }
 
 impl ConnReceiver {
+    /// Move the next batch from the reader task into `pending`; false on timeout or once the
+    /// stream has ended.
+    async fn fill(&mut self, deadline: Instant) -> bool {
+        match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            Ok(Some(batch)) => {
+                self.pending.extend(batch);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn try_fill(&mut self) -> bool {
+        match self.rx.try_recv() {
+            Ok(batch) => {
+                self.pending.extend(batch);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// See [`ComponentConn::recv`].
     pub async fn recv(&mut self, timeout: Duration) -> Option<Element> {
-        if let Some(el) = self.pending.pop_front() {
-            return Some(el);
+        let deadline = Instant::now() + timeout;
+        while self.pending.is_empty() {
+            if !self.fill(deadline).await {
+                return None;
+            }
         }
-        tokio::time::timeout(timeout, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
+        self.pending.pop_front()
     }
 
     /// A stanza that has already arrived, without waiting.
     pub fn try_recv(&mut self) -> Option<Element> {
-        self.pending.pop_front().or_else(|| self.rx.try_recv().ok())
+        while self.pending.is_empty() {
+            if !self.try_fill() {
+                return None;
+            }
+        }
+        self.pending.pop_front()
     }
 
-    /// Receive up to `max` stanzas that arrive within `timeout` (at least one unless it times
-    /// out or the stream ended) into `out`; returns how many were added.
+    /// Append up to `max` stanzas to `out`: those already arrived, or else the first ones to
+    /// arrive within `timeout`. Returns how many were added (0 on timeout or end of stream).
     pub async fn recv_many(
         &mut self,
         out: &mut Vec<Element>,
         max: usize,
         timeout: Duration,
     ) -> usize {
-        let before = out.len();
-        while out.len() - before < max {
-            match self.pending.pop_front() {
-                Some(el) => out.push(el),
-                None => break,
-            }
-        }
-        let missing = max - (out.len() - before);
-        if missing > 0 {
-            if out.len() == before {
-                let _ = tokio::time::timeout(timeout, self.rx.recv_many(out, missing)).await;
-            } else {
-                while out.len() - before < max {
-                    match self.rx.try_recv() {
-                        Ok(el) => out.push(el),
-                        Err(_) => break,
-                    }
+        if self.pending.is_empty() {
+            let deadline = Instant::now() + timeout;
+            while self.pending.is_empty() {
+                if !self.fill(deadline).await {
+                    return 0;
                 }
             }
         }
-        out.len() - before
+        while self.pending.len() < max && self.try_fill() {}
+        let n = max.min(self.pending.len());
+        out.extend(self.pending.drain(..n));
+        n
     }
 
     /// See [`ComponentConn::recv_reply`].
@@ -634,18 +645,20 @@ impl ConnReceiver {
     }
 
     async fn recv_reply_until(&mut self, id: &str, deadline: Instant) -> Option<Element> {
-        if let Some(pos) = self.pending.iter().position(|el| is_reply_to(el, id)) {
-            return self.pending.remove(pos);
-        }
+        let mut checked = 0;
         loop {
-            let el = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .ok()
-                .flatten()?;
-            if is_reply_to(&el, id) {
-                return Some(el);
+            if let Some(pos) = self
+                .pending
+                .iter()
+                .skip(checked)
+                .position(|el| is_reply_to(el, id))
+            {
+                return self.pending.remove(checked + pos);
             }
-            self.pending.push_back(el);
+            checked = self.pending.len();
+            if !self.fill(deadline).await {
+                return None;
+            }
         }
     }
 
@@ -673,7 +686,7 @@ impl ConnReceiver {
         let deadline = Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(el)) => self.pending.push_back(el),
+                Ok(Some(batch)) => self.pending.extend(batch),
                 Ok(None) => return self.end_reason(),
                 Err(_) => return None,
             }
@@ -776,12 +789,30 @@ async fn writer_task(
 
 async fn reader_task(
     mut reader: XmlReader,
-    stanzas: mpsc::UnboundedSender<Element>,
+    stanzas: mpsc::UnboundedSender<Vec<Element>>,
     ctrl: mpsc::UnboundedSender<WriteCmd>,
     shared: Arc<Shared>,
 ) {
+    // Stanzas already in the read buffer are handed over in one batch, so a burst costs one
+    // wake-up of the receiving task instead of one per stanza.
+    let mut batch: Vec<Element> = Vec::new();
     let end = loop {
-        match reader.next().await {
+        let frame = if batch.is_empty() {
+            reader.next().await
+        } else if batch.len() >= MAX_BATCH {
+            let _ = stanzas.send(std::mem::take(&mut batch));
+            continue;
+        } else {
+            // `XmlReader::next` is cancel-safe: its state lives in `reader`.
+            match reader.next().now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    let _ = stanzas.send(std::mem::take(&mut batch));
+                    continue;
+                }
+            }
+        };
+        match frame {
             Ok(Frame::Stanza(el)) => {
                 if is_server_ping(&el, &shared.component_jid) {
                     shared.pings.fetch_add(1, Ordering::Relaxed);
@@ -789,7 +820,7 @@ async fn reader_task(
                         let _ = ctrl.send(WriteCmd::Data(pong_for(&el, &shared.server_domain)));
                     }
                 } else {
-                    let _ = stanzas.send(el);
+                    batch.push(el);
                 }
             }
             Ok(Frame::Footer) => {
@@ -819,6 +850,9 @@ async fn reader_task(
             Err(e) => break EndReason::Io(e.to_string()),
         }
     };
+    if !batch.is_empty() {
+        let _ = stanzas.send(batch);
+    }
     *shared.end.lock().unwrap_or_else(|e| e.into_inner()) = Some(end);
     // `stanzas` is dropped here, after the end reason is visible.
 }
@@ -859,6 +893,16 @@ fn is_reply_to(el: &Element, id: &str) -> bool {
     el.name() == "iq"
         && el.attr("id") == Some(id)
         && matches!(el.attr("type"), Some("result") | Some("error"))
+}
+
+/// The server's stream header, as Prosody writes it.
+fn stream_header(from: &str, id: &str) -> String {
+    format!(
+        "<?xml version='1.0'?><stream:stream xmlns:stream='{NS_STREAM}' \
+         xmlns='{NS_COMPONENT}' from='{}' id='{}'>",
+        escape(from),
+        escape(id)
+    )
 }
 
 fn stream_error_xml(condition: &str, text: Option<&str>) -> String {
@@ -1479,53 +1523,5 @@ mod tests {
             conn.wait_closed(T).await,
             Some(EndReason::NotWellFormed(_))
         ));
-    }
-}
-#[cfg(test)]
-mod scratch_bench {
-    use super::*;
-    use futures::{SinkExt, StreamExt};
-    use tokio_xmpp::connect::DnsConfig;
-    use tokio_xmpp::xmlstream::Timeouts;
-    use tokio_xmpp::{Component, Stanza};
-    use xmpp_parsers::iq::Iq;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn bench() {
-        const N: usize = 200_000;
-        let server = ComponentServer::bind("push.localhost", "s").await.unwrap();
-        let (c, conn) = tokio::join!(
-            Component::new_plaintext("push.localhost", "s", DnsConfig::addr(&server.addr().to_string()), Timeouts::tight()),
-            server.accept()
-        );
-        let (mut sink, mut stream) = c.unwrap().split();
-        tokio::spawn(async move {
-            while let Some(st) = stream.next().await {
-                if let Stanza::Iq(Iq::Set { from, to, id, .. }) = st {
-                    if sink.feed(Stanza::from(Iq::Result { from: to, to: from, id, payload: None })).await.is_err() { break; }
-                    // flush lazily
-                    if sink.flush().await.is_err() { break; }
-                }
-            }
-        });
-        let (mut tx, mut rx) = conn.unwrap().split();
-        let t0 = std::time::Instant::now();
-        tokio::spawn(async move {
-            for i in 0..N {
-                tx.send_raw(&format!("<iq type='set' id='b{i}' from='localhost' to='push.localhost'><enable xmlns='urn:example'/></iq>")).await.unwrap();
-            }
-            tx.flush().await.unwrap();
-            std::mem::forget(tx);
-        });
-        let mut got = Vec::with_capacity(1024);
-        let mut n = 0;
-        while n < N {
-            got.clear();
-            let k = rx.recv_many(&mut got, 1024, Duration::from_secs(10)).await;
-            assert!(k > 0);
-            n += k;
-        }
-        let el = t0.elapsed();
-        println!("{N} round trips in {el:?} = {:.0}/s", N as f64 / el.as_secs_f64());
     }
 }
