@@ -195,6 +195,11 @@ async fn ask(conn: &mut ComponentConn, xml: &str) -> Element {
         .expect("knock answers every IQ in time")
 }
 
+/// Publish as Prosody does, from the server's domain.
+async fn publish(conn: &mut ComponentConn, id: &str, node: &str, secret: &str) -> Element {
+    ask(conn, &prosody_publish(id, "localhost", node, secret)).await
+}
+
 async fn register(conn: &mut ComponentConn, device: &str, token: &str) -> (String, String) {
     node_and_secret(
         &ask(
@@ -232,11 +237,7 @@ async fn register_then_publish_wakes_the_device_with_an_empty_push() {
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
 
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), None);
     let pushes = h.apns.wait_for_requests(1, WAIT).await;
     assert_eq!(pushes.len(), 1);
@@ -290,13 +291,7 @@ async fn disco_and_two_step_registration_over_the_link() {
     let second = ask(&mut conn, &format!("<iq xmlns='{NS}' type='set' id='c2' from='alice@localhost/x' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-push-apns' sessionid='{session}'><x xmlns='jabber:x:data' type='submit'><field var='token'><value>{TOKEN}</value></field><field var='device-id'><value>d</value></field></x></command></iq>")).await;
     let (node, secret) = node_and_secret(&second);
     assert_eq!(
-        error_of(
-            &ask(
-                &mut conn,
-                &prosody_publish("p", "localhost", &node, &secret)
-            )
-            .await
-        ),
+        error_of(&publish(&mut conn, "p", &node, &secret).await),
         None
     );
 }
@@ -310,13 +305,7 @@ async fn re_register_moves_pushes_to_the_new_token_and_unregister_ends_them() {
     assert_eq!(first, again, "same device keeps node and secret");
     let (node, secret) = again;
     assert_eq!(
-        error_of(
-            &ask(
-                &mut conn,
-                &prosody_publish("p1", "localhost", &node, &secret)
-            )
-            .await
-        ),
+        error_of(&publish(&mut conn, "p1", &node, &secret).await),
         None
     );
     let pushes = h.apns.wait_for_requests(1, WAIT).await;
@@ -328,11 +317,7 @@ async fn re_register_moves_pushes_to_the_new_token_and_unregister_ends_them() {
     )
     .await;
     assert_eq!(error_of(&reply), None);
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p2", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p2", &node, &secret).await;
     assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
     assert_eq!(h.apns.requests().len(), 1, "no push after unregister");
 }
@@ -369,18 +354,10 @@ async fn a_dead_token_deletes_the_registration() {
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
     h.apns.set_behaviour(TOKEN, Behaviour::Unregistered);
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
     assert_eq!(h.apns.requests_for(TOKEN)[0].status, 410);
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p2", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p2", &node, &secret).await;
     assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
     assert_eq!(
         h.apns.requests().len(),
@@ -395,11 +372,7 @@ async fn an_apns_outage_is_wait_and_keeps_the_registration() {
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
     h.apns.set_behaviour(TOKEN, Behaviour::Unavailable);
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), err("wait", "internal-server-error"));
     let attempts = h.apns.requests_for(TOKEN).len();
     assert!(
@@ -408,11 +381,7 @@ async fn an_apns_outage_is_wait_and_keeps_the_registration() {
     );
 
     h.apns.set_behaviour(TOKEN, Behaviour::Ok);
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p2", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p2", &node, &secret).await;
     assert_eq!(
         error_of(&reply),
         None,
@@ -420,21 +389,13 @@ async fn an_apns_outage_is_wait_and_keeps_the_registration() {
     );
 
     h.apns.set_behaviour(TOKEN, Behaviour::Throttled);
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p3", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p3", &node, &secret).await;
     assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
 
     // A transient 503 inside the retry budget is invisible to the server.
     h.apns
         .set_behaviour(TOKEN, Behaviour::fail_times(1, Behaviour::Unavailable));
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p4", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p4", &node, &secret).await;
     assert_eq!(error_of(&reply), None);
 }
 
@@ -448,11 +409,7 @@ async fn publishes_inside_the_interval_are_coalesced() {
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
     for i in 0..3 {
-        let reply = ask(
-            &mut conn,
-            &prosody_publish(&format!("p{i}"), "localhost", &node, &secret),
-        )
-        .await;
+        let reply = publish(&mut conn, &format!("p{i}"), &node, &secret).await;
         assert_eq!(error_of(&reply), None);
     }
     assert_eq!(h.apns.requests().len(), 1);
@@ -507,11 +464,7 @@ async fn knock_reconnects_when_the_server_drops_the_link() {
         started.elapsed() < Duration::from_secs(2),
         "back within a second or so"
     );
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), None);
 }
 
@@ -534,11 +487,7 @@ async fn keepalive_pings_and_a_silent_server_means_reconnect() {
     // Stop answering pings: knock must notice and come back on a fresh link.
     conn.set_answer_pings(false);
     let mut conn = h.accept().await;
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), None);
 }
 
@@ -573,11 +522,7 @@ async fn sigterm_answers_in_flight_publishes_and_registrations_survive_a_restart
     h.apns.set_behaviour(TOKEN, Behaviour::Ok);
     h.spawn();
     let mut conn = h.accept().await;
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p2", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p2", &node, &secret).await;
     assert_eq!(error_of(&reply), None, "registration survived the restart");
 }
 
@@ -589,11 +534,7 @@ async fn an_acknowledged_registration_survives_kill_9() {
     h.kill9();
     h.spawn();
     let mut conn = h.accept().await;
-    let reply = ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), None);
     assert_eq!(h.apns.requests_for(TOKEN).len(), 1);
 }
@@ -604,25 +545,13 @@ async fn apns_goaway_is_survived() {
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
     assert_eq!(
-        error_of(
-            &ask(
-                &mut conn,
-                &prosody_publish("p1", "localhost", &node, &secret)
-            )
-            .await
-        ),
+        error_of(&publish(&mut conn, "p1", &node, &secret).await),
         None
     );
     h.apns.send_goaway();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        error_of(
-            &ask(
-                &mut conn,
-                &prosody_publish("p2", "localhost", &node, &secret)
-            )
-            .await
-        ),
+        error_of(&publish(&mut conn, "p2", &node, &secret).await),
         None
     );
     assert_eq!(
@@ -636,17 +565,9 @@ async fn logs_never_carry_tokens_secrets_or_jids() {
     let h = Harness::start().await;
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
-    ask(
-        &mut conn,
-        &prosody_publish("p1", "localhost", &node, &secret),
-    )
-    .await;
+    publish(&mut conn, "p1", &node, &secret).await;
     h.apns.set_behaviour(TOKEN, Behaviour::Unregistered);
-    ask(
-        &mut conn,
-        &prosody_publish("p2", "localhost", &node, &secret),
-    )
-    .await;
+    publish(&mut conn, "p2", &node, &secret).await;
     ask(
         &mut conn,
         &prosody_publish("p3", "localhost", &node, "wrong-secret"),
