@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use minidom::Element;
-use testkit::apns::{generate_apns_key, Behaviour, MockApns, MockApnsConfig};
+use testkit::apns::{generate_apns_key, Behaviour, MockApns, MockApnsConfig, TestClientCa};
 use testkit::server::{AcceptError, ComponentConn, ComponentServer};
 
 mod common;
@@ -33,6 +33,10 @@ struct Options {
     push_interval_ms: u64,
     ping_interval_secs: u64,
     secret: &'static str,
+    /// APNs certificate auth instead of token auth.
+    certificate_auth: bool,
+    /// Extra lines for the `[[apns]]` table.
+    apns_extra: &'static str,
 }
 
 impl Default for Options {
@@ -41,6 +45,8 @@ impl Default for Options {
             push_interval_ms: 0,
             ping_interval_secs: 30,
             secret: COMPONENT_SECRET,
+            certificate_auth: false,
+            apns_extra: "",
         }
     }
 }
@@ -56,16 +62,20 @@ impl Harness {
             .await
             .expect("bind the component listener");
         let (p8, public_pem) = generate_apns_key();
-        let apns = MockApns::start(MockApnsConfig::token_auth(
-            TEAM_ID,
-            KEY_ID,
-            public_pem,
-            &[TOPIC],
-        ))
-        .await
-        .expect("start mock APNs");
+        let mut mock_config = MockApnsConfig::token_auth(TEAM_ID, KEY_ID, public_pem, &[TOPIC]);
+        let auth = if options.certificate_auth {
+            let client_ca = TestClientCa::new().expect("client CA");
+            let (cert, key) = client_ca.issue("knock test").expect("client certificate");
+            std::fs::write(dir.path().join("apns-cert.pem"), cert).expect("write cert");
+            std::fs::write(dir.path().join("apns-key.pem"), key).expect("write key");
+            mock_config.client_ca_pem = Some(client_ca.ca_pem().to_owned());
+            "cert_file = \"apns-cert.pem\"\nkey_file = \"apns-key.pem\"".to_owned()
+        } else {
+            std::fs::write(dir.path().join("AuthKey.p8"), p8).expect("write key");
+            format!("key_file = \"AuthKey.p8\"\nkey_id = \"{KEY_ID}\"\nteam_id = \"{TEAM_ID}\"")
+        };
+        let apns = MockApns::start(mock_config).await.expect("start mock APNs");
         let ca = apns.write_ca_file(dir.path()).expect("write CA");
-        std::fs::write(dir.path().join("AuthKey.p8"), p8).expect("write key");
         let config = dir.path().join("knock.toml");
         std::fs::write(
             &config,
@@ -88,11 +98,10 @@ name = "chat"
 topic = "{TOPIC}"
 endpoint = "{url}"
 ca_file = "{ca}"
+{extra}
 
 [apns.auth]
-key_file = "AuthKey.p8"
-key_id = "{KEY_ID}"
-team_id = "{TEAM_ID}"
+{auth}
 "#,
                 server = server.addr(),
                 secret = options.secret,
@@ -100,6 +109,7 @@ team_id = "{TEAM_ID}"
                 interval = options.push_interval_ms,
                 url = apns.url(),
                 ca = ca.display(),
+                extra = options.apns_extra,
             ),
         )
         .expect("write config");
@@ -619,5 +629,46 @@ async fn stanzas_that_do_not_parse_are_refused_and_the_link_stays_up() {
             .await
             .is_err(),
         "knock did not reconnect"
+    );
+}
+
+#[tokio::test]
+async fn certificate_auth_works_too() {
+    let h = Harness::start_with(Options {
+        certificate_auth: true,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    assert_eq!(
+        error_of(&publish(&mut conn, "p1", &node, &secret).await),
+        None
+    );
+    let push = &h.apns.requests()[0];
+    assert_eq!(push.status, 200);
+    assert_eq!(push.kid, None, "no provider token with certificate auth");
+}
+
+#[tokio::test]
+async fn alert_pushes_carry_a_fixed_title_and_no_node_when_asked() {
+    let h = Harness::start_with(Options {
+        apns_extra: "push_type = \"alert\"\nalert_title = \"Knock knock\"\ninclude_node = false",
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    assert_eq!(
+        error_of(&publish(&mut conn, "p1", &node, &secret).await),
+        None
+    );
+    let push = &h.apns.requests()[0];
+    assert_eq!(push.status, 200, "{:?}", push.reason);
+    assert_eq!(push.push_type.as_deref(), Some("alert"));
+    assert_eq!(push.priority.as_deref(), Some("10"));
+    assert_eq!(
+        push.json().expect("JSON"),
+        serde_json::json!({ "aps": { "alert": { "title": "Knock knock" }, "mutable-content": 1 } })
     );
 }
