@@ -7,7 +7,7 @@
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -66,8 +66,9 @@ struct JwtSigner {
     key_id: String,
     /// JWT claim `iss`.
     team_id: String,
-    /// The token in use and when it was signed; shared by all concurrent pushes.
-    current: Mutex<Option<(Arc<str>, Instant)>>,
+    /// The token in use and when it was signed (wall clock, like the `iat` Apple checks); shared by all
+    /// concurrent pushes.
+    current: Mutex<Option<(Arc<str>, SystemTime)>>,
 }
 
 #[derive(Serialize)]
@@ -111,11 +112,11 @@ impl JwtSigner {
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())?;
         let token: Arc<str> = token.into();
-        *self.lock() = Some((token.clone(), Instant::now()));
+        *self.lock() = Some((token.clone(), SystemTime::now()));
         Ok(token)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Arc<str>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Arc<str>, SystemTime)>> {
         // A poisoned lock only means a panic elsewhere mid-assignment of a complete value; the value is usable.
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -123,7 +124,7 @@ impl JwtSigner {
     /// The token to send now, signing a new one when the current is near Apple's one-hour limit.
     fn token(&self) -> Result<Arc<str>, String> {
         if let Some((token, signed)) = self.lock().as_ref() {
-            if signed.elapsed() < JWT_REFRESH {
+            if age(*signed) < JWT_REFRESH {
                 return Ok(token.clone());
             }
         }
@@ -136,12 +137,17 @@ impl JwtSigner {
             if &**token != rejected {
                 return Some(token.clone());
             }
-            if signed.elapsed() < JWT_MIN_REFRESH {
+            if age(*signed) < JWT_MIN_REFRESH {
                 return None;
             }
         }
         self.sign().ok()
     }
+}
+
+/// How long ago `then` was; zero if the clock went backwards.
+fn age(then: SystemTime) -> Duration {
+    then.elapsed().unwrap_or(Duration::ZERO)
 }
 
 /// An APNs client for one app.
@@ -453,6 +459,57 @@ impl Backend for ApnsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A P-256 key in PKCS#8 PEM, as Apple's .p8 files are (generated for these tests only).
+    fn signer() -> JwtSigner {
+        let dir = std::env::temp_dir().join(format!("knock-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("AuthKey.p8");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        std::fs::write(&path, key.serialize_pem()).expect("write key");
+        JwtSigner::load(&path, "KEYID12345", "TEAM123456").expect("load key")
+    }
+
+    fn age(signer: &JwtSigner, by: Duration) {
+        let mut current = signer.lock();
+        if let Some((_, signed)) = current.as_mut() {
+            *signed -= by;
+        }
+    }
+
+    #[test]
+    fn provider_tokens_are_reused_then_refreshed_near_the_hour() {
+        let signer = signer();
+        let first = signer.token().expect("token");
+        assert_eq!(signer.token().expect("token"), first, "reused while fresh");
+        let header = jsonwebtoken::decode_header(&first).expect("header");
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+        assert_eq!(header.kid.as_deref(), Some("KEYID12345"));
+        age(&signer, JWT_REFRESH + Duration::from_secs(1));
+        assert_ne!(
+            signer.token().expect("token"),
+            first,
+            "re-signed after 50 minutes"
+        );
+    }
+
+    #[test]
+    fn an_expired_token_is_replaced_at_most_once_per_twenty_minutes() {
+        let signer = signer();
+        let token = signer.token().expect("token");
+        assert!(
+            signer.refresh_after_expiry(&token).is_none(),
+            "too soon to re-sign"
+        );
+        age(&signer, JWT_MIN_REFRESH + Duration::from_secs(1));
+        let fresh = signer.refresh_after_expiry(&token).expect("re-signed");
+        assert_ne!(fresh, token);
+        // A push that still held the old token just picks up the fresh one.
+        assert_eq!(
+            signer.refresh_after_expiry(&token).as_deref(),
+            Some(&*fresh)
+        );
+    }
 
     #[test]
     fn apple_answers_map_to_outcomes() {
