@@ -1,4 +1,24 @@
 //! knock: an XMPP push App Server (XEP-0357) that wakes iOS apps through APNs.
+//!
+//! A tour, in the order a stanza meets the code:
+//!
+//! - [`link`]: the XEP-0114 component connection to the XMPP server. Connects, authenticates, keeps the link
+//!   alive with pings, reconnects with backoff, bounds the stanzas in flight, and drains them on shutdown.
+//!   Knows sockets, not XEPs.
+//! - [`router`]: turns each IQ into one [`router::Request`], hands it to its handler, and turns the answer
+//!   into exactly one reply.
+//! - [`handlers`]: one module per protocol — [`handlers::disco`], [`handlers::commands`] (XEP-0050
+//!   registration), [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`] (XEP-0357
+//!   publishes). Each maps its failures to a [`handlers::HandlerError`], one XMPP error condition each.
+//! - [`store`]: the [`store::Store`] trait and its sled implementation; a registration is acknowledged only
+//!   once it is durable.
+//! - [`push`]: the [`push::Backend`] trait and the APNs client. Knows tokens and HTTP/2, not XMPP.
+//! - Around them: [`app`] (the state handlers share), [`config`] (the TOML file), [`secrets`] (random nodes
+//!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`stats`] (counts for the
+//!   log), [`shutdown`] (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
+//!
+//! Data flows one way: link -> router -> handler -> store / push -> reply.
+
 pub mod app;
 pub mod config;
 pub mod handlers;
