@@ -1,5 +1,5 @@
 //! One handler per protocol: [`disco`], [`commands`] (XEP-0050 registration), [`enable`] (the XEP-0357
-//! `<enable/>` shorthand) and [`publish`]. Handlers take typed requests and the [`App`](crate::app::App) and
+//! `<enable/>` shorthand) and [`publish`]. Handlers take typed requests and the [`App`] and
 //! return a typed payload or a [`HandlerError`]; they know nothing of sockets.
 //!
 //! This file holds what they share: the error type, which maps 1:1 onto an XMPP stanza error, bounded
