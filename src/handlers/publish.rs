@@ -115,7 +115,7 @@ async fn check_and_push(
             }
             app.store.flush().await?;
             Stats::bump(&app.stats.dead_token);
-            tracing::info!(app = %push_app.name, %reason, "push service reports a dead token; registration deleted");
+            tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; registration deleted");
             Err(HandlerError::item_not_found(
                 "the device token is no longer valid",
             ))
