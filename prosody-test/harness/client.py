@@ -1,0 +1,176 @@
+"""A real XMPP client (slixmpp) doing what an iOS app does with knock.
+
+slixmpp 1.17 has no XEP-0357 plugin, so the `<enable/>` and `<disable/>` payloads are defined here as slixmpp
+stanza plugins (ElementBase), with XEP-0004's Form as a sub-plugin of `<enable/>` for the publish-options. The
+registration with knock uses XEP-0050 ad-hoc commands through slixmpp's xep_0050 `send_command`.
+
+Plain loopback, no TLS: SCRAM over an unencrypted stream must be allowed explicitly. Stream management is never
+enabled, so a client that disconnects is offline at once and its messages go to offline storage (and to push).
+"""
+
+import asyncio
+import logging
+
+from slixmpp import ClientXMPP, Iq
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.plugins.xep_0004 import Form
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+
+NS_PUSH = "urn:xmpp:push:0"
+PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
+REGISTER = "register-push-apns"
+UNREGISTER = "unregister-push-apns"
+
+log = logging.getLogger("harness.client")
+
+
+class PushEnable(ElementBase):
+    """XEP-0357 §5: <enable xmlns='urn:xmpp:push:0' jid='...' node='...'> + optional publish-options form."""
+
+    namespace = NS_PUSH
+    name = "enable"
+    plugin_attrib = "push_enable"
+    interfaces = {"jid", "node"}
+
+
+class PushDisable(ElementBase):
+    """XEP-0357 §6: <disable xmlns='urn:xmpp:push:0' jid='...' node='...'/>."""
+
+    namespace = NS_PUSH
+    name = "disable"
+    plugin_attrib = "push_disable"
+    interfaces = {"jid", "node"}
+
+
+register_stanza_plugin(Iq, PushEnable)
+register_stanza_plugin(Iq, PushDisable)
+register_stanza_plugin(PushEnable, Form)
+
+
+class StepFailed(Exception):
+    pass
+
+
+class Client(ClientXMPP):
+    def __init__(self, jid: str, password: str):
+        super().__init__(jid, password,
+                         plugin_config={"feature_mechanisms": {"unencrypted_scram": True}})
+        self.enable_starttls = False
+        self.enable_direct_tls = False
+        self.enable_plaintext = True
+        self.register_plugin("xep_0030")
+        self.register_plugin("xep_0004")
+        self.register_plugin("xep_0050")
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.add_event_handler("message", self._on_message)
+        self.add_event_handler("failed_auth", self._on_failed_auth)
+        self.auth_failed = False
+
+    def _on_message(self, msg):
+        if msg["type"] in ("chat", "normal") and msg["body"]:
+            self.inbox.put_nowait(msg["body"])
+
+    def _on_failed_auth(self, _):
+        self.auth_failed = True
+
+    async def online(self, port: int, timeout: float = 10.0):
+        """Connect, authenticate, bind, and send initial presence (so offline messages are delivered)."""
+        self.connect("127.0.0.1", port)
+        try:
+            await self.wait_until("session_start", timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            why = "authentication failed" if self.auth_failed else "no session"
+            raise StepFailed(f"{self.boundjid.bare} could not log in within {timeout:g} s ({why})")
+        self.send_presence()
+        return self
+
+    async def offline(self, timeout: float = 5.0):
+        """Close the stream and wait until the TCP connection is gone."""
+        if not self.is_connected():
+            return
+        waiter = asyncio.ensure_future(self.wait_until("disconnected", timeout))
+        self.disconnect(wait=1.0)
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            self.abort()
+
+    async def expect_message(self, text: str, timeout: float = 10.0) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            try:
+                body = await asyncio.wait_for(self.inbox.get(), left)
+            except asyncio.TimeoutError:
+                return False
+            if body == text:
+                return True
+
+    # ---- knock: XEP-0050 registration
+
+    async def register_device(self, app_server: str, device_id: str, token: str, timeout: float = 10.0):
+        """`register-push-apns` in one step; returns (jid, node, secret) from the completed command's form."""
+        form = self["xep_0004"].make_form(ftype="submit")
+        form.add_field(var="token", value=token)
+        form.add_field(var="device-id", value=device_id)
+        try:
+            reply = await self["xep_0050"].send_command(
+                app_server, REGISTER, action="execute", payload=form, timeout=timeout)
+        except IqError as e:
+            raise StepFailed(f"{REGISTER} failed: {e.iq['error']['type']}/{e.iq['error']['condition']} "
+                             f"{e.iq['error']['text']}")
+        except IqTimeout:
+            raise StepFailed(f"{REGISTER}: no answer from {app_server} within {timeout:g} s")
+        command = reply["command"]
+        if command["status"] != "completed":
+            raise StepFailed(f"{REGISTER} not completed: status={command['status']!r}")
+        values = command["form"].get_values()
+        try:
+            return values["jid"], values["node"], values["secret"]
+        except KeyError as e:
+            raise StepFailed(f"{REGISTER} result form lacks {e}: {values}")
+
+    async def unregister_device(self, app_server: str, device_id: str, timeout: float = 10.0):
+        form = self["xep_0004"].make_form(ftype="submit")
+        form.add_field(var="device-id", value=device_id)
+        try:
+            reply = await self["xep_0050"].send_command(
+                app_server, UNREGISTER, action="execute", payload=form, timeout=timeout)
+        except IqError as e:
+            raise StepFailed(f"{UNREGISTER} failed: {e.iq['error']['type']}/{e.iq['error']['condition']}")
+        except IqTimeout:
+            raise StepFailed(f"{UNREGISTER}: no answer within {timeout:g} s")
+        if reply["command"]["status"] != "completed":
+            raise StepFailed(f"{UNREGISTER} not completed: {reply['command']['status']!r}")
+
+    # ---- the user's own server: XEP-0357 enable / disable
+
+    async def enable_push(self, app_server: str, node: str, secret: str, timeout: float = 10.0):
+        iq = self.Iq()
+        iq["type"] = "set"
+        iq["push_enable"]["jid"] = app_server
+        iq["push_enable"]["node"] = node
+        form = iq["push_enable"]["form"]
+        form["type"] = "submit"
+        form.add_field(var="FORM_TYPE", ftype="hidden", value=PUBLISH_OPTIONS)
+        form.add_field(var="secret", value=secret)
+        await self._ask_server(iq, "enable", timeout)
+
+    async def disable_push(self, app_server: str, node: str, timeout: float = 10.0):
+        iq = self.Iq()
+        iq["type"] = "set"
+        iq["push_disable"]["jid"] = app_server
+        iq["push_disable"]["node"] = node
+        await self._ask_server(iq, "disable", timeout)
+
+    async def _ask_server(self, iq, what, timeout):
+        try:
+            await iq.send(timeout=timeout)
+        except IqError as e:
+            raise StepFailed(f"the server refused <{what}/>: {e.iq['error']['type']}/"
+                             f"{e.iq['error']['condition']} {e.iq['error']['text']}")
+        except IqTimeout:
+            raise StepFailed(f"the server did not answer <{what}/> within {timeout:g} s")
