@@ -462,9 +462,8 @@ mod tests {
 
     /// A P-256 key in PKCS#8 PEM, as Apple's .p8 files are (generated for these tests only).
     fn signer() -> JwtSigner {
-        let dir = std::env::temp_dir().join(format!("knock-jwt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("AuthKey.p8");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("AuthKey.p8");
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         std::fs::write(&path, key.serialize_pem()).expect("write key");
         JwtSigner::load(&path, "KEYID12345", "TEAM123456").expect("load key")
