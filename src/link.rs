@@ -9,7 +9,9 @@
 //! any user on the network can send, would force a reconnect) and on its read timeout. Here a stanza that
 //! does not parse gets a `bad-request` and the link stays up; a quiet link is pinged (XEP-0199) after one
 //! `ping_interval` of silence and declared dead when the ping goes unanswered. A lost link is retried with
-//! backoff from 100 ms to 5 s: ejabberd disables users' push while it cannot reach the component.
+//! backoff from 100 ms: at most 1 s apart for the first minute of an outage, so knock is back within a second
+//! of a restarted server, then up to 5 s apart. ejabberd disables users' push while it cannot reach the
+//! component, so every second of downtime costs users.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -71,6 +73,11 @@ pub enum ConnectError {
 type Link = XmppStream<BufStream<TcpStream>>;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause between attempts while the outage is young (a server restart).
+const SHORT_OUTAGE_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an outage counts as young.
+const SHORT_OUTAGE: Duration = Duration::from_secs(60);
+/// Longest pause between attempts in a long outage.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A link that stayed up this long was healthy: the next reconnect starts from the shortest delay again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
@@ -87,6 +94,10 @@ enum Ended {
 /// Keep the component connected and serving until shutdown. Returns only on shutdown.
 pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) {
     let mut backoff = FIRST_BACKOFF;
+    let mut down_since = Instant::now();
+    // Failed attempts in this outage; only the 1st, 2nd, 4th, 8th... are logged loudly, so a long outage
+    // does not flood the log with one line a second.
+    let mut failures: u64 = 0;
     loop {
         let attempt = tokio::select! {
             _ = shutdown.recv() => return,
@@ -94,7 +105,8 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
         };
         match attempt {
             Ok(Ok(link)) => {
-                tracing::info!(server = %settings.server, "component link up");
+                tracing::info!(server = %settings.server, failed_attempts = failures, "component link up");
+                failures = 0;
                 let since = Instant::now();
                 match serve(&app, link, &settings, &mut shutdown).await {
                     Ended::Shutdown => {
@@ -105,26 +117,49 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
                         tracing::warn!(%reason, "component link lost; reconnecting");
                         if since.elapsed() >= STABLE_AFTER {
                             backoff = FIRST_BACKOFF;
+                            down_since = Instant::now();
                         }
                     }
                 }
             }
-            Ok(Err(e @ ConnectError::Refused(_))) => {
-                tracing::error!(server = %settings.server, "{e}")
-            }
             Ok(Err(e)) => {
-                tracing::warn!(server = %settings.server, error = %e, "cannot connect to the XMPP server")
+                failures += 1;
+                let loud = failures.is_power_of_two();
+                match e {
+                    ConnectError::Refused(_) if loud => {
+                        tracing::error!(server = %settings.server, failures, "{e}")
+                    }
+                    _ if loud => tracing::warn!(
+                        server = %settings.server, failures, error = %e, "cannot connect to the XMPP server"
+                    ),
+                    _ => {
+                        tracing::debug!(server = %settings.server, failures, error = %e, "still cannot connect")
+                    }
+                }
             }
             Err(_) => {
-                tracing::warn!(server = %settings.server, "connecting to the XMPP server timed out")
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(server = %settings.server, failures, "connecting to the XMPP server timed out")
+                }
             }
         }
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = next_backoff(backoff, down_since.elapsed());
     }
+}
+
+/// The pause before the next attempt: doubling, capped at 1 s while the outage is young and at 5 s after.
+fn next_backoff(current: Duration, outage: Duration) -> Duration {
+    let cap = if outage < SHORT_OUTAGE {
+        SHORT_OUTAGE_BACKOFF
+    } else {
+        MAX_BACKOFF
+    };
+    (current * 2).min(cap)
 }
 
 /// Open the TCP connection, exchange stream headers, and complete the XEP-0114 handshake.
@@ -337,6 +372,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_stay_a_second_apart_early_in_an_outage() {
+        let mut pause = FIRST_BACKOFF;
+        let mut schedule = Vec::new();
+        for _ in 0..6 {
+            pause = next_backoff(pause, Duration::from_secs(5));
+            schedule.push(pause.as_millis());
+        }
+        assert_eq!(schedule, [200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(
+            next_backoff(Duration::from_secs(1), Duration::from_secs(61)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            next_backoff(Duration::from_secs(4), Duration::from_secs(600)),
+            MAX_BACKOFF
+        );
+    }
 
     #[test]
     fn pings_go_to_the_parent_domain() {
