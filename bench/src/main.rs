@@ -1,0 +1,3 @@
+//! `knock-bench`: measures knock against the XEP-0114 pipe's own limit (work in progress).
+
+fn main() {}
