@@ -4,7 +4,11 @@
 //!
 //! - [`link`]: the XEP-0114 component connection to the XMPP server. Connects, authenticates, keeps the link
 //!   alive with pings, reconnects with backoff, bounds the stanzas in flight, and drains them on shutdown.
-//!   Knows sockets, not XEPs.
+//!   Knows sockets, not XEPs. [`link::connection`] speaks the stream; [`link::frame`] cuts it into
+//!   stanzas without parsing them.
+//! - [`stanza`]: how much each stanza needs parsing. A server's publish is read straight from its bytes
+//!   ([`stanza::FastPublish`], with the lexing in [`xml`]); everything else goes through minidom and
+//!   xmpp-parsers.
 //! - [`router`]: turns each IQ into one [`router::Request`], hands it to its handler, and turns the answer
 //!   into exactly one reply.
 //! - [`handlers`]: one module per protocol — [`handlers::disco`], [`handlers::commands`] (XEP-0050
@@ -28,6 +32,8 @@ pub mod rate_limit;
 pub mod router;
 pub mod secrets;
 pub mod shutdown;
+pub mod stanza;
 pub mod stats;
 pub mod store;
 pub mod xep0050;
+pub mod xml;

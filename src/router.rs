@@ -1,8 +1,11 @@
 //! The stanza router: one IQ in, at most one reply out, and never an IQ left unanswered.
 //!
-//! [`Request::parse`] turns an IQ payload into the one enum of everything knock understands; [`handle`]
-//! hands each variant to its handler and turns the typed answer or [`HandlerError`] into the reply IQ.
-//! Adding a protocol means one variant, one parse arm, one dispatch arm.
+//! [`handle_frame`] takes an IQ request as the link read it. A publish in the shape servers send is read
+//! straight from the bytes ([`FastPublish`]) and goes to the publish handler; everything else is parsed in
+//! full and goes through [`handle`]: [`Request::parse`] turns the payload into the one enum of everything
+//! knock understands, [`dispatch`] hands each variant to its handler, and the typed answer or
+//! [`HandlerError`] becomes the reply IQ. Adding a protocol means one variant, one parse arm, one dispatch
+//! arm.
 
 use minidom::Element;
 use xmpp_parsers::disco::{DiscoInfoQuery, DiscoItemsQuery};
@@ -14,7 +17,10 @@ use xmpp_parsers::pubsub::PubSub;
 use xmpp_parsers::push::{Disable, Enable};
 
 use crate::app::App;
+use crate::handlers::publish::PublishRequest;
 use crate::handlers::{commands, disco, enable, publish, HandlerError};
+use crate::link::frame::Frame;
+use crate::stanza::{self, FastPublish};
 use crate::stats::Stats;
 use crate::xep0050::{self, Command};
 
@@ -34,10 +40,7 @@ pub enum Request {
     /// XEP-0357 `<disable/>` sent to knock.
     Disable(Disable),
     /// XEP-0357 publish from a user's server.
-    Publish(
-        xmpp_parsers::pubsub::pubsub::Publish,
-        Option<xmpp_parsers::pubsub::pubsub::PublishOptions>,
-    ),
+    Publish(PublishRequest<'static>),
 }
 
 fn parse<T: TryFrom<Element>>(payload: Element, what: &str) -> Result<T, HandlerError> {
@@ -65,7 +68,7 @@ impl Request {
                 PubSub::Publish {
                     publish,
                     publish_options,
-                } => Ok(Request::Publish(publish, publish_options)),
+                } => PublishRequest::from_pubsub(publish, publish_options).map(Request::Publish),
                 _ => Err(HandlerError::service_unavailable(
                     "only XEP-0357 publishes are supported",
                 )),
@@ -96,15 +99,46 @@ pub async fn dispatch(
             enable::disable(app, from, d).await?;
             None
         }
-        Request::Publish(p, options) => {
-            publish::publish(app, from, p, options).await?;
+        Request::Publish(request) => {
+            publish::publish(app, from, request).await?;
             None
         }
     })
 }
 
-/// Answer one IQ. Returns `None` for results and errors (which are answers themselves) and for IQs without
-/// a sender, which cannot be answered; every other IQ gets exactly one reply.
+/// Answer one IQ request straight off the wire. Returns `None` only for what cannot be answered (no
+/// sender or id); every other request gets exactly one reply, a malformed one a `bad-request`.
+pub async fn handle_frame(app: &App, frame: Frame) -> Option<Iq> {
+    if let Some(fast) = FastPublish::read(&frame) {
+        // Addresses that do not parse as JIDs take the full path, which refuses them properly.
+        if let (Ok(from), Ok(to)) = (
+            fast.from.parse::<Jid>(),
+            fast.to.as_deref().map(str::parse::<Jid>).transpose(),
+        ) {
+            let request = PublishRequest {
+                node: fast.node,
+                secret: fast.secret,
+            };
+            let answer = publish::publish(app, &from, request).await.map(|_| None);
+            return Some(reply(app, from, to, fast.id.into_owned(), answer));
+        }
+    }
+    match stanza::parse_iq(&frame) {
+        Ok(iq) => handle(app, iq).await,
+        Err(error) => {
+            tracing::debug!(%error, "malformed IQ");
+            Stats::bump(&app.stats.bad_request);
+            let envelope = stanza::envelope(&frame);
+            let from = envelope.from?.parse().ok()?;
+            let to = envelope.to.and_then(|to| to.parse().ok());
+            let error = HandlerError::bad_request("malformed stanza");
+            Some(reply(app, from, to, envelope.id?, Err(error)))
+        }
+    }
+}
+
+/// Answer one parsed IQ. Returns `None` for results and errors (which are answers themselves) and for IQs
+/// without a sender, which cannot be answered; every other IQ gets exactly one reply.
 pub async fn handle(app: &App, iq: Iq) -> Option<Iq> {
     let (from, to, id, is_get, payload) = match iq {
         Iq::Get {
@@ -132,8 +166,19 @@ pub async fn handle(app: &App, iq: Iq) -> Option<Iq> {
             Err(e)
         }
     };
+    Some(reply(app, from, to, id, answer))
+}
+
+/// The reply to the IQ `id` from `from` to `to` (knock's own JID when absent).
+fn reply(
+    app: &App,
+    from: Jid,
+    to: Option<Jid>,
+    id: String,
+    answer: Result<Option<Element>, HandlerError>,
+) -> Iq {
     let me = to.unwrap_or_else(|| app.jid.clone().into());
-    Some(match answer {
+    match answer {
         Ok(payload) => Iq::Result {
             from: Some(me),
             to: Some(from),
@@ -147,5 +192,5 @@ pub async fn handle(app: &App, iq: Iq) -> Option<Iq> {
             id,
             payload: None,
         },
-    })
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use knock::app::{App, PushApp};
+use knock::link::frame::Frame;
 use knock::push::{Backend, PushOutcome, Wakeup};
 use knock::router;
 use knock::store::SledStore;
@@ -93,8 +94,16 @@ fn iq(xml: &str) -> Iq {
     Iq::try_from(elem).expect("test IQ parses")
 }
 
+/// The stanza as the link hands it over: raw bytes (publishes take the fast path).
+fn frame(xml: &str) -> Frame {
+    Frame {
+        bytes: xml.as_bytes().to_vec().into(),
+        depth: 1,
+    }
+}
+
 async fn ask(f: &Fixture, xml: &str) -> Element {
-    let reply = router::handle(&f.app, iq(xml))
+    let reply = router::handle_frame(&f.app, frame(xml))
         .await
         .expect("every IQ gets a reply");
     Element::from(reply)
@@ -589,4 +598,90 @@ async fn every_command_reply_carries_a_session_id() {
         .get_child("command", "http://jabber.org/protocol/commands")
         .unwrap();
     assert!(command.attr("sessionid").is_some_and(|s| !s.is_empty()));
+}
+
+// --- the fast publish path answers exactly as the full parser would ---
+
+/// Both paths on one stanza: the same reply (or the same silence) and the same number of pushes. Where the
+/// full parser cannot even read the stanza as an IQ, the fast path must not have pushed and must answer with an
+/// error or not at all.
+async fn same_on_both_paths(f: &Fixture, xml: &str) {
+    let pushes = f.backend.woken().len();
+    let fast = router::handle_frame(&f.app, frame(xml))
+        .await
+        .map(Element::from);
+    let fast_pushes = f.backend.woken().len() - pushes;
+    // As the link would parse it: the stream's default namespace applies.
+    let parsed = knock::stanza::parse_iq(&frame(xml)).ok();
+    match parsed {
+        Some(iq) => {
+            let full = router::handle(&f.app, iq).await.map(Element::from);
+            let full_pushes = f.backend.woken().len() - pushes - fast_pushes;
+            assert_eq!(fast, full, "replies differ for {xml}");
+            assert_eq!(fast_pushes, full_pushes, "pushes differ for {xml}");
+        }
+        None => {
+            assert_eq!(fast_pushes, 0, "pushed an unreadable stanza: {xml}");
+            if let Some(reply) = fast {
+                assert!(
+                    error_of(&reply).is_some(),
+                    "accepted an unreadable stanza: {xml}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn fast_and_full_publish_paths_agree() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    let mut cases = Vec::new();
+    for publish in [prosody_publish, ejabberd_publish] {
+        cases.push(publish("p1", "localhost", &node, &secret));
+        cases.push(publish("p1", "localhost", &node, "guess"));
+        cases.push(publish("p1", "localhost", "nosuchnode", &secret));
+        cases.push(publish("p1", "other.example", &node, &secret));
+        cases.push(publish("p1", "bob@localhost/r", &node, &secret));
+        cases.push(publish("a&amp;b", "localhost", &node, &secret));
+        let base = publish("p1", "localhost", &node, &secret);
+        let edits: [(&str, &str); 12] = [
+            ("type='set'", "type='get'"),
+            ("<item>", "<item><a/>"),
+            ("</notification>", "</notification><extra xmlns='urn:x'/>"),
+            (
+                "<publish-options>",
+                "<publish-options><x xmlns='jabber:x:data' type='submit'/>",
+            ),
+            ("</pubsub>", "</pubsub><x xmlns='urn:x'/>"),
+            ("<field var='secret'>", "<field var='secret' label='x'>"),
+            ("<field var='secret'>", "<field var='secret' type='hidden'>"),
+            (
+                "<field var='secret'>",
+                "<field var='secret' type='list-multi'>",
+            ),
+            ("type='submit' xmlns", "type='form' xmlns"),
+            ("New", "N&#x65;w"),
+            ("<iq ", "<iq xml:lang='en' "),
+            (
+                &format!("node='{node}'"),
+                &format!("node='{node}' xmlns:p='urn:x'"),
+            ),
+        ];
+        for (from, to) in edits {
+            cases.push(base.replacen(from, to, 1));
+        }
+        // Every single-byte deletion: most break the XML, many change a name or a value.
+        for at in 0..base.len() {
+            if base.is_char_boundary(at) && base.is_char_boundary(at + 1) {
+                let mut cut = base.clone();
+                cut.remove(at);
+                cases.push(cut);
+            }
+        }
+    }
+    for xml in &cases {
+        same_on_both_paths(&f, xml).await;
+    }
+    assert!(f.app.store.get(&node).unwrap().is_some());
 }

@@ -5,6 +5,8 @@
 //! `cancel`, while anything that may heal (APNs down, throttled, our own misconfiguration) is a `wait`.
 //! The notification's content (sender, body, counts) is never read, logged or forwarded.
 
+use std::borrow::Cow;
+
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::pubsub::pubsub::{Publish, PublishOptions};
 
@@ -23,14 +25,45 @@ pub enum Published {
     Coalesced,
 }
 
+/// What a publish asks for, however it was read (straight from the bytes, or through xmpp-parsers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRequest<'a> {
+    /// The pubsub node to wake.
+    pub node: Cow<'a, str>,
+    /// The `secret` field of the publish-options, if any.
+    pub secret: Option<Cow<'a, str>>,
+}
+
+impl PublishRequest<'static> {
+    /// Check the shape of a parsed publish: one item, as XEP-0357 §7 has it, and publish-options within the
+    /// form limits.
+    pub fn from_pubsub(
+        publish: Publish,
+        options: Option<PublishOptions>,
+    ) -> Result<PublishRequest<'static>, HandlerError> {
+        if publish.items.is_empty() {
+            return Err(HandlerError::bad_request("publish has no item"));
+        }
+        let secret = options
+            .as_ref()
+            .and_then(|o| o.form.as_ref())
+            .map(form_values)
+            .transpose()?
+            .and_then(|values| values.get("secret").map(|s| Cow::Owned(s.to_string())));
+        Ok(PublishRequest {
+            node: Cow::Owned(publish.node.0),
+            secret,
+        })
+    }
+}
+
 /// Handle a publish from `from`; `Ok` is answered with an empty result.
 pub async fn publish(
     app: &App,
     from: &Jid,
-    publish: Publish,
-    options: Option<PublishOptions>,
+    request: PublishRequest<'_>,
 ) -> Result<Published, HandlerError> {
-    let result = check_and_push(app, from, publish, options).await;
+    let result = check_and_push(app, from, request).await;
     let counter = match &result {
         Ok(Published::Pushed) => &app.stats.pushed,
         Ok(Published::Coalesced) => &app.stats.coalesced,
@@ -48,18 +81,14 @@ pub async fn publish(
 async fn check_and_push(
     app: &App,
     from: &Jid,
-    publish: Publish,
-    options: Option<PublishOptions>,
+    request: PublishRequest<'_>,
 ) -> Result<Published, HandlerError> {
-    // 1. Shape: one publish with an item, as XEP-0357 §7 has it.
-    if publish.items.is_empty() {
-        return Err(HandlerError::bad_request("publish has no item"));
-    }
-    let node = publish.node.0;
+    // 1. The shape was checked when the request was read.
+    let node = &*request.node;
 
     // 2. The node must exist. This comes before the secret check so that a server publishing to a
     //    deleted node always learns to drop it.
-    let Some(registration) = app.store.get(&node)? else {
+    let Some(registration) = app.store.get(node)? else {
         return Err(HandlerError::item_not_found("no such node"));
     };
 
@@ -67,25 +96,19 @@ async fn check_and_push(
     let from_server = from.node().is_none()
         && from.resource().is_none()
         && from.domain().as_str() == registration.domain;
-    let secret = options
-        .as_ref()
-        .and_then(|o| o.form.as_ref())
-        .map(form_values)
-        .transpose()?
-        .and_then(|values| values.get("secret").copied());
-    match secret {
+    match request.secret.as_deref() {
         Some(secret) if from_server && secret_matches(&registration.secret_hash, secret) => {}
         _ => return Err(HandlerError::forbidden("wrong secret or publisher")),
     }
 
     // 4. Coalesce bursts.
-    if !app.limiter.try_acquire(&node) {
+    if !app.limiter.try_acquire(node) {
         return Ok(Published::Coalesced);
     }
 
     // 5. Push.
     let Some(push_app) = app.app(Some(&registration.app)) else {
-        app.limiter.release(&node);
+        app.limiter.release(node);
         tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
         return Err(HandlerError::internal(
             "this node's app is not configured on the push service",
@@ -93,7 +116,7 @@ async fn check_and_push(
     };
     let wakeup = Wakeup {
         token: &registration.token,
-        node: &node,
+        node,
     };
     let outcome =
         match tokio::time::timeout(app.publish_deadline, push_app.backend.wake(wakeup)).await {
@@ -106,8 +129,8 @@ async fn check_and_push(
         PushOutcome::Delivered => Ok(Published::Pushed),
         PushOutcome::DeadToken { reason } => {
             // Only this token is dead: a re-registration that raced us keeps its fresh token.
-            app.limiter.release(&node);
-            if !app.store.remove_if_token(&node, &registration.token)? {
+            app.limiter.release(node);
+            if !app.store.remove_if_token(node, &registration.token)? {
                 // Re-registered with a fresh token meanwhile: the node lives, the next publish uses the new token.
                 return Err(HandlerError::internal(
                     "the device token changed; try again",
@@ -121,21 +144,21 @@ async fn check_and_push(
             ))
         }
         PushOutcome::Throttled => {
-            app.limiter.release(&node);
+            app.limiter.release(node);
             tracing::warn!(app = %push_app.name, "push service is throttling knock");
             Err(HandlerError::resource_constraint(
                 "the push service is throttling; try later",
             ))
         }
         PushOutcome::Unavailable { reason } => {
-            app.limiter.release(&node);
+            app.limiter.release(node);
             tracing::warn!(app = %push_app.name, %reason, "push failed; server told to wait");
             Err(HandlerError::internal(
                 "the push service is unavailable; try later",
             ))
         }
         PushOutcome::Misconfigured { reason } => {
-            app.limiter.release(&node);
+            app.limiter.release(node);
             tracing::error!(app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
             Err(HandlerError::internal(
                 "the push service is misconfigured; try later",

@@ -1,0 +1,375 @@
+//! The XEP-0114 component link: connect, handshake, keepalive, reconnect, backpressure, shutdown.
+//!
+//! Knows sockets and stanzas, not XEPs: every IQ request goes to [`router::handle_frame`], whose reply is
+//! written back. [`connection`] speaks the stream (headers, handshake, frames in, stanzas out) and
+//! [`frame`] cuts it into stanzas. Stanzas are handled concurrently (a slow APNs answer never stalls the
+//! stream) but at most `max_in_flight` at once; beyond that knock stops reading and TCP pushes back on the
+//! server. Every stanza already read is taken before the socket is read again, and every reply already
+//! finished leaves in the same write, so a burst of publishes costs a few system calls, not a few per
+//! stanza.
+//!
+//! A stanza that does not parse gets a `bad-request` and the link stays up (any user on the network can
+//! send knock a broken IQ through its server); only XML that no stream may carry ends the link. A quiet link
+//! is pinged (XEP-0199) after one `ping_interval` of silence and declared dead after three. A lost link is
+//! retried with backoff from 100 ms: at most 1 s apart for the first minute of an outage, so knock is back
+//! within a second of a restarted server, then up to 5 s apart. ejabberd disables users' push while it
+//! cannot reach the component, so every second of downtime costs users.
+
+pub mod connection;
+pub mod frame;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::jid::{BareJid, Jid};
+use xmpp_parsers::ping::Ping;
+
+use self::connection::{stream_error, Connection};
+use self::frame::{Event, Frame};
+use crate::app::App;
+use crate::router;
+use crate::shutdown::Shutdown;
+use crate::stanza::{self, Kind};
+
+pub use self::connection::ConnectError;
+
+/// How to reach the server.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// The component JID.
+    pub jid: BareJid,
+    /// `host:port` of the component listener.
+    pub server: String,
+    /// The shared secret.
+    pub secret: String,
+    /// Silence after which the server is pinged; twice as long again without an answer and the link is dead.
+    pub ping_interval: Duration,
+    /// Most stanzas in flight at once.
+    pub max_in_flight: usize,
+    /// Longest a publish may take; bounds the drain at shutdown.
+    pub publish_deadline: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause between attempts while the outage is young (a server restart).
+const SHORT_OUTAGE_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an outage counts as young.
+const SHORT_OUTAGE: Duration = Duration::from_secs(60);
+/// Longest pause between attempts in a long outage.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A link that stayed up this long was healthy: the next reconnect starts from the shortest delay again.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a served link ended.
+enum Ended {
+    /// Shutdown was requested and in-flight work was answered.
+    Shutdown,
+    /// The link broke; reconnect.
+    Lost(String),
+}
+
+/// Keep the component connected and serving until shutdown. Returns only on shutdown.
+pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut down_since = Instant::now();
+    // Failed attempts in this outage; only the 1st, 2nd, 4th, 8th... are logged loudly, so a long outage
+    // does not flood the log with one line a second.
+    let mut failures: u64 = 0;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.recv() => return,
+            attempt = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Connection::connect(&settings.server, &settings.jid, &settings.secret),
+            ) => attempt,
+        };
+        match attempt {
+            Ok(Ok(link)) => {
+                tracing::info!(server = %settings.server, failed_attempts = failures, "component link up");
+                failures = 0;
+                let since = Instant::now();
+                match serve(&app, link, &settings, &mut shutdown).await {
+                    Ended::Shutdown => {
+                        tracing::info!("component link closed for shutdown");
+                        return;
+                    }
+                    Ended::Lost(reason) => {
+                        tracing::warn!(%reason, "component link lost; reconnecting");
+                        if since.elapsed() >= STABLE_AFTER {
+                            backoff = FIRST_BACKOFF;
+                            down_since = Instant::now();
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                failures += 1;
+                let loud = failures.is_power_of_two();
+                match e {
+                    ConnectError::Refused(_) if loud => {
+                        tracing::error!(server = %settings.server, failures, "{e}")
+                    }
+                    _ if loud => tracing::warn!(
+                        server = %settings.server, failures, error = %e, "cannot connect to the XMPP server"
+                    ),
+                    _ => {
+                        tracing::debug!(server = %settings.server, failures, error = %e, "still cannot connect")
+                    }
+                }
+            }
+            Err(_) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(server = %settings.server, failures, "connecting to the XMPP server timed out")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = next_backoff(backoff, down_since.elapsed());
+    }
+}
+
+/// The pause before the next attempt: doubling, capped at 1 s while the outage is young and at 5 s after.
+fn next_backoff(current: Duration, outage: Duration) -> Duration {
+    let cap = if outage < SHORT_OUTAGE {
+        SHORT_OUTAGE_BACKOFF
+    } else {
+        MAX_BACKOFF
+    };
+    (current * 2).min(cap)
+}
+
+/// The server to ping: the component's parent domain (push.example.org -> example.org), which is the host
+/// that accepted the component on every common setup. Any answer, even an error, proves the link is alive.
+fn ping_target(jid: &BareJid) -> Jid {
+    let domain = jid.domain().as_str();
+    domain
+        .split_once('.')
+        .and_then(|(_, parent)| parent.parse::<BareJid>().ok())
+        .unwrap_or_else(|| jid.clone())
+        .into()
+}
+
+/// Keepalive: after one interval of silence knock pings; after three the link is declared dead.
+struct Keepalive {
+    interval: Duration,
+    last_heard: Instant,
+    pinged: bool,
+    seq: u64,
+}
+
+impl Keepalive {
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.pinged = false;
+    }
+
+    /// When to look again.
+    fn deadline(&self) -> tokio::time::Instant {
+        let silence = if self.pinged {
+            self.interval * 3
+        } else {
+            self.interval
+        };
+        (self.last_heard + silence).into()
+    }
+}
+
+async fn serve(
+    app: &App,
+    mut conn: Connection,
+    settings: &LinkSettings,
+    shutdown: &mut Shutdown,
+) -> Ended {
+    let mut in_flight = FuturesUnordered::new();
+    let me: Jid = settings.jid.clone().into();
+    let target = ping_target(&settings.jid);
+    let mut keepalive = Keepalive {
+        interval: settings.ping_interval,
+        last_heard: Instant::now(),
+        pinged: false,
+        seq: 0,
+    };
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.recv() => {
+                return drain(&mut conn, in_flight, settings.publish_deadline).await;
+            }
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(e) = write_replies(&mut conn, reply, &mut in_flight).await {
+                    return Ended::Lost(format!("write failed: {e}"));
+                }
+            }
+            event = conn.read(), if in_flight.len() < settings.max_in_flight => {
+                keepalive.heard();
+                let mut event = event;
+                // Take every stanza already read before going back to the socket, so a burst becomes one
+                // batch of work and, below, one write of replies.
+                loop {
+                    match event {
+                        Ok(Some(Event::Stanza(frame))) => match route(app, frame) {
+                            Ok(Some(work)) => in_flight.push(work),
+                            Ok(None) => {}
+                            Err(reason) => return Ended::Lost(reason),
+                        },
+                        Ok(Some(Event::Header(_))) => {
+                            return Ended::Lost("the server sent a second stream header".into());
+                        }
+                        Ok(Some(Event::End)) => return Ended::Lost("the server closed the stream".into()),
+                        Ok(None) => return Ended::Lost("connection closed".into()),
+                        Err(e) => return Ended::Lost(e.to_string()),
+                    }
+                    if in_flight.len() >= settings.max_in_flight {
+                        break;
+                    }
+                    match conn.buffered() {
+                        Ok(None) => break,
+                        other => event = other,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(keepalive.deadline()) => {
+                if keepalive.pinged {
+                    return Ended::Lost("the server did not answer a ping".into());
+                }
+                keepalive.pinged = true;
+                keepalive.seq += 1;
+                let ping = Iq::from_get(format!("knock-ping-{}", keepalive.seq), Ping)
+                    .with_from(me.clone())
+                    .with_to(target.clone());
+                if let Err(e) = send(&mut conn, &ping).await {
+                    return Ended::Lost(format!("write failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// What becomes of one stanza: work for the router, nothing (answers, messages, presences), or the end of
+/// the link (a stream error).
+fn route(
+    app: &App,
+    frame: Frame,
+) -> Result<Option<impl std::future::Future<Output = Option<Iq>> + '_>, String> {
+    match stanza::kind(&frame) {
+        Kind::Request => Ok(Some(router::handle_frame(app, frame))),
+        // Pongs and other answers need no reply; any traffic already proved the link alive.
+        Kind::Answer => Ok(None),
+        Kind::Ignored => {
+            tracing::trace!("ignoring a message or presence");
+            Ok(None)
+        }
+        Kind::StreamError => Err(match stream_error(&frame) {
+            Some(e) => format!("the server sent a stream error: {e}"),
+            None => "the server sent an unreadable stream error".into(),
+        }),
+        Kind::Unknown => {
+            tracing::debug!("ignoring an element that is neither an IQ, a message nor a presence");
+            Ok(None)
+        }
+    }
+}
+
+async fn send(conn: &mut Connection, iq: &Iq) -> Result<(), std::io::Error> {
+    conn.queue(iq)?;
+    conn.flush().await
+}
+
+/// Write one reply, plus every other reply already finished, then flush once.
+async fn write_replies<F>(
+    conn: &mut Connection,
+    first: Option<Iq>,
+    in_flight: &mut FuturesUnordered<F>,
+) -> Result<(), std::io::Error>
+where
+    F: std::future::Future<Output = Option<Iq>>,
+{
+    let mut reply = first;
+    loop {
+        if let Some(iq) = reply.take() {
+            conn.queue(&iq)?;
+        }
+        match in_flight.next().now_or_never() {
+            Some(Some(next)) => reply = next,
+            _ => break,
+        }
+    }
+    conn.flush().await
+}
+
+/// Shutdown: read nothing more, answer what is in flight (bounded by the publish deadline), close the stream.
+async fn drain<F>(
+    conn: &mut Connection,
+    mut in_flight: FuturesUnordered<F>,
+    deadline: Duration,
+) -> Ended
+where
+    F: std::future::Future<Output = Option<Iq>>,
+{
+    let pending = in_flight.len();
+    if pending > 0 {
+        tracing::info!(pending, "answering in-flight stanzas before shutdown");
+    }
+    let answered = tokio::time::timeout(deadline + Duration::from_secs(1), async {
+        while let Some(reply) = in_flight.next().await {
+            if let Some(iq) = reply {
+                send(conn, &iq).await?;
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+    match answered {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not answer every in-flight stanza"),
+        Err(_) => tracing::warn!(
+            left = in_flight.len(),
+            "gave up on in-flight stanzas at the deadline"
+        ),
+    }
+    if let Err(e) = conn.close().await {
+        tracing::debug!(error = %e, "closing the stream");
+    }
+    Ended::Shutdown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_stay_a_second_apart_early_in_an_outage() {
+        let mut pause = FIRST_BACKOFF;
+        let mut schedule = Vec::new();
+        for _ in 0..6 {
+            pause = next_backoff(pause, Duration::from_secs(5));
+            schedule.push(pause.as_millis());
+        }
+        assert_eq!(schedule, [200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(
+            next_backoff(Duration::from_secs(1), Duration::from_secs(61)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            next_backoff(Duration::from_secs(4), Duration::from_secs(600)),
+            MAX_BACKOFF
+        );
+    }
+
+    #[test]
+    fn pings_go_to_the_parent_domain() {
+        let p = |s: &str| ping_target(&s.parse().expect("jid")).to_string();
+        assert_eq!(p("push.example.org"), "example.org");
+        assert_eq!(p("push.localhost"), "localhost");
+        assert_eq!(p("localhost"), "localhost");
+    }
+}

@@ -1,0 +1,438 @@
+//! Incoming stanzas, from a frame's bytes to what the router needs, parsed no more than necessary.
+//!
+//! Most traffic is one shape: a server's XEP-0357 publish. [`FastPublish::read`] reads exactly that shape
+//! straight from the bytes (node, secret, and the IQ's addressing), skipping the notification content
+//! unread. Anything else, and any publish that deviates in the least (an unknown attribute, a prefix, an
+//! entity it does not know, a form that breaks a limit), goes to [`parse_iq`]: minidom and xmpp-parsers,
+//! which give the precise verdict. The fast reader may only ever be narrower than the full path, never
+//! more lenient; a test holds the two to the same replies.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use minidom::Element;
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::ns;
+
+use crate::handlers::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
+use crate::link::frame::Frame;
+use crate::xml::{decode, is_blank, valid_chars, Tag, TagKind, Tags};
+
+/// Deepest nesting parsed into a tree; deeper stanzas are refused unread (a tree that deep costs stack to
+/// build and drop, and no XEP knock speaks nests past 6).
+pub const MAX_DEPTH: usize = 32;
+
+/// What a top-level element is, from its first tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An IQ get or set: must be answered.
+    Request,
+    /// An IQ result or error: an answer to one of knock's pings; never answered.
+    Answer,
+    /// `<message/>` or `<presence/>`: nothing for knock to do.
+    Ignored,
+    /// `<stream:error/>`: the server is closing the stream.
+    StreamError,
+    /// Anything else, including an IQ without a valid type.
+    Unknown,
+}
+
+/// The root element's qualified name.
+pub fn root_name(frame: &Frame) -> Option<&[u8]> {
+    root(frame).map(|tag| tag.name)
+}
+
+fn root(frame: &Frame) -> Option<Tag<'_>> {
+    Tags::new(&frame.bytes).next_tag().map(|(_, tag)| tag)
+}
+
+/// Classify a frame by its first tag.
+pub fn kind(frame: &Frame) -> Kind {
+    let Some(tag) = root(frame) else {
+        return Kind::Unknown;
+    };
+    match tag.name {
+        b"iq" => match tag.attr(b"type") {
+            Some(b"get" | b"set") => Kind::Request,
+            Some(b"result" | b"error") => Kind::Answer,
+            _ => Kind::Unknown,
+        },
+        b"message" | b"presence" => Kind::Ignored,
+        b"stream:error" => Kind::StreamError,
+        _ => Kind::Unknown,
+    }
+}
+
+/// The namespaces a stanza inherits from a component stream.
+fn stream_prefixes() -> BTreeMap<Option<String>, String> {
+    BTreeMap::from([
+        (None, ns::COMPONENT.to_owned()),
+        (Some("stream".to_owned()), ns::STREAM.to_owned()),
+    ])
+}
+
+/// Parse a frame into a tree, in the namespaces of a component stream.
+pub fn parse_element(frame: &Frame) -> Result<Element, minidom::Error> {
+    Element::from_reader_with_prefixes(&frame.bytes[..], stream_prefixes())
+}
+
+/// Why a frame is not an IQ knock can read.
+#[derive(Debug, thiserror::Error)]
+pub enum StanzaError {
+    /// Not well-formed or not valid XML.
+    #[error("not well-formed: {0}")]
+    Xml(#[from] minidom::Error),
+    /// Well-formed, but not an IQ as RFC 6120 has it.
+    #[error("not a valid IQ: {0}")]
+    Iq(String),
+    /// Nested deeper than [`MAX_DEPTH`].
+    #[error("nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+/// The full, strict path: frame -> minidom tree -> xmpp-parsers IQ.
+pub fn parse_iq(frame: &Frame) -> Result<Iq, StanzaError> {
+    if frame.depth > MAX_DEPTH {
+        return Err(StanzaError::TooDeep);
+    }
+    let element = parse_element(frame)?;
+    Iq::try_from(element).map_err(|e| StanzaError::Iq(e.to_string()))
+}
+
+/// The addressing of an IQ that could not be parsed, read from its first tag, so it can still be refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// `from`, raw.
+    pub from: Option<String>,
+    /// `to`, raw.
+    pub to: Option<String>,
+    /// `id`, raw.
+    pub id: Option<String>,
+}
+
+/// Read the addressing of a frame's root tag, however broken the rest is.
+pub fn envelope(frame: &Frame) -> Envelope {
+    let attr = |name: &[u8]| {
+        root(frame)
+            .and_then(|tag| tag.attr(name))
+            .and_then(decode)
+            .map(Cow::into_owned)
+    };
+    Envelope {
+        from: attr(b"from"),
+        to: attr(b"to"),
+        id: attr(b"id"),
+    }
+}
+
+/// A server's XEP-0357 publish, read straight from its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastPublish<'a> {
+    /// The IQ's `from`: the publishing server.
+    pub from: Cow<'a, str>,
+    /// The IQ's `to`: knock's JID.
+    pub to: Option<Cow<'a, str>>,
+    /// The IQ's `id`.
+    pub id: Cow<'a, str>,
+    /// The pubsub node.
+    pub node: Cow<'a, str>,
+    /// The `secret` field of the publish-options, if any.
+    pub secret: Option<Cow<'a, str>>,
+}
+
+/// Tag names, text and attribute checks for the one shape the fast reader accepts.
+struct Reader<'a> {
+    tags: Tags<'a>,
+}
+
+impl<'a> Reader<'a> {
+    /// The next tag; text before it must be blank.
+    fn tag(&mut self) -> Option<Tag<'a>> {
+        let (text, tag) = self.tags.next_tag()?;
+        is_blank(text).then_some(tag)
+    }
+
+    /// The next tag, which must be a start (or, with `empty_ok`, empty) tag named `name`.
+    fn open(&mut self, name: &[u8]) -> Option<Tag<'a>> {
+        let tag = self.tag()?;
+        (tag.name == name && tag.kind == TagKind::Start).then_some(tag)
+    }
+
+    /// The next tag, which must end `name`.
+    fn close(&mut self, name: &[u8]) -> Option<()> {
+        let tag = self.tag()?;
+        (tag.name == name && tag.kind == TagKind::End).then_some(())
+    }
+}
+
+/// Check a tag's attributes: each must be in `allowed` at most once; `each` gets the values.
+fn attrs<'a>(
+    tag: &Tag<'a>,
+    allowed: &[&[u8]],
+    mut each: impl FnMut(usize, &'a [u8]) -> Option<()>,
+) -> Option<()> {
+    let mut seen = 0u32;
+    tag.for_each_attr(|name, value| {
+        let index = allowed.iter().position(|a| *a == name)?;
+        let bit = 1 << index;
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        each(index, value)
+    })
+}
+
+/// An `xmlns` attribute value that must be exactly `ns`.
+fn is_ns(value: &[u8], ns: &str) -> Option<()> {
+    (value == ns.as_bytes()).then_some(())
+}
+
+impl<'a> FastPublish<'a> {
+    /// Read `frame` if it is a publish in the exact shape Prosody and ejabberd send; `None` otherwise
+    /// (the caller then takes the full path).
+    pub fn read(frame: &'a Frame) -> Option<FastPublish<'a>> {
+        if frame.depth > MAX_DEPTH || !valid_chars(&frame.bytes) {
+            return None;
+        }
+        let mut r = Reader {
+            tags: Tags::new(&frame.bytes),
+        };
+
+        // <iq type='set' id=.. from=.. to=..>
+        let iq = r.open(b"iq")?;
+        let (mut from, mut to, mut id, mut is_set) = (None, None, None, false);
+        attrs(&iq, &[b"from", b"to", b"id", b"type", b"xmlns"], |i, v| {
+            match i {
+                0 => from = Some(decode(v)?),
+                1 => to = Some(decode(v)?),
+                2 => id = Some(decode(v)?),
+                3 => is_set = v == b"set",
+                _ => is_ns(v, ns::COMPONENT)?,
+            }
+            Some(())
+        })?;
+        if !is_set {
+            return None;
+        }
+
+        // <pubsub xmlns=pubsub><publish node=..><item>...</item></publish>
+        let pubsub = r.open(b"pubsub")?;
+        attrs(&pubsub, &[b"xmlns"], |_, v| is_ns(v, ns::PUBSUB))?;
+        pubsub.attr(b"xmlns")?;
+        let publish = r.open(b"publish")?;
+        let mut node = None;
+        attrs(&publish, &[b"node"], |_, v| {
+            node = Some(decode(v)?);
+            Some(())
+        })?;
+        let item = r.open(b"item")?;
+        attrs(&item, &[b"id"], |_, v| decode(v).map(drop))?;
+        skip_item(&mut r)?;
+        r.close(b"publish")?;
+
+        // <publish-options><x xmlns=data type=submit><field var=..><value>..</value></field>...
+        let mut secret = None;
+        let next = r.tag()?;
+        let end = if next.name == b"publish-options" && next.kind == TagKind::Start {
+            attrs(&next, &[], |_, _| None)?;
+            secret = read_options(&mut r)?;
+            r.close(b"publish-options")?;
+            r.tag()?
+        } else {
+            next
+        };
+        (end.name == b"pubsub" && end.kind == TagKind::End).then_some(())?;
+        r.close(b"iq")?;
+        if !r.tags.at_end() {
+            return None;
+        }
+        Some(FastPublish {
+            from: from?,
+            to,
+            id: id?,
+            node: node?,
+            secret,
+        })
+    }
+}
+
+/// Skip an item's content unread: at most one child element (the notification), as XEP-0060 has it. The
+/// content is still checked for what a full parser would refuse: mismatched tags, repeated attributes,
+/// prefixes (whose declarations this reader does not track).
+fn skip_item(r: &mut Reader<'_>) -> Option<()> {
+    let mut open: Vec<&[u8]> = Vec::with_capacity(8);
+    let mut children = 0;
+    loop {
+        let (text, tag) = r.tags.next_tag()?;
+        if open.is_empty() && !is_blank(text) {
+            return None;
+        }
+        if memchr::memchr(b':', tag.name).is_some() {
+            return None;
+        }
+        if tag.kind != TagKind::End {
+            let mut names: [&[u8]; 8] = [&[]; 8];
+            let mut count = 0;
+            tag.for_each_attr(|name, _| {
+                if count == names.len() || names[..count].contains(&name) || name.contains(&b':') {
+                    return None;
+                }
+                names[count] = name;
+                count += 1;
+                Some(())
+            })?;
+        }
+        match tag.kind {
+            TagKind::Start | TagKind::Empty if open.is_empty() => {
+                children += 1;
+                if children > 1 {
+                    return None;
+                }
+                if tag.kind == TagKind::Start {
+                    open.push(tag.name);
+                }
+            }
+            TagKind::Start => {
+                if open.len() >= MAX_DEPTH {
+                    return None;
+                }
+                open.push(tag.name)
+            }
+            TagKind::Empty => {}
+            TagKind::End => match open.pop() {
+                None => return (tag.name == b"item").then_some(()),
+                Some(name) if name == tag.name => {}
+                Some(_) => return None,
+            },
+        }
+    }
+}
+
+/// The publish-options form; `Some(secret)` where the form is plain, `None` to take the full path.
+fn read_options<'a>(r: &mut Reader<'a>) -> Option<Option<Cow<'a, str>>> {
+    let x = r.open(b"x")?;
+    let mut submit = false;
+    attrs(&x, &[b"xmlns", b"type"], |i, v| {
+        match i {
+            0 => is_ns(v, ns::DATA_FORMS)?,
+            _ => submit = v == b"submit",
+        }
+        Some(())
+    })?;
+    x.attr(b"xmlns")?;
+    if !submit {
+        return None;
+    }
+    let mut secret = None;
+    let mut vars: Vec<Cow<'a, str>> = Vec::new();
+    loop {
+        let field = r.tag()?;
+        if field.name == b"x" && field.kind == TagKind::End {
+            return Some(secret);
+        }
+        if field.name != b"field" || vars.len() >= MAX_FORM_FIELDS {
+            return None;
+        }
+        let mut var = None;
+        attrs(&field, &[b"var", b"type"], |i, v| {
+            match i {
+                0 => var = Some(decode(v)?),
+                _ => matches!(v, b"text-single" | b"hidden" | b"text-private").then_some(())?,
+            }
+            Some(())
+        })?;
+        let var = var?;
+        if vars.contains(&var) {
+            return None;
+        }
+        let value = match field.kind {
+            TagKind::Empty => None,
+            TagKind::Start => {
+                r.open(b"value")?;
+                let (text, end) = r.tags.next_tag()?;
+                (end.name == b"value" && end.kind == TagKind::End).then_some(())?;
+                let value = decode(text)?;
+                (value.len() <= MAX_FIELD_LEN).then_some(())?;
+                r.close(b"field")?;
+                Some(value)
+            }
+            TagKind::End => return None,
+        };
+        if var == "secret" {
+            secret = value;
+        }
+        vars.push(var);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(xml: &str) -> Frame {
+        Frame {
+            bytes: Bytes::copy_from_slice(xml.as_bytes()),
+            depth: 1,
+        }
+    }
+
+    const PROSODY: &str = "<iq from='localhost' to='push.localhost' id='i&amp;1' type='set'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='n1'><item><notification xmlns='urn:xmpp:push:0'><x xmlns='jabber:x:data' type='form'><field type='hidden' var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field type='text-single' var='message-count'><value>1</value></field><field type='text-single' var='pending-subscription-count'/><field type='jid-single' var='last-message-sender'/><field type='text-single' var='last-message-body'><value>New Message!</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>s3cr3t</value></field></x></publish-options></pubsub></iq>";
+
+    #[test]
+    fn reads_prosodys_publish() {
+        let f = frame(PROSODY);
+        let p = FastPublish::read(&f).expect("fast path");
+        assert_eq!(p.from, "localhost");
+        assert_eq!(p.to.as_deref(), Some("push.localhost"));
+        assert_eq!(p.id, "i&1");
+        assert_eq!(p.node, "n1");
+        assert_eq!(p.secret.as_deref(), Some("s3cr3t"));
+        assert_eq!(kind(&f), Kind::Request);
+    }
+
+    #[test]
+    fn anything_unusual_takes_the_full_path() {
+        let odd = [
+            ("type='set'", "type='get'"),
+            ("<iq ", "<iq xml:lang='en' "),
+            ("<iq ", "<iq xmlns='jabber:client' "),
+            ("node='n1'", "node='n1' node='n2'"),
+            ("<item>", "<item><a/>"),
+            ("</notification>", "</notification><extra/>"),
+            (
+                "<value>s3cr3t</value>",
+                "<value>s3cr3t</value><value>2</value>",
+            ),
+            ("<field var='secret'>", "<field var='secret' label='x'>"),
+            ("s3cr3t", "s3&nbsp;cr3t"),
+            (
+                "<pubsub xmlns='http://jabber.org/protocol/pubsub'>",
+                "<p:pubsub xmlns:p='http://jabber.org/protocol/pubsub'>",
+            ),
+            ("type='submit' xmlns", "type='form' xmlns"),
+            ("</pubsub>", "</pubsub><x/>"),
+            ("<notification ", "<notification a='1' a='2' "),
+            ("</notification>", "</notificatio>"),
+            ("New Message!", "New &bogus; Message!"),
+            ("New Message!", "New \u{1} Message!"),
+        ];
+        for (from, to) in odd {
+            let xml = PROSODY.replacen(from, to, 1);
+            assert_ne!(xml, PROSODY);
+            assert!(FastPublish::read(&frame(&xml)).is_none(), "{to}");
+        }
+        let twice = PROSODY.replace("var='FORM_TYPE'><value>http", "var='secret'><value>http");
+        assert!(FastPublish::read(&frame(&twice)).is_none());
+    }
+
+    #[test]
+    fn envelopes_survive_broken_stanzas() {
+        let f =
+            frame("<iq type='set' id='x' from='a@b/c'><query xmlns='urn:x'><a></b></query></iq>");
+        assert!(parse_iq(&f).is_err());
+        assert_eq!(envelope(&f).id.as_deref(), Some("x"));
+        assert_eq!(envelope(&f).from.as_deref(), Some("a@b/c"));
+    }
+}
