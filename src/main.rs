@@ -115,7 +115,6 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let app = Arc::new(App::from_config(&config).context("starting knock")?);
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
-            registrations = app.store.len().unwrap_or(0),
             apps = app.apps.len(),
             "knock starting"
         );

@@ -84,9 +84,10 @@ impl From<StoreError> for HandlerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => HandlerError::conflict("this node belongs to another device"),
+            StoreError::Invalid(why) => HandlerError::bad_request(why),
             other => {
                 tracing::error!(error = %other, "store failure");
-                HandlerError::internal("the registration store failed; nothing was changed")
+                HandlerError::internal("the registration store failed; try again later")
             }
         }
     }

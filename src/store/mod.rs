@@ -3,6 +3,7 @@
 //! Handlers speak only this trait, so another backend can be added without touching them. A registration holds
 //! what a push needs and nothing more: no JID (only keyed hashes of it), no secret (only its hash), no timestamps.
 
+mod record;
 mod sled;
 
 pub use self::sled::SledStore;
@@ -47,6 +48,12 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// A registration the store cannot hold (a field beyond the record's limits).
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+    /// Changes were not confirmed durable in time; they may or may not survive a crash.
+    #[error("the store did not confirm durability within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// The registration database.
@@ -69,7 +76,8 @@ pub trait Store: Send + Sync + 'static {
     /// re-registration never deletes the fresh token. Returns whether something was removed.
     fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError>;
 
-    /// Make every change so far durable (survives kill -9).
+    /// Make every change made before this call durable (survives kill -9). Concurrent calls may share one
+    /// disk flush; each returns only once its own changes are on disk.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Number of registrations (may scan: for stats, not hot paths).
