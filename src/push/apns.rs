@@ -255,11 +255,16 @@ impl ApnsClient {
             None => (builder.with_no_client_auth(), None),
         };
 
+        // Nagle would hold each small HTTP/2 frame back until the previous one is acknowledged: tens of
+        // milliseconds per push when pushes come one at a time.
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
             .enable_http2()
-            .build();
+            .wrap_connector(tcp);
         let http = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
