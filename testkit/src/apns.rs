@@ -6,16 +6,22 @@
 //! and `reason` strings. Per-token [`Behaviour`] lets a test make APNs answer `Unregistered`,
 //! throttle, fail for a while or answer slowly, and every request is recorded as a
 //! [`ReceivedPush`] so tests can assert what knock sent (and did not send).
+//!
+//! For benchmarks, [`MockApns::set_recording`]`(false)` stops keeping the request list (which
+//! otherwise grows without bound) while [`MockApns::request_counts`] still counts every answer,
+//! and verified provider tokens are cached (by exact token string) so the ES256 signature is
+//! checked once per token rather than once per request.
 
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +73,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Reason recorded for a request whose client reset the stream before the mock answered.
 pub const CANCELLED_REASON: &str = "ClientCancelled";
+/// How many provider tokens the verification cache holds (Apple wants one token per key
+/// reused for 20 to 60 minutes, so a client needs only a few).
+const TOKEN_CACHE_CAPACITY: usize = 256;
+/// Statuses below this are counted one by one in [`RequestCounts::by_status`].
+const STATUS_SLOTS: usize = 600;
 
 /// Behaviour for a device token (default [`Behaviour::Ok`]). It applies only to requests that
 /// passed every check (auth, topic, headers, payload): those are answered as Apple would anyway.
@@ -107,6 +118,16 @@ impl Behaviour {
         Behaviour::FailTimes(n, Box::new(b))
     }
 
+    /// Whether [`Behaviour::resolve`] looks at the per-token request count (only `FailTimes`
+    /// does), so the count need be kept only then.
+    fn uses_count(&self) -> bool {
+        match self {
+            Behaviour::FailTimes(..) => true,
+            Behaviour::Delay(_, inner) => inner.uses_count(),
+            _ => false,
+        }
+    }
+
     /// Resolves to the total delay and the answer, given how many requests for this token were
     /// already answered under this behaviour.
     fn resolve(&self, seen: u32) -> (Duration, Answer) {
@@ -127,7 +148,7 @@ impl Behaviour {
                     reason: if *status == 200 {
                         None
                     } else {
-                        Some(reason.clone())
+                        Some(Cow::Owned(reason.clone()))
                     },
                 },
             ),
@@ -319,7 +340,7 @@ impl ReceivedPush {
 #[derive(Clone, Debug)]
 struct Answer {
     status: u16,
-    reason: Option<String>,
+    reason: Option<Cow<'static, str>>,
 }
 
 impl Answer {
@@ -330,12 +351,88 @@ impl Answer {
         }
     }
 
-    fn err(status: u16, reason: &str) -> Answer {
+    fn err(status: u16, reason: &'static str) -> Answer {
         Answer {
             status,
-            reason: Some(reason.to_string()),
+            reason: Some(Cow::Borrowed(reason)),
         }
     }
+}
+
+/// How many requests the mock answered, counted whether or not they are recorded (see
+/// [`MockApns::set_recording`]). The counts only grow: [`MockApns::clear_requests`] leaves them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    /// Every request answered, whatever the status (rejections included, cancelled ones not).
+    pub answered: u64,
+    /// Requests answered 200.
+    pub ok: u64,
+    /// Requests whose client reset the stream before the mock answered (recorded with status 0
+    /// and [`CANCELLED_REASON`]); not in `answered`.
+    pub cancelled: u64,
+    /// Answers per status (only statuses that occurred).
+    pub by_status: BTreeMap<u16, u64>,
+}
+
+/// Lock-free answer counters, bumped on every request.
+struct Counters {
+    answered: AtomicU64,
+    cancelled: AtomicU64,
+    /// Indexed by status; statuses past the end are counted only in `answered`.
+    by_status: Box<[AtomicU64]>,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        Counters {
+            answered: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn answered(&self, status: u16) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.by_status.get(usize::from(status)) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> RequestCounts {
+        let by_status: BTreeMap<u16, u64> = self
+            .by_status
+            .iter()
+            .enumerate()
+            .filter_map(|(status, n)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then_some((status as u16, n))
+            })
+            .collect();
+        RequestCounts {
+            answered: self.answered.load(Ordering::Relaxed),
+            ok: by_status.get(&200).copied().unwrap_or(0),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+            by_status,
+        }
+    }
+}
+
+/// What the signature check found for one provider token. Everything here depends only on the
+/// token string and the mock's config, so it can be cached; the time checks on `iat` cannot.
+#[derive(Clone, Copy)]
+struct VerifiedToken {
+    /// `Some(iat)` when header, `kid`, signature and `iss` are good, `None` when not.
+    iat: Option<i64>,
+    /// Whether the token is already in [`ProviderTokens::accepted`].
+    counted: bool,
+}
+
+#[derive(Default)]
+struct ProviderTokens {
+    /// Signature check results by exact token string, at most [`TOKEN_CACHE_CAPACITY`].
+    verified: HashMap<Box<str>, VerifiedToken>,
+    /// Every distinct token accepted so far (for [`MockApns::provider_tokens_seen`]).
+    accepted: HashSet<Box<str>>,
 }
 
 struct State {
@@ -344,16 +441,24 @@ struct State {
     /// Requests per token answered under the behaviour currently in force for it.
     seen: HashMap<String, u32>,
     requests: Vec<ReceivedPush>,
-    provider_tokens: HashSet<String>,
 }
 
 struct Inner {
     config: MockApnsConfig,
     decoding_key: Option<DecodingKey>,
     state: Mutex<State>,
+    tokens: Mutex<ProviderTokens>,
+    /// Signature checks actually done (cache misses).
+    token_verifications: AtomicU64,
     notify: Notify,
     connections: AtomicUsize,
+    /// Whether answered requests are kept in `State::requests`.
+    recording: AtomicBool,
+    counters: Counters,
     events: broadcast::Sender<ReceivedPush>,
+    /// Set by the first [`MockApns::subscribe`], so that until then no request pays for
+    /// asking the channel whether anyone listens.
+    ever_subscribed: AtomicBool,
     goaway: watch::Sender<u64>,
     kill: watch::Sender<u64>,
 }
@@ -364,10 +469,34 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn tokens(&self) -> MutexGuard<'_, ProviderTokens> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn has_subscribers(&self) -> bool {
+        self.ever_subscribed.load(Ordering::Relaxed) && self.events.receiver_count() > 0
+    }
+
+    /// Whether anything would look at a [`ReceivedPush`] for the next request: if not, the
+    /// request is only counted, and none is built.
+    fn wants_records(&self) -> bool {
+        self.recording.load(Ordering::Relaxed) || self.has_subscribers()
+    }
+
     fn record(&self, push: ReceivedPush) {
-        self.state().requests.push(push.clone());
-        self.notify.notify_waiters();
-        let _ = self.events.send(push);
+        let subscribed = self.has_subscribers();
+        if self.recording.load(Ordering::Relaxed) {
+            if subscribed {
+                self.state().requests.push(push.clone());
+                self.notify.notify_waiters();
+                let _ = self.events.send(push);
+            } else {
+                self.state().requests.push(push);
+                self.notify.notify_waiters();
+            }
+        } else if subscribed {
+            let _ = self.events.send(push);
+        }
     }
 }
 
@@ -457,11 +586,15 @@ impl MockApns {
                 default_behaviour: Behaviour::Ok,
                 seen: HashMap::new(),
                 requests: Vec::new(),
-                provider_tokens: HashSet::new(),
             }),
+            tokens: Mutex::new(ProviderTokens::default()),
+            token_verifications: AtomicU64::new(0),
             notify: Notify::new(),
             connections: AtomicUsize::new(0),
+            recording: AtomicBool::new(true),
+            counters: Counters::new(),
             events,
+            ever_subscribed: AtomicBool::new(false),
             goaway: watch::channel(0).0,
             kill: watch::channel(0).0,
         });
@@ -522,9 +655,44 @@ impl MockApns {
         seen.retain(|token, _| behaviours.contains_key(token));
     }
 
-    /// Every request received, in the order they were answered, including rejected ones.
+    /// Whether answered requests are kept for [`MockApns::requests`] and friends (default on).
+    /// Off, the request list stops growing (what is already in it stays) and no
+    /// [`ReceivedPush`] is even built unless someone [subscribed](MockApns::subscribe); the
+    /// counts ([`MockApns::request_counts`]) go on either way. For benchmarks.
+    pub fn set_recording(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`MockApns::set_recording`].
+    pub fn is_recording(&self) -> bool {
+        self.inner.recording.load(Ordering::Relaxed)
+    }
+
+    /// Every request received, in the order they were answered, including rejected ones
+    /// (while recording, see [`MockApns::set_recording`]).
     pub fn requests(&self) -> Vec<ReceivedPush> {
         self.inner.state().requests.clone()
+    }
+
+    /// How many requests are recorded, i.e. `requests().len()` without copying them.
+    pub fn requests_recorded(&self) -> usize {
+        self.inner.state().requests.len()
+    }
+
+    /// Requests answered so far, whatever the status, recorded or not (cancelled ones, whose
+    /// client reset the stream first, are not answered: see [`RequestCounts::cancelled`]).
+    pub fn requests_answered(&self) -> u64 {
+        self.inner.counters.answered.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered 200 so far, recorded or not.
+    pub fn requests_ok(&self) -> u64 {
+        self.inner.counters.by_status[200].load(Ordering::Relaxed)
+    }
+
+    /// All the answer counts (a snapshot; concurrent requests may land between fields).
+    pub fn request_counts(&self) -> RequestCounts {
+        self.inner.counters.snapshot()
     }
 
     /// The requests for one device token.
@@ -564,8 +732,11 @@ impl MockApns {
     }
 
     /// A live feed of requests as they are answered (lagging receivers lose the oldest).
+    /// Events are sent whether or not requests are recorded.
     pub fn subscribe(&self) -> broadcast::Receiver<ReceivedPush> {
-        self.inner.events.subscribe()
+        let rx = self.inner.events.subscribe();
+        self.inner.ever_subscribed.store(true, Ordering::Relaxed);
+        rx
     }
 
     /// TLS connections accepted so far (handshake completed).
@@ -576,7 +747,13 @@ impl MockApns {
     /// How many distinct provider JWTs were accepted so far (Apple wants a token reused for
     /// 20 to 60 minutes, not minted per request).
     pub fn provider_tokens_seen(&self) -> usize {
-        self.inner.state().provider_tokens.len()
+        self.inner.tokens().accepted.len()
+    }
+
+    /// How many provider JWT signatures were actually checked: tokens are cached by exact
+    /// string, so a token reused is checked once (while it stays in the cache), whatever its age.
+    pub fn provider_token_verifications(&self) -> u64 {
+        self.inner.token_verifications.load(Ordering::Relaxed)
     }
 
     /// Gracefully shuts down the current HTTP/2 connections (GOAWAY; in-flight streams finish),
@@ -838,24 +1015,35 @@ async fn serve_connection(
     }
 }
 
-/// Records the request when dropped unanswered (the client reset the stream mid-delay).
-struct PendingRecord {
-    inner: Arc<Inner>,
+/// Counts the request, and records it if a [`ReceivedPush`] was built for it; when dropped
+/// unanswered (the client reset the stream mid-delay), as cancelled.
+struct PendingRecord<'a> {
+    inner: &'a Inner,
     push: Option<ReceivedPush>,
+    done: bool,
 }
 
-impl PendingRecord {
+impl PendingRecord<'_> {
     fn finish(mut self, answer: &Answer) {
+        self.done = true;
+        self.inner.counters.answered(answer.status);
         if let Some(mut push) = self.push.take() {
             push.status = answer.status;
-            push.reason = answer.reason.clone();
+            push.reason = answer.reason.as_deref().map(str::to_string);
             self.inner.record(push);
         }
     }
 }
 
-impl Drop for PendingRecord {
+impl Drop for PendingRecord<'_> {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.inner
+            .counters
+            .cancelled
+            .fetch_add(1, Ordering::Relaxed);
         if let Some(mut push) = self.push.take() {
             push.status = 0;
             push.reason = Some(CANCELLED_REASON.to_string());
@@ -864,37 +1052,25 @@ impl Drop for PendingRecord {
     }
 }
 
-async fn handle(
-    inner: Arc<Inner>,
-    conn: ConnInfo,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let (body, body_too_big) = match Limited::new(body, MAX_BODY_READ).collect().await {
-        Ok(collected) => (collected.to_bytes(), false),
-        Err(e) => (Bytes::new(), e.downcast_ref::<LengthLimitError>().is_some()),
-    };
-
+/// The record of a request, before its answer.
+fn received_push(
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+    token: &str,
+    apns_id: &str,
+    connection: usize,
+) -> ReceivedPush {
     let headers = &parts.headers;
-    let path = parts.uri.path().to_string();
-    let token = path
-        .strip_prefix("/3/device/")
-        .unwrap_or_default()
-        .to_string();
-    let request_apns_id = header_str(headers, "apns-id");
-    let apns_id = match &request_apns_id {
-        Some(id) if is_uuid(id) => id.clone(),
-        _ => new_apns_id(),
-    };
-    let auth = header_str(headers, "authorization");
-    let jwt = auth.as_deref().and_then(bearer_token);
-    let kid = jwt
-        .and_then(|j| jsonwebtoken::decode_header(j).ok())
-        .and_then(|h| h.kid);
-
-    let push = ReceivedPush {
-        token: token.clone(),
-        path: path.clone(),
+    let kid = headers
+        .get("authorization")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .and_then(|auth| {
+            let jwt = bearer_token(&auth)?;
+            jsonwebtoken::decode_header(jwt).ok()?.kid
+        });
+    ReceivedPush {
+        token: token.to_string(),
+        path: parts.uri.path().to_string(),
         method: parts.method.to_string(),
         topic: header_str(headers, "apns-topic"),
         push_type: header_str(headers, "apns-push-type"),
@@ -911,22 +1087,47 @@ async fn handle(
                 )
             })
             .collect(),
-        body: String::from_utf8_lossy(&body).into_owned(),
+        body: String::from_utf8_lossy(body).into_owned(),
         status: 0,
         reason: None,
-        apns_id: apns_id.clone(),
-        connection: conn.id,
+        apns_id: apns_id.to_string(),
+        connection,
+    }
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let (body, body_too_big) = match Limited::new(body, MAX_BODY_READ).collect().await {
+        Ok(collected) => (collected.to_bytes(), false),
+        Err(e) => (Bytes::new(), e.downcast_ref::<LengthLimitError>().is_some()),
     };
+
+    let headers = &parts.headers;
+    let path = parts.uri.path();
+    let token = path.strip_prefix("/3/device/").unwrap_or_default();
+    let apns_id = match headers.get("apns-id").and_then(|v| v.to_str().ok()) {
+        Some(id) if is_uuid(id) => id.to_string(),
+        _ => new_apns_id(),
+    };
+
+    // Counted (and recorded, if anything looks at records) when answered or dropped.
     let pending = PendingRecord {
-        inner: inner.clone(),
-        push: Some(push),
+        inner: &inner,
+        push: inner
+            .wants_records()
+            .then(|| received_push(&parts, &body, token, &apns_id, conn.id)),
+        done: false,
     };
 
     let checked = validate(
         &inner,
         conn,
         &parts.method,
-        &path,
+        path,
         headers,
         &body,
         body_too_big,
@@ -936,14 +1137,31 @@ async fn handle(
         Ok(()) => {
             let (delay, answer) = {
                 let mut st = inner.state();
-                let seen = st.seen.get(&token).copied().unwrap_or(0);
-                let behaviour = st
-                    .behaviours
-                    .get(&token)
-                    .unwrap_or(&st.default_behaviour)
-                    .clone();
-                st.seen.insert(token.clone(), seen.saturating_add(1));
-                behaviour.resolve(seen)
+                let State {
+                    behaviours,
+                    default_behaviour,
+                    seen,
+                    ..
+                } = &mut *st;
+                let behaviour = behaviours.get(token).unwrap_or(default_behaviour);
+                // Only FailTimes looks at the count, and every change of behaviour restarts it,
+                // so it is kept only under a behaviour that uses it.
+                let count = if behaviour.uses_count() {
+                    match seen.get_mut(token) {
+                        Some(n) => {
+                            let count = *n;
+                            *n = n.saturating_add(1);
+                            count
+                        }
+                        None => {
+                            seen.insert(token.to_string(), 1);
+                            0
+                        }
+                    }
+                } else {
+                    0
+                };
+                behaviour.resolve(count)
             };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -967,7 +1185,7 @@ fn validate(
     body: &[u8],
     body_too_big: bool,
 ) -> Result<(), Answer> {
-    let reject = |status: u16, reason: &str| Err(Answer::err(status, reason));
+    let reject = |status: u16, reason: &'static str| Err(Answer::err(status, reason));
 
     if method != Method::POST {
         return reject(405, "MethodNotAllowed");
@@ -1005,10 +1223,9 @@ fn validate(
         let Some(jwt) = auth.to_str().ok().and_then(bearer_token) else {
             return reject(403, "InvalidProviderToken");
         };
-        if let Err(reason) = verify_provider_token(inner, jwt) {
+        if let Err(reason) = check_provider_token(inner, jwt) {
             return reject(403, reason);
         }
-        inner.state().provider_tokens.insert(jwt.to_string());
     }
 
     if let Some(id) = headers.get("apns-id") {
@@ -1097,8 +1314,67 @@ struct ProviderClaims {
     iat: Option<serde_json::Value>,
 }
 
-fn verify_provider_token(inner: &Inner, jwt: &str) -> Result<(), &'static str> {
-    const INVALID: &str = "InvalidProviderToken";
+const INVALID_PROVIDER_TOKEN: &str = "InvalidProviderToken";
+
+/// Checks a provider JWT, and counts it as seen when accepted. The signature check (with the
+/// header, `kid` and `iss` checks) is cached by exact token string; the time checks on `iat`
+/// are redone on every request.
+fn check_provider_token(inner: &Inner, jwt: &str) -> Result<(), &'static str> {
+    {
+        let mut tokens = inner.tokens();
+        let ProviderTokens { verified, accepted } = &mut *tokens;
+        if let Some(v) = verified.get_mut(jwt) {
+            let result = check_iat(v.iat);
+            if result.is_ok() && !v.counted {
+                accepted.insert(jwt.into());
+                v.counted = true;
+            }
+            return result;
+        }
+    }
+    // Not cached: check the signature without holding the lock (it is the slow part).
+    let iat = verify_provider_token(inner, jwt).ok();
+    inner.token_verifications.fetch_add(1, Ordering::Relaxed);
+    let result = check_iat(iat);
+    let mut tokens = inner.tokens();
+    let ProviderTokens { verified, accepted } = &mut *tokens;
+    if result.is_ok() {
+        accepted.insert(jwt.into());
+    }
+    if verified.len() >= TOKEN_CACHE_CAPACITY && !verified.contains_key(jwt) {
+        // Evict any one entry: a client that cycles through more tokens than this is not
+        // reusing them, and just costs a signature check per request as before.
+        if let Some(old) = verified.keys().next().cloned() {
+            verified.remove(&old);
+        }
+    }
+    verified.insert(
+        jwt.into(),
+        VerifiedToken {
+            iat,
+            counted: result.is_ok(),
+        },
+    );
+    result
+}
+
+/// The time checks on a verified token's `iat` (`None`: the token failed verification).
+fn check_iat(iat: Option<i64>) -> Result<(), &'static str> {
+    let iat = iat.ok_or(INVALID_PROVIDER_TOKEN)?;
+    let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+    if iat > now.saturating_add(PROVIDER_TOKEN_MAX_FUTURE.as_secs() as i64) {
+        return Err(INVALID_PROVIDER_TOKEN);
+    }
+    if now.saturating_sub(iat) > PROVIDER_TOKEN_MAX_AGE.as_secs() as i64 {
+        return Err("ExpiredProviderToken");
+    }
+    Ok(())
+}
+
+/// The checks on a provider JWT that do not depend on the time: header, `kid`, ES256 signature,
+/// `iss`, and an `iat` present. Gives the `iat`.
+fn verify_provider_token(inner: &Inner, jwt: &str) -> Result<i64, &'static str> {
+    const INVALID: &str = INVALID_PROVIDER_TOKEN;
     let header = jsonwebtoken::decode_header(jwt).map_err(|_| INVALID)?;
     if header.alg != Algorithm::ES256 {
         return Err(INVALID);
@@ -1117,20 +1393,11 @@ fn verify_provider_token(inner: &Inner, jwt: &str) -> Result<(), &'static str> {
     if data.claims.iss.as_deref() != Some(inner.config.team_id.as_str()) {
         return Err(INVALID);
     }
-    let iat = data
-        .claims
+    data.claims
         .iat
         .as_ref()
         .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
-        .ok_or(INVALID)?;
-    let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
-    if iat > now.saturating_add(PROVIDER_TOKEN_MAX_FUTURE.as_secs() as i64) {
-        return Err(INVALID);
-    }
-    if now.saturating_sub(iat) > PROVIDER_TOKEN_MAX_AGE.as_secs() as i64 {
-        return Err("ExpiredProviderToken");
-    }
-    Ok(())
+        .ok_or(INVALID)
 }
 
 fn build_response(answer: &Answer, apns_id: &str) -> Response<Full<Bytes>> {
@@ -1199,15 +1466,16 @@ fn new_apns_id() -> String {
     b[8..].copy_from_slice(&lo.to_be_bytes());
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02X}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut id = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[usize::from(x >> 4)]));
+        id.push(char::from(HEX[usize::from(x & 0x0f)]));
+    }
+    id
 }
 
 #[cfg(test)]
