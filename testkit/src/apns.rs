@@ -1543,6 +1543,8 @@ mod tests {
         config: rustls::ClientConfig,
     ) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
         let tcp = TcpStream::connect(mock.addr()).await.unwrap();
+        // As knock does; else Nagle holds each request's DATA frame for the HEADERS' ACK.
+        tcp.set_nodelay(true).unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let tls = TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
@@ -2115,6 +2117,263 @@ mod tests {
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].status, 0);
         assert_eq!(reqs[0].reason.as_deref(), Some(CANCELLED_REASON));
+        let counts = f.mock.request_counts();
+        assert_eq!((counts.answered, counts.cancelled), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn recording_off_counts_but_keeps_no_requests() {
+        let f = fixture().await;
+        let mut c = connect(&f.mock).await;
+        let jwt = f.jwt();
+        let bad = TOKEN.replace('0', "2");
+        f.mock.set_behaviour(&bad, Behaviour::Unregistered);
+        assert!(f.mock.is_recording());
+
+        // One recorded while on.
+        let r = send(
+            &mut c,
+            push_request(&f.mock, TOKEN, Some(&jwt), &wake_headers(), BODY),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(f.mock.requests_recorded(), 1);
+
+        f.mock.set_recording(false);
+        assert!(!f.mock.is_recording());
+        for _ in 0..3 {
+            let r = send(
+                &mut c,
+                push_request(&f.mock, TOKEN, Some(&jwt), &wake_headers(), BODY),
+            )
+            .await;
+            assert_eq!(r.status, 200);
+        }
+        // Rejected by the checks, and by the token's behaviour: counted too.
+        let r = send(
+            &mut c,
+            push_request(&f.mock, TOKEN, None, &wake_headers(), BODY),
+        )
+        .await;
+        assert_eq!(r.status, 403);
+        let r = send(
+            &mut c,
+            push_request(&f.mock, &bad, Some(&jwt), &wake_headers(), BODY),
+        )
+        .await;
+        assert_eq!(r.status, 410);
+
+        // Still only the one from before; the answers all counted.
+        assert_eq!(f.mock.requests().len(), 1);
+        assert_eq!(f.mock.requests_recorded(), 1);
+        assert!(f.mock.requests_for(&bad).is_empty());
+        assert_eq!(f.mock.requests_answered(), 6);
+        assert_eq!(f.mock.requests_ok(), 4);
+        assert_eq!(
+            f.mock.request_counts(),
+            RequestCounts {
+                answered: 6,
+                ok: 4,
+                cancelled: 0,
+                by_status: [(200, 4), (403, 1), (410, 1)].into_iter().collect(),
+            }
+        );
+        // Tokens are still counted while not recording.
+        assert_eq!(f.mock.provider_tokens_seen(), 1);
+
+        // A subscriber still gets every request while not recording.
+        let mut events = f.mock.subscribe();
+        let r = send(
+            &mut c,
+            push_request(&f.mock, &bad, Some(&jwt), &wake_headers(), BODY),
+        )
+        .await;
+        assert_eq!(r.status, 410);
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((event.token.as_str(), event.status), (bad.as_str(), 410));
+        assert_eq!(event.kid.as_deref(), Some(KID));
+        assert_eq!(f.mock.requests_recorded(), 1);
+        drop(events);
+
+        // On again: recorded as before.
+        f.mock.set_recording(true);
+        let r = send(
+            &mut c,
+            push_request(&f.mock, &bad, Some(&jwt), &wake_headers(), BODY),
+        )
+        .await;
+        assert_eq!(r.status, 410);
+        let reqs = f.mock.wait_for_requests(2, Duration::from_secs(5)).await;
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(
+            (reqs[1].token.as_str(), reqs[1].status),
+            (bad.as_str(), 410)
+        );
+        assert_eq!(reqs[1].reason.as_deref(), Some("Unregistered"));
+        assert_eq!(f.mock.requests_answered(), 8);
+        assert_eq!(f.mock.requests_ok(), 4);
+
+        // Clearing the requests leaves the counts.
+        f.mock.clear_requests();
+        assert_eq!(f.mock.requests_recorded(), 0);
+        assert_eq!(f.mock.requests_answered(), 8);
+    }
+
+    #[tokio::test]
+    async fn fail_times_counts_while_not_recording() {
+        let f = fixture().await;
+        let mut c = connect(&f.mock).await;
+        let jwt = f.jwt();
+        f.mock.set_recording(false);
+        f.mock.set_behaviour(
+            TOKEN,
+            Behaviour::delay(
+                Duration::from_millis(1),
+                Behaviour::fail_times(2, Behaviour::Throttled),
+            ),
+        );
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let req = push_request(&f.mock, TOKEN, Some(&jwt), &wake_headers(), BODY);
+            statuses.push(send(&mut c, req).await.status);
+        }
+        assert_eq!(statuses, [429, 429, 200]);
+        // A behaviour set again starts its count again.
+        f.mock
+            .set_behaviour(TOKEN, Behaviour::fail_times(1, Behaviour::Unavailable));
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let req = push_request(&f.mock, TOKEN, Some(&jwt), &wake_headers(), BODY);
+            statuses.push(send(&mut c, req).await.status);
+        }
+        assert_eq!(statuses, [503, 200]);
+        assert!(f.mock.requests().is_empty());
+        assert_eq!(f.mock.requests_answered(), 5);
+    }
+
+    #[tokio::test]
+    async fn provider_token_signature_is_checked_once_per_token() {
+        let f = fixture().await;
+        let mut c = connect(&f.mock).await;
+        let h = wake_headers();
+        let jwt = f.jwt();
+        for _ in 0..5 {
+            let r = send(&mut c, push_request(&f.mock, TOKEN, Some(&jwt), &h, BODY)).await;
+            assert_eq!(r.status, 200);
+        }
+        assert_eq!(f.mock.provider_token_verifications(), 1);
+        assert_eq!(f.mock.provider_tokens_seen(), 1);
+
+        // With a good token cached, one with the same claims but another key's signature is
+        // still refused, every time; so is one with a signature of the good key on other claims.
+        let (other_key, _) = generate_apns_key();
+        let wrong_sig = provider_token(&other_key, KID, TEAM, unix_now()).unwrap();
+        let wrong_team = provider_token(&f.private_pem, KID, "OTHERTEAM0", unix_now()).unwrap();
+        let (good_head, _) = jwt.rsplit_once('.').unwrap();
+        let (_, other_tail) = wrong_team.rsplit_once('.').unwrap();
+        let spliced = format!("{good_head}.{other_tail}");
+        for bad in [&wrong_sig, &spliced, &wrong_team] {
+            for _ in 0..2 {
+                let r = send(&mut c, push_request(&f.mock, TOKEN, Some(bad), &h, BODY)).await;
+                assert_eq!(
+                    (r.status, r.reason().as_deref()),
+                    (403, Some("InvalidProviderToken")),
+                    "{bad}"
+                );
+            }
+        }
+        // The good one still works, from the cache.
+        let r = send(&mut c, push_request(&f.mock, TOKEN, Some(&jwt), &h, BODY)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(f.mock.provider_token_verifications(), 4);
+        assert_eq!(f.mock.provider_tokens_seen(), 1);
+    }
+
+    #[tokio::test]
+    async fn cached_provider_token_is_still_timed() {
+        let f = fixture().await;
+        let mut c = connect(&f.mock).await;
+        let h = wake_headers();
+        let max_age = PROVIDER_TOKEN_MAX_AGE.as_secs();
+        let max_future = PROVIDER_TOKEN_MAX_FUTURE.as_secs();
+        // One second from expiring, and two seconds from no longer being too far ahead.
+        let now = unix_now();
+        let ageing = provider_token(&f.private_pem, KID, TEAM, now - max_age + 1).unwrap();
+        let early = provider_token(&f.private_pem, KID, TEAM, now + max_future + 2).unwrap();
+
+        let r = send(
+            &mut c,
+            push_request(&f.mock, TOKEN, Some(&ageing), &h, BODY),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.reason());
+        let r = send(&mut c, push_request(&f.mock, TOKEN, Some(&early), &h, BODY)).await;
+        assert_eq!(
+            (r.status, r.reason().as_deref()),
+            (403, Some("InvalidProviderToken"))
+        );
+        assert!(unix_now() <= now + 1, "too slow to test the boundaries");
+        assert_eq!(f.mock.provider_token_verifications(), 2);
+        assert_eq!(f.mock.provider_tokens_seen(), 1);
+
+        // Wait until `ageing` is past the maximum age and `early` is no longer too far ahead.
+        while unix_now() < now + 3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = send(
+            &mut c,
+            push_request(&f.mock, TOKEN, Some(&ageing), &h, BODY),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.reason().as_deref()),
+            (403, Some("ExpiredProviderToken"))
+        );
+        let r = send(&mut c, push_request(&f.mock, TOKEN, Some(&early), &h, BODY)).await;
+        assert_eq!(r.status, 200, "{:?}", r.reason());
+        // Both answered from the cache; the one accepted late now counts as seen.
+        assert_eq!(f.mock.provider_token_verifications(), 2);
+        assert_eq!(f.mock.provider_tokens_seen(), 2);
+    }
+
+    #[tokio::test]
+    async fn provider_token_cache_is_bounded_and_tokens_seen_still_counted() {
+        let f = fixture().await;
+        let mut c = connect(&f.mock).await;
+        let h = wake_headers();
+        let now = unix_now();
+        // A few good tokens among many more bad ones (cached as bad, and cheap to make).
+        let good: Vec<String> = (0..8)
+            .map(|i| provider_token(&f.private_pem, KID, TEAM, now - i).unwrap())
+            .collect();
+        let mut jwts: Vec<(String, bool)> = (0..TOKEN_CACHE_CAPACITY + 44)
+            .map(|i| (format!("not.a.jwt{i}"), false))
+            .collect();
+        for (i, jwt) in good.iter().enumerate() {
+            jwts.insert(i * 37, (jwt.clone(), true));
+        }
+        let n = jwts.len() as u64;
+        for _ in 0..2 {
+            for (jwt, ok) in &jwts {
+                let r = send(&mut c, push_request(&f.mock, TOKEN, Some(jwt), &h, BODY)).await;
+                if *ok {
+                    assert_eq!(r.status, 200);
+                } else {
+                    assert_eq!(
+                        (r.status, r.reason().as_deref()),
+                        (403, Some("InvalidProviderToken"))
+                    );
+                }
+            }
+            assert!(f.mock.inner.tokens().verified.len() <= TOKEN_CACHE_CAPACITY);
+            assert_eq!(f.mock.provider_tokens_seen(), good.len());
+        }
+        // The second round found some in the cache, not all.
+        let checks = f.mock.provider_token_verifications();
+        assert!(checks > n && checks < 2 * n, "{checks}");
     }
 
     #[tokio::test]
@@ -2236,5 +2495,7 @@ mod tests {
         assert!(is_uuid(&a) && is_uuid(&b));
         assert_ne!(a, b);
         assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "A" | "B"), "{a}");
+        assert_eq!(a, a.to_ascii_uppercase());
     }
 }

@@ -2,14 +2,19 @@
 //! benchmarks and tests in other languages.
 //!
 //! It prints one JSON line on stdout when listening (`"event":"listening"`), then one per
-//! request answered (`"event":"request"`). Per-token behaviour is set with `--behaviour` or,
-//! while it runs, through an optional loopback HTTP/1.1 control listener:
+//! request answered (`"event":"request"`) unless `--quiet`, which also stops recording requests
+//! (for benchmarks: only counts are kept, see `GET /stats`). Per-token behaviour is set with
+//! `--behaviour` or, while it runs, through an optional loopback HTTP/1.1 control listener:
 //!
 //! - `POST /behaviour/<token>/<name>`, `DELETE /behaviour/<token>`, `POST /default/<name>`
 //!   (names as `ok`, `unregistered`, `throttled`, `delay:<ms>:<name>`, `fail-times:<n>:<name>`,
 //!   `custom:<status>:<Reason>`, ...)
 //! - `GET /requests`, `GET /requests/<token>` (JSON arrays), `DELETE /requests`
-//! - `POST /goaway`, `POST /kill`, `GET /stats`
+//! - `POST /recording/on`, `POST /recording/off` (whether requests are kept for `/requests`)
+//! - `POST /goaway`, `POST /kill`
+//! - `GET /stats`: `{"connections_accepted", "requests" (recorded), "provider_tokens_seen",
+//!   "requests_answered", "requests_ok", "requests_cancelled", "requests_by_status"
+//!   (`{"200": n, ...}`), "provider_token_verifications", "recording"}`
 //!
 //! It runs until SIGINT or SIGTERM.
 
@@ -70,6 +75,10 @@ struct Args {
     /// Loopback address for the HTTP/1.1 control listener.
     #[arg(long)]
     control: Option<SocketAddr>,
+    /// No JSON line per request on stdout (the listening line is still printed), and requests
+    /// are not recorded, only counted (see GET /stats); for benchmarks.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn parse_token_behaviour(s: &str) -> Result<(String, Behaviour), String> {
@@ -136,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, mock.ca_pem())
             .with_context(|| format!("writing --ca-out {}", path.display()))?;
     }
+    mock.set_recording(!args.quiet);
     mock.set_default_behaviour(args.default_behaviour.clone());
     for (token, behaviour) in &args.behaviours {
         mock.set_behaviour(token, behaviour.clone());
@@ -155,23 +165,26 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut events = mock.subscribe();
+    // Quiet, nothing subscribes: then the mock builds no per-request record at all.
+    let events = (!args.quiet).then(|| mock.subscribe());
     print_line(&serde_json::json!({
         "event": "listening",
         "url": mock.url(),
         "control": control_addr.map(|a| format!("http://{a}")),
         "ca_file": args.ca_out,
     }));
-    let logger = tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(push) => print_line(&request_line(&push)),
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!("request log fell behind; {n} requests not printed")
+    let logger = events.map(|mut events| {
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(push) => print_line(&request_line(&push)),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!("request log fell behind; {n} requests not printed")
+                    }
+                    Err(RecvError::Closed) => break,
                 }
-                Err(RecvError::Closed) => break,
             }
-        }
+        })
     });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -180,7 +193,9 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("stopping");
-    logger.abort();
+    if let Some(logger) = logger {
+        logger.abort();
+    }
     if let Some(task) = control_task {
         task.abort();
         let _ = task.await;
@@ -267,6 +282,10 @@ fn control(mock: &MockApns, req: Request<Incoming>) -> Response<Full<Bytes>> {
             mock.clear_requests();
             text(StatusCode::OK, "ok\n")
         }
+        (&Method::POST, ["recording", on @ ("on" | "off")]) => {
+            mock.set_recording(*on == "on");
+            text(StatusCode::OK, "ok\n")
+        }
         (&Method::POST, ["goaway"]) => {
             mock.send_goaway();
             text(StatusCode::OK, "ok\n")
@@ -275,13 +294,31 @@ fn control(mock: &MockApns, req: Request<Incoming>) -> Response<Full<Bytes>> {
             mock.kill_connections();
             text(StatusCode::OK, "ok\n")
         }
-        (&Method::GET, ["stats"]) => json(&serde_json::json!({
-            "connections_accepted": mock.connections_accepted(),
-            "requests": mock.requests().len(),
-            "provider_tokens_seen": mock.provider_tokens_seen(),
-        })),
+        (&Method::GET, ["stats"]) => json(&stats(mock)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /stats`.
+fn stats(mock: &MockApns) -> serde_json::Value {
+    let counts = mock.request_counts();
+    let by_status: serde_json::Map<String, serde_json::Value> = counts
+        .by_status
+        .iter()
+        .map(|(status, n)| (status.to_string(), (*n).into()))
+        .collect();
+    serde_json::json!({
+        "connections_accepted": mock.connections_accepted(),
+        // Recorded requests (stops growing while not recording).
+        "requests": mock.requests_recorded(),
+        "provider_tokens_seen": mock.provider_tokens_seen(),
+        "requests_answered": counts.answered,
+        "requests_ok": counts.ok,
+        "requests_cancelled": counts.cancelled,
+        "requests_by_status": by_status,
+        "provider_token_verifications": mock.provider_token_verifications(),
+        "recording": mock.is_recording(),
+    })
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
