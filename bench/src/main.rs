@@ -1,3 +1,258 @@
-//! `knock-bench`: measures knock against the XEP-0114 pipe's own limit (work in progress).
+//! `knock-bench`: how many publishes knock answers per second, how fast, at what CPU and memory cost,
+//! and how it holds up with a million registrations — each measured against a bare XEP-0114 echo
+//! component in the same run, on 127.0.0.1. Run it with `bench/run` (it builds the release binaries
+//! first); `bench/README.md` says what each number means.
+//!
+//! The harness plays the XMPP server: knock (or the echo component) connects to it as to Prosody, and
+//! it sends the publishes Prosody's mod_cloud_notify sends, a window of them in flight at a time.
 
-fn main() {}
+mod echo;
+mod load;
+mod procs;
+mod report;
+mod scale;
+mod seed;
+mod server;
+mod stanzas;
+mod targets;
+mod throughput;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::report::{count, num};
+use crate::targets::{Env, Target};
+
+/// knock's benchmark. Prints a Markdown report on stdout, progress on stderr.
+#[derive(Parser)]
+#[command(name = "knock-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Throughput and scale (the default).
+    All,
+    /// Publishes/s, latency, CPU and memory at each window, against the echo ceiling.
+    Throughput,
+    /// A large store: disk, memory, start-up, latency, registrations/s.
+    Scale,
+    /// (Internal) the echo component the harness measures as the ceiling.
+    #[command(hide = true)]
+    EchoComponent {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long, default_value = stanzas::COMPONENT_JID)]
+        jid: String,
+        #[arg(long, default_value = stanzas::COMPONENT_SECRET)]
+        secret: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct Options {
+    /// A short run to check the harness: 1 repetition of 2 s, 1,000 registrations, a 20,000 store.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Also write the report to this file.
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    /// Keep the scratch directory (stores, configs, logs) and print where it is.
+    #[arg(long, global = true)]
+    keep_temp: bool,
+    /// Repetitions per target and window.
+    #[arg(long, global = true)]
+    reps: Option<usize>,
+    /// Measured seconds per repetition.
+    #[arg(long, global = true)]
+    secs: Option<f64>,
+    /// Windows of in-flight publishes, comma-separated.
+    #[arg(long, global = true, value_delimiter = ',')]
+    windows: Option<Vec<usize>>,
+    /// Registrations in the throughput store.
+    #[arg(long, global = true)]
+    nodes: Option<usize>,
+    /// Registrations in the large store of the scale run.
+    #[arg(long, global = true)]
+    scale_nodes: Option<usize>,
+    /// Where knock, mock-apns and knock-bench are (default: beside this binary).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command.unwrap_or(Command::All) {
+        Command::EchoComponent {
+            server,
+            jid,
+            secret,
+        } => runtime.block_on(echo::run(server, &jid, &secret)),
+        command => runtime.block_on(bench(command, &cli.options)),
+    }
+}
+
+async fn bench(command: Command, o: &Options) -> anyhow::Result<()> {
+    let quick = o.quick;
+    let throughput_options = throughput::Options {
+        reps: o.reps.unwrap_or(if quick { 1 } else { 3 }),
+        warmup: Duration::from_secs_f64(if quick { 0.5 } else { 1.0 }),
+        measure: Duration::from_secs_f64(o.secs.unwrap_or(if quick { 2.0 } else { 5.0 })),
+        windows: o.windows.clone().unwrap_or_else(|| vec![1, 64, 1000]),
+        nodes: o.nodes.unwrap_or(if quick { 1_000 } else { 10_000 }),
+    };
+    let scale_sizes = [
+        1_000,
+        o.scale_nodes
+            .unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+    ];
+
+    let scratch = tempfile::Builder::new().prefix("knock-bench-").tempdir()?;
+    let bin_dir = match &o.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no directory")?
+            .to_owned(),
+    };
+    let env = Env {
+        bin_dir,
+        work: scratch.path().to_owned(),
+    };
+
+    let mut report = String::new();
+    let _ = writeln!(report, "## knock benchmark\n");
+    let _ = writeln!(report, "Machine: {}  ", procs::machine());
+    let _ = writeln!(report, "knock: {}\n", version());
+
+    let run_throughput = matches!(command, Command::All | Command::Throughput);
+    let run_scale = matches!(command, Command::All | Command::Scale);
+    let mut throughput_results = None;
+    if run_throughput {
+        let results = throughput::run(&env, &throughput_options).await?;
+        let _ = writeln!(report, "### Publishes\n");
+        report.push_str(&throughput::table(&results, &throughput_options));
+        throughput_results = Some(results);
+    }
+    let mut scale_rows = None;
+    if run_scale {
+        let rows = scale::run(
+            &env,
+            &scale_sizes,
+            throughput_options.warmup,
+            throughput_options.measure,
+        )
+        .await?;
+        let _ = writeln!(report, "\n### A large store\n");
+        report.push_str(&scale::table(&rows, throughput_options.measure));
+        scale_rows = Some(rows);
+    }
+    report.push_str(&targets_section(
+        throughput_results.as_ref(),
+        scale_rows.as_deref(),
+    ));
+
+    println!("{report}");
+    if let Some(path) = &o.out {
+        std::fs::write(path, &report).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if o.keep_temp {
+        eprintln!("scratch directory kept: {}", scratch.keep().display());
+    }
+    Ok(())
+}
+
+/// The commit knock was built from, if this is a git checkout.
+fn version() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+}
+
+/// Issue 4's targets, each with the measured value and whether it was met.
+fn targets_section(t: Option<&throughput::Results>, scale: Option<&[scale::Row]>) -> String {
+    let mut out = String::from(
+        "\n### Against the targets\n\n| target | measured | met |\n|---|---:|:---:|\n",
+    );
+    let mut line = |what: &str, measured: String, met: bool| {
+        let _ = writeln!(
+            out,
+            "| {what} | {measured} | {} |",
+            if met { "yes" } else { "**no**" }
+        );
+    };
+    if let Some(t) = t {
+        if let (Some(dry), Some(echo)) = (t.get(64, Target::DryRun), t.get(64, Target::Echo)) {
+            let ratio = dry.per_sec[1] / echo.per_sec[1];
+            line(
+                "dry_run, window 64: ≥ 0.5 × echo",
+                format!("{} × ({}/s)", num(ratio, 2), count(dry.per_sec[1])),
+                ratio >= 0.5,
+            );
+            line(
+                "dry_run, window 64: p99 ≤ 2 ms",
+                format!("{} ms", num(dry.latency_ms[1], 2)),
+                dry.latency_ms[1] <= 2.0,
+            );
+            line(
+                "dry_run: ≤ 15 µs knock CPU per publish (window 64)",
+                format!("{} µs", num(dry.cpu_us, 1)),
+                dry.cpu_us <= 15.0,
+            );
+        }
+        if let Some(apns) = t.get(64, Target::Apns) {
+            line(
+                "mock APNs, window 64: ≥ 30,000 publishes/s",
+                format!("{}/s", count(apns.per_sec[1])),
+                apns.per_sec[1] >= 30_000.0,
+            );
+        }
+    }
+    if let Some(rows) = scale {
+        if let (Some(small), Some(big)) = (rows.first(), rows.last()) {
+            let label = count(big.size as f64);
+            line(
+                &format!("{label} registrations: RSS ≤ 200 MiB"),
+                format!(
+                    "{} MiB idle, {} MiB peak",
+                    report::mib(big.rss_idle),
+                    report::mib(big.peak_rss)
+                ),
+                big.rss_idle <= 200 << 20,
+            );
+            line(
+                &format!("{label} registrations: ready ≤ 1 s"),
+                format!("{} ms", num(big.ready.as_secs_f64() * 1000.0, 0)),
+                big.ready <= Duration::from_secs(1),
+            );
+            for (i, w) in [(0, 1), (1, 64)] {
+                let ratio = big.publish[i].quantile_ms(0.99) / small.publish[i].quantile_ms(0.99);
+                line(
+                    &format!(
+                        "{label} registrations: p99 within 20 % of {} (window {w})",
+                        count(small.size as f64)
+                    ),
+                    format!("{} ×", num(ratio, 2)),
+                    ratio <= 1.2,
+                );
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,210 @@
+//! knock with a large store: disk size, memory, time from start to the first publish answered, publish
+//! latency against a small store's, and how fast registrations become durable.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::load::{self, round_trip, Load, Outcome, Source};
+use crate::procs::{disk_usage, memory};
+use crate::report::{count, mib, num};
+use crate::seed::seed;
+use crate::server::Component;
+use crate::stanzas::{prosody_publish, registration, Template};
+use crate::targets::{start, Env, Target};
+use crate::throughput::publishes;
+
+/// Publishes go to this many registrations, spread evenly over the store.
+const PUBLISH_SAMPLE: usize = 100_000;
+
+/// One store size, measured.
+pub struct Row {
+    /// Registrations in the store.
+    pub size: usize,
+    /// Writing them directly into the store (not over XMPP).
+    pub seed_took: Duration,
+    /// The store's files after seeding.
+    pub disk: u64,
+    /// From spawning knock to the reply to its first publish.
+    pub ready: Duration,
+    /// Resident memory one second after that.
+    pub rss_idle: u64,
+    /// Peak resident memory over the whole run.
+    pub peak_rss: u64,
+    /// Publishes at windows 1 and 64.
+    pub publish: [Outcome; 2],
+    /// Registrations (XEP-0050, durable before the reply) at windows 1 and 64.
+    pub register: [Outcome; 2],
+}
+
+/// Measure a store of every size in `sizes`.
+pub async fn run(
+    env: &Env,
+    sizes: &[usize],
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        rows.push(one(env, i, size, warmup, measure).await?);
+    }
+    Ok(rows)
+}
+
+async fn one(
+    env: &Env,
+    index: usize,
+    size: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<Row> {
+    let store = env.work.join(format!("store-scale-{size}"));
+    eprintln!("seeding {} registrations…", count(size as f64));
+    let seeded = seed(&store, size, PUBLISH_SAMPLE).await?;
+    let disk = disk_usage(&store)?;
+    eprintln!(
+        "  {} written in {:.1} s; {} MiB on disk",
+        count(size as f64),
+        seeded.took.as_secs_f64(),
+        mib(disk)
+    );
+    let templates: Arc<Vec<Template>> = Arc::new(
+        seeded
+            .sample
+            .iter()
+            .map(|(node, secret)| prosody_publish(node, secret))
+            .collect(),
+    );
+
+    let spawned = Instant::now();
+    let (running, mut component) = start(Target::DryRun, env, &store).await?;
+    let mut first = Vec::new();
+    templates[0].write(b'p', 0, load::now_ns(), &mut first);
+    let reply = round_trip(&mut component, &first, Duration::from_secs(30)).await?;
+    let ready = spawned.elapsed();
+    if !reply
+        .windows(14)
+        .any(|w| w == b"type='result'" || w == b"type=\"result\"")
+    {
+        bail!(
+            "the first publish failed: {}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = running.pids()?[0];
+    let rss_idle = memory(pid, "VmRSS")?;
+
+    let timing = (warmup, measure, pid, size);
+    let (c, publish_1) = measured(component, 1, publishes(templates.clone()), timing).await?;
+    let (c, publish_64) = measured(c, 64, publishes(templates.clone()), timing).await?;
+    let (c, register_1) = measured(c, 1, registrations(index * 2), timing).await?;
+    let (_, register_64) = measured(c, 64, registrations(index * 2 + 1), timing).await?;
+
+    let peak_rss = memory(pid, "VmHWM")?;
+    running.stop().await;
+    Ok(Row {
+        size,
+        seed_took: seeded.took,
+        disk,
+        ready,
+        rss_idle,
+        peak_rss,
+        publish: [publish_1, publish_64],
+        register: [register_1, register_64],
+    })
+}
+
+/// One load at `window` over the connection, failing on any error reply; hands the connection back.
+async fn measured(
+    component: Component,
+    window: usize,
+    source: Source,
+    (warmup, measure, pid, size): (Duration, Duration, u32, usize),
+) -> anyhow::Result<(Component, Outcome)> {
+    let load = Load {
+        window,
+        warmup,
+        measure,
+        watch: vec![pid],
+    };
+    let (component, outcome) = load::run(component, &load, source).await?;
+    if outcome.errors > 0 {
+        bail!(
+            "{} error replies, the first: {}",
+            outcome.errors,
+            outcome.first_error.unwrap_or_default()
+        );
+    }
+    eprintln!(
+        "  {:>9} registrations, window {window:>2}: {:>7}/s  p50 {} ms  p99 {} ms",
+        count(size as f64),
+        count(outcome.per_sec()),
+        num(outcome.quantile_ms(0.5), 2),
+        num(outcome.quantile_ms(0.99), 2)
+    );
+    Ok((component, outcome))
+}
+
+/// Registrations of new users (`b<run>u<seq>`), each with its own token.
+fn registrations(run: usize) -> Source {
+    Box::new(move |seq, sent, out| {
+        let user = format!("b{run}u{seq}");
+        let token = format!("{:064x}", (u128::from(seq) << 16) | run as u128);
+        registration(&user, "phone", &token).write(b'r', seq, sent, out);
+    })
+}
+
+/// The scale table, Markdown; p99 ratios are against the first (smallest) store.
+pub fn table(rows: &[Row], measure: Duration) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| registrations | seeded in s | disk MiB | ready ms | RSS idle MiB | peak RSS MiB | publish w1 p50 / p99 ms | publish w64 /s | w64 p50 / p99 ms | p99 vs smallest (w1 / w64) | registrations/s w1 (p99 ms) | registrations/s w64 (p99 ms) |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let base = rows.first();
+    for row in rows {
+        let ratio = |i: usize| {
+            base.map_or(f64::NAN, |b| {
+                row.publish[i].quantile_ms(0.99) / b.publish[i].quantile_ms(0.99)
+            })
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} / {} | {} / {} | {} ({}) | {} ({}) |",
+            count(row.size as f64),
+            num(row.seed_took.as_secs_f64(), 1),
+            mib(row.disk),
+            num(row.ready.as_secs_f64() * 1000.0, 0),
+            mib(row.rss_idle),
+            mib(row.peak_rss),
+            num(row.publish[0].quantile_ms(0.5), 2),
+            num(row.publish[0].quantile_ms(0.99), 2),
+            count(row.publish[1].per_sec()),
+            num(row.publish[1].quantile_ms(0.5), 2),
+            num(row.publish[1].quantile_ms(0.99), 2),
+            num(ratio(0), 2),
+            num(ratio(1), 2),
+            count(row.register[0].per_sec()),
+            num(row.register[0].quantile_ms(0.99), 1),
+            count(row.register[1].per_sec()),
+            num(row.register[1].quantile_ms(0.99), 1),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nknock in dry_run; each load runs {} s. Registrations are seeded straight into the store, then \
+         publishes go to up to {} of them spread evenly over it. *Ready* is from spawning knock to the \
+         reply to its first publish. Registrations are `register-push-apns` commands from new users, each \
+         durable on disk before its reply.",
+        measure.as_secs_f64(),
+        count(PUBLISH_SAMPLE as f64),
+    );
+    out
+}

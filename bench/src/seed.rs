@@ -1,0 +1,59 @@
+//! Registrations written straight into a knock store, as many as a benchmark needs, with secrets the
+//! generator can publish with. The records are knock's own (same keyed hashes, same derived secrets);
+//! only the XMPP round trip of registering is skipped, since that is measured separately.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use knock::secrets::{random_id, secret_hash, Keyring};
+use knock::store::{Registration, SledStore, Store};
+use rand::RngCore as _;
+
+use crate::stanzas::{APP, SERVER_DOMAIN};
+
+/// A seeded store.
+pub struct Seeded {
+    /// (node, secret) of up to the requested sample of the registrations, spread evenly over them.
+    pub sample: Vec<(String, String)>,
+    /// How long writing and flushing took.
+    pub took: Duration,
+}
+
+/// Write `count` registrations into the store at `path` and keep about `sample` of them to publish to.
+pub async fn seed(path: &Path, count: usize, sample: usize) -> anyhow::Result<Seeded> {
+    let path = path.to_owned();
+    let started = Instant::now();
+    let (store, sample) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let store = SledStore::open(&path).context("opening the store to seed")?;
+        let keyring = Keyring::new(store.instance_key()?);
+        let every = (count / sample.max(1)).max(1);
+        let mut kept = Vec::with_capacity(sample.min(count));
+        let mut token = [0u8; 32];
+        for i in 0..count {
+            let jid = format!("user{i}@{SERVER_DOMAIN}");
+            let node = random_id();
+            let secret = keyring.node_secret(&node);
+            rand::thread_rng().fill_bytes(&mut token);
+            store.put(&Registration {
+                device: keyring.device(&jid, "phone", APP),
+                owner: keyring.owner(&jid),
+                domain: SERVER_DOMAIN.into(),
+                app: APP.into(),
+                token: hex::encode(token),
+                secret_hash: secret_hash(&secret),
+                node: node.clone(),
+            })?;
+            if i % every == 0 && kept.len() < sample {
+                kept.push((node, secret));
+            }
+        }
+        Ok((store, kept))
+    })
+    .await??;
+    store.flush().await?;
+    Ok(Seeded {
+        sample,
+        took: started.elapsed(),
+    })
+}
