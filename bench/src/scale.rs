@@ -84,10 +84,7 @@ async fn one(
     templates[0].write(b'p', 0, load::now_ns(), &mut first);
     let reply = round_trip(&mut component, &first, Duration::from_secs(30)).await?;
     let ready = spawned.elapsed();
-    if !reply
-        .windows(14)
-        .any(|w| w == b"type='result'" || w == b"type=\"result\"")
-    {
+    if crate::server::iq_tag(&reply).and_then(|tag| tag.attr(b"type")) != Some(b"result") {
         bail!(
             "the first publish failed: {}",
             String::from_utf8_lossy(&reply)
@@ -98,10 +95,18 @@ async fn one(
     let rss_idle = memory(pid, "VmRSS")?;
 
     let timing = (warmup, measure, pid, size);
-    let (c, publish_1) = measured(component, 1, publishes(templates.clone()), timing).await?;
-    let (c, publish_64) = measured(c, 64, publishes(templates.clone()), timing).await?;
-    let (c, register_1) = measured(c, 1, registrations(index * 2), timing).await?;
-    let (_, register_64) = measured(c, 64, registrations(index * 2 + 1), timing).await?;
+    let (c, publish_1) = measured(
+        component,
+        "publish",
+        1,
+        publishes(templates.clone()),
+        timing,
+    )
+    .await?;
+    let (c, publish_64) = measured(c, "publish", 64, publishes(templates.clone()), timing).await?;
+    let (c, register_1) = measured(c, "register", 1, registrations(index * 2), timing).await?;
+    let (_, register_64) =
+        measured(c, "register", 64, registrations(index * 2 + 1), timing).await?;
 
     let peak_rss = memory(pid, "VmHWM")?;
     running.stop().await;
@@ -120,6 +125,7 @@ async fn one(
 /// One load at `window` over the connection, failing on any error reply; hands the connection back.
 async fn measured(
     component: Component,
+    what: &str,
     window: usize,
     source: Source,
     (warmup, measure, pid, size): (Duration, Duration, u32, usize),
@@ -139,7 +145,7 @@ async fn measured(
         );
     }
     eprintln!(
-        "  {:>9} registrations, window {window:>2}: {:>7}/s  p50 {} ms  p99 {} ms",
+        "  store of {:>9}, {what} window {window:>2}: {:>7}/s  p50 {} ms  p99 {} ms",
         count(size as f64),
         count(outcome.per_sec()),
         num(outcome.quantile_ms(0.5), 2),
