@@ -7,19 +7,29 @@
 
 use std::borrow::Cow;
 
-use memchr::{memchr, memchr3};
+/// The first `byte` in `hay`. Spans inside a tag are a few dozen bytes, where a plain loop beats
+/// `memchr`'s SIMD set-up; this is the lexer's one search primitive.
+#[inline]
+pub fn find(byte: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == byte)
+}
 
 /// The index of the `>` that closes the tag opening at `start` (where `buf[start] == b'<'`), skipping
 /// quoted attribute values; `None` while the tag is not complete in `buf`.
 pub fn tag_end(buf: &[u8], start: usize) -> Option<usize> {
-    let mut i = start + 1;
-    loop {
-        let j = i + memchr3(b'>', b'\'', b'"', buf.get(i..)?)?;
-        match buf[j] {
-            b'>' => return Some(j),
-            quote => i = j + 1 + memchr(quote, buf.get(j + 1..)?)? + 1,
+    let mut quote = 0u8;
+    for (i, &b) in buf.get(start + 1..)?.iter().enumerate() {
+        if quote != 0 {
+            if b == quote {
+                quote = 0;
+            }
+        } else if b == b'>' {
+            return Some(start + 1 + i);
+        } else if b == b'\'' || b == b'"' {
+            quote = b;
         }
     }
+    None
 }
 
 /// What kind of tag a [`Tag`] is.
@@ -67,24 +77,32 @@ fn is_name(name: &[u8]) -> bool {
 /// [`decode`] knows and no `]]>` outside CDATA. Checks the parts of a stanza the fast path skips, so that
 /// skipping them never accepts what a full parser would refuse.
 pub fn valid_chars(raw: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(raw) else {
+    // One branch-free pass over the bytes (it vectorises): control characters other than tab and line
+    // ends, and whether anything is outside ASCII at all.
+    let (control, high) = raw.iter().fold((false, false), |(control, high), &b| {
+        (
+            control | ((b < 0x20) & (b != b'\t') & (b != b'\n') & (b != b'\r')),
+            high | (b >= 0x80),
+        )
+    });
+    if control || memchr::memmem::find(raw, b"]]>").is_some() {
         return false;
-    };
-    if raw
-        .iter()
-        .any(|&b| b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
-        || text.contains(['\u{FFFE}', '\u{FFFF}'])
-        || memchr::memmem::find(raw, b"]]>").is_some()
+    }
+    // U+FFFE and U+FFFF are EF BF BE and EF BF BF in UTF-8; ASCII text has neither.
+    if high
+        && (std::str::from_utf8(raw).is_err()
+            || memchr::memmem::find(raw, "\u{FFFE}".as_bytes()).is_some()
+            || memchr::memmem::find(raw, "\u{FFFF}".as_bytes()).is_some())
     {
         return false;
     }
-    let mut rest = text;
-    while let Some(amp) = rest.find('&') {
+    let mut rest = raw;
+    while let Some(amp) = memchr::memchr(b'&', rest) {
         rest = &rest[amp..];
-        let Some(semi) = rest.find(';') else {
+        let Some(semi) = find(b';', rest) else {
             return false;
         };
-        if decode(&rest.as_bytes()[..=semi]).is_none() {
+        if decode(&rest[..=semi]).is_none() {
             return false;
         }
         rest = &rest[semi + 1..];
@@ -133,7 +151,7 @@ impl<'a> Tag<'a> {
                 return None;
             }
             rest = &rest[start..];
-            let eq = memchr(b'=', rest)?;
+            let eq = find(b'=', rest)?;
             let name_end = rest[..eq].iter().rposition(|&b| !is_space(b))? + 1;
             let name = &rest[..name_end];
             if !is_name(name) {
@@ -146,9 +164,9 @@ impl<'a> Tag<'a> {
                 return None;
             }
             let value_start = open + 1;
-            let len = memchr(quote, &after[value_start..])?;
+            let len = find(quote, &after[value_start..])?;
             let value = &after[value_start..value_start + len];
-            if memchr(b'<', value).is_some() {
+            if find(b'<', value).is_some() {
                 return None;
             }
             each(name, value)?;
@@ -177,7 +195,7 @@ pub fn decode(raw: &[u8]) -> Option<Cow<'_, str>> {
     if raw.iter().any(|&b| b < 0x20 || b == b'>') {
         return None;
     }
-    if memchr(b'&', raw).is_none() {
+    if find(b'&', raw).is_none() {
         return Some(Cow::Borrowed(text));
     }
     let mut out = String::with_capacity(text.len());
@@ -225,7 +243,7 @@ impl<'a> Tags<'a> {
 
     /// The next tag and the text before it; `None` at the end or at anything that is not a plain tag.
     pub fn next_tag(&mut self) -> Option<(&'a [u8], Tag<'a>)> {
-        let lt = self.pos + memchr(b'<', &self.buf[self.pos..])?;
+        let lt = self.pos + find(b'<', &self.buf[self.pos..])?;
         let gt = tag_end(self.buf, lt)?;
         let text = &self.buf[self.pos..lt];
         self.pos = gt + 1;

@@ -10,7 +10,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::memmem;
 
-use crate::xml::{is_blank, tag_end};
+use crate::xml::{find, is_blank, tag_end};
 
 /// Largest stanza knock reads; the biggest legitimate one (a registration) is under 2 KiB. Prosody limits
 /// client stanzas to 256 KiB, so nothing larger reaches knock from a well-behaved server.
@@ -64,7 +64,7 @@ impl Framer {
     /// The next event in `buf`, or `None` until more bytes arrive.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, FrameError> {
         loop {
-            let Some(lt) = memchr::memchr(b'<', &buf[self.scan..]).map(|i| i + self.scan) else {
+            let Some(lt) = find(b'<', &buf[self.scan..]).map(|i| i + self.scan) else {
                 self.skip_text(buf, buf.len())?;
                 return self.incomplete(buf);
             };

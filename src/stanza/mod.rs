@@ -4,7 +4,8 @@
 //! straight from the bytes (node, secret, and the IQ's addressing), skipping the notification content
 //! unread. Anything else, and any publish that deviates in the least (an unknown attribute, a prefix, an
 //! entity it does not know, a form that breaks a limit), goes to [`parse_iq`]: minidom and xmpp-parsers,
-//! which give the precise verdict. The fast reader may only ever be narrower than the full path, never
+//! which give the precise verdict. A publish shaped like one already read is only compared with it
+//! ([`shape`]). The fast reader may only ever be narrower than the full path, never
 //! more lenient; a test holds the two to the same replies.
 
 use std::borrow::Cow;
@@ -17,6 +18,8 @@ use xmpp_parsers::ns;
 use crate::handlers::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
 use crate::link::frame::Frame;
 use crate::xml::{decode, is_blank, valid_chars, Tag, TagKind, Tags};
+
+mod shape;
 
 /// Deepest nesting parsed into a tree; deeper stanzas are refused unread (a tree that deep costs stack to
 /// build and drop, and no XEP knock speaks nests past 6).
@@ -190,8 +193,19 @@ fn is_ns(value: &[u8], ns: &str) -> Option<()> {
 
 impl<'a> FastPublish<'a> {
     /// Read `frame` if it is a publish in the exact shape Prosody and ejabberd send; `None` otherwise
-    /// (the caller then takes the full path).
+    /// (the caller then takes the full path). A publish shaped like one read before is only compared
+    /// with it ([`shape`]).
     pub fn read(frame: &'a Frame) -> Option<FastPublish<'a>> {
+        if let Some(publish) = shape::read(&frame.bytes) {
+            return Some(publish);
+        }
+        let publish = Self::read_lexed(frame)?;
+        shape::learn(&frame.bytes, &publish);
+        Some(publish)
+    }
+
+    /// The fast reader proper: one lexing pass over the whole stanza.
+    fn read_lexed(frame: &'a Frame) -> Option<FastPublish<'a>> {
         if frame.depth > MAX_DEPTH || !valid_chars(&frame.bytes) {
             return None;
         }
@@ -268,7 +282,7 @@ fn skip_item(r: &mut Reader<'_>) -> Option<()> {
         if open.is_empty() && !is_blank(text) {
             return None;
         }
-        if memchr::memchr(b':', tag.name).is_some() {
+        if tag.name.contains(&b':') {
             return None;
         }
         if tag.kind != TagKind::End {

@@ -1,0 +1,238 @@
+//! Publish shapes: a server sends the same publish again and again, with only its addressing, id, node
+//! and secret changed. Once a publish has been read in full, its bytes with those parts cut out are a
+//! *shape*; a later publish that matches a shape byte for byte around parts made only of plain
+//! characters reads exactly as the full read would, for a compare instead of a lexing pass.
+//!
+//! Why that is sound: the constant bytes were already accepted by the full fast reader, and a part of
+//! plain characters (no quote, `<`, `>`, `&`, `]`, space or control character, ASCII only) cannot change
+//! how anything around it lexes, needs no decoding, and cannot complete a `]]>`. The only check in the
+//! full reader that depends on a part's content, the secret's length, is made here too.
+//!
+//! Shapes are kept per thread (the link reads on one), the most recently used first, a few at most:
+//! one per publishing server and form is what real traffic has.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use super::FastPublish;
+use crate::handlers::MAX_FIELD_LEN;
+
+/// Shapes kept per thread.
+const SHAPES: usize = 8;
+
+/// Which field a part is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    From,
+    To,
+    Id,
+    Node,
+    Secret,
+}
+
+/// A publish with its parts cut out: `constants[0] part[0] constants[1] part[1] ... constants[n]`.
+#[derive(Debug)]
+struct Shape {
+    constants: Vec<Box<[u8]>>,
+    parts: Vec<Part>,
+}
+
+thread_local! {
+    static KNOWN: RefCell<Vec<Shape>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether a byte may appear in a part.
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~+/=:@!$*,;%".contains(&b)
+}
+
+/// Read `bytes` if it matches a known shape.
+pub(super) fn read(bytes: &[u8]) -> Option<FastPublish<'_>> {
+    KNOWN.with(|known| {
+        let mut known = known.borrow_mut();
+        let (index, publish) = known
+            .iter()
+            .enumerate()
+            .find_map(|(i, shape)| shape.read(bytes).map(|p| (i, p)))?;
+        if index > 0 {
+            let shape = known.remove(index);
+            known.insert(0, shape);
+        }
+        Some(publish)
+    })
+}
+
+/// Remember the shape of `bytes`, which the full fast reader read as `publish`. Publishes whose parts
+/// are not plain (entities, spaces, non-ASCII) have no shape and are always read in full.
+pub(super) fn learn(bytes: &[u8], publish: &FastPublish<'_>) {
+    let Some(shape) = Shape::of(bytes, publish) else {
+        return;
+    };
+    KNOWN.with(|known| {
+        let mut known = known.borrow_mut();
+        known.truncate(SHAPES - 1);
+        known.insert(0, shape);
+    });
+}
+
+impl Shape {
+    fn of(bytes: &[u8], publish: &FastPublish<'_>) -> Option<Shape> {
+        let base = bytes.as_ptr() as usize;
+        // Where each part lies in `bytes`; every one must be borrowed from it (not decoded) and plain.
+        let mut spans: Vec<(usize, usize, Part)> = Vec::with_capacity(5);
+        let mut add = |value: Option<&Cow<'_, str>>, part: Part| -> Option<()> {
+            let Some(value) = value else { return Some(()) };
+            let Cow::Borrowed(text) = value else {
+                return None;
+            };
+            let start = (text.as_ptr() as usize).checked_sub(base)?;
+            (start + text.len() <= bytes.len() && text.bytes().all(plain)).then_some(())?;
+            spans.push((start, start + text.len(), part));
+            Some(())
+        };
+        add(Some(&publish.from), Part::From)?;
+        add(publish.to.as_ref(), Part::To)?;
+        add(Some(&publish.id), Part::Id)?;
+        add(Some(&publish.node), Part::Node)?;
+        add(publish.secret.as_ref(), Part::Secret)?;
+        spans.sort_unstable_by_key(|&(start, _, _)| start);
+        let mut constants: Vec<Box<[u8]>> = Vec::with_capacity(spans.len() + 1);
+        let mut at = 0;
+        for &(start, end, _) in &spans {
+            if start < at {
+                return None;
+            }
+            constants.push(bytes[at..start].into());
+            at = end;
+        }
+        constants.push(bytes[at..].into());
+        // A part must be followed by a byte that cannot belong to it, so where it ends is never in doubt.
+        if constants[1..]
+            .iter()
+            .any(|c| c.first().is_none_or(|&b| plain(b)))
+        {
+            return None;
+        }
+        Some(Shape {
+            constants,
+            parts: spans.into_iter().map(|(_, _, part)| part).collect(),
+        })
+    }
+
+    fn read<'a>(&self, bytes: &'a [u8]) -> Option<FastPublish<'a>> {
+        let mut rest = bytes.strip_prefix(&*self.constants[0])?;
+        let mut at = bytes.len() - rest.len();
+        let mut fields: [Option<&'a str>; 5] = [None; 5];
+        for (part, constant) in self.parts.iter().zip(&self.constants[1..]) {
+            let len = rest.iter().position(|&b| !plain(b)).unwrap_or(rest.len());
+            if *part == Part::Secret && len > MAX_FIELD_LEN {
+                return None;
+            }
+            // Plain bytes are ASCII, so this cannot fail; it only proves it to the type system.
+            fields[*part as usize] = Some(std::str::from_utf8(&bytes[at..at + len]).ok()?);
+            rest = rest[len..].strip_prefix(&**constant)?;
+            at = bytes.len() - rest.len();
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        let [from, to, id, node, secret] = fields;
+        Some(FastPublish {
+            from: Cow::Borrowed(from?),
+            to: to.map(Cow::Borrowed),
+            id: Cow::Borrowed(id?),
+            node: Cow::Borrowed(node?),
+            secret: secret.map(Cow::Borrowed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::frame::Frame;
+
+    fn publish(id: &str, node: &str, secret: &str, body: &str) -> Frame {
+        let xml = format!("<iq from='localhost' to='push.localhost' id='{id}' type='set'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><x xmlns='jabber:x:data' type='form'><field type='hidden' var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field type='text-single' var='last-message-body'><value>{body}</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>");
+        Frame {
+            bytes: xml.into_bytes().into(),
+            depth: 8,
+        }
+    }
+
+    #[test]
+    fn a_known_shape_reads_as_the_lexer_does() {
+        let first = publish("a1", "node1", "secret1", "New Message!");
+        assert!(
+            read(&first.bytes).is_none(),
+            "nothing learnt yet on this thread"
+        );
+        let lexed = FastPublish::read(&first).expect("fast path");
+        assert_eq!(
+            read(&first.bytes),
+            Some(lexed),
+            "learnt from the first read"
+        );
+
+        for (id, node, secret) in [
+            ("b-2.x", "AAAAbbbb_cc-dd", "s3cr3t+/="),
+            ("", "n", ""),
+            ("purple3@a:b", "x", &"k".repeat(MAX_FIELD_LEN)),
+        ] {
+            let frame = publish(id, node, secret, "New Message!");
+            let by_shape = read(&frame.bytes).expect("same shape");
+            assert_eq!(
+                Some(by_shape),
+                FastPublish::read_lexed(&frame),
+                "{id} {node} {secret}"
+            );
+        }
+    }
+
+    #[test]
+    fn anything_but_plain_parts_is_lexed_again() {
+        FastPublish::read(&publish("a1", "node1", "secret1", "New Message!")).expect("learnt");
+        for frame in [
+            publish("a&amp;1", "node1", "secret1", "New Message!"),
+            publish("a1", "no de", "secret1", "New Message!"),
+            publish("a1", "node1", "sécret", "New Message!"),
+            publish("a1", "node1", "secret1", "Another body"),
+            publish("a1", "node1", "s]]", "New Message!"),
+            publish("a1", "node1", "s<x/>", "New Message!"),
+            publish(
+                "a1",
+                "node1",
+                &"k".repeat(MAX_FIELD_LEN + 1),
+                "New Message!",
+            ),
+        ] {
+            assert!(read(&frame.bytes).is_none(), "{:?}", frame.bytes);
+            // And the full read still gives its own verdict.
+            assert_eq!(FastPublish::read(&frame), FastPublish::read_lexed(&frame));
+        }
+        let long = publish(
+            "a1",
+            "node1",
+            &"k".repeat(MAX_FIELD_LEN + 1),
+            "New Message!",
+        );
+        assert!(
+            FastPublish::read(&long).is_none(),
+            "too long a secret is refused either way"
+        );
+        let entity = publish("a&amp;1", "node1", "secret1", "New Message!");
+        assert_eq!(FastPublish::read(&entity).expect("lexed").id, "a&1");
+    }
+
+    #[test]
+    fn shapes_are_bounded_and_most_recent_first() {
+        for i in 0..SHAPES + 4 {
+            FastPublish::read(&publish("a", "n", "s", &format!("body {i}"))).expect("read");
+        }
+        KNOWN.with(|known| assert_eq!(known.borrow().len(), SHAPES));
+        let again = publish("b", "m", "t", &format!("body {}", SHAPES + 3));
+        assert!(read(&again.bytes).is_some(), "the newest shape is kept");
+        let oldest = publish("b", "m", "t", "body 0");
+        assert!(read(&oldest.bytes).is_none(), "the oldest was dropped");
+    }
+}
