@@ -17,19 +17,17 @@ pub fn find(byte: u8, hay: &[u8]) -> Option<usize> {
 /// The index of the `>` that closes the tag opening at `start` (where `buf[start] == b'<'`), skipping
 /// quoted attribute values; `None` while the tag is not complete in `buf`.
 pub fn tag_end(buf: &[u8], start: usize) -> Option<usize> {
-    let mut quote = 0u8;
-    for (i, &b) in buf.get(start + 1..)?.iter().enumerate() {
-        if quote != 0 {
-            if b == quote {
-                quote = 0;
-            }
-        } else if b == b'>' {
-            return Some(start + 1 + i);
-        } else if b == b'\'' || b == b'"' {
-            quote = b;
+    let mut i = start + 1;
+    loop {
+        let j = i + buf
+            .get(i..)?
+            .iter()
+            .position(|&b| matches!(b, b'>' | b'\'' | b'"'))?;
+        match buf[j] {
+            b'>' => return Some(j),
+            quote => i = j + 1 + find(quote, buf.get(j + 1..)?)? + 1,
         }
     }
-    None
 }
 
 /// What kind of tag a [`Tag`] is.

@@ -162,10 +162,10 @@ pub struct ApnsClient {
     topic: HeaderValue,
     /// Background or alert.
     push_type: PushType,
-    /// The alert title (alert pushes only).
-    alert_title: String,
     /// Whether the payload carries the node.
     include_node: bool,
+    /// The payload without the node, serialised once.
+    payload: Bytes,
     /// Seconds Apple may store an undelivered push.
     expiration: u64,
     /// Token auth signer, or `None` for certificate auth.
@@ -281,8 +281,8 @@ impl ApnsClient {
             app: app.name.clone(),
             topic,
             push_type: app.push_type,
-            alert_title: app.alert_title.clone(),
             include_node: app.include_node,
+            payload: fixed_payload(app.push_type, &app.alert_title),
             expiration: app.expiration_secs,
             jwt,
             deadline,
@@ -291,16 +291,18 @@ impl ApnsClient {
 
     /// The JSON payload: a bare wake-up, never any message content.
     fn payload(&self, node: &str) -> Bytes {
-        let mut body = match self.push_type {
-            PushType::Background => serde_json::json!({ "aps": { "content-available": 1 } }),
-            PushType::Alert => serde_json::json!({
-                "aps": { "alert": { "title": self.alert_title }, "mutable-content": 1 }
-            }),
-        };
-        if self.include_node {
-            body["node"] = serde_json::Value::from(node);
+        if !self.include_node {
+            return self.payload.clone();
         }
-        Bytes::from(body.to_string())
+        // `{...,"node":"<node>"}`: the fixed part with the node spliced in before its closing brace.
+        let fixed = &self.payload[..self.payload.len() - 1];
+        let mut body = Vec::with_capacity(fixed.len() + node.len() + 12);
+        body.extend_from_slice(fixed);
+        body.extend_from_slice(b",\"node\":");
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut body, node);
+        body.push(b'}');
+        Bytes::from(body)
     }
 
     fn request(
@@ -415,6 +417,17 @@ impl ApnsClient {
         }
         last
     }
+}
+
+/// The payload every push of an app shares: a bare wake-up, never any message content.
+fn fixed_payload(push_type: PushType, alert_title: &str) -> Bytes {
+    let body = match push_type {
+        PushType::Background => serde_json::json!({ "aps": { "content-available": 1 } }),
+        PushType::Alert => serde_json::json!({
+            "aps": { "alert": { "title": alert_title }, "mutable-content": 1 }
+        }),
+    };
+    Bytes::from(body.to_string())
 }
 
 /// What one APNs answer means for the push.
