@@ -88,7 +88,8 @@ fn parse_token_behaviour(s: &str) -> Result<(String, Behaviour), String> {
     Ok((token.to_string(), name.parse()?))
 }
 
-#[tokio::main]
+// One thread, like knock: a benchmark's mock should not spend its CPU waking threads.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
