@@ -238,8 +238,12 @@ fn targets_section(t: Option<&throughput::Results>, scale: Option<&[scale::Row]>
             );
             line(
                 &format!("{label} registrations: ready ≤ 1 s"),
-                format!("{} ms", num(big.ready.as_secs_f64() * 1000.0, 0)),
-                big.ready <= Duration::from_secs(1),
+                format!(
+                    "{} ms first start, {} ms restart",
+                    num(big.ready[0].as_secs_f64() * 1000.0, 0),
+                    num(big.ready[1].as_secs_f64() * 1000.0, 0)
+                ),
+                big.ready.iter().all(|r| *r <= Duration::from_secs(1)),
             );
             for (i, w) in [(0, 1), (1, 64)] {
                 let ratio = big.publish[i].quantile_ms(0.99) / small.publish[i].quantile_ms(0.99);

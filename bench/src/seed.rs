@@ -22,35 +22,45 @@ pub struct Seeded {
 
 /// Write `count` registrations into the store at `path` and keep about `sample` of them to publish to.
 pub async fn seed(path: &Path, count: usize, sample: usize) -> anyhow::Result<Seeded> {
-    let path = path.to_owned();
     let started = Instant::now();
-    let (store, sample) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let store = SledStore::open(&path).context("opening the store to seed")?;
-        let keyring = Keyring::new(store.instance_key()?);
-        let every = (count / sample.max(1)).max(1);
-        let mut kept = Vec::with_capacity(sample.min(count));
-        let mut token = [0u8; 32];
-        for i in 0..count {
-            let jid = format!("user{i}@{SERVER_DOMAIN}");
-            let node = random_id();
-            let secret = keyring.node_secret(&node);
-            rand::thread_rng().fill_bytes(&mut token);
-            store.put(&Registration {
-                device: keyring.device(&jid, "phone", APP),
-                owner: keyring.owner(&jid),
-                domain: SERVER_DOMAIN.into(),
-                app: APP.into(),
-                token: hex::encode(token),
-                secret_hash: secret_hash(&secret),
-                node: node.clone(),
-            })?;
-            if i % every == 0 && kept.len() < sample {
-                kept.push((node, secret));
-            }
-        }
-        Ok((store, kept))
-    })
-    .await??;
+    let store = SledStore::open(path).context("opening the store to seed")?;
+    let keyring = Keyring::new(store.instance_key()?);
+    let every = (count / sample.max(1)).max(1);
+    // Two writers: sled takes concurrent inserts, and a million of them is otherwise minutes.
+    let writers: Vec<_> = (0..2)
+        .map(|writer| {
+            let (store, keyring) = (store.clone(), keyring.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, String)>> {
+                let mut kept = Vec::new();
+                let mut token = [0u8; 32];
+                for i in (writer..count).step_by(2) {
+                    let jid = format!("user{i}@{SERVER_DOMAIN}");
+                    let node = random_id();
+                    let secret = keyring.node_secret(&node);
+                    rand::thread_rng().fill_bytes(&mut token);
+                    store.put(&Registration {
+                        device: keyring.device(&jid, "phone", APP),
+                        owner: keyring.owner(&jid),
+                        domain: SERVER_DOMAIN.into(),
+                        app: APP.into(),
+                        token: hex::encode(token),
+                        secret_hash: secret_hash(&secret),
+                        node: node.clone(),
+                    })?;
+                    if i % every == 0 {
+                        kept.push((node, secret));
+                    }
+                }
+                Ok(kept)
+            })
+        })
+        .collect();
+    let mut sample_kept = Vec::new();
+    for writer in writers {
+        sample_kept.extend(writer.await??);
+    }
+    sample_kept.truncate(sample);
+    let sample = sample_kept;
     store.flush().await?;
     Ok(Seeded {
         sample,
