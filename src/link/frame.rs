@@ -5,11 +5,13 @@
 //! zero-copy slice of the read buffer) and bounded: a stanza may be at most [`MAX_STANZA`] bytes, and
 //! nesting is only counted, never recursed into. What RFC 6120 forbids on a stream (comments, processing
 //! instructions, DTDs, text between stanzas) ends the stream, as the RFC asks; everything inside a stanza
-//! is checked later by whoever parses it.
+//! is checked later by whoever parses it. A publish shaped like one already read ([`shape`]) is cut out
+//! by a compare instead of a scan.
 
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::memmem;
 
+use crate::stanza::shape;
 use crate::xml::{find, is_blank, tag_end};
 
 /// Largest stanza knock reads; the biggest legitimate one (a registration) is under 2 KiB. Prosody limits
@@ -69,6 +71,14 @@ impl Framer {
                 return self.incomplete(buf);
             };
             let lt = self.skip_text(buf, lt)?;
+            if self.depth == 1 {
+                // A publish shaped like one already read is a whole stanza of known length and depth.
+                if let Some((len, depth)) = shape::frame_len(&buf[lt..]) {
+                    buf.advance(lt);
+                    self.deepest = depth;
+                    return Ok(Some(self.stanza(buf, len - 1)));
+                }
+            }
             let rest = &buf[lt..];
             if rest.len() < 2 {
                 return self.incomplete(buf);

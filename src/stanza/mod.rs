@@ -19,7 +19,7 @@ use crate::handlers::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
 use crate::link::frame::Frame;
 use crate::xml::{decode, is_blank, valid_chars, Tag, TagKind, Tags};
 
-mod shape;
+pub mod shape;
 
 /// Deepest nesting parsed into a tree; deeper stanzas are refused unread (a tree that deep costs stack to
 /// build and drop, and no XEP knock speaks nests past 6).
@@ -200,7 +200,7 @@ impl<'a> FastPublish<'a> {
             return Some(publish);
         }
         let publish = Self::read_lexed(frame)?;
-        shape::learn(&frame.bytes, &publish);
+        shape::learn(frame, &publish);
         Some(publish)
     }
 

@@ -8,7 +8,10 @@
 //! how anything around it lexes, needs no decoding, and cannot complete a `]]>`. The only check in the
 //! full reader that depends on a part's content, the secret's length, is made here too.
 //!
-//! Shapes are kept per thread (the link reads on one), the most recently used first, a few at most:
+//! The framer asks the same question first ([`frame_len`]), so a publish of a known shape is also cut out
+//! of the stream without a scan.
+//!
+//! Shapes are kept per thread (the link reads and routes on one), the most recently used first, a few at most:
 //! one per publishing server and form is what real traffic has.
 
 use std::borrow::Cow;
@@ -16,6 +19,7 @@ use std::cell::RefCell;
 
 use super::FastPublish;
 use crate::handlers::MAX_FIELD_LEN;
+use crate::link::frame::Frame;
 
 /// Shapes kept per thread.
 const SHAPES: usize = 8;
@@ -35,6 +39,8 @@ enum Part {
 struct Shape {
     constants: Vec<Box<[u8]>>,
     parts: Vec<Part>,
+    /// The framer's nesting depth for the stanza.
+    depth: usize,
 }
 
 thread_local! {
@@ -44,6 +50,17 @@ thread_local! {
 /// Whether a byte may appear in a part.
 fn plain(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~+/=:@!$*,;%".contains(&b)
+}
+
+/// If `buf` starts with a whole stanza of a known shape: its length and nesting depth. Lets the framer
+/// cut a publish out of the stream with a compare instead of a scan.
+pub fn frame_len(buf: &[u8]) -> Option<(usize, usize)> {
+    KNOWN.with(|known| {
+        known
+            .borrow()
+            .iter()
+            .find_map(|shape| Some((shape.matched(buf)?.0, shape.depth)))
+    })
 }
 
 /// Read `bytes` if it matches a known shape.
@@ -64,8 +81,8 @@ pub(super) fn read(bytes: &[u8]) -> Option<FastPublish<'_>> {
 
 /// Remember the shape of `bytes`, which the full fast reader read as `publish`. Publishes whose parts
 /// are not plain (entities, spaces, non-ASCII) have no shape and are always read in full.
-pub(super) fn learn(bytes: &[u8], publish: &FastPublish<'_>) {
-    let Some(shape) = Shape::of(bytes, publish) else {
+pub(super) fn learn(frame: &Frame, publish: &FastPublish<'_>) {
+    let Some(shape) = Shape::of(&frame.bytes, frame.depth, publish) else {
         return;
     };
     KNOWN.with(|known| {
@@ -76,7 +93,7 @@ pub(super) fn learn(bytes: &[u8], publish: &FastPublish<'_>) {
 }
 
 impl Shape {
-    fn of(bytes: &[u8], publish: &FastPublish<'_>) -> Option<Shape> {
+    fn of(bytes: &[u8], depth: usize, publish: &FastPublish<'_>) -> Option<Shape> {
         let base = bytes.as_ptr() as usize;
         // Where each part lies in `bytes`; every one must be borrowed from it (not decoded) and plain.
         let mut spans: Vec<(usize, usize, Part)> = Vec::with_capacity(5);
@@ -116,12 +133,14 @@ impl Shape {
         Some(Shape {
             constants,
             parts: spans.into_iter().map(|(_, _, part)| part).collect(),
+            depth,
         })
     }
 
-    fn read<'a>(&self, bytes: &'a [u8]) -> Option<FastPublish<'a>> {
-        let mut rest = bytes.strip_prefix(&*self.constants[0])?;
-        let mut at = bytes.len() - rest.len();
+    /// If `buf` starts with a stanza of this shape: its length and its parts (indexed by [`Part`]).
+    fn matched<'a>(&self, buf: &'a [u8]) -> Option<(usize, [Option<&'a str>; 5])> {
+        let mut rest = buf.strip_prefix(&*self.constants[0])?;
+        let mut at = buf.len() - rest.len();
         let mut fields: [Option<&'a str>; 5] = [None; 5];
         for (part, constant) in self.parts.iter().zip(&self.constants[1..]) {
             let len = rest.iter().position(|&b| !plain(b)).unwrap_or(rest.len());
@@ -129,14 +148,18 @@ impl Shape {
                 return None;
             }
             // Plain bytes are ASCII, so this cannot fail; it only proves it to the type system.
-            fields[*part as usize] = Some(std::str::from_utf8(&bytes[at..at + len]).ok()?);
+            fields[*part as usize] = Some(std::str::from_utf8(&buf[at..at + len]).ok()?);
             rest = rest[len..].strip_prefix(&**constant)?;
-            at = bytes.len() - rest.len();
+            at = buf.len() - rest.len();
         }
-        if !rest.is_empty() {
+        Some((at, fields))
+    }
+
+    fn read<'a>(&self, bytes: &'a [u8]) -> Option<FastPublish<'a>> {
+        let (len, [from, to, id, node, secret]) = self.matched(bytes)?;
+        if len != bytes.len() {
             return None;
         }
-        let [from, to, id, node, secret] = fields;
         Some(FastPublish {
             from: Cow::Borrowed(from?),
             to: to.map(Cow::Borrowed),
@@ -150,7 +173,6 @@ impl Shape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::link::frame::Frame;
 
     fn publish(id: &str, node: &str, secret: &str, body: &str) -> Frame {
         let xml = format!("<iq from='localhost' to='push.localhost' id='{id}' type='set'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><x xmlns='jabber:x:data' type='form'><field type='hidden' var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field type='text-single' var='last-message-body'><value>{body}</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>{secret}</value></field></x></publish-options></pubsub></iq>");
@@ -222,6 +244,56 @@ mod tests {
         );
         let entity = publish("a&amp;1", "node1", "secret1", "New Message!");
         assert_eq!(FastPublish::read(&entity).expect("lexed").id, "a&1");
+    }
+
+    #[test]
+    fn the_framer_cuts_known_shapes_exactly_where_it_would_scan() {
+        use crate::link::frame::{Event, Framer};
+        use bytes::BytesMut;
+
+        let stream = |frames: &[Frame]| -> Vec<u8> {
+            let mut bytes = b"<stream:stream xmlns='jabber:component:accept'>".to_vec();
+            for frame in frames {
+                bytes.extend_from_slice(b"\n ");
+                bytes.extend_from_slice(&frame.bytes);
+            }
+            bytes
+        };
+        let frames: Vec<Frame> = (0..20)
+            .map(|i| match i % 4 {
+                3 => publish("x&amp;y", &format!("node{i}"), "s", "New Message!"),
+                2 => publish(&format!("id{i}"), "n", "s", "Other body"),
+                _ => publish(
+                    &format!("id{i}"),
+                    &format!("node{i}"),
+                    &format!("s{i}"),
+                    "New Message!",
+                ),
+            })
+            .collect();
+        let input = stream(&frames);
+        // Learn the shape, then frame the stream in pieces of every size: the frames (bytes and depth)
+        // must be exactly the originals, whether a piece ends mid-stanza or not.
+        FastPublish::read(&frames[0]).expect("learnt");
+        for piece in [1, 7, 64, 500, input.len()] {
+            let mut framer = Framer::default();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for chunk in input.chunks(piece) {
+                buf.extend_from_slice(chunk);
+                while let Some(event) = framer.next(&mut buf).expect("frames") {
+                    if let Event::Stanza(frame) = event {
+                        out.push((frame.bytes.to_vec(), frame.depth));
+                    }
+                }
+            }
+            let want: Vec<_> = frames.iter().map(|f| (f.bytes.to_vec(), 8)).collect();
+            assert_eq!(out, want, "pieces of {piece}");
+        }
+        assert!(
+            frame_len(&frames[1].bytes).is_some(),
+            "the fast cut was taken"
+        );
     }
 
     #[test]
