@@ -51,7 +51,7 @@ pub fn decode(node: &[u8], bytes: &[u8]) -> Result<Registration, StoreError> {
             let secret_hash = r.digest().ok_or_else(|| corrupt("short record"))?;
             let domain = r.text().ok_or_else(|| corrupt("bad domain"))?;
             let app = r.text().ok_or_else(|| corrupt("bad app"))?;
-            let token = hex::encode(r.bytes().ok_or_else(|| corrupt("bad token"))?);
+            let token = lower_hex(r.bytes().ok_or_else(|| corrupt("bad token"))?);
             if !r.rest.is_empty() {
                 return Err(corrupt("trailing bytes"));
             }
@@ -109,9 +109,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Lowercase hex of `bytes`, by table: this runs on every publish (`hex::encode` goes char by char).
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
+    }
+    // Only ASCII digits were pushed.
+    String::from_utf8(out).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_lowercase_and_whole() {
+        assert_eq!(lower_hex(&[0x00, 0x9f, 0xa0, 0xff]), "009fa0ff");
+        assert_eq!(lower_hex(&[]), "");
+    }
 
     fn sample() -> Registration {
         Registration {
