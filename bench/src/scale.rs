@@ -2,7 +2,6 @@
 //! latency against a small store's, and how fast registrations become durable.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -12,7 +11,7 @@ use crate::procs::{disk_usage, memory};
 use crate::report::{count, mib, num};
 use crate::seed::seed;
 use crate::server::Component;
-use crate::stanzas::{prosody_publish, registration, Template};
+use crate::stanzas::{registration, Template};
 use crate::targets::{start, Env, Running, Target};
 use crate::throughput::publishes;
 
@@ -70,13 +69,7 @@ async fn one(
         seeded.took.as_secs_f64(),
         mib(disk)
     );
-    let templates: Arc<Vec<Template>> = Arc::new(
-        seeded
-            .sample
-            .iter()
-            .map(|(node, secret)| prosody_publish(node, secret))
-            .collect(),
-    );
+    let templates = seeded.publishes();
 
     let (running, component, first_ready) = start_and_publish(env, &store, &templates[0]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;

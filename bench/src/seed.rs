@@ -3,6 +3,7 @@
 //! only the XMPP round trip of registering is skipped, since that is measured separately.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -10,7 +11,7 @@ use knock::secrets::{random_id, secret_hash, Keyring};
 use knock::store::{Registration, SledStore, Store};
 use rand::RngCore as _;
 
-use crate::stanzas::{APP, SERVER_DOMAIN};
+use crate::stanzas::{prosody_publish, Template, APP, SERVER_DOMAIN};
 
 /// A seeded store.
 pub struct Seeded {
@@ -18,6 +19,18 @@ pub struct Seeded {
     pub sample: Vec<(String, String)>,
     /// How long writing and flushing took.
     pub took: Duration,
+}
+
+impl Seeded {
+    /// Prosody's publish to each sampled registration.
+    pub fn publishes(&self) -> Arc<Vec<Template>> {
+        Arc::new(
+            self.sample
+                .iter()
+                .map(|(node, secret)| prosody_publish(node, secret))
+                .collect(),
+        )
+    }
 }
 
 /// Write `count` registrations into the store at `path` and keep about `sample` of them to publish to.

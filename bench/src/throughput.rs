@@ -11,7 +11,7 @@ use crate::load::{self, Load, Source};
 use crate::procs::memory;
 use crate::report::{count, mib, num, summarize, Rep, Summary};
 use crate::seed::seed;
-use crate::stanzas::{prosody_publish, Template};
+use crate::stanzas::Template;
 use crate::targets::{start, Env, Target};
 
 /// What to measure.
@@ -62,13 +62,7 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
     let store = env.work.join("store-throughput");
     eprintln!("seeding {} registrations…", options.nodes);
     let seeded = seed(&store, options.nodes, options.nodes).await?;
-    let templates: Arc<Vec<Template>> = Arc::new(
-        seeded
-            .sample
-            .iter()
-            .map(|(node, secret)| prosody_publish(node, secret))
-            .collect(),
-    );
+    let templates = seeded.publishes();
     let mut reps: Vec<(usize, Target, Vec<Rep>)> = Vec::new();
     for &window in &options.windows {
         for target in TARGETS {
