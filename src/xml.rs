@@ -7,6 +7,10 @@
 
 use std::borrow::Cow;
 
+/// Longest name or attribute value the fast path reads, in bytes. minidom's lexer (rxml) refuses names and
+/// attribute values longer than 8 KiB, so the fast path must refuse them too; real ones are far shorter.
+pub const MAX_TOKEN: usize = 4096;
+
 /// The first `byte` in `hay`. Spans inside a tag are a few dozen bytes, where a plain loop beats
 /// `memchr`'s SIMD set-up; this is the lexer's one search primitive.
 #[inline]

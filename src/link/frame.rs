@@ -76,7 +76,7 @@ impl Framer {
                 if let Some((len, depth)) = shape::frame_len(&buf[lt..]) {
                     buf.advance(lt);
                     self.deepest = depth;
-                    return Ok(Some(self.stanza(buf, len - 1)));
+                    return self.stanza(buf, len - 1).map(Some);
                 }
             }
             let rest = &buf[lt..];
@@ -157,7 +157,7 @@ impl Framer {
                 }
                 2 => {
                     self.depth = 1;
-                    return Ok(Some(self.stanza(buf, gt)));
+                    return self.stanza(buf, gt).map(Some);
                 }
                 _ => self.depth -= 1,
             }
@@ -166,6 +166,9 @@ impl Framer {
         match self.depth {
             0 if empty => Err(FrameError::NotWellFormed("an empty stream")),
             0 => {
+                if gt >= MAX_STANZA {
+                    return Err(FrameError::TooBig);
+                }
                 self.depth = 1;
                 let header = buf.split_to(gt + 1).freeze();
                 self.scan = 0;
@@ -173,7 +176,7 @@ impl Framer {
             }
             1 if empty => {
                 self.deepest = 1;
-                Ok(Some(self.stanza(buf, gt)))
+                self.stanza(buf, gt).map(Some)
             }
             1 => {
                 self.depth = 2;
@@ -192,13 +195,18 @@ impl Framer {
         }
     }
 
-    fn stanza(&mut self, buf: &mut BytesMut, gt: usize) -> Event {
+    /// The stanza `buf[..=gt]`, unless it is larger than [`MAX_STANZA`]: one that arrived whole in a
+    /// single read was never held incomplete, so only here is its size checked.
+    fn stanza(&mut self, buf: &mut BytesMut, gt: usize) -> Result<Event, FrameError> {
+        if gt >= MAX_STANZA {
+            return Err(FrameError::TooBig);
+        }
         let bytes = buf.split_to(gt + 1).freeze();
         self.scan = 0;
-        Event::Stanza(Frame {
+        Ok(Event::Stanza(Frame {
             bytes,
             depth: std::mem::take(&mut self.deepest),
-        })
+        }))
     }
 
     fn incomplete(&mut self, buf: &BytesMut) -> Result<Option<Event>, FrameError> {
@@ -285,6 +293,14 @@ mod tests {
         let mut input = b"<stream:stream><iq>".to_vec();
         input.extend(std::iter::repeat_n(b'x', MAX_STANZA + 1));
         assert_eq!(events(&input, 4096), Err(FrameError::TooBig));
+        // However it arrives: complete in a single read, it is refused all the same.
+        input.extend_from_slice(b"</iq>");
+        assert_eq!(events(&input, input.len()), Err(FrameError::TooBig));
+        let header = format!("<stream:stream a='{}'>", "x".repeat(MAX_STANZA));
+        assert_eq!(
+            events(header.as_bytes(), header.len()),
+            Err(FrameError::TooBig)
+        );
         // Deep nesting is counted, not recursed into.
         let deep = format!(
             "<stream:stream>{}{}",

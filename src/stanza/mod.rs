@@ -17,7 +17,7 @@ use xmpp_parsers::ns;
 
 use crate::handlers::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
 use crate::link::frame::Frame;
-use crate::xml::{decode, is_blank, valid_chars, Tag, TagKind, Tags};
+use crate::xml::{decode, is_blank, valid_chars, Tag, TagKind, Tags, MAX_TOKEN};
 
 pub mod shape;
 
@@ -168,7 +168,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Check a tag's attributes: each must be in `allowed` at most once; `each` gets the values.
+/// Check a tag's attributes: each must be in `allowed` at most once and no longer than [`MAX_TOKEN`];
+/// `each` gets the values.
 fn attrs<'a>(
     tag: &Tag<'a>,
     allowed: &[&[u8]],
@@ -176,6 +177,9 @@ fn attrs<'a>(
 ) -> Option<()> {
     let mut seen = 0u32;
     tag.for_each_attr(|name, value| {
+        if value.len() > MAX_TOKEN {
+            return None;
+        }
         let index = allowed.iter().position(|a| *a == name)?;
         let bit = 1 << index;
         if seen & bit != 0 {
@@ -273,7 +277,7 @@ impl<'a> FastPublish<'a> {
 
 /// Skip an item's content unread: at most one child element (the notification), as XEP-0060 has it. The
 /// content is still checked for what a full parser would refuse: mismatched tags, repeated attributes,
-/// prefixes (whose declarations this reader does not track).
+/// prefixes (whose declarations this reader does not track), names and values too long for it.
 fn skip_item(r: &mut Reader<'_>) -> Option<()> {
     let mut open: Vec<&[u8]> = Vec::with_capacity(8);
     let mut children = 0;
@@ -282,14 +286,19 @@ fn skip_item(r: &mut Reader<'_>) -> Option<()> {
         if open.is_empty() && !is_blank(text) {
             return None;
         }
-        if tag.name.contains(&b':') {
+        if tag.name.contains(&b':') || tag.name.len() > MAX_TOKEN {
             return None;
         }
         if tag.kind != TagKind::End {
             let mut names: [&[u8]; 8] = [&[]; 8];
             let mut count = 0;
-            tag.for_each_attr(|name, _| {
-                if count == names.len() || names[..count].contains(&name) || name.contains(&b':') {
+            tag.for_each_attr(|name, value| {
+                if count == names.len()
+                    || names[..count].contains(&name)
+                    || name.contains(&b':')
+                    || name.len() > MAX_TOKEN
+                    || value.len() > MAX_TOKEN
+                {
                     return None;
                 }
                 names[count] = name;
@@ -439,6 +448,18 @@ mod tests {
         }
         let twice = PROSODY.replace("var='FORM_TYPE'><value>http", "var='secret'><value>http");
         assert!(FastPublish::read(&frame(&twice)).is_none());
+        // Values and names minidom's lexer refuses as too long (over 8 KiB) (found by tests/hostile.rs).
+        let long = "a".repeat(8193);
+        for (from, to) in [
+            ("node='n1'", format!("node='{long}'")),
+            ("id='i&amp;1'", format!("id='{long}'")),
+            ("<notification ", format!("<notification a='{long}' ")),
+            ("<notification ", format!("<{long}/><notification ")),
+        ] {
+            let xml = PROSODY.replacen(from, &to, 1);
+            assert!(parse_iq(&frame(&xml)).is_err(), "{from}");
+            assert!(FastPublish::read(&frame(&xml)).is_none(), "{from}");
+        }
     }
 
     #[test]

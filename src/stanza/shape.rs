@@ -5,8 +5,8 @@
 //!
 //! Why that is sound: the constant bytes were already accepted by the full fast reader, and a part of
 //! plain characters (no quote, `<`, `>`, `&`, `]`, space or control character, ASCII only) cannot change
-//! how anything around it lexes, needs no decoding, and cannot complete a `]]>`. The only check in the
-//! full reader that depends on a part's content, the secret's length, is made here too.
+//! how anything around it lexes, needs no decoding, and cannot complete a `]]>`. The only checks in the
+//! full reader that depend on a part's content, the lengths of the parts, are made here too.
 //!
 //! The framer asks the same question first ([`frame_len`]), so a publish of a known shape is also cut out
 //! of the stream without a scan.
@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use super::FastPublish;
 use crate::handlers::MAX_FIELD_LEN;
 use crate::link::frame::Frame;
+use crate::xml::MAX_TOKEN;
 
 /// Shapes kept per thread.
 const SHAPES: usize = 8;
@@ -163,7 +164,7 @@ impl Shape {
         let mut fields: [Option<&'a str>; 5] = [None; 5];
         for (part, constant) in self.parts.iter().zip(&self.constants[1..]) {
             let len = rest.iter().position(|&b| !plain(b)).unwrap_or(rest.len());
-            if *part == Part::Secret && len > MAX_FIELD_LEN {
+            if len > MAX_TOKEN || (*part == Part::Secret && len > MAX_FIELD_LEN) {
                 return None;
             }
             // Plain bytes are ASCII, so this cannot fail; it only proves it to the type system.
@@ -246,6 +247,8 @@ mod tests {
                 &"k".repeat(MAX_FIELD_LEN + 1),
                 "New Message!",
             ),
+            publish(&"i".repeat(8193), "node1", "secret1", "New Message!"),
+            publish("a1", &"n".repeat(8193), "secret1", "New Message!"),
         ] {
             assert!(read(&frame.bytes).is_none(), "{:?}", frame.bytes);
             // And the full read still gives its own verdict.
