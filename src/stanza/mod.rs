@@ -55,9 +55,10 @@ pub fn kind(frame: &Frame) -> Kind {
         return Kind::Unknown;
     };
     match tag.name {
-        b"iq" => match tag.attr(b"type") {
-            Some(b"get" | b"set") => Kind::Request,
-            Some(b"result" | b"error") => Kind::Answer,
+        // Decoded, as a parser reads it: `type='s&#101;t'` is a set, and must be answered.
+        b"iq" => match tag.attr(b"type").and_then(decode).as_deref() {
+            Some("get" | "set") => Kind::Request,
+            Some("result" | "error") => Kind::Answer,
             _ => Kind::Unknown,
         },
         b"message" | b"presence" => Kind::Ignored,
@@ -460,6 +461,15 @@ mod tests {
             assert!(parse_iq(&frame(&xml)).is_err(), "{from}");
             assert!(FastPublish::read(&frame(&xml)).is_none(), "{from}");
         }
+    }
+
+    #[test]
+    fn an_iq_type_written_with_references_is_still_a_request() {
+        // Found by tests/hostile.rs: the raw value was compared, so this set went unanswered.
+        let f = frame("<iq type='s&#101;t' id='x' from='a@b/c'><ping xmlns='urn:xmpp:ping'/></iq>");
+        assert_eq!(kind(&f), Kind::Request);
+        let f = frame("<iq type='&#x72;esult' id='x' from='a@b/c'/>");
+        assert_eq!(kind(&f), Kind::Answer);
     }
 
     #[test]
