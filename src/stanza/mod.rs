@@ -119,14 +119,25 @@ pub fn envelope(frame: &Frame) -> Envelope {
     let attr = |name: &[u8]| {
         root(frame)
             .and_then(|tag| tag.attr(name))
-            .and_then(decode)
-            .map(Cow::into_owned)
+            .and_then(attr_value)
     };
     Envelope {
         from: attr(b"from"),
         to: attr(b"to"),
         id: attr(b"id"),
     }
+}
+
+/// An attribute value as a parser reads it: line ends and tabs become spaces (XML 1.0 §3.3.3), and `>`
+/// is plain (which [`decode`] refuses only to keep clear of text's `]]>`).
+fn attr_value(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let normalized = text.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ");
+    let parts = normalized
+        .split('>')
+        .map(|part| decode(part.as_bytes()))
+        .collect::<Option<Vec<_>>>()?;
+    Some(parts.join(">"))
 }
 
 /// A server's XEP-0357 publish, read straight from its bytes.
@@ -479,5 +490,9 @@ mod tests {
         assert!(parse_iq(&f).is_err());
         assert_eq!(envelope(&f).id.as_deref(), Some("x"));
         assert_eq!(envelope(&f).from.as_deref(), Some("a@b/c"));
+        // Read as a parser reads attributes (found by tests/hostile.rs: such an id went unanswered).
+        let f = frame("<iq type='get' id='a\tb\r\nc>&amp;' from='a@b/c'></iq>");
+        assert!(parse_iq(&f).is_err());
+        assert_eq!(envelope(&f).id.as_deref(), Some("a b c>&"));
     }
 }
