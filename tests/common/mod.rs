@@ -1,6 +1,15 @@
 //! Stanzas as real servers and clients send them, and reply readers, shared by the integration tests.
 #![allow(dead_code)]
 
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use knock::app::{App, PushApp};
+use knock::push::{Backend, PushOutcome, Wakeup};
+use knock::store::SledStore;
 use minidom::Element;
 
 /// The stream namespace of a component link.
@@ -90,4 +99,44 @@ pub fn node_and_secret(reply: &Element) -> (String, String) {
         field(reply, "node").expect("node"),
         field(reply, "secret").expect("secret"),
     )
+}
+
+/// A push backend that delivers every wake-up and counts them.
+#[derive(Default)]
+pub struct Counting {
+    woken: AtomicUsize,
+}
+
+impl Counting {
+    /// Wake-ups so far.
+    pub fn woken(&self) -> usize {
+        self.woken.load(Ordering::SeqCst)
+    }
+}
+
+impl Backend for Counting {
+    fn wake<'a>(&'a self, _: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
+        self.woken.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { PushOutcome::Delivered })
+    }
+}
+
+/// knock's state on a real sled store in `dir`, with one app, `chat`, whose pushes all succeed, and no
+/// rate limit.
+pub fn counting_app(dir: &Path) -> (App, Arc<Counting>) {
+    let store = SledStore::open(dir).expect("store opens");
+    let backend = Arc::new(Counting::default());
+    let apps = vec![PushApp {
+        name: "chat".into(),
+        backend: backend.clone(),
+    }];
+    let app = App::new(
+        "push.localhost".parse().expect("JID"),
+        Arc::new(store),
+        apps,
+        Duration::ZERO,
+        Duration::from_secs(2),
+    )
+    .expect("app");
+    (app, backend)
 }
