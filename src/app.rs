@@ -60,6 +60,8 @@ pub struct App {
     pub publish_deadline: Duration,
     /// What happened, in counts.
     pub stats: Stats,
+    /// Domains whose users may register; empty means any.
+    pub allowed_domains: Vec<String>,
 }
 
 impl App {
@@ -80,6 +82,7 @@ impl App {
             limiter: RateLimiter::new(push_interval),
             publish_deadline,
             stats: Stats::default(),
+            allowed_domains: Vec::new(),
         })
     }
 
@@ -119,14 +122,22 @@ impl App {
             source,
         };
         let store = SledStore::open(&config.store.path).map_err(store_error)?;
-        App::new(
+        let mut app = App::new(
             config.component_jid(),
             Arc::new(store),
             apps,
             config.push_interval(),
             config.publish_deadline(),
         )
-        .map_err(store_error)
+        .map_err(store_error)?;
+        // Validation already refused anything that is not a domain.
+        app.allowed_domains = config
+            .limits
+            .allowed_domains
+            .iter()
+            .filter_map(|d| crate::config::normalize_domain(d))
+            .collect();
+        Ok(app)
     }
 
     /// The app with this name, or the default app when `name` is `None`.

@@ -105,6 +105,9 @@ pub struct LimitsConfig {
     /// Prosody never does, so a late answer is lost or holds state on the server).
     #[serde(default = "default_publish_deadline_ms")]
     pub publish_deadline_ms: u64,
+    /// Only users of these XMPP domains may register; empty (the default) lets anyone register.
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -112,6 +115,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             push_interval_ms: default_push_interval_ms(),
             publish_deadline_ms: default_publish_deadline_ms(),
+            allowed_domains: Vec::new(),
         }
     }
 }
@@ -243,6 +247,12 @@ impl ApnsAuthConfig {
 fn default_ping_interval() -> u64 {
     30
 }
+/// A domain as knock compares it with a sender's (nameprep'd, as in a JID), or `None` if it is not one.
+pub fn normalize_domain(domain: &str) -> Option<String> {
+    let jid: BareJid = domain.parse().ok()?;
+    jid.node().is_none().then(|| jid.domain().to_string())
+}
+
 fn default_max_in_flight() -> usize {
     1024
 }
@@ -385,6 +395,14 @@ impl Config {
                 "limits.publish_deadline_ms",
                 "must be between 100 and 30000 (ejabberd stops waiting after 32 s)",
             ));
+        }
+        for (i, domain) in self.limits.allowed_domains.iter().enumerate() {
+            if normalize_domain(domain).is_none() {
+                return Err(ConfigError::invalid(
+                    format!("limits.allowed_domains[{i}]"),
+                    "must be a bare XMPP domain, like example.org",
+                ));
+            }
         }
         if self.apns.is_empty() {
             return Err(ConfigError::invalid(
@@ -550,6 +568,15 @@ team_id = "TEAM123456"
             "team_id = \"TEAM123456\"\ncert_file = \"c.pem\"",
         );
         assert!(err(&both).contains("apns[0].auth"));
+        let domains = |list: &str| format!("{GOOD}\n[limits]\nallowed_domains = {list}\n");
+        assert!(err(&domains("[\"example.org\", \"a@b\"]")).contains("limits.allowed_domains[1]"));
+        assert!(err(&domains("[\"\"]")).contains("limits.allowed_domains[0]"));
+        let c = Config::parse(&domains("[\"Example.ORG\"]")).expect("valid");
+        assert_eq!(
+            normalize_domain(&c.limits.allowed_domains[0]).as_deref(),
+            Some("example.org"),
+            "compared as a JID's domain is"
+        );
     }
 
     #[test]

@@ -117,6 +117,25 @@ async fn register(f: &Fixture, from: &str, device: &str, token: &str) -> (String
 // --- registration ---
 
 #[tokio::test]
+async fn allowed_domains_refuse_other_servers_users_and_store_nothing() {
+    let mut f = fixture();
+    f.app.allowed_domains = vec!["localhost".into()];
+    let refused = ask(
+        &f,
+        &register_xml("r1", "mallory@elsewhere.example/phone", "d", TOKEN, ""),
+    )
+    .await;
+    assert_eq!(error_of(&refused), err("cancel", "not-allowed"));
+    assert_eq!(
+        f.app.store.len().unwrap(),
+        0,
+        "nothing stored for a refused domain"
+    );
+    let (node, _) = register(&f, "alice@localhost/phone", "d", TOKEN).await;
+    assert!(f.app.store.get(&node).unwrap().is_some());
+}
+
+#[tokio::test]
 async fn register_returns_node_and_secret_and_stores_no_jid() {
     let f = fixture();
     let (node, secret) = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;

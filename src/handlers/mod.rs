@@ -62,6 +62,10 @@ impl HandlerError {
             text,
         )
     }
+    /// cancel / not-allowed: this service does not take the request from this sender, by policy.
+    pub fn not_allowed(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Cancel, DefinedCondition::NotAllowed, text)
+    }
     /// wait / resource-constraint: try again later.
     pub fn resource_constraint(text: impl Into<String>) -> Self {
         Self::new(ErrorType::Wait, DefinedCondition::ResourceConstraint, text)
@@ -178,7 +182,13 @@ pub fn push_app<'a>(app: &'a App, name: Option<&str>) -> Result<&'a PushApp, Han
 }
 
 /// Store a registration and wait until it is durable; only then may it be acknowledged.
+/// Every registration, by command or shorthand, comes through here, so the domain policy is checked here.
 pub async fn save(app: &App, registration: &Registration) -> Result<(), HandlerError> {
+    if !app.allowed_domains.is_empty() && !app.allowed_domains.contains(&registration.domain) {
+        return Err(HandlerError::not_allowed(
+            "this push service only registers users of its own domains",
+        ));
+    }
     app.store.put(registration)?;
     app.store.flush().await?;
     crate::stats::Stats::bump(&app.stats.registered);
