@@ -581,9 +581,17 @@ async fn every_registration_acknowledged_before_a_kill_9_mid_burst_survives() {
     let mut conn = h.accept().await;
     for (id, (node, secret)) in &acknowledged {
         let reply = publish(&mut conn, &format!("p-{id}"), node, secret).await;
-        assert_eq!(error_of(&reply), None, "registration {id} was acknowledged, then lost");
+        assert_eq!(
+            error_of(&reply),
+            None,
+            "registration {id} was acknowledged, then lost"
+        );
     }
-    assert_eq!(h.apns.requests().len(), acknowledged.len(), "one push per node");
+    assert_eq!(
+        h.apns.requests().len(),
+        acknowledged.len(),
+        "one push per node"
+    );
 }
 
 #[tokio::test]
