@@ -10,7 +10,7 @@ use knock::app::{App, PushApp};
 use knock::link::frame::Frame;
 use knock::push::{Backend, PushOutcome, Wakeup};
 use knock::router;
-use knock::store::SledStore;
+use knock::store::{Digest, Registration, SledStore, Store, StoreError};
 use minidom::Element;
 use xmpp_parsers::iq::Iq;
 
@@ -703,4 +703,85 @@ async fn fast_and_full_publish_paths_agree() {
         same_on_both_paths(&f, xml).await;
     }
     assert!(f.app.store.get(&node).unwrap().is_some());
+}
+
+// --- store failures (issue 5) ---
+
+/// A sled store whose writes or flushes fail on demand, as a full disk or an I/O error would.
+struct Failing {
+    inner: SledStore,
+    fail_put: bool,
+    fail_flush: bool,
+}
+
+impl Store for Failing {
+    fn get(&self, node: &str) -> Result<Option<Registration>, StoreError> {
+        self.inner.get(node)
+    }
+    fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError> {
+        self.inner.node_for_device(device)
+    }
+    fn put(&self, registration: &Registration) -> Result<(), StoreError> {
+        if self.fail_put {
+            return Err(StoreError::Io(
+                "No space left on device (os error 28)".into(),
+            ));
+        }
+        self.inner.put(registration)
+    }
+    fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
+        self.inner.remove(node)
+    }
+    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError> {
+        self.inner.remove_if_token(node, token)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        if self.fail_flush {
+            return Box::pin(async {
+                Err(StoreError::Io("Input/output error (os error 5)".into()))
+            });
+        }
+        self.inner.flush()
+    }
+    fn len(&self) -> Result<usize, StoreError> {
+        self.inner.len()
+    }
+    fn instance_key(&self) -> Result<[u8; 32], StoreError> {
+        self.inner.instance_key()
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_write_or_flush_never_acknowledges_a_registration() {
+    for (fail_put, fail_flush) in [(true, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Failing {
+            inner: SledStore::open(dir.path()).unwrap(),
+            fail_put,
+            fail_flush,
+        };
+        let app = App::new(
+            "push.localhost".parse().unwrap(),
+            Arc::new(store),
+            vec![PushApp {
+                name: "chat".into(),
+                backend: Arc::new(Scripted::default()),
+            }],
+            Duration::ZERO,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let xml = register_xml("r1", "alice@localhost/phone", "d", TOKEN, "");
+        let reply = Element::from(
+            router::handle_frame(&app, frame(&xml))
+                .await
+                .expect("answered"),
+        );
+        assert_eq!(
+            error_of(&reply),
+            err("wait", "internal-server-error"),
+            "put fails: {fail_put}, flush fails: {fail_flush}"
+        );
+        assert!(field(&reply, "node").is_none(), "no node handed out");
+    }
 }
