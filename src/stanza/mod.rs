@@ -116,11 +116,8 @@ pub struct Envelope {
 
 /// Read the addressing of a frame's root tag, however broken the rest is.
 pub fn envelope(frame: &Frame) -> Envelope {
-    let attr = |name: &[u8]| {
-        root(frame)
-            .and_then(|tag| tag.attr(name))
-            .and_then(attr_value)
-    };
+    let root = root(frame);
+    let attr = |name: &[u8]| root.and_then(|tag| tag.attr(name)).and_then(attr_value);
     Envelope {
         from: attr(b"from"),
         to: attr(b"to"),
