@@ -88,14 +88,14 @@ async fn check_and_push(
 
     // 2. The node must exist. This comes before the secret check so that a server publishing to a
     //    deleted node always learns to drop it.
-    let Some(registration) = app.store.get(node)? else {
+    let Some(registration) = app.store.publish_target(node)? else {
         return Err(HandlerError::item_not_found("no such node"));
     };
 
     // 3. Only the registering user's server may publish, and only with the node's secret.
     let from_server = from.node().is_none()
         && from.resource().is_none()
-        && from.domain().as_str() == registration.domain;
+        && from.domain().as_str() == &*registration.domain;
     match request.secret.as_deref() {
         Some(secret) if from_server && secret_matches(&registration.secret_hash, secret) => {}
         _ => return Err(HandlerError::forbidden("wrong secret or publisher")),

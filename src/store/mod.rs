@@ -3,9 +3,11 @@
 //! Handlers speak only this trait, so another backend can be added without touching them. A registration holds
 //! what a push needs and nothing more: no JID (only keyed hashes of it), no secret (only its hash), no timestamps.
 
+mod index;
 mod record;
 mod sled;
 
+pub use self::index::PublishTarget;
 pub use self::sled::SledStore;
 
 use futures::future::BoxFuture;
@@ -60,6 +62,17 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// The registration for a node, if any.
     fn get(&self, node: &str) -> Result<Option<Registration>, StoreError>;
+
+    /// What a publish to `node` needs, if the node is registered. This is the publish hot path: a store may
+    /// answer it from memory. The default reads the whole registration.
+    fn publish_target(&self, node: &str) -> Result<Option<PublishTarget>, StoreError> {
+        Ok(self.get(node)?.map(|r| PublishTarget {
+            token: r.token,
+            secret_hash: r.secret_hash,
+            domain: r.domain.into(),
+            app: r.app.into(),
+        }))
+    }
 
     /// The node a device is registered under, if any.
     fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError>;

@@ -39,30 +39,80 @@ pub fn encode(registration: &Registration) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
+/// The part of a record a publish needs, borrowed from the record's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishFields<'a> {
+    /// SHA-256 of the publish secret.
+    pub secret_hash: Digest,
+    /// The registering user's server.
+    pub domain: &'a str,
+    /// The app the token belongs to.
+    pub app: &'a str,
+    /// The device token's bytes.
+    pub token: &'a [u8],
+}
+
+/// A format-1 record, borrowed: the digests, then the publish fields.
+struct Parsed<'a> {
+    device: Digest,
+    owner: Digest,
+    fields: PublishFields<'a>,
+}
+
+fn parse_v1(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
+    let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
+    let mut r = Reader {
+        rest: bytes.get(1..).unwrap_or_default(),
+    };
+    let device = r.digest().ok_or_else(|| corrupt("short record"))?;
+    let owner = r.digest().ok_or_else(|| corrupt("short record"))?;
+    let secret_hash = r.digest().ok_or_else(|| corrupt("short record"))?;
+    let domain = r.text().ok_or_else(|| corrupt("bad domain"))?;
+    let app = r.text().ok_or_else(|| corrupt("bad app"))?;
+    let token = r.bytes().ok_or_else(|| corrupt("bad token"))?;
+    if !r.rest.is_empty() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok(Parsed {
+        device,
+        owner,
+        fields: PublishFields {
+            secret_hash,
+            domain,
+            app,
+            token,
+        },
+    })
+}
+
+/// The publish fields of a current-format record, without copying; `None` for a record of an earlier format
+/// (read it with [`decode`]).
+pub fn publish_fields(bytes: &[u8]) -> Result<Option<PublishFields<'_>>, StoreError> {
+    match bytes.first() {
+        Some(&FORMAT_1) => parse_v1(bytes).map(|p| Some(p.fields)),
+        _ => Ok(None),
+    }
+}
+
 /// Decode the record stored under `node`.
 pub fn decode(node: &[u8], bytes: &[u8]) -> Result<Registration, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
     let node = std::str::from_utf8(node).map_err(|_| corrupt("node is not UTF-8"))?;
     match bytes.first() {
         Some(&FORMAT_1) => {
-            let mut r = Reader { rest: &bytes[1..] };
-            let device = r.digest().ok_or_else(|| corrupt("short record"))?;
-            let owner = r.digest().ok_or_else(|| corrupt("short record"))?;
-            let secret_hash = r.digest().ok_or_else(|| corrupt("short record"))?;
-            let domain = r.text().ok_or_else(|| corrupt("bad domain"))?;
-            let app = r.text().ok_or_else(|| corrupt("bad app"))?;
-            let token = lower_hex(r.bytes().ok_or_else(|| corrupt("bad token"))?);
-            if !r.rest.is_empty() {
-                return Err(corrupt("trailing bytes"));
-            }
+            let Parsed {
+                device,
+                owner,
+                fields,
+            } = parse_v1(bytes)?;
             Ok(Registration {
                 node: node.to_string(),
                 device,
                 owner,
-                domain,
-                app,
-                token,
-                secret_hash,
+                domain: fields.domain.to_string(),
+                app: fields.app.to_string(),
+                token: lower_hex(fields.token),
+                secret_hash: fields.secret_hash,
             })
         }
         Some(b'{') => {
@@ -104,13 +154,13 @@ impl<'a> Reader<'a> {
         self.take(usize::from(len))
     }
 
-    fn text(&mut self) -> Option<String> {
-        std::str::from_utf8(self.bytes()?).ok().map(str::to_string)
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
     }
 }
 
 /// Lowercase hex of `bytes`, by table: this runs on every publish (`hex::encode` goes char by char).
-fn lower_hex(bytes: &[u8]) -> String {
+pub fn lower_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = Vec::with_capacity(bytes.len() * 2);
     for &b in bytes {

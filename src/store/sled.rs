@@ -4,13 +4,17 @@
 //! hash -> node, `meta` holds the instance key. Writes touching two trees run in one sled transaction, so a
 //! crash never leaves half a record.
 //!
+//! Publishes read [`PublishIndex`], an in-memory copy of what they need, rebuilt from `registrations` by a
+//! background thread at every open; every write updates sled first and the index after, under one lock, so
+//! the index never runs ahead of or behind the store for long enough to answer wrongly.
+//!
 //! Durability is a group commit: a registration burst shares disk flushes instead of queueing one each, and
 //! each flush runs on the blocking pool. (sled 0.34's `flush_async` can miss its wake-up when several run at
 //! once and hang forever, which a benchmark at 64 registrations in flight hit.)
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -18,14 +22,18 @@ use rand::RngCore;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::record::{decode, encode};
+use super::index::{Lookup, PublishIndex, PublishTarget};
+use super::record::{decode, encode, publish_fields, PublishFields};
 use super::{Digest, Registration, Store, StoreError};
 
 /// How long a flush may take before the changes waiting on it are reported as not confirmed.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
-/// sled's page cache. Its default (1 GiB) would let a large store grow RSS far past what a small VM has; a
-/// few tens of MiB keep the hot part of a million registrations and the OS page cache holds the rest.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// sled's page cache. Its default (1 GiB) would let a large store grow RSS far past what a small VM has.
+/// Publishes read the index, not sled, so sled's cache serves only registrations and the rebuild: a few
+/// MiB do, and the OS page cache holds the rest.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// Registrations the rebuild reads before taking the index's lock once to add them.
+const REBUILD_BATCH: usize = 1024;
 
 /// Registrations in a sled database on local disk.
 #[derive(Clone)]
@@ -38,6 +46,35 @@ pub struct SledStore {
     devices: sled::Tree,
     /// Group commit state, shared by clones.
     commit: Arc<GroupCommit>,
+    /// What publishes read: every registration's token, secret hash, domain and app.
+    index: Arc<PublishIndex>,
+    /// Held across a write to sled and the matching index update, so two writes to one node cannot reach
+    /// the index in the other order than they reached sled.
+    writes: Arc<Mutex<()>>,
+    /// The background rebuild of the index; stopped and joined when the last clone is dropped.
+    _rebuild: Arc<Rebuild>,
+}
+
+/// The thread that fills the index from sled after an open.
+struct Rebuild {
+    /// Asks the thread to stop early (the store is being closed).
+    stop: Arc<AtomicBool>,
+    /// Joined on drop, so the database is closed once the store is.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Rebuild {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self
+            .thread
+            .get_mut()
+            .map(Option::take)
+            .unwrap_or_else(|p| p.into_inner().take());
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Tickets for group commit: every flush request takes a ticket; a disk flush that starts after a ticket was
@@ -78,12 +115,38 @@ impl SledStore {
             .path(path)
             .cache_capacity(CACHE_BYTES)
             .open()?;
+        let registrations = db.open_tree("registrations")?;
+        let index = Arc::new(PublishIndex::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (registrations, index, stop) = (registrations.clone(), index.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("knock-index".into())
+                .spawn(move || rebuild_index(&registrations, &index, &stop))
+                .map_err(|e| StoreError::Io(format!("starting the index rebuild: {e}")))?
+        };
         Ok(SledStore {
-            registrations: db.open_tree("registrations")?,
+            registrations,
             devices: db.open_tree("devices")?,
             db,
             commit: Arc::default(),
+            index,
+            writes: Arc::default(),
+            _rebuild: Arc::new(Rebuild {
+                stop,
+                thread: Mutex::new(Some(thread)),
+            }),
         })
+    }
+
+    /// Whether the index holds every registration yet (tests and the benchmark wait for it).
+    pub fn index_complete(&self) -> bool {
+        self.index.is_complete()
+    }
+
+    fn write_lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is (); a panic while holding it leaves nothing half-done.
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Make every change made before the call durable, sharing disk flushes with concurrent callers.
@@ -125,9 +188,25 @@ impl Store for SledStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    fn publish_target(&self, node: &str) -> Result<Option<PublishTarget>, StoreError> {
+        match self.index.get(node) {
+            Lookup::Found(target) => Ok(Some(target)),
+            Lookup::Absent => Ok(None),
+            Lookup::Unknown => Ok(self.get(node)?.map(|r| PublishTarget {
+                token: r.token,
+                secret_hash: r.secret_hash,
+                domain: r.domain.into(),
+                app: r.app.into(),
+            })),
+        }
+    }
+
     fn put(&self, registration: &Registration) -> Result<(), StoreError> {
         let record = encode(registration)?;
-        (&self.registrations, &self.devices)
+        let fields = publish_fields(&record)?
+            .ok_or_else(|| StoreError::Invalid("encoded in an old format".into()))?;
+        let _writes = self.write_lock();
+        let dropped = (&self.registrations, &self.devices)
             .transaction(|(regs, devices)| {
                 let node = registration.node.as_bytes();
                 if let Some(existing) = regs.get(node)? {
@@ -143,19 +222,27 @@ impl Store for SledStore {
                         devices.remove(&existing.device)?;
                     }
                 }
+                let mut dropped = None;
                 if let Some(previous) = devices.insert(&registration.device, node)? {
                     if previous.as_ref() != node {
-                        regs.remove(previous)?;
+                        regs.remove(&previous)?;
+                        dropped = Some(previous);
                     }
                 }
                 regs.insert(node, record.as_slice())?;
-                Ok(())
+                Ok(dropped)
             })
-            .map_err(StoreError::from)
+            .map_err(StoreError::from)?;
+        self.index.upsert(&registration.node, &fields);
+        if let Some(previous) = dropped {
+            self.index.remove(&String::from_utf8_lossy(&previous));
+        }
+        Ok(())
     }
 
     fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
-        (&self.registrations, &self.devices)
+        let _writes = self.write_lock();
+        let removed = (&self.registrations, &self.devices)
             .transaction(|(regs, devices)| {
                 let Some(bytes) = regs.remove(node.as_bytes())? else {
                     return Ok(None);
@@ -167,11 +254,14 @@ impl Store for SledStore {
                 }
                 Ok(Some(registration))
             })
-            .map_err(StoreError::from)
+            .map_err(StoreError::from)?;
+        self.index.remove(node);
+        Ok(removed)
     }
 
     fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError> {
-        (&self.registrations, &self.devices)
+        let _writes = self.write_lock();
+        let removed = (&self.registrations, &self.devices)
             .transaction(|(regs, devices)| {
                 let Some(bytes) = regs.get(node.as_bytes())? else {
                     return Ok(false);
@@ -187,7 +277,11 @@ impl Store for SledStore {
                 }
                 Ok(true)
             })
-            .map_err(StoreError::from)
+            .map_err(StoreError::from)?;
+        if removed {
+            self.index.remove(node);
+        }
+        Ok(removed)
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -195,6 +289,9 @@ impl Store for SledStore {
     }
 
     fn len(&self) -> Result<usize, StoreError> {
+        if self.index.is_complete() {
+            return Ok(self.index.len());
+        }
         Ok(self.registrations.len())
     }
 
@@ -216,6 +313,75 @@ impl Store for SledStore {
     }
 }
 
+/// Fill the index from every stored registration, a batch per lock. Stops early when asked; a record it
+/// cannot read leaves the index incomplete, so misses keep falling through to sled, which reports the
+/// damage to whoever asks for that node.
+fn rebuild_index(registrations: &sled::Tree, index: &PublishIndex, stop: &AtomicBool) {
+    let started = std::time::Instant::now();
+    let mut batch: Vec<(sled::IVec, sled::IVec)> = Vec::with_capacity(REBUILD_BATCH);
+    let mut damaged = 0usize;
+    let mut iter = registrations.iter();
+    loop {
+        batch.clear();
+        for item in iter.by_ref().take(REBUILD_BATCH) {
+            match item {
+                Ok(kv) => batch.push(kv),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the store to build the publish index failed; publishes will read the store");
+                    return;
+                }
+            }
+        }
+        if batch.is_empty() || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut current: Vec<(&str, PublishFields<'_>)> = Vec::with_capacity(batch.len());
+        for (key, value) in &batch {
+            let Ok(node) = std::str::from_utf8(key) else {
+                damaged += 1;
+                continue;
+            };
+            match publish_fields(value) {
+                Ok(Some(fields)) => current.push((node, fields)),
+                // An earlier format: decode it whole.
+                Ok(None) => match decode(key, value) {
+                    Ok(r) => match hex::decode(&r.token) {
+                        Ok(token) => index.rebuild_batch([(
+                            node,
+                            PublishFields {
+                                secret_hash: r.secret_hash,
+                                domain: &r.domain,
+                                app: &r.app,
+                                token: &token,
+                            },
+                        )]),
+                        Err(_) => damaged += 1,
+                    },
+                    Err(_) => damaged += 1,
+                },
+                Err(_) => damaged += 1,
+            }
+        }
+        index.rebuild_batch(current);
+    }
+    if stop.load(Ordering::Relaxed) {
+        return;
+    }
+    if damaged > 0 {
+        tracing::error!(
+            damaged,
+            "records in the store cannot be read; publishes to unknown nodes will read the store"
+        );
+        return;
+    }
+    index.finish_rebuild();
+    tracing::info!(
+        registrations = index.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "publish index ready"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +398,38 @@ mod tests {
         }
     }
 
+    /// What sled itself says a publish to `node` would find.
+    fn from_sled(store: &SledStore, node: &str) -> Option<PublishTarget> {
+        store.get(node).expect("get").map(|r| PublishTarget {
+            token: r.token,
+            secret_hash: r.secret_hash,
+            domain: r.domain.into(),
+            app: r.app.into(),
+        })
+    }
+
+    /// The index answers every node as sled does.
+    fn assert_index_agrees(store: &SledStore, nodes: &[&str]) {
+        for node in nodes {
+            assert_eq!(
+                store.publish_target(node).expect("target"),
+                from_sled(store, node),
+                "{node}"
+            );
+        }
+    }
+
+    fn wait_for_index(store: &SledStore) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !store.index_complete() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "index rebuild never finished"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn open() -> (tempfile::TempDir, SledStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
@@ -241,8 +439,11 @@ mod tests {
     #[test]
     fn put_get_remove_keep_the_device_index_in_step() {
         let (_dir, store) = open();
+        wait_for_index(&store);
+        let nodes = ["n1", "n2"];
         store.put(&reg("n1", 1, "aa")).expect("put");
         assert_eq!(store.get("n1").expect("get"), Some(reg("n1", 1, "aa")));
+        assert_index_agrees(&store, &nodes);
         assert_eq!(
             store.node_for_device(&[1; 32]).expect("idx").as_deref(),
             Some("n1")
@@ -270,15 +471,19 @@ mod tests {
             Some("n1")
         );
         store.put(&reg("n1", 1, "bb")).expect("and back");
+        assert_index_agrees(&store, &nodes);
         // Same device moving to a new node drops the old node.
         store.put(&reg("n2", 1, "dd")).expect("move");
         assert_eq!(store.get("n1").expect("get"), None);
         assert_eq!(store.len().expect("len"), 1);
+        assert_index_agrees(&store, &nodes);
         assert_eq!(
             store.remove("n2").expect("rm").map(|r| r.node).as_deref(),
             Some("n2")
         );
         assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+        assert_index_agrees(&store, &nodes);
+        assert_eq!(store.len().expect("len"), 0);
     }
 
     #[test]
@@ -287,8 +492,10 @@ mod tests {
         store.put(&reg("n1", 1, "0e")).expect("put");
         assert!(!store.remove_if_token("n1", "01").expect("rm"));
         assert!(store.get("n1").expect("get").is_some());
+        assert!(store.publish_target("n1").expect("target").is_some());
         assert!(store.remove_if_token("n1", "0e").expect("rm"));
         assert!(store.get("n1").expect("get").is_none());
+        assert!(store.publish_target("n1").expect("target").is_none());
         assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
     }
 
@@ -319,6 +526,60 @@ mod tests {
         drop(store);
         let again = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(again.len().expect("len"), 200);
+    }
+
+    #[test]
+    fn the_index_is_rebuilt_from_disk_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // More than one rebuild batch, in two apps and two domains.
+        let nodes: Vec<String> = (0..3000).map(|i| format!("node-{i:05}")).collect();
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            for (i, node) in nodes.iter().enumerate() {
+                let mut r = reg(node, 0, &format!("{:064x}", i + 1));
+                r.device = [0; 32];
+                r.device[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                if i % 2 == 0 {
+                    r.domain = "other.example".into();
+                    r.app = "beta".into();
+                }
+                store.put(&r).expect("put");
+            }
+            store.remove(&nodes[7]).expect("remove");
+            store.db.flush().expect("flush");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        wait_for_index(&store);
+        assert_eq!(store.len().expect("len"), 2999);
+        assert_eq!(store.index.len(), 2999);
+        let all: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        assert_index_agrees(&store, &all);
+        assert_eq!(store.publish_target(&nodes[7]).expect("target"), None);
+        assert_eq!(
+            store.publish_target("never-registered").expect("target"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_store_closed_while_its_index_rebuilds_can_be_reopened_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            for i in 0..2000u32 {
+                let mut r = reg(&format!("n{i}"), 0, "aa");
+                r.device[..4].copy_from_slice(&i.to_be_bytes());
+                store.put(&r).expect("put");
+            }
+        }
+        for _ in 0..5 {
+            // Dropping joins the rebuild thread, so the database's lock is free for the next open.
+            let store = SledStore::open(dir.path()).expect("reopen while a rebuild may run");
+            drop(store);
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        wait_for_index(&store);
+        assert_eq!(store.len().expect("len"), 2000);
     }
 
     #[test]
