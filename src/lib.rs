@@ -18,8 +18,9 @@
 //!   once it is durable.
 //! - [`push`]: the [`push::Backend`] trait and the APNs client. Knows tokens and HTTP/2, not XMPP.
 //! - Around them: [`app`] (the state handlers share), [`config`] (the TOML file), [`secrets`] (random nodes
-//!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`stats`] (counts for the
-//!   log), [`shutdown`] (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
+//!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`registration_limit`]
+//!   (registration flood caps per user and per domain), [`stats`] (counts for the log), [`shutdown`]
+//!   (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
 //!
 //! Data flows one way: link -> router -> handler -> store / push -> reply.
 
@@ -29,6 +30,7 @@ pub mod handlers;
 pub mod link;
 pub mod push;
 pub mod rate_limit;
+pub mod registration_limit;
 pub mod router;
 pub mod secrets;
 pub mod shutdown;
