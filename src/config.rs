@@ -108,6 +108,18 @@ pub struct LimitsConfig {
     /// Only users of these XMPP domains may register; empty (the default) lets anyone register.
     #[serde(default)]
     pub allowed_domains: Vec<String>,
+    /// Registrations that change something, per user (bare JID) per hour: a bucket of this many, refilled
+    /// continuously; 0 is unlimited. The default, 10, covers a user re-registering several devices and apps
+    /// after a token change or a reinstall, while one account can add at most 240 records a day. Re-sending an
+    /// unchanged registration (every app start, say) costs nothing.
+    #[serde(default = "default_registrations_per_user_per_hour")]
+    pub registrations_per_user_per_hour: u32,
+    /// Registrations that change something, per user domain per hour, shared by all of its users, refilled
+    /// the same way; 0 is unlimited. The default, 10000, leaves a large public server room for thousands an
+    /// hour (a new app release, a restore to new phones), while bounding what one hostile server, which can
+    /// invent users at will, adds to the store. Lower it, or set `allowed_domains`, on a private service.
+    #[serde(default = "default_registrations_per_domain_per_hour")]
+    pub registrations_per_domain_per_hour: u32,
 }
 
 impl Default for LimitsConfig {
@@ -116,6 +128,8 @@ impl Default for LimitsConfig {
             push_interval_ms: default_push_interval_ms(),
             publish_deadline_ms: default_publish_deadline_ms(),
             allowed_domains: Vec::new(),
+            registrations_per_user_per_hour: default_registrations_per_user_per_hour(),
+            registrations_per_domain_per_hour: default_registrations_per_domain_per_hour(),
         }
     }
 }
@@ -262,6 +276,12 @@ fn default_push_interval_ms() -> u64 {
 fn default_publish_deadline_ms() -> u64 {
     10_000
 }
+fn default_registrations_per_user_per_hour() -> u32 {
+    10
+}
+fn default_registrations_per_domain_per_hour() -> u32 {
+    10_000
+}
 fn default_endpoint() -> String {
     "production".to_owned()
 }
@@ -403,6 +423,19 @@ impl Config {
                     "must be a bare XMPP domain, like example.org",
                 ));
             }
+        }
+        let (per_user, per_domain) = (
+            self.limits.registrations_per_user_per_hour,
+            self.limits.registrations_per_domain_per_hour,
+        );
+        // Every user's registration also takes one of the domain's, so a larger user cap could never apply.
+        if per_user > per_domain && per_domain != 0 {
+            return Err(ConfigError::invalid(
+                "limits.registrations_per_user_per_hour",
+                format!(
+                    "{per_user} is over limits.registrations_per_domain_per_hour ({per_domain}), so it could never be reached; lower it or raise the domain's"
+                ),
+            ));
         }
         if self.apns.is_empty() {
             return Err(ConfigError::invalid(
@@ -577,6 +610,32 @@ team_id = "TEAM123456"
             Some("example.org"),
             "compared as a JID's domain is"
         );
+    }
+
+    #[test]
+    fn registration_caps_default_and_are_checked() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.limits.registrations_per_user_per_hour, 10);
+        assert_eq!(c.limits.registrations_per_domain_per_hour, 10_000);
+        let caps = |user: &str, domain: &str| {
+            format!("{GOOD}\n[limits]\nregistrations_per_user_per_hour = {user}\nregistrations_per_domain_per_hour = {domain}\n")
+        };
+        for (user, domain) in [("0", "0"), ("5", "0"), ("5", "5"), ("1", "100000")] {
+            let c = Config::parse(&caps(user, domain)).expect("valid caps");
+            assert_eq!(c.limits.registrations_per_user_per_hour.to_string(), user);
+            assert_eq!(
+                c.limits.registrations_per_domain_per_hour.to_string(),
+                domain
+            );
+        }
+        let e = err(&caps("20", "10"));
+        assert!(
+            e.contains("limits.registrations_per_user_per_hour") && e.contains("never be reached"),
+            "{e}"
+        );
+        assert!(err(&caps("-1", "10")).contains("registrations_per_user_per_hour"));
+        assert!(err(&caps("1", "\"many\"")).contains("registrations_per_domain_per_hour"));
+        assert!(err(&caps("1", "99999999999")).contains("registrations_per_domain_per_hour"));
     }
 
     #[test]
