@@ -1,4 +1,4 @@
-//! The shared state every handler works with: store, push backends per app, keyring, rate limiter, counters.
+//! The shared state every handler works with: store, push backends per app, keyring, rate limiters, counters.
 //!
 //! Built once from the [`Config`] (or piece by piece in tests, with any [`Backend`]); handlers borrow it.
 
@@ -10,6 +10,7 @@ use xmpp_parsers::jid::BareJid;
 use crate::config::Config;
 use crate::push::{ApnsClient, Backend, DryRun};
 use crate::rate_limit::RateLimiter;
+use crate::registration_limit::RegistrationLimiter;
 use crate::secrets::Keyring;
 use crate::stats::Stats;
 use crate::store::{SledStore, Store, StoreError};
@@ -62,6 +63,9 @@ pub struct App {
     pub stats: Stats,
     /// Domains whose users may register; empty means any.
     pub allowed_domains: Vec<String>,
+    /// Registration flood caps per owner and per domain. [`App::new`] starts unlimited, as tests want;
+    /// [`App::from_config`] applies `[limits]`, whose defaults are on.
+    pub registration_limit: RegistrationLimiter,
 }
 
 impl App {
@@ -83,6 +87,7 @@ impl App {
             publish_deadline,
             stats: Stats::default(),
             allowed_domains: Vec::new(),
+            registration_limit: RegistrationLimiter::unlimited(),
         })
     }
 
@@ -137,6 +142,10 @@ impl App {
             .iter()
             .filter_map(|d| crate::config::normalize_domain(d))
             .collect();
+        app.registration_limit = RegistrationLimiter::new(
+            config.limits.registrations_per_user_per_hour,
+            config.limits.registrations_per_domain_per_hour,
+        );
         Ok(app)
     }
 

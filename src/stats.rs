@@ -23,6 +23,8 @@ pub struct Stats {
     pub registered: AtomicU64,
     /// Registrations removed by their owner.
     pub unregistered: AtomicU64,
+    /// Registrations refused by the per-user or per-domain flood cap.
+    pub registration_capped: AtomicU64,
 }
 
 impl Stats {
@@ -35,7 +37,7 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "pushed={} coalesced={} unknown_node={} forbidden={} bad_request={} dead_token={} push_failed={} registered={} unregistered={}",
+            "pushed={} coalesced={} unknown_node={} forbidden={} bad_request={} dead_token={} push_failed={} registered={} unregistered={} registration_capped={}",
             g(&self.pushed),
             g(&self.coalesced),
             g(&self.unknown_node),
@@ -45,6 +47,7 @@ impl Stats {
             g(&self.push_failed),
             g(&self.registered),
             g(&self.unregistered),
+            g(&self.registration_capped),
         )
     }
 }

@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use knock::app::{App, PushApp};
 use knock::link::frame::Frame;
 use knock::push::{Backend, PushOutcome, Wakeup};
+use knock::registration_limit::RegistrationLimiter;
 use knock::router;
 use knock::store::{Digest, Registration, SledStore, Store, StoreError};
 use minidom::Element;
@@ -783,5 +784,198 @@ async fn a_store_that_cannot_write_or_flush_never_acknowledges_a_registration() 
             "put fails: {fail_put}, flush fails: {fail_flush}"
         );
         assert!(field(&reply, "node").is_none(), "no node handed out");
+    }
+}
+
+// --- registration flood caps (issue 5) ---
+
+fn registered(f: &Fixture) -> u64 {
+    f.app
+        .stats
+        .registered
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn capped(f: &Fixture) -> u64 {
+    f.app
+        .stats
+        .registration_capped
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The `<text/>` of an error reply.
+fn error_text(reply: &Element) -> String {
+    reply
+        .get_child("error", NS)
+        .and_then(|e| e.get_child("text", "urn:ietf:params:xml:ns:xmpp-stanzas"))
+        .map(|t| t.text())
+        .unwrap_or_default()
+}
+
+/// A reply that must be the flood cap's: wait/resource-constraint, no node handed out, no JID in the text.
+fn assert_capped(reply: &Element, why: &str) {
+    assert_eq!(
+        error_of(reply),
+        err("wait", "resource-constraint"),
+        "{why}: {}",
+        String::from(reply)
+    );
+    assert!(field(reply, "node").is_none(), "{why}: no node handed out");
+    let text = error_text(reply);
+    assert!(text.contains("try again"), "{why}: says to wait: {text}");
+    for part in ["alice", "bob", "carol", "localhost", "@"] {
+        assert!(!text.contains(part), "{why}: no JID in {text:?}");
+    }
+}
+
+#[tokio::test]
+async fn registrations_over_the_user_cap_get_wait_and_are_not_stored_until_the_domain_cap() {
+    let mut f = fixture();
+    f.app.registration_limit = RegistrationLimiter::new(2, 3);
+    register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
+    register(&f, "alice@localhost/tablet", "dev2", TOKEN).await;
+    let third = ask(
+        &f,
+        &register_xml("r3", "alice@localhost/phone", "dev3", TOKEN, ""),
+    )
+    .await;
+    assert_capped(&third, "alice's third");
+    assert_eq!(
+        f.app.store.len().unwrap(),
+        2,
+        "the refused one is not stored"
+    );
+    assert!(
+        error_text(&third).contains("account;"),
+        "{}",
+        error_text(&third)
+    );
+    // Another user of the same domain still registers: the domain has one left...
+    register(&f, "bob@localhost/phone", "dev1", TOKEN2).await;
+    // ...and then none, whoever asks.
+    let carol = ask(
+        &f,
+        &register_xml("r4", "carol@localhost/phone", "dev1", TOKEN, ""),
+    )
+    .await;
+    assert_capped(&carol, "carol over the domain's cap");
+    assert!(
+        error_text(&carol).contains("server"),
+        "{}",
+        error_text(&carol)
+    );
+    assert_eq!(f.app.store.len().unwrap(), 3);
+    // Other domains have their own bucket.
+    register(&f, "dave@elsewhere.example/phone", "dev1", TOKEN).await;
+    assert_eq!((registered(&f), capped(&f)), (4, 2));
+    assert!(f.app.stats.summary().contains("registration_capped=2"));
+}
+
+#[tokio::test]
+async fn an_unchanged_re_registration_is_answered_without_a_write_or_a_token() {
+    let mut f = fixture();
+    f.app.registration_limit = RegistrationLimiter::new(1, 0);
+    let first = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
+    // Apps re-register on every start: the same device, token and app, from any resource.
+    for resource in ["phone", "phone", "tablet"] {
+        let again = register(&f, &format!("alice@localhost/{resource}"), "dev1", TOKEN).await;
+        assert_eq!(again, first, "the same node and secret");
+    }
+    assert_eq!(
+        (registered(&f), capped(&f)),
+        (1, 0),
+        "one write, nothing counted"
+    );
+    // A real change (a new token) needs a token from the bucket, and alice has used hers.
+    let changed = ask(
+        &f,
+        &register_xml("r2", "alice@localhost/phone", "dev1", TOKEN2, ""),
+    )
+    .await;
+    assert_capped(&changed, "a new token over the cap");
+    assert_eq!(f.app.store.get(&first.0).unwrap().unwrap().token, TOKEN);
+    // The shorthand's unchanged re-send is free in the same way.
+    let mut f = fixture();
+    f.app.registration_limit = RegistrationLimiter::new(1, 0);
+    for _ in 0..3 {
+        let reply = ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await;
+        assert_eq!(error_of(&reply), None);
+    }
+    assert_eq!((registered(&f), capped(&f)), (1, 0));
+}
+
+#[tokio::test]
+async fn the_shorthand_is_capped_and_shares_the_users_bucket_with_the_commands() {
+    let mut f = fixture();
+    f.app.registration_limit = RegistrationLimiter::new(2, 0);
+    let enabled = ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await;
+    assert_eq!(error_of(&enabled), None);
+    register(&f, "alice@localhost/p", "dev1", TOKEN).await;
+    let other_node = format!("{NODE}-2");
+    let over = ask(
+        &f,
+        &enable_xml("alice@localhost/p", &other_node, SECRET, TOKEN),
+    )
+    .await;
+    assert_capped(&over, "a third registration by shorthand");
+    assert!(f.app.store.get(&other_node).unwrap().is_none());
+    let over = ask(
+        &f,
+        &register_xml("r3", "alice@localhost/phone", "dev2", TOKEN, ""),
+    )
+    .await;
+    assert_capped(&over, "a third registration by command");
+    assert_eq!(f.app.store.len().unwrap(), 2);
+    assert_eq!(capped(&f), 2);
+}
+
+#[tokio::test]
+async fn unregistering_is_never_capped() {
+    let mut f = fixture();
+    f.app.registration_limit = RegistrationLimiter::new(1, 1);
+    register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
+    let over = ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await;
+    assert_capped(&over, "over the cap");
+    let reply = ask(&f, &unregister_xml("u1", "alice@localhost/phone", "dev1")).await;
+    assert_eq!(error_of(&reply), None, "unregistering over the cap");
+    assert_eq!(f.app.store.len().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn an_unchanged_re_registration_is_not_acknowledged_before_it_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    // Writes land, flushes fail: the first answer is an error, and its record sits in the store unflushed.
+    let store = Failing {
+        inner: SledStore::open(dir.path()).unwrap(),
+        fail_put: false,
+        fail_flush: true,
+    };
+    let app = App::new(
+        "push.localhost".parse().unwrap(),
+        Arc::new(store),
+        vec![PushApp {
+            name: "chat".into(),
+            backend: Arc::new(Scripted::default()),
+        }],
+        Duration::ZERO,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let xml = register_xml("r1", "alice@localhost/phone", "d", TOKEN, "");
+    for attempt in ["first", "the same again"] {
+        let reply = Element::from(
+            router::handle_frame(&app, frame(&xml))
+                .await
+                .expect("answered"),
+        );
+        assert_eq!(
+            error_of(&reply),
+            err("wait", "internal-server-error"),
+            "{attempt}"
+        );
+        assert!(
+            field(&reply, "node").is_none(),
+            "{attempt}: no node handed out"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! with a result form carrying `jid`, `node` and `secret` for the client's `<enable/>`. Executed without a form
 //! it answers the form to fill in, so generic ad-hoc UIs work. The same (JID, device, app) always gets the same
 //! node and secret back; only the token changes. `unregister-push-apns` removes the device's registration.
+//! Storing goes through [`super::save`], which applies the domain policy and the registration flood caps.
 
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
 use xmpp_parsers::jid::Jid;

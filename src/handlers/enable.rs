@@ -3,6 +3,7 @@
 //! The client sends knock the very `<enable/>` it sends its own server, with `token` (and optionally `app`
 //! and `device-id`) added to the publish-options form. The node and secret are the client's choice, so they
 //! must be long enough to be unguessable. `<disable/>` removes a node, but only for the JID that enabled it.
+//! `<enable/>` stores through [`super::save`], so it is capped exactly as the commands are.
 
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::push::{Disable, Enable};

@@ -16,6 +16,7 @@ use xmpp_parsers::data_forms::DataForm;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::app::{App, PushApp};
+use crate::registration_limit::{Refused, Scope};
 use crate::store::{Registration, StoreError};
 
 /// A request knock refuses, with the XMPP error it becomes. The text is for humans and never carries a
@@ -182,17 +183,46 @@ pub fn push_app<'a>(app: &'a App, name: Option<&str>) -> Result<&'a PushApp, Han
 }
 
 /// Store a registration and wait until it is durable; only then may it be acknowledged.
-/// Every registration, by command or shorthand, comes through here, so the domain policy is checked here.
+/// Every registration, by command or shorthand, comes through here, so the domain policy and the flood caps
+/// are checked here.
 pub async fn save(app: &App, registration: &Registration) -> Result<(), HandlerError> {
+    // 1. Policy first: a domain taken off the list is refused even for what it registered before.
     if !app.allowed_domains.is_empty() && !app.allowed_domains.contains(&registration.domain) {
         return Err(HandlerError::not_allowed(
             "this push service only registers users of its own domains",
         ));
     }
+    // 2. The same device re-sending what is stored (apps do, on every start) writes nothing, so it costs no
+    //    write and no cap token. It may equal a record whose flush is still running, so it waits for one too.
+    if app.store.get(&registration.node)?.as_ref() == Some(registration) {
+        app.store.flush().await?;
+        return Ok(());
+    }
+    // 3. The flood caps, for everything that would write.
+    if let Err(refused) = app
+        .registration_limit
+        .try_acquire(&registration.owner, &registration.domain)
+    {
+        crate::stats::Stats::bump(&app.stats.registration_capped);
+        return Err(capped(refused));
+    }
+    // 4. Acknowledged only once durable.
     app.store.put(registration)?;
     app.store.flush().await?;
     crate::stats::Stats::bump(&app.stats.registered);
     Ok(())
+}
+
+/// The reply to a registration over a flood cap: `wait`, with roughly when to come back.
+fn capped(refused: Refused) -> HandlerError {
+    let whose = match refused.scope {
+        Scope::User => "this account",
+        Scope::Domain => "this account's server",
+    };
+    let minutes = refused.retry_after.as_secs().div_ceil(60).max(1);
+    HandlerError::resource_constraint(format!(
+        "too many registrations from {whose}; try again in about {minutes} min"
+    ))
 }
 
 /// Remove a registration durably.
