@@ -204,6 +204,8 @@ pub async fn save(app: &App, registration: &Registration) -> Result<(), HandlerE
         .try_acquire(&registration.owner, &registration.domain)
     {
         crate::stats::Stats::bump(&app.stats.registration_capped);
+        // Debug only: a flood must not turn into one log line per attempt.
+        tracing::debug!(scope = ?refused.scope, "registration over the flood cap");
         return Err(capped(refused));
     }
     // 4. Acknowledged only once durable.
