@@ -79,12 +79,20 @@ impl Proc {
         }
     }
 
+    /// Its stderr so far (empty if it has no log).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default()
+    }
+
     /// The last lines of its stderr, for error messages.
     pub fn log_tail(&self) -> String {
-        let Some(path) = &self.log else {
+        if self.log.is_none() {
             return String::from("(no log)");
-        };
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        }
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(10)..].join("\n")
     }

@@ -28,6 +28,9 @@ pub struct Row {
     pub disk: u64,
     /// From spawning knock to the reply to its first publish: the first start after seeding, and a restart.
     pub ready: [Duration; 2],
+    /// How long knock took to build its in-memory publish index, as it logs it (first start, restart).
+    /// Publishes are answered meanwhile, from sled; the latencies below are measured after it.
+    pub index_ready: [Duration; 2],
     /// Resident memory one second after that.
     pub rss_idle: u64,
     /// Peak resident memory over the whole run.
@@ -72,6 +75,7 @@ async fn one(
     let templates = seeded.publishes();
 
     let (running, component, first_ready) = start_and_publish(env, &store, &templates[0]).await?;
+    let first_index = index_ready(&running).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = running.pids()?[0];
     let rss_idle = memory(pid, "VmRSS")?;
@@ -93,12 +97,14 @@ async fn one(
     let peak_rss = memory(pid, "VmHWM")?;
     running.stop().await;
     let (running, _, restart_ready) = start_and_publish(env, &store, &templates[0]).await?;
+    let restart_index = index_ready(&running).await?;
     running.stop().await;
     Ok(Row {
         size,
         seed_took: seeded.took,
         disk,
         ready: [first_ready, restart_ready],
+        index_ready: [first_index, restart_index],
         rss_idle,
         peak_rss,
         publish: [publish_1, publish_64],
@@ -125,6 +131,29 @@ async fn start_and_publish(
         );
     }
     Ok((running, component, ready))
+}
+
+/// Wait for knock's "publish index ready" log line and return the time it gives.
+async fn index_ready(running: &Running) -> anyhow::Result<Duration> {
+    const LINE: &str = "publish index ready";
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let log = running.procs[0].log_text();
+        if let Some(line) = log.lines().find(|l| l.contains(LINE)) {
+            let ms = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("ms="))
+                .and_then(|v| v.parse::<u64>().ok());
+            match ms {
+                Some(ms) => return Ok(Duration::from_millis(ms)),
+                None => bail!("knock's index line has no ms=: {line}"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("knock did not log {LINE:?} within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// One load at `window` over the connection, failing on any error reply; hands the connection back.
@@ -173,11 +202,11 @@ pub fn table(rows: &[Row], measure: Duration) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| registrations | seeded in s | disk MiB | ready ms (first start / restart) | RSS idle MiB | peak RSS MiB | publish w1 p50 / p99 ms | publish w64 /s | w64 p50 / p99 ms | p99 vs smallest (w1 / w64) | registrations/s w1 (p99 ms) | registrations/s w64 (p99 ms) |"
+        "| registrations | seeded in s | disk MiB | ready ms (first start / restart) | index ms (first / restart) | RSS idle MiB | peak RSS MiB | publish w1 p50 / p99 ms | publish w64 /s | w64 p50 / p99 ms | p99 vs smallest (w1 / w64) | registrations/s w1 (p99 ms) | registrations/s w64 (p99 ms) |"
     );
     let _ = writeln!(
         out,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let base = rows.first();
     for row in rows {
@@ -188,12 +217,14 @@ pub fn table(rows: &[Row], measure: Duration) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} / {} | {} ({}) | {} ({}) |",
+            "| {} | {} | {} | {} / {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} / {} | {} ({}) | {} ({}) |",
             count(row.size as f64),
             num(row.seed_took.as_secs_f64(), 1),
             mib(row.disk),
             num(row.ready[0].as_secs_f64() * 1000.0, 0),
             num(row.ready[1].as_secs_f64() * 1000.0, 0),
+            num(row.index_ready[0].as_secs_f64() * 1000.0, 0),
+            num(row.index_ready[1].as_secs_f64() * 1000.0, 0),
             mib(row.rss_idle),
             mib(row.peak_rss),
             num(row.publish[0].quantile_ms(0.5), 2),
@@ -214,7 +245,9 @@ pub fn table(rows: &[Row], measure: Duration) -> String {
         "\nknock in dry_run; each load runs {} s. Registrations are seeded straight into the store, then \
          publishes go to up to {} of them spread evenly over it. *Ready* is from spawning knock to the \
          reply to its first publish, on the first start after seeding (sled replays the log the seeding \
-         wrote) and on a restart after a clean stop. Registrations are `register-push-apns` commands from new users, each \
+         wrote) and on a restart after a clean stop. *Index* is the time knock logs for building its in-memory \
+         publish index in the background (publishes are answered from sled meanwhile); the latencies are \
+         measured after it. Registrations are `register-push-apns` commands from new users, each \
          durable on disk before its reply.",
         measure.as_secs_f64(),
         count(PUBLISH_SAMPLE as f64),

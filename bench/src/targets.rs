@@ -119,12 +119,13 @@ pub async fn start(
 const KEY_ID: &str = "BENCHKEY01";
 const TEAM_ID: &str = "BENCHTEAM1";
 
-/// knock's config for a run: pushes are never coalesced (every publish is a push) and the link is not
-/// pinged during a run.
+/// knock's config for a run: pushes are never coalesced (every publish is a push), registrations are not
+/// capped (the registration load is thousands of users of one domain), and the link is not pinged.
 fn knock_config(server: std::net::SocketAddr, store: &Path, app: &str) -> String {
     format!(
         "[component]\njid = \"{COMPONENT_JID}\"\nserver = \"{server}\"\nsecret = \"{COMPONENT_SECRET}\"\n\
-         ping_interval_secs = 3600\n\n[store]\npath = \"{store}\"\n\n[limits]\npush_interval_ms = 0\n\n\
+         ping_interval_secs = 3600\n\n[store]\npath = \"{store}\"\n\n[limits]\npush_interval_ms = 0\n\
+         registrations_per_user_per_hour = 0\nregistrations_per_domain_per_hour = 0\n\n\
          [[apns]]\nname = \"{APP}\"\ntopic = \"{TOPIC}\"\n{app}",
         store = store.display(),
     )
@@ -138,7 +139,8 @@ fn spawn_knock(env: &Env, config: &str) -> anyhow::Result<Proc> {
         "knock",
         &env.bin_dir.join("knock"),
         &["run", "--config", &path],
-        &[("KNOCK_LOG", "warn")],
+        // The store's info line says when the publish index is complete; the scale table reports it.
+        &[("KNOCK_LOG", "warn,knock::store=info")],
         Some(env.work.join("knock.log")),
         false,
     )
