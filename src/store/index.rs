@@ -181,7 +181,7 @@ impl Inner {
         let app = self.names.acquire(fields.app);
         let entry = Entry {
             node: key,
-            token: Token::new(fields.token),
+            token: Token::new(&fields.token),
             secret_hash: fields.secret_hash,
             domain,
             app,
@@ -313,7 +313,7 @@ mod tests {
             secret_hash: [token[0]; 32],
             domain,
             app,
-            token,
+            token: token.into(),
         }
     }
 

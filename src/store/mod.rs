@@ -5,9 +5,11 @@
 
 mod index;
 mod record;
+mod seal;
 mod sled;
 
 pub use self::index::PublishTarget;
+pub use self::seal::{KeyFileError, StoreKey};
 pub use self::sled::SledStore;
 
 use futures::future::BoxFuture;
@@ -53,6 +55,12 @@ pub enum StoreError {
     /// A registration the store cannot hold (a field beyond the record's limits).
     #[error("invalid registration: {0}")]
     Invalid(String),
+    /// The store's tokens are sealed and no store key was given.
+    #[error("this store's tokens are encrypted: configure store.key_file with the key that encrypted them")]
+    KeyRequired,
+    /// The store key given is not the one the store was sealed with.
+    #[error("the configured store key is not the key this store was encrypted with")]
+    WrongKey,
     /// Changes were not confirmed durable in time; they may or may not survive a crash.
     #[error("the store did not confirm durability within {0:?}")]
     Timeout(std::time::Duration),

@@ -2,45 +2,26 @@
 //!
 //! A million registrations should fit a small VM's disk and page cache, so the record carries raw bytes, not
 //! text: the three digests as 32 bytes each, the token as the bytes its hex spells, and the node not at all
-//! (it is the key). The first byte names the format, so a later format (tokens encrypted at rest, say) can
-//! be read beside this one. Records written as JSON by knock 0.1 betas start with `{` and are still read.
+//! (it is the key). The first byte names the format, so every earlier format is still read beside the
+//! current one. Records written as JSON by knock 0.1 betas start with `{`.
 //!
-//! Layout of format 1: `01 | device[32] | owner[32] | secret_hash[32] | len domain | len app | len token`,
-//! where each `len x` is a two-byte big-endian length followed by that many bytes.
+//! Layout: `format | device[32] | owner[32] | secret_hash[32] | len domain | len app | len token`, where
+//! each `len x` is a two-byte big-endian length followed by that many bytes. Format 1 holds the token as
+//! it is; format 2, written when a store key is configured, holds it sealed (see [`super::seal`]) and bound
+//! to the record's node.
 
+use std::borrow::Cow;
+
+use super::seal::StoreKey;
 use super::{Digest, Registration, StoreError};
 
-/// The format byte of the current layout.
+/// The token in the clear.
 const FORMAT_1: u8 = 1;
+/// The token sealed under the store key.
+const FORMAT_2: u8 = 2;
 
-/// Encode a registration (its node is the key, not part of the record).
-///
-/// Fails only for values no handler lets through: a field over 64 KiB, or a token that is not hex.
-pub fn encode(registration: &Registration) -> Result<Vec<u8>, StoreError> {
-    let token = hex::decode(&registration.token)
-        .map_err(|_| StoreError::Invalid("token is not hex".into()))?;
-    let mut out = Vec::with_capacity(
-        1 + 96 + 6 + registration.domain.len() + registration.app.len() + token.len(),
-    );
-    out.push(FORMAT_1);
-    out.extend_from_slice(&registration.device);
-    out.extend_from_slice(&registration.owner);
-    out.extend_from_slice(&registration.secret_hash);
-    for (what, bytes) in [
-        ("domain", registration.domain.as_bytes()),
-        ("app", registration.app.as_bytes()),
-        ("token", token.as_slice()),
-    ] {
-        let len = u16::try_from(bytes.len())
-            .map_err(|_| StoreError::Invalid(format!("{what} is longer than 64 KiB")))?;
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(bytes);
-    }
-    Ok(out)
-}
-
-/// The part of a record a publish needs, borrowed from the record's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The part of a record a publish needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishFields<'a> {
     /// SHA-256 of the publish secret.
     pub secret_hash: Digest,
@@ -48,22 +29,38 @@ pub struct PublishFields<'a> {
     pub domain: &'a str,
     /// The app the token belongs to.
     pub app: &'a str,
-    /// The device token's bytes.
-    pub token: &'a [u8],
+    /// The device token's bytes (opened, when the record holds it sealed).
+    pub token: Cow<'a, [u8]>,
 }
 
-/// A format-1 record, borrowed: the digests, then the publish fields.
+impl PublishFields<'_> {
+    /// The fields of a registration in hand; fails only for a token that is not hex.
+    pub fn of(registration: &Registration) -> Result<PublishFields<'_>, StoreError> {
+        Ok(PublishFields {
+            secret_hash: registration.secret_hash,
+            domain: &registration.domain,
+            app: &registration.app,
+            token: Cow::Owned(token_bytes(&registration.token)?),
+        })
+    }
+}
+
+fn token_bytes(token: &str) -> Result<Vec<u8>, StoreError> {
+    hex::decode(token).map_err(|_| StoreError::Invalid("token is not hex".into()))
+}
+
+/// A binary record, borrowed: the digests, then the publish fields with the token as stored.
 struct Parsed<'a> {
+    format: u8,
     device: Digest,
     owner: Digest,
     fields: PublishFields<'a>,
 }
 
-fn parse_v1(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
-    let mut r = Reader {
-        rest: bytes.get(1..).unwrap_or_default(),
-    };
+    let (&format, rest) = bytes.split_first().ok_or_else(|| corrupt("empty record"))?;
+    let mut r = Reader { rest };
     let device = r.digest().ok_or_else(|| corrupt("short record"))?;
     let owner = r.digest().ok_or_else(|| corrupt("short record"))?;
     let secret_hash = r.digest().ok_or_else(|| corrupt("short record"))?;
@@ -74,59 +71,140 @@ fn parse_v1(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
         return Err(corrupt("trailing bytes"));
     }
     Ok(Parsed {
+        format,
         device,
         owner,
         fields: PublishFields {
             secret_hash,
             domain,
             app,
-            token,
+            token: Cow::Borrowed(token),
         },
     })
 }
 
-/// The publish fields of a current-format record, without copying; `None` for a record of an earlier format
-/// (read it with [`decode`]).
-pub fn publish_fields(bytes: &[u8]) -> Result<Option<PublishFields<'_>>, StoreError> {
-    match bytes.first() {
-        Some(&FORMAT_1) => parse_v1(bytes).map(|p| Some(p.fields)),
-        _ => Ok(None),
-    }
+/// Writes records, and reads every format: seals tokens when it has a store key.
+#[derive(Clone, Debug, Default)]
+pub struct Codec {
+    key: Option<StoreKey>,
 }
 
-/// Decode the record stored under `node`.
-pub fn decode(node: &[u8], bytes: &[u8]) -> Result<Registration, StoreError> {
-    let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
-    let node = std::str::from_utf8(node).map_err(|_| corrupt("node is not UTF-8"))?;
-    match bytes.first() {
-        Some(&FORMAT_1) => {
-            let Parsed {
-                device,
-                owner,
-                fields,
-            } = parse_v1(bytes)?;
-            Ok(Registration {
-                node: node.to_string(),
-                device,
-                owner,
-                domain: fields.domain.to_string(),
-                app: fields.app.to_string(),
-                token: lower_hex(fields.token),
-                secret_hash: fields.secret_hash,
-            })
+impl Codec {
+    /// A codec that seals tokens under `key`, or keeps them in the clear without one.
+    pub fn new(key: Option<StoreKey>) -> Codec {
+        Codec { key }
+    }
+
+    /// What a sealed token is bound to: its record's node.
+    fn context(node: &[u8]) -> Vec<u8> {
+        [&b"knock token v2\0"[..], node].concat()
+    }
+
+    /// Encode the registration stored under its node (the node is the key, not part of the record).
+    ///
+    /// Fails only for values no handler lets through: a field over 64 KiB, or a token that is not hex.
+    pub fn encode(&self, registration: &Registration) -> Result<Vec<u8>, StoreError> {
+        let token = token_bytes(&registration.token)?;
+        let (format, token) = match &self.key {
+            Some(key) => (
+                FORMAT_2,
+                key.seal(&Self::context(registration.node.as_bytes()), &token),
+            ),
+            None => (FORMAT_1, token),
+        };
+        let mut out = Vec::with_capacity(
+            1 + 96 + 6 + registration.domain.len() + registration.app.len() + token.len(),
+        );
+        out.push(format);
+        out.extend_from_slice(&registration.device);
+        out.extend_from_slice(&registration.owner);
+        out.extend_from_slice(&registration.secret_hash);
+        for (what, bytes) in [
+            ("domain", registration.domain.as_bytes()),
+            ("app", registration.app.as_bytes()),
+            ("token", token.as_slice()),
+        ] {
+            let len = u16::try_from(bytes.len())
+                .map_err(|_| StoreError::Invalid(format!("{what} is longer than 64 KiB")))?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(bytes);
         }
-        Some(b'{') => {
+        Ok(out)
+    }
+
+    /// Whether `bytes` is in the format this codec writes (an older one is rewritten by the index rebuild).
+    pub fn is_current(&self, bytes: &[u8]) -> bool {
+        let current = if self.key.is_some() {
+            FORMAT_2
+        } else {
+            FORMAT_1
+        };
+        bytes.first() == Some(&current)
+    }
+
+    /// A binary record's publish fields, its token opened; `None` for a JSON record (read it with
+    /// [`Codec::decode`]).
+    pub fn publish_fields<'a>(
+        &self,
+        node: &[u8],
+        bytes: &'a [u8],
+    ) -> Result<Option<PublishFields<'a>>, StoreError> {
+        match bytes.first() {
+            Some(b'{') => Ok(None),
+            _ => self.parse_open(node, bytes).map(|p| Some(p.fields)),
+        }
+    }
+
+    /// Parse a binary record and open its token.
+    fn parse_open<'a>(&self, node: &[u8], bytes: &'a [u8]) -> Result<Parsed<'a>, StoreError> {
+        let mut parsed = parse(bytes)?;
+        match parsed.format {
+            FORMAT_1 => Ok(parsed),
+            FORMAT_2 => {
+                let key = self.key.as_ref().ok_or_else(|| {
+                    StoreError::Corrupt("the token is sealed and no store key is configured".into())
+                })?;
+                let opened = key
+                    .open(&Self::context(node), &parsed.fields.token)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("the sealed token does not open with this key".into())
+                    })?;
+                parsed.fields.token = Cow::Owned(opened);
+                Ok(parsed)
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "unknown record format {other}"
+            ))),
+        }
+    }
+
+    /// Decode the record stored under `node`.
+    pub fn decode(&self, node: &[u8], bytes: &[u8]) -> Result<Registration, StoreError> {
+        let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
+        let node_text = std::str::from_utf8(node).map_err(|_| corrupt("node is not UTF-8"))?;
+        if bytes.first() == Some(&b'{') {
             let registration: Registration =
                 serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if registration.node != node {
+            if registration.node != node_text {
                 return Err(corrupt("record names another node"));
             }
-            Ok(registration)
+            return Ok(registration);
         }
-        Some(other) => Err(StoreError::Corrupt(format!(
-            "unknown record format {other}"
-        ))),
-        None => Err(corrupt("empty record")),
+        let Parsed {
+            device,
+            owner,
+            fields,
+            ..
+        } = self.parse_open(node, bytes)?;
+        Ok(Registration {
+            node: node_text.to_string(),
+            device,
+            owner,
+            domain: fields.domain.to_string(),
+            app: fields.app.to_string(),
+            token: lower_hex(&fields.token),
+            secret_hash: fields.secret_hash,
+        })
     }
 }
 
@@ -193,46 +271,115 @@ mod tests {
         }
     }
 
+    fn plain() -> Codec {
+        Codec::default()
+    }
+
+    fn sealing() -> Codec {
+        Codec::new(Some(StoreKey::from_bytes([9; 32])))
+    }
+
+    fn node() -> &'static [u8] {
+        b"q9y2WRmdO2ggjbPoR91zYg"
+    }
+
     #[test]
     fn round_trips_and_is_compact() {
         let r = sample();
-        let bytes = encode(&r).expect("encodes");
+        let bytes = plain().encode(&r).expect("encodes");
         assert_eq!(bytes.len(), 1 + 96 + 6 + 11 + 4 + 32);
-        assert_eq!(decode(r.node.as_bytes(), &bytes).expect("decodes"), r);
+        assert_eq!(plain().decode(node(), &bytes).expect("decodes"), r);
+        let sealed = sealing().encode(&r).expect("encodes");
+        assert_eq!(
+            sealed.len(),
+            bytes.len() + crate::store::seal::SEAL_OVERHEAD
+        );
+        assert_eq!(sealing().decode(node(), &sealed).expect("decodes"), r);
+        let fields = sealing()
+            .publish_fields(node(), &sealed)
+            .expect("reads")
+            .expect("binary");
+        assert_eq!(fields, PublishFields::of(&r).expect("fields"));
+    }
+
+    #[test]
+    fn a_sealed_record_hides_its_token_and_belongs_to_its_node() {
+        let r = sample();
+        let sealed = sealing().encode(&r).expect("encodes");
+        let token = hex::decode(&r.token).expect("hex");
+        assert!(!sealed.windows(8).any(|w| token.windows(8).any(|t| t == w)));
+        assert!(!sealed
+            .windows(8)
+            .any(|w| r.token.as_bytes().windows(8).any(|t| t == w)));
+        // Moved under another node, or read with another key or none, it does not open.
+        assert!(matches!(
+            sealing().decode(b"another-node", &sealed),
+            Err(StoreError::Corrupt(_))
+        ));
+        let other = Codec::new(Some(StoreKey::from_bytes([8; 32])));
+        assert!(matches!(
+            other.decode(node(), &sealed),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            plain().decode(node(), &sealed),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn every_codec_reads_clear_records_and_knows_which_to_rewrite() {
+        let r = sample();
+        let clear = plain().encode(&r).expect("encodes");
+        let sealed = sealing().encode(&r).expect("encodes");
+        assert_eq!(sealing().decode(node(), &clear).expect("decodes"), r);
+        assert!(plain().is_current(&clear) && !plain().is_current(&sealed));
+        assert!(sealing().is_current(&sealed) && !sealing().is_current(&clear));
     }
 
     #[test]
     fn reads_the_json_records_of_earlier_versions() {
         let r = sample();
         let json = serde_json::to_vec(&r).expect("json");
-        assert_eq!(decode(r.node.as_bytes(), &json).expect("decodes"), r);
-        assert!(decode(b"another", &json).is_err());
+        for codec in [plain(), sealing()] {
+            assert_eq!(codec.decode(node(), &json).expect("decodes"), r);
+            assert!(codec.decode(b"another", &json).is_err());
+            assert_eq!(codec.publish_fields(node(), &json).expect("ok"), None);
+            assert!(!codec.is_current(&json));
+        }
     }
 
     #[test]
     fn damaged_records_are_corrupt_not_panics() {
-        let bytes = encode(&sample()).expect("encodes");
-        for cut in 0..bytes.len() {
-            assert!(decode(b"n", &bytes[..cut]).is_err(), "cut at {cut}");
+        for codec in [plain(), sealing()] {
+            let bytes = codec.encode(&sample()).expect("encodes");
+            for cut in 0..bytes.len() {
+                assert!(codec.decode(node(), &bytes[..cut]).is_err(), "cut at {cut}");
+                assert!(
+                    codec.publish_fields(node(), &bytes[..cut]).is_err(),
+                    "cut at {cut}"
+                );
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(codec.decode(node(), &longer).is_err());
+            let mut unknown = bytes;
+            unknown[0] = 9;
+            assert!(matches!(
+                codec.decode(node(), &unknown),
+                Err(StoreError::Corrupt(_))
+            ));
         }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(decode(b"n", &longer).is_err());
-        let mut unknown = bytes;
-        unknown[0] = 9;
-        assert!(matches!(
-            decode(b"n", &unknown),
-            Err(StoreError::Corrupt(_))
-        ));
     }
 
     #[test]
     fn refuses_what_it_cannot_hold() {
         let mut r = sample();
         r.token = "xyz".into();
-        assert!(encode(&r).is_err());
+        assert!(plain().encode(&r).is_err());
+        assert!(sealing().encode(&r).is_err());
         let mut r = sample();
         r.domain = "a".repeat(65536);
-        assert!(encode(&r).is_err());
+        assert!(plain().encode(&r).is_err());
     }
 }

@@ -1,8 +1,9 @@
 //! The sled-backed [`Store`]: three trees in one embedded database.
 //!
 //! `registrations` maps node -> registration (a compact record, see [`super::record`]), `devices` maps device
-//! hash -> node, `meta` holds the instance key. Writes touching two trees run in one sled transaction, so a
-//! crash never leaves half a record.
+//! hash -> node, and the default tree holds the instance key: in the clear, or sealed under the store key
+//! beside that key's check value when one is configured (see [`super::seal`]). Writes touching two trees
+//! run in one sled transaction, so a crash never leaves half a record.
 //!
 //! Publishes read [`PublishIndex`], an in-memory copy of what they need, rebuilt from `registrations` by a
 //! background thread at every open; every write updates sled first and the index after, under one lock, so
@@ -23,7 +24,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::index::{Lookup, PublishIndex, PublishTarget};
-use super::record::{decode, encode, publish_fields, PublishFields};
+use super::record::{Codec, PublishFields};
+use super::seal::StoreKey;
 use super::{Digest, Registration, Store, StoreError};
 
 /// How long a flush may take before the changes waiting on it are reported as not confirmed.
@@ -40,12 +42,16 @@ const REBUILD_BATCH: usize = 1024;
 pub struct SledStore {
     /// Kept for flushes and the meta tree.
     db: sled::Db,
-    /// node -> JSON-encoded [`Registration`].
+    /// node -> record ([`super::record`]).
     registrations: sled::Tree,
     /// device hash -> node.
     devices: sled::Tree,
     /// Group commit state, shared by clones.
     commit: Arc<GroupCommit>,
+    /// Writes records (sealing tokens when there is a store key) and reads every format.
+    codec: Codec,
+    /// Keys the JID hashes and node secrets; read (or created) once at open.
+    instance_key: [u8; 32],
     /// What publishes read: every registration's token, secret hash, domain and app.
     index: Arc<PublishIndex>,
     /// Held across a write to sled and the matching index update, so two writes to one node cannot reach
@@ -91,7 +97,64 @@ struct GroupCommit {
     flushes: AtomicU64,
 }
 
+/// The instance key in the clear (a store without a store key).
 const INSTANCE_KEY: &[u8] = b"instance-key";
+/// The instance key sealed under the store key.
+const INSTANCE_KEY_SEALED: &[u8] = b"instance-key-sealed";
+/// The store key's check value: which key sealed this store.
+const STORE_KEY_CHECK: &[u8] = b"store-key-check";
+/// What the sealed instance key is bound to.
+const INSTANCE_KEY_CONTEXT: &[u8] = b"knock instance key v1";
+
+/// Read the instance key, creating it on a new store; seals it (and records the key's check value) the
+/// first time the store is opened with a store key.
+fn instance_key(db: &sled::Db, key: Option<&StoreKey>) -> Result<[u8; 32], StoreError> {
+    let as_key = |bytes: &[u8]| {
+        <[u8; 32]>::try_from(bytes)
+            .map_err(|_| StoreError::Corrupt("instance key has the wrong length".into()))
+    };
+    let check = db.get(STORE_KEY_CHECK)?;
+    let Some(key) = key else {
+        if check.is_some() {
+            return Err(StoreError::KeyRequired);
+        }
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut fresh);
+        let _ = db.compare_and_swap(INSTANCE_KEY, None as Option<&[u8]>, Some(&fresh[..]))?;
+        let stored = db
+            .get(INSTANCE_KEY)?
+            .ok_or_else(|| StoreError::Corrupt("instance key vanished".into()))?;
+        return as_key(&stored);
+    };
+    if check.is_some_and(|c| c.as_ref() != key.check_value()) {
+        return Err(StoreError::WrongKey);
+    }
+    if let Some(sealed) = db.get(INSTANCE_KEY_SEALED)? {
+        let opened = key
+            .open(INSTANCE_KEY_CONTEXT, &sealed)
+            .ok_or_else(|| StoreError::Corrupt("the sealed instance key does not open".into()))?;
+        return as_key(&opened);
+    }
+    // First open with a store key: seal the key this store already had, or a fresh one.
+    let instance = match db.get(INSTANCE_KEY)? {
+        Some(clear) => as_key(&clear)?,
+        None => {
+            let mut fresh = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut fresh);
+            fresh
+        }
+    };
+    let mut batch = sled::Batch::default();
+    batch.insert(
+        INSTANCE_KEY_SEALED,
+        key.seal(INSTANCE_KEY_CONTEXT, &instance),
+    );
+    batch.insert(STORE_KEY_CHECK, &key.check_value()[..]);
+    batch.remove(INSTANCE_KEY);
+    db.apply_batch(batch)?;
+    db.flush()?;
+    Ok(instance)
+}
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -109,20 +172,37 @@ impl From<TransactionError<StoreError>> for StoreError {
 }
 
 impl SledStore {
-    /// Open (or create) the database in `path`.
+    /// Open (or create) the database in `path`, with tokens in the clear.
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        SledStore::open_with_key(path, None)
+    }
+
+    /// Open (or create) the database in `path`. With a store key, tokens are sealed under it, and records
+    /// written without it are sealed by the index rebuild; a store once opened with a key will not open
+    /// without it ([`StoreError::KeyRequired`]) or with another ([`StoreError::WrongKey`]).
+    pub fn open_with_key(path: &Path, key: Option<StoreKey>) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
             .open()?;
+        let instance_key = instance_key(&db, key.as_ref())?;
+        let codec = Codec::new(key);
         let registrations = db.open_tree("registrations")?;
         let index = Arc::new(PublishIndex::new());
+        let writes: Arc<Mutex<()>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (registrations, index, stop) = (registrations.clone(), index.clone(), stop.clone());
+            let rebuild = Rebuilder {
+                db: db.clone(),
+                registrations: registrations.clone(),
+                codec: codec.clone(),
+                index: index.clone(),
+                writes: writes.clone(),
+                stop: stop.clone(),
+            };
             std::thread::Builder::new()
                 .name("knock-index".into())
-                .spawn(move || rebuild_index(&registrations, &index, &stop))
+                .spawn(move || rebuild.run())
                 .map_err(|e| StoreError::Io(format!("starting the index rebuild: {e}")))?
         };
         Ok(SledStore {
@@ -130,8 +210,10 @@ impl SledStore {
             devices: db.open_tree("devices")?,
             db,
             commit: Arc::default(),
+            codec,
+            instance_key,
             index,
-            writes: Arc::default(),
+            writes,
             _rebuild: Arc::new(Rebuild {
                 stop,
                 thread: Mutex::new(Some(thread)),
@@ -145,8 +227,7 @@ impl SledStore {
     }
 
     fn write_lock(&self) -> MutexGuard<'_, ()> {
-        // The guarded data is (); a panic while holding it leaves nothing half-done.
-        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.writes)
     }
 
     /// Make every change made before the call durable, sharing disk flushes with concurrent callers.
@@ -177,7 +258,7 @@ impl Store for SledStore {
     fn get(&self, node: &str) -> Result<Option<Registration>, StoreError> {
         self.registrations
             .get(node.as_bytes())?
-            .map(|v| decode(node.as_bytes(), &v))
+            .map(|v| self.codec.decode(node.as_bytes(), &v))
             .transpose()
     }
 
@@ -202,16 +283,17 @@ impl Store for SledStore {
     }
 
     fn put(&self, registration: &Registration) -> Result<(), StoreError> {
-        let record = encode(registration)?;
-        let fields = publish_fields(&record)?
-            .ok_or_else(|| StoreError::Invalid("encoded in an old format".into()))?;
+        let record = self.codec.encode(registration)?;
+        let fields = PublishFields::of(registration)?;
         let _writes = self.write_lock();
         let dropped = (&self.registrations, &self.devices)
             .transaction(|(regs, devices)| {
                 let node = registration.node.as_bytes();
                 if let Some(existing) = regs.get(node)? {
-                    let existing =
-                        decode(node, &existing).map_err(ConflictableTransactionError::Abort)?;
+                    let existing = self
+                        .codec
+                        .decode(node, &existing)
+                        .map_err(ConflictableTransactionError::Abort)?;
                     if existing.owner != registration.owner {
                         return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
                     }
@@ -247,8 +329,10 @@ impl Store for SledStore {
                 let Some(bytes) = regs.remove(node.as_bytes())? else {
                     return Ok(None);
                 };
-                let registration =
-                    decode(node.as_bytes(), &bytes).map_err(ConflictableTransactionError::Abort)?;
+                let registration = self
+                    .codec
+                    .decode(node.as_bytes(), &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
                 if devices.get(registration.device)?.as_deref() == Some(node.as_bytes()) {
                     devices.remove(&registration.device)?;
                 }
@@ -266,8 +350,10 @@ impl Store for SledStore {
                 let Some(bytes) = regs.get(node.as_bytes())? else {
                     return Ok(false);
                 };
-                let registration =
-                    decode(node.as_bytes(), &bytes).map_err(ConflictableTransactionError::Abort)?;
+                let registration = self
+                    .codec
+                    .decode(node.as_bytes(), &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
                 if registration.token != token {
                     return Ok(false);
                 }
@@ -296,90 +382,124 @@ impl Store for SledStore {
     }
 
     fn instance_key(&self) -> Result<[u8; 32], StoreError> {
-        let mut fresh = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut fresh);
-        // compare_and_swap makes two racing first starts agree on one key.
-        let _ = self
-            .db
-            .compare_and_swap(INSTANCE_KEY, None as Option<&[u8]>, Some(&fresh[..]))?;
-        let stored = self
-            .db
-            .get(INSTANCE_KEY)?
-            .ok_or_else(|| StoreError::Corrupt("instance key vanished".into()))?;
-        stored
-            .as_ref()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("instance key has the wrong length".into()))
+        Ok(self.instance_key)
     }
 }
 
-/// Fill the index from every stored registration, a batch per lock. Stops early when asked; a record it
-/// cannot read leaves the index incomplete, so misses keep falling through to sled, which reports the
-/// damage to whoever asks for that node.
-fn rebuild_index(registrations: &sled::Tree, index: &PublishIndex, stop: &AtomicBool) {
-    let started = std::time::Instant::now();
-    let mut batch: Vec<(sled::IVec, sled::IVec)> = Vec::with_capacity(REBUILD_BATCH);
-    let mut damaged = 0usize;
-    let mut iter = registrations.iter();
-    loop {
-        batch.clear();
-        for item in iter.by_ref().take(REBUILD_BATCH) {
-            match item {
-                Ok(kv) => batch.push(kv),
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the store to build the publish index failed; publishes will read the store");
-                    return;
+/// A mutex guarding `()`: a panic while holding it leaves nothing half-done, so poisoning is ignored.
+fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the index rebuild thread needs of the store.
+struct Rebuilder {
+    db: sled::Db,
+    registrations: sled::Tree,
+    codec: Codec,
+    index: Arc<PublishIndex>,
+    writes: Arc<Mutex<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Rebuilder {
+    /// Fill the index from every stored registration, a batch per lock, and rewrite records of an older
+    /// format in the current one (sealing clear tokens once a store key is configured). Stops early when
+    /// asked. A record it cannot read leaves the index incomplete, so misses keep falling through to sled,
+    /// which reports the damage to whoever asks for that node.
+    fn run(self) {
+        let started = std::time::Instant::now();
+        let mut batch: Vec<(sled::IVec, sled::IVec)> = Vec::with_capacity(REBUILD_BATCH);
+        let (mut damaged, mut rewritten) = (0usize, 0usize);
+        let mut iter = self.registrations.iter();
+        loop {
+            batch.clear();
+            for item in iter.by_ref().take(REBUILD_BATCH) {
+                match item {
+                    Ok(kv) => batch.push(kv),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the store to build the publish index failed; publishes will read the store");
+                        return;
+                    }
                 }
             }
-        }
-        if batch.is_empty() || stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let mut current: Vec<(&str, PublishFields<'_>)> = Vec::with_capacity(batch.len());
-        for (key, value) in &batch {
-            let Ok(node) = std::str::from_utf8(key) else {
-                damaged += 1;
-                continue;
-            };
-            match publish_fields(value) {
-                Ok(Some(fields)) => current.push((node, fields)),
-                // An earlier format: decode it whole.
-                Ok(None) => match decode(key, value) {
-                    Ok(r) => match hex::decode(&r.token) {
-                        Ok(token) => index.rebuild_batch([(
-                            node,
-                            PublishFields {
-                                secret_hash: r.secret_hash,
-                                domain: &r.domain,
-                                app: &r.app,
-                                token: &token,
-                            },
-                        )]),
+            if batch.is_empty() || self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let mut current: Vec<(&str, PublishFields<'_>)> = Vec::with_capacity(batch.len());
+            let mut stale = Vec::new();
+            for (key, value) in &batch {
+                let Ok(node) = std::str::from_utf8(key) else {
+                    damaged += 1;
+                    continue;
+                };
+                if !self.codec.is_current(value) {
+                    stale.push((key, value));
+                }
+                match self.codec.publish_fields(key, value) {
+                    Ok(Some(fields)) => current.push((node, fields)),
+                    // A JSON record of an early version: decode it whole.
+                    Ok(None) => match self.codec.decode(key, value) {
+                        Ok(r) => match PublishFields::of(&r) {
+                            Ok(fields) => self.index.rebuild_batch([(node, fields)]),
+                            Err(_) => damaged += 1,
+                        },
                         Err(_) => damaged += 1,
                     },
                     Err(_) => damaged += 1,
-                },
-                Err(_) => damaged += 1,
+                }
+            }
+            self.index.rebuild_batch(current);
+            rewritten += self.rewrite(&stale);
+        }
+        if self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if rewritten > 0 {
+            match self.db.flush() {
+                Ok(_) => tracing::info!(rewritten, "records of an older format rewritten"),
+                Err(e) => {
+                    tracing::error!(error = %e, "flushing rewritten records failed; they are rewritten again at the next start")
+                }
             }
         }
-        index.rebuild_batch(current);
-    }
-    if stop.load(Ordering::Relaxed) {
-        return;
-    }
-    if damaged > 0 {
-        tracing::error!(
-            damaged,
-            "records in the store cannot be read; publishes to unknown nodes will read the store"
+        if damaged > 0 {
+            tracing::error!(damaged, "records in the store cannot be read; publishes to unknown nodes will read the store");
+            return;
+        }
+        self.index.finish_rebuild();
+        tracing::info!(
+            registrations = self.index.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "publish index ready"
         );
-        return;
     }
-    index.finish_rebuild();
-    tracing::info!(
-        registrations = index.len(),
-        ms = started.elapsed().as_millis() as u64,
-        "publish index ready"
-    );
+
+    /// Rewrite records in the current format, each only if it is still what the rebuild read (a write since
+    /// then wrote the current format already). Returns how many were rewritten.
+    fn rewrite(&self, stale: &[(&sled::IVec, &sled::IVec)]) -> usize {
+        let _writes = lock(&self.writes);
+        let mut rewritten = 0;
+        for (key, old) in stale {
+            let Ok(registration) = self.codec.decode(key, old) else {
+                continue;
+            };
+            let Ok(new) = self.codec.encode(&registration) else {
+                continue;
+            };
+            match self
+                .registrations
+                .compare_and_swap(key, Some(old.as_ref()), Some(new))
+            {
+                Ok(Ok(())) => rewritten += 1,
+                Ok(Err(_)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "rewriting a record in the current format failed; it stays readable as it is");
+                    return rewritten;
+                }
+            }
+        }
+        rewritten
+    }
 }
 
 #[cfg(test)]
@@ -580,6 +700,118 @@ mod tests {
         let store = SledStore::open(dir.path()).expect("reopen");
         wait_for_index(&store);
         assert_eq!(store.len().expect("len"), 2000);
+    }
+
+    /// Every byte of every file under `dir`.
+    fn files_bytes(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(&path).expect("read_dir") {
+                    pending.push(entry.expect("entry").path());
+                }
+            } else {
+                all.extend(std::fs::read(&path).expect("read"));
+            }
+        }
+        all
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    fn sealed_reg(i: u32) -> Registration {
+        let mut r = reg(
+            &format!("sealed-node-{i}"),
+            0,
+            &format!("{:064x}", 0x5eed_0000_u64 + u64::from(i)),
+        );
+        r.device[..4].copy_from_slice(&i.to_be_bytes());
+        r
+    }
+
+    #[test]
+    fn a_copied_database_reveals_no_token_and_opens_only_with_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = StoreKey::generate();
+        let instance = {
+            let store = SledStore::open_with_key(dir.path(), Some(key.clone())).expect("open");
+            for i in 0..50 {
+                store.put(&sealed_reg(i)).expect("put");
+            }
+            store.db.flush().expect("flush");
+            store.instance_key().expect("instance key")
+        };
+        let files = files_bytes(dir.path());
+        assert!(files.len() > 1000, "the database was written");
+        for i in 0..50 {
+            let r = sealed_reg(i);
+            let raw = hex::decode(&r.token).expect("hex");
+            assert!(!contains(&files, &raw), "token {i} in the clear on disk");
+            assert!(
+                !contains(&files, r.token.as_bytes()),
+                "token {i} as hex on disk"
+            );
+        }
+        assert!(
+            !contains(&files, &instance),
+            "instance key in the clear on disk"
+        );
+
+        assert!(matches!(
+            SledStore::open(dir.path()),
+            Err(StoreError::KeyRequired)
+        ));
+        assert!(matches!(
+            SledStore::open_with_key(dir.path(), Some(StoreKey::generate())),
+            Err(StoreError::WrongKey)
+        ));
+        let store = SledStore::open_with_key(dir.path(), Some(key)).expect("reopen");
+        assert_eq!(store.instance_key().expect("instance key"), instance);
+        wait_for_index(&store);
+        let nodes: Vec<String> = (0..50).map(|i| sealed_reg(i).node).collect();
+        let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        assert_index_agrees(&store, &nodes);
+        assert_eq!(store.get(nodes[3]).expect("get"), Some(sealed_reg(3)));
+    }
+
+    #[test]
+    fn a_key_given_to_a_clear_store_seals_it_and_keeps_its_hashes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = {
+            let store = SledStore::open(dir.path()).expect("open");
+            for i in 0..2500 {
+                store.put(&sealed_reg(i)).expect("put");
+            }
+            store.instance_key().expect("instance key")
+        };
+        let key = StoreKey::generate();
+        {
+            let store = SledStore::open_with_key(dir.path(), Some(key.clone())).expect("open");
+            // The same instance key, so every device hash and node secret stays valid.
+            assert_eq!(store.instance_key().expect("instance key"), instance);
+            wait_for_index(&store);
+            let sealed = store
+                .registrations
+                .iter()
+                .filter(|kv| kv.as_ref().is_ok_and(|(_, v)| store.codec.is_current(v)))
+                .count();
+            assert_eq!(sealed, 2500, "every record rewritten sealed");
+            assert_eq!(
+                store.get("sealed-node-7").expect("get"),
+                Some(sealed_reg(7))
+            );
+        }
+        assert!(matches!(
+            SledStore::open(dir.path()),
+            Err(StoreError::KeyRequired)
+        ));
+        let store = SledStore::open_with_key(dir.path(), Some(key)).expect("reopen");
+        wait_for_index(&store);
+        assert_eq!(store.len().expect("len"), 2500);
+        assert_index_agrees(&store, &["sealed-node-0", "sealed-node-2499"]);
     }
 
     #[test]
