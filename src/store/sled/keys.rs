@@ -1,0 +1,66 @@
+//! The store's own keys, in sled's default tree: the instance key (in the clear, or sealed under the store
+//! key beside that key's check value) — read or created once, when the store is opened.
+
+use rand::RngCore;
+
+use super::super::seal::StoreKey;
+use super::super::StoreError;
+
+/// The instance key in the clear (a store without a store key).
+const INSTANCE_KEY: &[u8] = b"instance-key";
+/// The instance key sealed under the store key.
+const INSTANCE_KEY_SEALED: &[u8] = b"instance-key-sealed";
+/// The store key's check value: which key sealed this store.
+const STORE_KEY_CHECK: &[u8] = b"store-key-check";
+/// What the sealed instance key is bound to.
+const INSTANCE_KEY_CONTEXT: &[u8] = b"knock instance key v1";
+
+/// Read the instance key, creating it on a new store; seals it (and records the key's check value) the
+/// first time the store is opened with a store key.
+pub(super) fn instance_key(db: &sled::Db, key: Option<&StoreKey>) -> Result<[u8; 32], StoreError> {
+    let as_key = |bytes: &[u8]| {
+        <[u8; 32]>::try_from(bytes)
+            .map_err(|_| StoreError::Corrupt("instance key has the wrong length".into()))
+    };
+    let check = db.get(STORE_KEY_CHECK)?;
+    let Some(key) = key else {
+        if check.is_some() {
+            return Err(StoreError::KeyRequired);
+        }
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut fresh);
+        let _ = db.compare_and_swap(INSTANCE_KEY, None as Option<&[u8]>, Some(&fresh[..]))?;
+        let stored = db
+            .get(INSTANCE_KEY)?
+            .ok_or_else(|| StoreError::Corrupt("instance key vanished".into()))?;
+        return as_key(&stored);
+    };
+    if check.is_some_and(|c| c.as_ref() != key.check_value()) {
+        return Err(StoreError::WrongKey);
+    }
+    if let Some(sealed) = db.get(INSTANCE_KEY_SEALED)? {
+        let opened = key
+            .open(INSTANCE_KEY_CONTEXT, &sealed)
+            .ok_or_else(|| StoreError::Corrupt("the sealed instance key does not open".into()))?;
+        return as_key(&opened);
+    }
+    // First open with a store key: seal the key this store already had, or a fresh one.
+    let instance = match db.get(INSTANCE_KEY)? {
+        Some(clear) => as_key(&clear)?,
+        None => {
+            let mut fresh = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut fresh);
+            fresh
+        }
+    };
+    let mut batch = sled::Batch::default();
+    batch.insert(
+        INSTANCE_KEY_SEALED,
+        key.seal(INSTANCE_KEY_CONTEXT, &instance),
+    );
+    batch.insert(STORE_KEY_CHECK, &key.check_value()[..]);
+    batch.remove(INSTANCE_KEY);
+    db.apply_batch(batch)?;
+    db.flush()?;
+    Ok(instance)
+}

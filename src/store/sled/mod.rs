@@ -1,0 +1,478 @@
+//! The sled-backed [`Store`]: three trees in one embedded database, and an in-memory index for publishes.
+//!
+//! `registrations` maps node -> registration (a compact record, see [`super::record`]), `devices` maps device
+//! hash -> node, and the default tree holds the store's keys ([`keys`]). Writes touching two trees run in
+//! one sled transaction, so a crash never leaves half a record.
+//!
+//! Publishes read [`PublishIndex`], an in-memory copy of what they need, rebuilt from `registrations` by a
+//! background thread at every open ([`rebuild`]); every write updates sled first and the index after, under
+//! one lock, so the index never answers differently from the store.
+//!
+//! Durability is a group commit: a registration burst shares disk flushes instead of queueing one each, and
+//! each flush runs on the blocking pool. (sled 0.34's `flush_async` can miss its wake-up when several run at
+//! once and hang forever, which a benchmark at 64 registrations in flight hit.)
+//!
+//! After an I/O error (a full disk, say) sled 0.34 fails every later call until it is reopened, even once
+//! the disk has room again. So the first I/O error marks the database broken, and the next call starts a
+//! reopen on a thread of its own, at most once a second, while writes answer errors; a flush that covers
+//! changes made before the reopen is never confirmed. Publishes are answered throughout from the index the
+//! broken database left, so a full disk stops registrations, not pushes.
+
+mod keys;
+mod rebuild;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use self::rebuild::{Rebuild, Rebuilder};
+use super::index::{Lookup, PublishIndex, PublishTarget};
+use super::record::{Codec, PublishFields};
+use super::seal::StoreKey;
+use super::{Digest, Registration, Store, StoreError};
+
+/// How long a flush may take before the changes waiting on it are reported as not confirmed.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+/// sled's page cache. Its default (1 GiB) would let a large store grow RSS far past what a small VM has.
+/// Publishes read the index, not sled, so sled's cache serves only registrations and the rebuild: a few
+/// MiB do, and the OS page cache holds the rest.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// Least time between two attempts to reopen a broken database.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a reopen waits for calls still using the broken database to let go of it.
+const REOPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Registrations in a sled database on local disk. Clones share one database.
+#[derive(Clone)]
+pub struct SledStore {
+    shared: Arc<Shared>,
+}
+
+/// What every clone shares, and what outlives a reopen.
+struct Shared {
+    /// Where the database lives, for reopening it.
+    path: PathBuf,
+    /// Writes records (sealing tokens when there is a store key) and reads every format.
+    codec: Codec,
+    /// Keys the JID hashes and node secrets; read (or created) once at open.
+    instance_key: [u8; 32],
+    /// Group commit state.
+    commit: GroupCommit,
+    /// Held across a write to sled and the matching index update, so two writes to one node cannot reach
+    /// the index in another order than they reached sled. Shared with the rebuild thread.
+    writes: Arc<Mutex<()>>,
+    /// The open database, or the index it left while a reopen replaces it.
+    current: RwLock<Current>,
+    /// sled reported an I/O error: the database must be reopened before it works again.
+    broken: AtomicBool,
+    /// When the last reopen started.
+    last_reopen: Mutex<Option<Instant>>,
+}
+
+/// The database, or what is left of it while it is reopened.
+enum Current {
+    /// Working.
+    Open(Arc<Open>),
+    /// Closed for a reopen, or a reopen failed (the disk is still full, say). Publishes are still answered
+    /// from the index it left, which no write changes meanwhile; everything else fails.
+    Closed(Arc<PublishIndex>),
+}
+
+/// One open database and the index built from it.
+struct Open {
+    /// Kept for flushes and the default tree.
+    db: sled::Db,
+    /// node -> record ([`super::record`]).
+    registrations: sled::Tree,
+    /// device hash -> node.
+    devices: sled::Tree,
+    /// What publishes read: every registration's token, secret hash, domain and app.
+    index: Arc<PublishIndex>,
+    /// The background rebuild of the index, stopped and joined when this is dropped (after the handles
+    /// above, so the database closes with it).
+    _rebuild: Rebuild,
+}
+
+impl Open {
+    /// Take over an opened database and start rebuilding its index.
+    fn start(db: sled::Db, codec: &Codec, writes: &Arc<Mutex<()>>) -> Result<Open, StoreError> {
+        let registrations = db.open_tree("registrations")?;
+        let index = Arc::new(PublishIndex::new());
+        let rebuild = Rebuild::start(Rebuilder {
+            db: db.clone(),
+            registrations: registrations.clone(),
+            codec: codec.clone(),
+            index: index.clone(),
+            writes: writes.clone(),
+        })
+        .map_err(|e| StoreError::Io(format!("starting the index rebuild: {e}")))?;
+        Ok(Open {
+            devices: db.open_tree("devices")?,
+            db,
+            registrations,
+            index,
+            _rebuild: rebuild,
+        })
+    }
+}
+
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    Ok(sled::Config::new()
+        .path(path)
+        .cache_capacity(CACHE_BYTES)
+        .open()?)
+}
+
+/// Tickets for group commit: every flush request takes a ticket; a disk flush that starts after a ticket was
+/// taken makes that ticket's changes durable.
+#[derive(Default)]
+struct GroupCommit {
+    /// Tickets handed out so far.
+    issued: AtomicU64,
+    /// Every ticket up to this one is durable.
+    durable: AtomicU64,
+    /// Tickets up to this one were taken before the last reopen and are not durable: they fail.
+    lost: AtomicU64,
+    /// One disk flush at a time; waiters queue here and mostly find their ticket already covered.
+    running: tokio::sync::Mutex<()>,
+    /// Disk flushes done (tests check that they are shared).
+    flushes: AtomicU64,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(inner) => inner,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+/// A mutex guarding `()`: a panic while holding it leaves nothing half-done, so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SledStore {
+    /// Open (or create) the database in `path`, with tokens in the clear.
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        SledStore::open_with_key(path, None)
+    }
+
+    /// Open (or create) the database in `path`. With a store key, tokens are sealed under it, and records
+    /// written without it are sealed by the index rebuild; a store once opened with a key will not open
+    /// without it ([`StoreError::KeyRequired`]) or with another ([`StoreError::WrongKey`]).
+    pub fn open_with_key(path: &Path, key: Option<StoreKey>) -> Result<SledStore, StoreError> {
+        let db = open_db(path)?;
+        let instance_key = keys::instance_key(&db, key.as_ref())?;
+        let codec = Codec::new(key);
+        let writes = Arc::default();
+        let open = Open::start(db, &codec, &writes)?;
+        Ok(SledStore {
+            shared: Arc::new(Shared {
+                path: path.to_path_buf(),
+                codec,
+                instance_key,
+                commit: GroupCommit::default(),
+                writes,
+                current: RwLock::new(Current::Open(Arc::new(open))),
+                broken: AtomicBool::new(false),
+                last_reopen: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Whether the index holds every registration yet (tests and the benchmark wait for it).
+    pub fn index_complete(&self) -> bool {
+        self.database().is_ok_and(|open| open.index.is_complete())
+    }
+
+    /// The open database, starting a reopen first if it is broken.
+    fn database(&self) -> Result<Arc<Open>, StoreError> {
+        match self.current() {
+            Current::Open(open) => Ok(open),
+            Current::Closed(_) => Err(StoreError::Io(
+                "the store is being reopened after an I/O error".into(),
+            )),
+        }
+    }
+
+    /// The database or what is left of it, starting a reopen first if it is broken.
+    fn current(&self) -> Current {
+        if self.shared.broken.load(Ordering::Acquire) {
+            self.start_reopen();
+        }
+        match &*self
+            .shared
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Current::Open(open) => Current::Open(open.clone()),
+            Current::Closed(index) => Current::Closed(index.clone()),
+        }
+    }
+
+    /// Pass `result` on, marking the database broken if sled failed with an I/O error.
+    fn watch<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Io(e)) = &result {
+            if !self.shared.broken.swap(true, Ordering::AcqRel) {
+                tracing::error!(error = %e, "the store failed; reopening it");
+            }
+        }
+        result
+    }
+
+    fn start_reopen(&self) {
+        let mut last = lock(&self.shared.last_reopen);
+        if last.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let shared = self.shared.clone();
+        // Opening sled replays its log, which can take a second on a large store: not on the runtime.
+        let _ = std::thread::Builder::new()
+            .name("knock-reopen".into())
+            .spawn(move || shared.reopen());
+    }
+
+    /// Make every change made before the call durable, sharing disk flushes with concurrent callers.
+    async fn group_flush(&self) -> Result<(), StoreError> {
+        let commit = &self.shared.commit;
+        let ticket = commit.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = commit.running.lock().await;
+        if commit.durable.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        if commit.lost.load(Ordering::SeqCst) >= ticket {
+            return Err(StoreError::Io(
+                "the store was reopened after an I/O error; the change is not confirmed".into(),
+            ));
+        }
+        let open = self.database()?;
+        // Every ticket issued before this point belongs to changes made before the flush below starts.
+        let covers = commit.issued.load(Ordering::SeqCst);
+        let flush = tokio::task::spawn_blocking(move || open.db.flush());
+        match tokio::time::timeout(FLUSH_DEADLINE, flush).await {
+            Err(_) => Err(StoreError::Timeout(FLUSH_DEADLINE)),
+            Ok(Err(join)) => Err(StoreError::Io(format!("flush task failed: {join}"))),
+            Ok(Ok(result)) => {
+                self.watch(result.map_err(StoreError::from))?;
+                commit.flushes.fetch_add(1, Ordering::Relaxed);
+                commit.durable.fetch_max(covers, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    }
+
+    fn put_in(&self, open: &Open, registration: &Registration) -> Result<(), StoreError> {
+        let codec = &self.shared.codec;
+        let record = codec.encode(registration)?;
+        let fields = PublishFields::of(registration)?;
+        let _writes = lock(&self.shared.writes);
+        let dropped = (&open.registrations, &open.devices)
+            .transaction(|(regs, devices)| {
+                let node = registration.node.as_bytes();
+                if let Some(existing) = regs.get(node)? {
+                    let existing = codec
+                        .decode(node, &existing)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    if existing.owner != registration.owner {
+                        return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+                    }
+                    // The owner re-binds its node to another device identity: the old one lets go of it.
+                    if existing.device != registration.device
+                        && devices.get(existing.device)?.as_deref() == Some(node)
+                    {
+                        devices.remove(&existing.device)?;
+                    }
+                }
+                let mut dropped = None;
+                if let Some(previous) = devices.insert(&registration.device, node)? {
+                    if previous.as_ref() != node {
+                        regs.remove(&previous)?;
+                        dropped = Some(previous);
+                    }
+                }
+                regs.insert(node, record.as_slice())?;
+                Ok(dropped)
+            })
+            .map_err(StoreError::from)?;
+        open.index.upsert(&registration.node, &fields);
+        if let Some(previous) = dropped {
+            open.index.remove(&String::from_utf8_lossy(&previous));
+        }
+        Ok(())
+    }
+
+    /// Remove `node`'s registration if `keep` says so of it; returns what was removed.
+    fn remove_in(
+        &self,
+        open: &Open,
+        node: &str,
+        keep: impl Fn(&Registration) -> bool,
+    ) -> Result<Option<Registration>, StoreError> {
+        let codec = &self.shared.codec;
+        let _writes = lock(&self.shared.writes);
+        let removed = (&open.registrations, &open.devices)
+            .transaction(|(regs, devices)| {
+                let Some(bytes) = regs.get(node.as_bytes())? else {
+                    return Ok(None);
+                };
+                let registration = codec
+                    .decode(node.as_bytes(), &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if keep(&registration) {
+                    return Ok(None);
+                }
+                regs.remove(node.as_bytes())?;
+                if devices.get(registration.device)?.as_deref() == Some(node.as_bytes()) {
+                    devices.remove(&registration.device)?;
+                }
+                Ok(Some(registration))
+            })
+            .map_err(StoreError::from)?;
+        if removed.is_some() {
+            open.index.remove(node);
+        }
+        Ok(removed)
+    }
+}
+
+impl Shared {
+    /// Replace a broken database with a freshly opened one. Runs on its own thread.
+    fn reopen(&self) {
+        let taken = {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            match &*current {
+                Current::Open(open) => {
+                    let index = open.index.clone();
+                    match std::mem::replace(&mut *current, Current::Closed(index)) {
+                        Current::Open(open) => Some(open),
+                        Current::Closed(_) => None,
+                    }
+                }
+                Current::Closed(_) => None,
+            }
+        };
+        if let Some(mut old) = taken {
+            // A call may still hold it (a flush on the blocking pool); sled's lock on the directory is
+            // released only once every handle is gone.
+            let deadline = Instant::now() + REOPEN_WAIT;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(open) => {
+                        drop(open);
+                        break;
+                    }
+                    Err(back) if Instant::now() < deadline => {
+                        old = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(back) => {
+                        tracing::error!("the broken store is still in use; reopening later");
+                        *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+                            Current::Open(back);
+                        return;
+                    }
+                }
+            }
+        }
+        // Changes made on the broken database and not flushed may be gone: no flush may confirm them.
+        self.commit
+            .lost
+            .fetch_max(self.commit.issued.load(Ordering::SeqCst), Ordering::SeqCst);
+        match open_db(&self.path).and_then(|db| Open::start(db, &self.codec, &self.writes)) {
+            Ok(open) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+                    Current::Open(Arc::new(open));
+                self.broken.store(false, Ordering::Release);
+                tracing::warn!("the store was reopened after an I/O error");
+            }
+            Err(e) => tracing::error!(error = %e, "reopening the store failed; trying again"),
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, node: &str) -> Result<Option<Registration>, StoreError> {
+        let open = self.database()?;
+        self.watch(
+            open.registrations
+                .get(node.as_bytes())
+                .map_err(StoreError::from)
+                .and_then(|v| {
+                    v.map(|v| self.shared.codec.decode(node.as_bytes(), &v))
+                        .transpose()
+                }),
+        )
+    }
+
+    fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError> {
+        let open = self.database()?;
+        self.watch(open.devices.get(device).map_err(StoreError::from))
+            .map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn publish_target(&self, node: &str) -> Result<Option<PublishTarget>, StoreError> {
+        let index = match self.current() {
+            Current::Open(open) => open.index.clone(),
+            Current::Closed(index) => index,
+        };
+        match index.get(node) {
+            Lookup::Found(target) => Ok(Some(target)),
+            Lookup::Absent => Ok(None),
+            Lookup::Unknown => Ok(self.get(node)?.map(|r| PublishTarget {
+                token: r.token,
+                secret_hash: r.secret_hash,
+                domain: r.domain.into(),
+                app: r.app.into(),
+            })),
+        }
+    }
+
+    fn put(&self, registration: &Registration) -> Result<(), StoreError> {
+        let open = self.database()?;
+        self.watch(self.put_in(&open, registration))
+    }
+
+    fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
+        let open = self.database()?;
+        self.watch(self.remove_in(&open, node, |_| false))
+    }
+
+    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError> {
+        let open = self.database()?;
+        self.watch(self.remove_in(&open, node, |r| r.token != token))
+            .map(|removed| removed.is_some())
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.group_flush())
+    }
+
+    fn len(&self) -> Result<usize, StoreError> {
+        let open = self.database()?;
+        if open.index.is_complete() {
+            return Ok(open.index.len());
+        }
+        Ok(open.registrations.len())
+    }
+
+    fn instance_key(&self) -> Result<[u8; 32], StoreError> {
+        Ok(self.shared.instance_key)
+    }
+}

@@ -1,0 +1,469 @@
+//! The sled store's tests: the index kept in step with sled, group commit, sealing at rest, reopening.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::*;
+
+fn reg(node: &str, device: u8, token: &str) -> Registration {
+    Registration {
+        node: node.into(),
+        device: [device; 32],
+        owner: [device; 32],
+        domain: "example.org".into(),
+        app: "chat".into(),
+        token: token.into(),
+        secret_hash: [1; 32],
+    }
+}
+
+/// What sled itself says a publish to `node` would find.
+fn from_sled(store: &SledStore, node: &str) -> Option<PublishTarget> {
+    store.get(node).expect("get").map(|r| PublishTarget {
+        token: r.token,
+        secret_hash: r.secret_hash,
+        domain: r.domain.into(),
+        app: r.app.into(),
+    })
+}
+
+/// The index answers every node as sled does.
+fn assert_index_agrees(store: &SledStore, nodes: &[&str]) {
+    for node in nodes {
+        assert_eq!(
+            store.publish_target(node).expect("target"),
+            from_sled(store, node),
+            "{node}"
+        );
+    }
+}
+
+fn wait_for_index(store: &SledStore) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !store.index_complete() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "index rebuild never finished"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn open() -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    (dir, store)
+}
+
+#[test]
+fn put_get_remove_keep_the_device_index_in_step() {
+    let (_dir, store) = open();
+    wait_for_index(&store);
+    let nodes = ["n1", "n2"];
+    store.put(&reg("n1", 1, "aa")).expect("put");
+    assert_eq!(store.get("n1").expect("get"), Some(reg("n1", 1, "aa")));
+    assert_index_agrees(&store, &nodes);
+    assert_eq!(
+        store.node_for_device(&[1; 32]).expect("idx").as_deref(),
+        Some("n1")
+    );
+    // Same device, same node: token update.
+    store.put(&reg("n1", 1, "bb")).expect("update");
+    assert_eq!(
+        store.get("n1").expect("get").map(|r| r.token).as_deref(),
+        Some("bb")
+    );
+    // Another owner may not take the node.
+    assert!(matches!(
+        store.put(&reg("n1", 2, "cc")),
+        Err(StoreError::Conflict)
+    ));
+    // The owner may re-bind it to another device identity; the old identity lets go.
+    let rebound = Registration {
+        device: [3; 32],
+        ..reg("n1", 1, "bb")
+    };
+    store.put(&rebound).expect("rebind");
+    assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+    assert_eq!(
+        store.node_for_device(&[3; 32]).expect("idx").as_deref(),
+        Some("n1")
+    );
+    store.put(&reg("n1", 1, "bb")).expect("and back");
+    assert_index_agrees(&store, &nodes);
+    // Same device moving to a new node drops the old node.
+    store.put(&reg("n2", 1, "dd")).expect("move");
+    assert_eq!(store.get("n1").expect("get"), None);
+    assert_eq!(store.len().expect("len"), 1);
+    assert_index_agrees(&store, &nodes);
+    assert_eq!(
+        store.remove("n2").expect("rm").map(|r| r.node).as_deref(),
+        Some("n2")
+    );
+    assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+    assert_index_agrees(&store, &nodes);
+    assert_eq!(store.len().expect("len"), 0);
+}
+
+#[test]
+fn remove_if_token_spares_a_fresh_token() {
+    let (_dir, store) = open();
+    store.put(&reg("n1", 1, "0e")).expect("put");
+    assert!(!store.remove_if_token("n1", "01").expect("rm"));
+    assert!(store.get("n1").expect("get").is_some());
+    assert!(store.publish_target("n1").expect("target").is_some());
+    assert!(store.remove_if_token("n1", "0e").expect("rm"));
+    assert!(store.get("n1").expect("get").is_none());
+    assert!(store.publish_target("n1").expect("target").is_none());
+    assert_eq!(store.node_for_device(&[1; 32]).expect("idx"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_flushes_all_finish_and_all_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let tasks: Vec<_> = (0..200u8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.put(&reg(&format!("n{i}"), i, "aa")).expect("put");
+                store.flush().await
+            })
+        })
+        .collect();
+    let all = futures::future::join_all(tasks);
+    let results = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("no flush hangs");
+    assert!(results.into_iter().all(|r| matches!(r, Ok(Ok(())))));
+    // Far fewer disk flushes than requests: they were shared.
+    let flushes = store.shared.commit.flushes.load(Ordering::SeqCst);
+    assert!(
+        (1..100).contains(&flushes),
+        "{flushes} disk flushes for 200 requests"
+    );
+    drop(store);
+    let again = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(again.len().expect("len"), 200);
+}
+
+#[test]
+fn the_index_is_rebuilt_from_disk_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // More than one rebuild batch, in two apps and two domains.
+    let nodes: Vec<String> = (0..3000).map(|i| format!("node-{i:05}")).collect();
+    {
+        let store = SledStore::open(dir.path()).expect("open");
+        for (i, node) in nodes.iter().enumerate() {
+            let mut r = reg(node, 0, &format!("{:064x}", i + 1));
+            r.device = [0; 32];
+            r.device[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            if i % 2 == 0 {
+                r.domain = "other.example".into();
+                r.app = "beta".into();
+            }
+            store.put(&r).expect("put");
+        }
+        store.remove(&nodes[7]).expect("remove");
+        store.database().expect("open").db.flush().expect("flush");
+    }
+    let store = SledStore::open(dir.path()).expect("reopen");
+    wait_for_index(&store);
+    assert_eq!(store.len().expect("len"), 2999);
+    assert_eq!(store.database().expect("open").index.len(), 2999);
+    let all: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    assert_index_agrees(&store, &all);
+    assert_eq!(store.publish_target(&nodes[7]).expect("target"), None);
+    assert_eq!(
+        store.publish_target("never-registered").expect("target"),
+        None
+    );
+}
+
+#[test]
+fn a_store_closed_while_its_index_rebuilds_can_be_reopened_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = SledStore::open(dir.path()).expect("open");
+        for i in 0..2000u32 {
+            let mut r = reg(&format!("n{i}"), 0, "aa");
+            r.device[..4].copy_from_slice(&i.to_be_bytes());
+            store.put(&r).expect("put");
+        }
+    }
+    for _ in 0..5 {
+        // Dropping joins the rebuild thread, so the database's lock is free for the next open.
+        let store = SledStore::open(dir.path()).expect("reopen while a rebuild may run");
+        drop(store);
+    }
+    let store = SledStore::open(dir.path()).expect("reopen");
+    wait_for_index(&store);
+    assert_eq!(store.len().expect("len"), 2000);
+}
+
+/// Every byte of every file under `dir`.
+fn files_bytes(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read_dir") {
+                pending.push(entry.expect("entry").path());
+            }
+        } else {
+            all.extend(std::fs::read(&path).expect("read"));
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn sealed_reg(i: u32) -> Registration {
+    let mut r = reg(
+        &format!("sealed-node-{i}"),
+        0,
+        &format!("{:064x}", 0x5eed_0000_u64 + u64::from(i)),
+    );
+    r.device[..4].copy_from_slice(&i.to_be_bytes());
+    r
+}
+
+#[test]
+fn a_copied_database_reveals_no_token_and_opens_only_with_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = StoreKey::generate();
+    let instance = {
+        let store = SledStore::open_with_key(dir.path(), Some(key.clone())).expect("open");
+        for i in 0..50 {
+            store.put(&sealed_reg(i)).expect("put");
+        }
+        store.database().expect("open").db.flush().expect("flush");
+        store.instance_key().expect("instance key")
+    };
+    let files = files_bytes(dir.path());
+    assert!(files.len() > 1000, "the database was written");
+    for i in 0..50 {
+        let r = sealed_reg(i);
+        let raw = hex::decode(&r.token).expect("hex");
+        assert!(!contains(&files, &raw), "token {i} in the clear on disk");
+        assert!(
+            !contains(&files, r.token.as_bytes()),
+            "token {i} as hex on disk"
+        );
+    }
+    assert!(
+        !contains(&files, &instance),
+        "instance key in the clear on disk"
+    );
+
+    assert!(matches!(
+        SledStore::open(dir.path()),
+        Err(StoreError::KeyRequired)
+    ));
+    assert!(matches!(
+        SledStore::open_with_key(dir.path(), Some(StoreKey::generate())),
+        Err(StoreError::WrongKey)
+    ));
+    let store = SledStore::open_with_key(dir.path(), Some(key)).expect("reopen");
+    assert_eq!(store.instance_key().expect("instance key"), instance);
+    wait_for_index(&store);
+    let nodes: Vec<String> = (0..50).map(|i| sealed_reg(i).node).collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    assert_index_agrees(&store, &nodes);
+    assert_eq!(store.get(nodes[3]).expect("get"), Some(sealed_reg(3)));
+}
+
+#[test]
+fn a_key_given_to_a_clear_store_seals_it_and_keeps_its_hashes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let instance = {
+        let store = SledStore::open(dir.path()).expect("open");
+        for i in 0..2500 {
+            store.put(&sealed_reg(i)).expect("put");
+        }
+        store.instance_key().expect("instance key")
+    };
+    let key = StoreKey::generate();
+    {
+        let store = SledStore::open_with_key(dir.path(), Some(key.clone())).expect("open");
+        // The same instance key, so every device hash and node secret stays valid.
+        assert_eq!(store.instance_key().expect("instance key"), instance);
+        wait_for_index(&store);
+        let open = store.database().expect("open");
+        let sealed = open
+            .registrations
+            .iter()
+            .filter(|kv| {
+                kv.as_ref()
+                    .is_ok_and(|(_, v)| store.shared.codec.is_current(v))
+            })
+            .count();
+        assert_eq!(sealed, 2500, "every record rewritten sealed");
+        assert_eq!(
+            store.get("sealed-node-7").expect("get"),
+            Some(sealed_reg(7))
+        );
+    }
+    assert!(matches!(
+        SledStore::open(dir.path()),
+        Err(StoreError::KeyRequired)
+    ));
+    let store = SledStore::open_with_key(dir.path(), Some(key)).expect("reopen");
+    wait_for_index(&store);
+    assert_eq!(store.len().expect("len"), 2500);
+    assert_index_agrees(&store, &["sealed-node-0", "sealed-node-2499"]);
+}
+
+#[test]
+fn instance_key_is_stable_across_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = SledStore::open(dir.path())
+        .expect("open")
+        .instance_key()
+        .expect("key");
+    let again = SledStore::open(dir.path())
+        .expect("open")
+        .instance_key()
+        .expect("key");
+    assert_eq!(first, again);
+}
+
+/// A tmpfs of a given size on a fresh directory, unmounted on drop: a disk that really fills.
+struct Tmpfs {
+    mnt: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mount one; `None` when this process may not mount (not root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mnt)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then_some(Tmpfs { mnt, _dir: dir })
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.mnt)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+fn numbered(i: u32) -> Registration {
+    let mut r = reg(
+        &format!("disk-node-{i:07}"),
+        0,
+        &format!("{:064x}", u64::from(i) + 1),
+    );
+    r.device[..4].copy_from_slice(&i.to_be_bytes());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_keeps_publishes_and_recovers_when_space_returns() {
+    // SAFETY: geteuid has no preconditions. CI runs as root; elsewhere there is no disk to fill safely.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs to fill needs root");
+        return;
+    }
+    let disk = Tmpfs::mount("3m").expect("root may mount a tmpfs");
+    let path = disk.mnt.join("db");
+    let store = SledStore::open(&path).expect("open");
+    wait_for_index(&store);
+
+    // 1. Register until the disk is full; a registration counts only once put and flushed.
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for i in 0..500_000 {
+        let put = store.put(&numbered(i));
+        let flushed = match put {
+            Ok(()) => store.flush().await,
+            Err(e) => Err(e),
+        };
+        match flushed {
+            Ok(()) => acknowledged.push(i),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a 3 MiB disk fills");
+    assert!(matches!(refused, StoreError::Io(_)), "{refused:?}");
+    assert!(acknowledged.len() > 100, "only {} fit", acknowledged.len());
+
+    // 2. While full: writes are refused, every acknowledged registration still gets its pushes.
+    for i in 0..3 {
+        let again = store.put(&numbered(900_000 + i));
+        let flushed = match again {
+            Ok(()) => store.flush().await,
+            Err(e) => Err(e),
+        };
+        assert!(flushed.is_err(), "a write on a full disk was confirmed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for &i in acknowledged.iter().step_by(97) {
+        let node = numbered(i).node;
+        assert!(
+            store
+                .publish_target(&node)
+                .expect("publishes are answered")
+                .is_some(),
+            "{node} lost its pushes on a full disk"
+        );
+    }
+
+    // 3. Space comes back: within seconds, registrations work again without a restart.
+    disk.resize("64m");
+    let fresh = numbered(1_000_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let flushed = match store.put(&fresh) {
+            Ok(()) => store.flush().await,
+            Err(e) => Err(e),
+        };
+        match flushed {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() > deadline => panic!("never recovered: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    wait_for_index(&store);
+    assert!(store.publish_target(&fresh.node).expect("target").is_some());
+
+    // 4. Nothing acknowledged was lost, across the reopen and a restart.
+    drop(store);
+    let store = SledStore::open(&path).expect("reopen");
+    wait_for_index(&store);
+    for &i in &acknowledged {
+        assert_eq!(
+            store.get(&numbered(i).node).expect("get"),
+            Some(numbered(i)),
+            "registration {i}"
+        );
+    }
+    assert_eq!(store.get(&fresh.node).expect("get"), Some(fresh));
+}
