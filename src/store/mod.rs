@@ -10,7 +10,7 @@ mod sled;
 
 pub use self::index::PublishTarget;
 pub use self::seal::{KeyFileError, StoreKey};
-pub use self::sled::SledStore;
+pub use self::sled::{BackupError, SledStore};
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,9 @@ pub enum StoreError {
     /// A registration the store cannot hold (a field beyond the record's limits).
     #[error("invalid registration: {0}")]
     Invalid(String),
+    /// Another process (a running knock) has the store open.
+    #[error("the store is in use by another process: stop knock first")]
+    InUse,
     /// The store's tokens are sealed and no store key was given.
     #[error("this store's tokens are encrypted: configure store.key_file with the key that encrypted them")]
     KeyRequired,

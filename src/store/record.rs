@@ -95,6 +95,11 @@ impl Codec {
         Codec { key }
     }
 
+    /// The store key tokens are sealed under, if any.
+    pub fn key(&self) -> Option<&StoreKey> {
+        self.key.as_ref()
+    }
+
     /// What a sealed token is bound to: its record's node.
     fn context(node: &[u8]) -> Vec<u8> {
         [&b"knock token v2\0"[..], node].concat()

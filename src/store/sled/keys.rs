@@ -53,14 +53,86 @@ pub(super) fn instance_key(db: &sled::Db, key: Option<&StoreKey>) -> Result<[u8;
             fresh
         }
     };
+    write_instance_key(db, Some(key), &instance)?;
+    Ok(instance)
+}
+
+/// Make `instance` the store's instance key, durably: sealed under `key` beside its check value, or in the
+/// clear without one. Replaces whatever key the store had (an import into a new store does this).
+pub(super) fn write_instance_key(
+    db: &sled::Db,
+    key: Option<&StoreKey>,
+    instance: &[u8; 32],
+) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
-    batch.insert(
-        INSTANCE_KEY_SEALED,
-        key.seal(INSTANCE_KEY_CONTEXT, &instance),
-    );
+    match key {
+        Some(key) => {
+            batch.insert(
+                INSTANCE_KEY_SEALED,
+                key.seal(INSTANCE_KEY_CONTEXT, instance),
+            );
+            batch.insert(STORE_KEY_CHECK, &key.check_value()[..]);
+            batch.remove(INSTANCE_KEY);
+        }
+        None => {
+            batch.insert(INSTANCE_KEY, &instance[..]);
+            batch.remove(INSTANCE_KEY_SEALED);
+            batch.remove(STORE_KEY_CHECK);
+        }
+    }
+    db.apply_batch(batch)?;
+    db.flush()?;
+    Ok(())
+}
+
+/// The instance key as the store holds it, for an export: sealed (with the key's check value) or clear.
+pub(super) fn stored_instance_key(db: &sled::Db) -> Result<StoredInstanceKey, StoreError> {
+    Ok(match db.get(INSTANCE_KEY_SEALED)? {
+        Some(sealed) => StoredInstanceKey::Sealed {
+            sealed: sealed.to_vec(),
+            check: db
+                .get(STORE_KEY_CHECK)?
+                .map(|c| c.to_vec())
+                .unwrap_or_default(),
+        },
+        None => StoredInstanceKey::Clear(
+            db.get(INSTANCE_KEY)?
+                .map(|c| c.to_vec())
+                .unwrap_or_default(),
+        ),
+    })
+}
+
+/// The instance key in the form the store keeps it.
+pub(super) enum StoredInstanceKey {
+    /// Without a store key.
+    Clear(Vec<u8>),
+    /// Sealed under the store key whose check value is `check`.
+    Sealed {
+        /// The sealed instance key.
+        sealed: Vec<u8>,
+        /// The sealing key's check value.
+        check: Vec<u8>,
+    },
+}
+
+/// The instance key of an export, opened with `key`.
+pub(super) fn open_from_export(key: &StoreKey, sealed: &[u8]) -> Option<[u8; 32]> {
+    key.open(INSTANCE_KEY_CONTEXT, sealed)?.try_into().ok()
+}
+
+/// Keep an exported sealed instance key as it was exported (so a re-export is byte for byte the same),
+/// beside the check value of `key`, which the import checked opens it.
+pub(super) fn adopt_sealed_instance_key(
+    db: &sled::Db,
+    key: &StoreKey,
+    sealed: &[u8],
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(INSTANCE_KEY_SEALED, sealed);
     batch.insert(STORE_KEY_CHECK, &key.check_value()[..]);
     batch.remove(INSTANCE_KEY);
     db.apply_batch(batch)?;
     db.flush()?;
-    Ok(instance)
+    Ok(())
 }

@@ -18,6 +18,7 @@
 //! changes made before the reopen is never confirmed. Publishes are answered throughout from the index the
 //! broken database left, so a full disk stops registrations, not pushes.
 
+mod backup;
 mod keys;
 mod rebuild;
 #[cfg(test)]
@@ -32,6 +33,7 @@ use futures::future::BoxFuture;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+pub use self::backup::BackupError;
 use self::rebuild::{Rebuild, Rebuilder};
 use super::index::{Lookup, PublishIndex, PublishTarget};
 use super::record::{Codec, PublishFields};
@@ -124,10 +126,17 @@ impl Open {
 }
 
 fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
-    Ok(sled::Config::new()
+    sled::Config::new()
         .path(path)
         .cache_capacity(CACHE_BYTES)
-        .open()?)
+        .open()
+        .map_err(|e| match e {
+            // sled's words for another process holding the directory: knock is running on it.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::InUse
+            }
+            other => other.into(),
+        })
 }
 
 /// Tickets for group commit: every flush request takes a ticket; a disk flush that starts after a ticket was

@@ -467,3 +467,160 @@ async fn a_full_disk_refuses_writes_keeps_publishes_and_recovers_when_space_retu
     }
     assert_eq!(store.get(&fresh.node).expect("get"), Some(fresh));
 }
+
+/// A store in `dir` holding `n` registrations (and one removed), with `key`.
+fn filled(dir: &Path, key: Option<StoreKey>, n: u32) -> SledStore {
+    let store = SledStore::open_with_key(dir, key).expect("open");
+    for i in 0..n {
+        store.put(&numbered(i)).expect("put");
+    }
+    store.remove(&numbered(3).node).expect("remove");
+    store
+}
+
+fn export_of(store: &SledStore) -> Vec<u8> {
+    let mut out = Vec::new();
+    store.export(&mut out).expect("export");
+    out
+}
+
+/// Every registration of `store`, by reading each numbered node.
+fn all(store: &SledStore, n: u32) -> Vec<Option<Registration>> {
+    (0..n)
+        .map(|i| store.get(&numbered(i).node).expect("get"))
+        .collect()
+}
+
+#[test]
+fn export_then_import_into_a_new_store_round_trips_exactly() {
+    for key in [None, Some(StoreKey::generate())] {
+        let (from, to, file) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+            tempfile::NamedTempFile::new().expect("file"),
+        );
+        let source = filled(from.path(), key.clone(), 300);
+        let exported = export_of(&source);
+        assert_eq!(exported.iter().filter(|&&b| b == b'\n').count(), 1 + 299);
+        std::fs::write(file.path(), &exported).expect("write");
+        let count = SledStore::import(to.path(), key.clone(), file.path()).expect("import");
+        assert_eq!(count, 299);
+        let copy = SledStore::open_with_key(to.path(), key.clone()).expect("open the copy");
+        wait_for_index(&copy);
+        assert_eq!(all(&copy, 300), all(&source, 300));
+        assert_eq!(
+            copy.instance_key().expect("key"),
+            source.instance_key().expect("key")
+        );
+        assert_eq!(
+            copy.node_for_device(&numbered(7).device).expect("idx"),
+            Some(numbered(7).node)
+        );
+        assert!(export_of(&copy) == exported, "not byte for byte");
+        assert_index_agrees(
+            &copy,
+            &[
+                "disk-node-0000000",
+                "disk-node-0000003",
+                "disk-node-0000299",
+            ],
+        );
+    }
+}
+
+#[test]
+fn a_sealed_export_hides_tokens_and_imports_only_with_its_key() {
+    let key = StoreKey::generate();
+    let from = tempfile::tempdir().expect("dir");
+    let source = filled(from.path(), Some(key.clone()), 50);
+    let exported = export_of(&source);
+    let text = String::from_utf8(exported.clone()).expect("utf8");
+    for i in 0..50 {
+        assert!(
+            !text.contains(&numbered(i).token),
+            "token {i} in the export"
+        );
+    }
+    assert!(!text.contains(&hex::encode(source.instance_key().expect("key"))));
+    let file = tempfile::NamedTempFile::new().expect("file");
+    std::fs::write(file.path(), &exported).expect("write");
+    for (wrong, expected) in [
+        (None, "KeyRequired"),
+        (Some(StoreKey::generate()), "WrongKey"),
+    ] {
+        let to = tempfile::tempdir().expect("dir");
+        let err = SledStore::import(to.path(), wrong.clone(), file.path()).expect_err("refused");
+        assert!(format!("{err:?}").contains(expected), "{err:?}");
+        let target = SledStore::open_with_key(to.path(), wrong).expect("open");
+        assert_eq!(target.len().expect("len"), 0, "nothing written");
+    }
+}
+
+#[test]
+fn a_damaged_export_or_a_full_target_writes_nothing() {
+    let (from, to) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let source = filled(from.path(), None, 20);
+    let exported = String::from_utf8(export_of(&source)).expect("utf8");
+    let mut lines: Vec<&str> = exported.lines().collect();
+    lines[12] = r#"{"node":"x","domain":"example.org","app":"chat","record":"AQ=="}"#;
+    let file = tempfile::NamedTempFile::new().expect("file");
+    std::fs::write(file.path(), lines.join("\n")).expect("write");
+    let err = SledStore::import(to.path(), None, file.path()).expect_err("damaged");
+    assert!(
+        matches!(err, BackupError::Format { line: 13, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        SledStore::open(to.path())
+            .expect("open")
+            .len()
+            .expect("len"),
+        0
+    );
+
+    let file = tempfile::NamedTempFile::new().expect("file");
+    std::fs::write(file.path(), exported).expect("write");
+    drop(source);
+    let err = SledStore::import(from.path(), None, file.path()).expect_err("not empty");
+    assert!(matches!(err, BackupError::NotEmpty(19)), "{err:?}");
+}
+
+#[test]
+fn a_clear_export_imported_with_a_key_is_sealed() {
+    let (from, to, file) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+        tempfile::NamedTempFile::new().expect("file"),
+    );
+    let source = filled(from.path(), None, 40);
+    std::fs::write(file.path(), export_of(&source)).expect("write");
+    let key = StoreKey::generate();
+    SledStore::import(to.path(), Some(key.clone()), file.path()).expect("import");
+    let copy = SledStore::open_with_key(to.path(), Some(key)).expect("open");
+    wait_for_index(&copy);
+    assert_eq!(all(&copy, 40), all(&source, 40));
+    let open = copy.database().expect("open");
+    assert!(open
+        .registrations
+        .iter()
+        .all(|kv| kv.is_ok_and(|(_, v)| copy.shared.codec.is_current(&v))));
+    assert!(matches!(
+        SledStore::open(to.path()),
+        Err(StoreError::InUse) | Err(StoreError::KeyRequired)
+    ));
+}
+
+#[test]
+fn a_store_in_use_says_so() {
+    let dir = tempfile::tempdir().expect("dir");
+    let _running = SledStore::open(dir.path()).expect("open");
+    // Another process would get this; within one process sled's lock is per file description as well.
+    match SledStore::open(dir.path()) {
+        Err(StoreError::InUse) => {}
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("opened a store that is in use"),
+    }
+}
