@@ -125,18 +125,28 @@ impl Open {
     }
 }
 
+/// Open sled's database in `path`. A handle just dropped in this process releases the directory's lock
+/// a moment later (sled's flusher thread lets go asynchronously), so a lock held is retried for a second
+/// before it is reported as another process's.
 fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(CACHE_BYTES)
-        .open()
-        .map_err(|e| match e {
-            // sled's words for another process holding the directory: knock is running on it.
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::InUse
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // sled's words for another handle holding the directory.
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if Instant::now() > deadline {
+                    return Err(StoreError::InUse);
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            other => other.into(),
-        })
+            Err(other) => return Err(other.into()),
+        }
+    }
 }
 
 /// Tickets for group commit: every flush request takes a ticket; a disk flush that starts after a ticket was
