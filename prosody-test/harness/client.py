@@ -15,6 +15,8 @@ from slixmpp import ClientXMPP, Iq
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004 import Form
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 NS_PUSH = "urn:xmpp:push:0"
 PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
@@ -62,6 +64,12 @@ class Client(ClientXMPP):
         self.register_plugin("xep_0004")
         self.register_plugin("xep_0050")
         self.inbox: asyncio.Queue = asyncio.Queue()
+        # every <message/> received, body or not, as (from, XML text): the remote-disable scenario looks
+        # for the App Server's body-less stanzas among the offline messages (slixmpp's "message" event only
+        # fires for messages with a body)
+        self.received: list[tuple[str, str]] = []
+        self.register_handler(Callback("every message", StanzaPath("message"),
+                                       lambda m: self.received.append((str(m["from"]), str(m)))))
         self.add_event_handler("message", self._on_message)
         self.add_event_handler("failed_auth", self._on_failed_auth)
         self.auth_failed = False

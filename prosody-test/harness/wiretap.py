@@ -5,6 +5,10 @@ unchanged. When either side closes, it closes the other, so the server sees exac
 link when knock stops, a connection refused-then-closed when the server is down). A copy of each direction goes
 through a real XML stream parser (xml.etree's pull parser), so the tests can see every publish the server sends
 (node, IQ id) and knock's reply to it (result, or the error type and condition), and when the handshake completes.
+
+`inject_to_server` is the one exception to "changes nothing": it lets a scenario send the server a stanza as if
+knock had sent it (XEP-0357's remote-disable message, which knock itself never sends), written only between two
+of knock's top-level elements so the server's parser never sees it inside one of knock's stanzas.
 """
 
 import asyncio
@@ -76,6 +80,8 @@ class Wiretap:
         self.links: dict[int, list] = {}
         self._writers = set()
         self.parse_errors = 0
+        # connection number -> (writer towards the server, the parser of knock's direction)
+        self._to_server: dict[int, tuple] = {}
 
     async def start(self):
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.listen_port)
@@ -116,6 +122,24 @@ class Wiretap:
     def publishes_to(self, node: str, since: float = 0.0) -> list[Publish]:
         return [p for p in self.publishes if p.node == node and p.at >= since]
 
+    async def inject_to_server(self, data: bytes, timeout: float = 5.0):
+        """Write `data` (whole stanzas) to the server on the newest link, as if knock had sent it.
+
+        Waits until every byte knock sent so far ends at a stanza boundary (depth 1 in knock's stream), so the
+        injected stanza never lands inside one of knock's."""
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = max(self.links) if self.links else None
+            if conn is not None and self.link_up() and conn in self._to_server:
+                writer, from_knock = self._to_server[conn]
+                if from_knock.depth == 1 and not from_knock.broken:
+                    writer.write(data)
+                    await writer.drain()
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no idle component link to inject into within {timeout:g} s")
+            await asyncio.sleep(0.01)
+
     # ---- relay
 
     async def _accept(self, k_reader, k_writer):
@@ -134,6 +158,7 @@ class Wiretap:
         self._writers.add(s_writer)
         from_server = _StreamReader()
         from_knock = _StreamReader()
+        self._to_server[conn] = (s_writer, from_knock)
 
         def on_server_element(elem):
             tag = elem.tag.split("}")[-1]
@@ -176,8 +201,11 @@ class Wiretap:
                     if not data:
                         break
                     writer.write(data)
+                    # parsed before the next await, so at any await the parser has seen every byte written
+                    # (inject_to_server relies on that to find stanza boundaries)
+                    elems = observer.feed(data)
                     await writer.drain()
-                    for elem in observer.feed(data):
+                    for elem in elems:
                         handler(elem)
             except (OSError, asyncio.CancelledError):
                 pass
@@ -201,5 +229,6 @@ class Wiretap:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         self.links[conn][2] = time.monotonic()
+        self._to_server.pop(conn, None)
         self._writers.discard(k_writer)
         self._writers.discard(s_writer)
