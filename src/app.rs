@@ -59,8 +59,9 @@ pub struct App {
     pub limiter: RateLimiter,
     /// Every publish is answered within this.
     pub publish_deadline: Duration,
-    /// What happened, in counts.
-    pub stats: Stats,
+    /// What happened, in counts, and the link's state. Shared (not owned) so the link and the push clients
+    /// can record into it too, and the admin listener read it.
+    pub stats: Arc<Stats>,
     /// Domains whose users may register; empty means any.
     pub allowed_domains: Vec<String>,
     /// Registration flood caps per owner and per domain. [`App::new`] starts unlimited, as tests want;
@@ -85,7 +86,7 @@ impl App {
             apps,
             limiter: RateLimiter::new(push_interval),
             publish_deadline,
-            stats: Stats::default(),
+            stats: Arc::default(),
             allowed_domains: Vec::new(),
             registration_limit: RegistrationLimiter::unlimited(),
         })

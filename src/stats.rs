@@ -1,15 +1,23 @@
-//! Counters of what knock did, for the periodic info log (and, later, metrics). Never keyed by node or JID.
+//! What knock did and what state it is in, in counts: read by the periodic info log and by `/metrics` and
+//! `/health` ([`crate::admin`]). Never keyed by node, token, secret or JID.
+//!
+//! Everything here is recorded on a hot path (~100k publishes/s on one thread), so recording is a relaxed
+//! atomic add into a fixed slot: no lock, no allocation, no map lookup. Labels exist only as indexes into the
+//! fixed tables below; a value the tables do not know (an APNs reason Apple never documented) lands in
+//! `other`, so nothing a peer sends can become a label or grow memory.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Monotonic counters, cheap to bump from any handler.
+/// Counters and gauges, cheap to bump from any handler, the link and the push clients.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Publishes answered after a push was accepted by the push service.
     pub pushed: AtomicU64,
     /// Publishes coalesced by the per-node rate limit.
     pub coalesced: AtomicU64,
-    /// Publishes for nodes knock does not know.
+    /// Publishes answered `item-not-found`: nodes knock does not know, and (see [`Snapshot::unknown_node`])
+    /// also the publishes whose token turned out dead.
     pub unknown_node: AtomicU64,
     /// Publishes with a wrong or missing secret, or from the wrong server.
     pub forbidden: AtomicU64,
@@ -25,12 +33,296 @@ pub struct Stats {
     pub unregistered: AtomicU64,
     /// Registrations refused by the per-user or per-domain flood cap.
     pub registration_capped: AtomicU64,
+    /// The component link, as the link reports it.
+    link: LinkStats,
+    /// Publishes being handled right now (see [`Stats::publish_started`]).
+    publishes_in_flight: AtomicU64,
+    /// Every APNs HTTP exchange.
+    apns: ApnsStats,
+}
+
+/// The component link's state and history.
+#[derive(Debug, Default)]
+struct LinkStats {
+    /// Whether the link is authenticated and serving now; `/health` answers 503 while it is not.
+    up: AtomicBool,
+    /// Handshakes completed since start; every one after the first is a reconnect.
+    ups: AtomicU64,
+    /// Times a serving link ended (lost or closed for shutdown).
+    downs: AtomicU64,
+}
+
+/// The HTTP status codes APNs documents, in the order `/metrics` lists them; any other code is `other`.
+pub const APNS_STATUSES: [u16; 10] = [200, 400, 403, 404, 405, 410, 413, 429, 500, 503];
+
+/// The `reason` values APNs documents, plus `none` (a success has no body) and `other` (anything else: a
+/// reason Apple added later, or whatever a misbehaving peer put there).
+pub const APNS_REASONS: [&str; 34] = [
+    "none",
+    "BadCollapseId",
+    "BadDeviceToken",
+    "BadExpirationDate",
+    "BadMessageId",
+    "BadPriority",
+    "BadTopic",
+    "DeviceTokenNotForTopic",
+    "DuplicateHeaders",
+    "IdleTimeout",
+    "InvalidPushType",
+    "MissingDeviceToken",
+    "MissingTopic",
+    "PayloadEmpty",
+    "TopicDisallowed",
+    "BadCertificate",
+    "BadCertificateEnvironment",
+    "ExpiredProviderToken",
+    "Forbidden",
+    "InvalidProviderToken",
+    "MissingProviderToken",
+    "UnrelatedKeyIdInToken",
+    "BadEnvironmentKeyIdInToken",
+    "BadPath",
+    "MethodNotAllowed",
+    "ExpiredToken",
+    "Unregistered",
+    "PayloadTooLarge",
+    "TooManyProviderTokenUpdates",
+    "TooManyRequests",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "Shutdown",
+    "other",
+];
+
+/// Upper bounds of the APNs latency histogram, in microseconds (1 ms to 10 s; Apple usually answers in tens
+/// of milliseconds, and a push never waits longer than the publish deadline, at most 30 s).
+pub const APNS_LATENCY_BOUNDS_MICROS: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
+const STATUS_SLOTS: usize = APNS_STATUSES.len() + 1;
+const REASON_SLOTS: usize = APNS_REASONS.len();
+const BUCKET_SLOTS: usize = APNS_LATENCY_BOUNDS_MICROS.len() + 1;
+
+/// APNs answers by status and reason, and how long each exchange took.
+#[derive(Debug)]
+struct ApnsStats {
+    /// `[status][reason]`, indexes from [`status_slot`] and [`reason_slot`].
+    responses: [[AtomicU64; REASON_SLOTS]; STATUS_SLOTS],
+    /// Exchanges that got no HTTP answer (connect, TLS or stream failure, or the deadline).
+    transport_errors: AtomicU64,
+    /// Latency of every exchange, answered or not: one slot per bound (not cumulative) plus one over the last.
+    buckets: [AtomicU64; BUCKET_SLOTS],
+    /// Sum of all latencies, in microseconds (u64 microseconds last 580 000 years).
+    latency_sum_micros: AtomicU64,
+}
+
+impl Default for ApnsStats {
+    fn default() -> Self {
+        ApnsStats {
+            responses: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            transport_errors: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+fn status_slot(status: u16) -> usize {
+    APNS_STATUSES
+        .iter()
+        .position(|&s| s == status)
+        .unwrap_or(APNS_STATUSES.len())
+}
+
+fn reason_slot(reason: &str) -> usize {
+    if reason.is_empty() {
+        return 0;
+    }
+    APNS_REASONS[1..APNS_REASONS.len() - 1]
+        .iter()
+        .position(|&r| r == reason)
+        .map_or(REASON_SLOTS - 1, |i| i + 1)
+}
+
+/// Marks one publish as in flight until dropped; from [`Stats::publish_started`].
+#[must_use = "the publish counts as in flight only while the guard lives"]
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    /// The gauge to decrement on drop.
+    gauge: &'a AtomicU64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One latency histogram, read at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Histogram {
+    /// `(upper bound in microseconds, observations at or under it)`, cumulative, as Prometheus wants;
+    /// the last is `u64::MAX` for `+Inf`.
+    pub buckets: Vec<(u64, u64)>,
+    /// Every observation, in microseconds.
+    pub sum_micros: u64,
+    /// How many observations (the `+Inf` bucket).
+    pub count: u64,
+}
+
+/// Every counter and gauge, read at one moment (each is read once; they are not mutually consistent to the
+/// publish, which a scrape every few seconds does not need).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    /// Publishes pushed.
+    pub pushed: u64,
+    /// Publishes coalesced.
+    pub coalesced: u64,
+    /// Publishes to nodes knock does not know, excluding dead tokens (which the publish handler also counts
+    /// as `item-not-found`; this is the one place that tells them apart).
+    pub unknown_node: u64,
+    /// Publishes refused for a wrong secret or publisher.
+    pub forbidden: u64,
+    /// Publishes whose token the push service called dead (the registration was deleted).
+    pub dead_token: u64,
+    /// Publishes answered `wait` (push service down, throttling, misconfigured, or the store failed).
+    pub transient_failure: u64,
+    /// Malformed requests of any kind (publishes, registrations, unparseable IQs).
+    pub bad_request: u64,
+    /// Registrations created or changed (an unchanged re-registration is not counted).
+    pub registered: u64,
+    /// Registrations refused by a flood cap.
+    pub registration_capped: u64,
+    /// Registrations removed by their owner.
+    pub unregistered: u64,
+    /// Whether the component link is up.
+    pub link_up: bool,
+    /// Completed handshakes after the first.
+    pub link_reconnects: u64,
+    /// Times a serving link ended.
+    pub link_downs: u64,
+    /// Publishes being handled.
+    pub publishes_in_flight: u64,
+    /// APNs answers: `(status, or None for one not in [`APNS_STATUSES`], reason, count)`, only those seen.
+    pub apns_responses: Vec<(Option<u16>, &'static str, u64)>,
+    /// APNs exchanges without an HTTP answer.
+    pub apns_transport_errors: u64,
+    /// APNs exchange latency.
+    pub apns_latency: Histogram,
 }
 
 impl Stats {
     /// Add one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The component link completed its handshake and is serving.
+    pub fn link_up(&self) {
+        self.link.ups.fetch_add(1, Ordering::Relaxed);
+        self.link.up.store(true, Ordering::Relaxed);
+    }
+
+    /// A serving link ended, for any reason (lost, or closed for shutdown).
+    pub fn link_down(&self) {
+        self.link.downs.fetch_add(1, Ordering::Relaxed);
+        self.link.up.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the link is up now.
+    pub fn is_link_up(&self) -> bool {
+        self.link.up.load(Ordering::Relaxed)
+    }
+
+    /// A publish is being handled until the returned guard drops (drop it once the publish is answered).
+    pub fn publish_started(&self) -> InFlight<'_> {
+        self.publishes_in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            gauge: &self.publishes_in_flight,
+        }
+    }
+
+    /// One APNs HTTP exchange got an answer: its status, Apple's `reason` (empty if none), and how long it
+    /// took from sending the request to reading the answer.
+    pub fn apns_response(&self, status: u16, reason: &str, elapsed: Duration) {
+        self.apns.responses[status_slot(status)][reason_slot(reason)]
+            .fetch_add(1, Ordering::Relaxed);
+        self.apns_latency(elapsed);
+    }
+
+    /// One APNs HTTP exchange got no answer (connect, TLS or stream error, timeout) after `elapsed`.
+    pub fn apns_transport_error(&self, elapsed: Duration) {
+        self.apns.transport_errors.fetch_add(1, Ordering::Relaxed);
+        self.apns_latency(elapsed);
+    }
+
+    fn apns_latency(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let slot = APNS_LATENCY_BOUNDS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(APNS_LATENCY_BOUNDS_MICROS.len());
+        self.apns.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.apns
+            .latency_sum_micros
+            .fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Read everything once.
+    pub fn snapshot(&self) -> Snapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let dead_token = g(&self.dead_token);
+        let mut apns_responses = Vec::new();
+        for (s, row) in self.apns.responses.iter().enumerate() {
+            for (r, cell) in row.iter().enumerate() {
+                let n = g(cell);
+                if n > 0 {
+                    apns_responses.push((APNS_STATUSES.get(s).copied(), APNS_REASONS[r], n));
+                }
+            }
+        }
+        let mut running = 0;
+        let buckets = self
+            .apns
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                running += g(b);
+                let bound = APNS_LATENCY_BOUNDS_MICROS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(u64::MAX);
+                (bound, running)
+            })
+            .collect();
+        Snapshot {
+            pushed: g(&self.pushed),
+            coalesced: g(&self.coalesced),
+            // The dead-token path bumps `dead_token` before the handler counts its `item-not-found`, so a
+            // read in between sees one more dead token than it can subtract: saturate rather than wrap.
+            unknown_node: g(&self.unknown_node).saturating_sub(dead_token),
+            forbidden: g(&self.forbidden),
+            dead_token,
+            transient_failure: g(&self.push_failed),
+            bad_request: g(&self.bad_request),
+            registered: g(&self.registered),
+            registration_capped: g(&self.registration_capped),
+            unregistered: g(&self.unregistered),
+            link_up: self.is_link_up(),
+            link_reconnects: g(&self.link.ups).saturating_sub(1),
+            link_downs: g(&self.link.downs),
+            publishes_in_flight: g(&self.publishes_in_flight),
+            apns_responses,
+            apns_transport_errors: g(&self.apns.transport_errors),
+            apns_latency: Histogram {
+                buckets,
+                sum_micros: g(&self.apns.latency_sum_micros),
+                count: running,
+            },
+        }
     }
 
     /// One line for the log: counts only.
@@ -49,5 +341,115 @@ impl Stats {
             g(&self.unregistered),
             g(&self.registration_capped),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_reports_up_down_and_reconnects() {
+        let stats = Stats::default();
+        let s = stats.snapshot();
+        assert!(!s.link_up, "down until the first handshake");
+        assert_eq!((s.link_reconnects, s.link_downs), (0, 0));
+        stats.link_up();
+        assert!(stats.snapshot().link_up);
+        assert_eq!(
+            stats.snapshot().link_reconnects,
+            0,
+            "the first is no reconnect"
+        );
+        stats.link_down();
+        stats.link_up();
+        stats.link_down();
+        let s = stats.snapshot();
+        assert!(!s.link_up);
+        assert_eq!((s.link_reconnects, s.link_downs), (1, 2));
+    }
+
+    #[test]
+    fn in_flight_publishes_count_while_their_guard_lives() {
+        let stats = Stats::default();
+        let first = stats.publish_started();
+        let second = stats.publish_started();
+        assert_eq!(stats.snapshot().publishes_in_flight, 2);
+        drop(first);
+        assert_eq!(stats.snapshot().publishes_in_flight, 1);
+        drop(second);
+        assert_eq!(stats.snapshot().publishes_in_flight, 0);
+    }
+
+    #[test]
+    fn apns_answers_land_in_fixed_slots() {
+        let stats = Stats::default();
+        stats.apns_response(200, "", Duration::from_millis(3));
+        stats.apns_response(200, "", Duration::from_millis(3));
+        stats.apns_response(410, "Unregistered", Duration::from_millis(20));
+        stats.apns_response(503, "Shutdown", Duration::from_secs(60));
+        // What a peer invents never becomes a label: a token as a reason, an undocumented status.
+        stats.apns_response(400, &"ab".repeat(32), Duration::ZERO);
+        stats.apns_response(418, "other", Duration::ZERO);
+        stats.apns_transport_error(Duration::from_micros(1_000));
+        let s = stats.snapshot();
+        assert_eq!(
+            s.apns_responses,
+            vec![
+                (Some(200), "none", 2),
+                (Some(400), "other", 1),
+                (Some(410), "Unregistered", 1),
+                (Some(503), "Shutdown", 1),
+                (None, "other", 1),
+            ]
+        );
+        assert_eq!(s.apns_transport_errors, 1);
+        let h = &s.apns_latency;
+        assert_eq!(h.count, 7);
+        assert_eq!(h.sum_micros, 6_000 + 20_000 + 60_000_000 + 1_000);
+        let at = |bound: u64| h.buckets.iter().find(|b| b.0 == bound).map(|b| b.1);
+        assert_eq!(
+            at(1_000),
+            Some(3),
+            "zero twice and exactly 1 ms, bounds inclusive"
+        );
+        assert_eq!(at(2_500), Some(3));
+        assert_eq!(at(5_000), Some(5));
+        assert_eq!(at(25_000), Some(6));
+        assert_eq!(at(10_000_000), Some(6), "a minute is over every bound");
+        assert_eq!(h.buckets.last(), Some(&(u64::MAX, 7)));
+        assert_eq!(h.buckets.len(), APNS_LATENCY_BOUNDS_MICROS.len() + 1);
+    }
+
+    #[test]
+    fn reasons_map_to_their_own_slot() {
+        for (i, reason) in APNS_REASONS.iter().enumerate().skip(1) {
+            assert_eq!(reason_slot(reason), i, "{reason}");
+        }
+        assert_eq!(reason_slot(""), 0);
+        assert_eq!(
+            reason_slot("unregistered"),
+            REASON_SLOTS - 1,
+            "case matters"
+        );
+        for (i, status) in APNS_STATUSES.iter().enumerate() {
+            assert_eq!(status_slot(*status), i);
+        }
+        assert_eq!(status_slot(0), APNS_STATUSES.len());
+    }
+
+    #[test]
+    fn a_dead_token_is_not_also_an_unknown_node() {
+        let stats = Stats::default();
+        // What the publish handler does today for one unknown node and one dead token.
+        Stats::bump(&stats.unknown_node);
+        Stats::bump(&stats.dead_token);
+        Stats::bump(&stats.unknown_node);
+        let s = stats.snapshot();
+        assert_eq!((s.unknown_node, s.dead_token), (1, 1));
+        // A read between the two bumps of a dead token is one low for a moment, and never wraps.
+        let fresh = Stats::default();
+        Stats::bump(&fresh.dead_token);
+        assert_eq!(fresh.snapshot().unknown_node, 0);
     }
 }
