@@ -4,6 +4,7 @@
 //! validation failure names the key at fault, so `knock check` can tell an admin exactly what to fix.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,6 +63,19 @@ pub struct Config {
     /// The iOS apps knock can wake; the first is the default for registrations that name none.
     #[serde(default)]
     pub apns: Vec<ApnsConfig>,
+    /// The HTTP admin listener (`/metrics`, `/health`); off unless `listen` is set.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The `[admin]` table: the HTTP listener for `/metrics` (Prometheus) and `/health`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` to listen on, e.g. `127.0.0.1:9357`; unset (the default) means no listener. The endpoints
+    /// have no authentication, so anything but a loopback address is logged loudly at start.
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// The `[component]` table: the XEP-0114 link.
@@ -437,6 +451,14 @@ impl Config {
                 ),
             ));
         }
+        if let Some(listen) = &self.admin.listen {
+            if listen.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    "admin.listen",
+                    "expected ip:port, e.g. 127.0.0.1:9357 (an IP address, not a host name)",
+                ));
+            }
+        }
         if self.apns.is_empty() {
             return Err(ConfigError::invalid(
                 "apns",
@@ -512,6 +534,15 @@ impl Config {
             ));
         }
         Ok(secret)
+    }
+
+    /// Where the admin listener listens, if it is configured (validated when the config was loaded).
+    pub fn admin_listen(&self) -> Option<SocketAddr> {
+        self.admin.listen.as_ref().map(|listen| {
+            listen
+                .parse()
+                .expect("admin.listen was validated when the config was loaded")
+        })
     }
 
     /// The per-node push interval.
@@ -636,6 +667,29 @@ team_id = "TEAM123456"
         assert!(err(&caps("-1", "10")).contains("registrations_per_user_per_hour"));
         assert!(err(&caps("1", "\"many\"")).contains("registrations_per_domain_per_hour"));
         assert!(err(&caps("1", "99999999999")).contains("registrations_per_domain_per_hour"));
+    }
+
+    #[test]
+    fn the_admin_listener_is_off_unless_listen_is_set() {
+        assert_eq!(Config::parse(GOOD).expect("valid").admin_listen(), None);
+        let admin = |table: &str| format!("{GOOD}\n[admin]\n{table}\n");
+        assert_eq!(
+            Config::parse(&admin("")).expect("valid").admin_listen(),
+            None
+        );
+        for listen in ["127.0.0.1:9357", "[::1]:9357", "0.0.0.0:9357"] {
+            let c = Config::parse(&admin(&format!("listen = \"{listen}\""))).expect("valid");
+            assert_eq!(
+                c.admin_listen().map(|a| a.to_string()).as_deref(),
+                Some(listen)
+            );
+        }
+        for bad in ["localhost:9357", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = err(&admin(&format!("listen = \"{bad}\"")));
+            assert!(e.contains("admin.listen"), "{bad}: {e}");
+        }
+        assert!(err(&admin("listen = 9357")).contains("listen"));
+        assert!(err(&admin("port = 9357")).contains("port"));
     }
 
     #[test]
