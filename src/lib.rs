@@ -19,11 +19,13 @@
 //! - [`push`]: the [`push::Backend`] trait and the APNs client. Knows tokens and HTTP/2, not XMPP.
 //! - Around them: [`app`] (the state handlers share), [`config`] (the TOML file), [`secrets`] (random nodes
 //!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`registration_limit`]
-//!   (registration flood caps per user and per domain), [`stats`] (counts for the log), [`shutdown`]
+//!   (registration flood caps per user and per domain), [`stats`] (counts and states, for the log and
+//!   the admin listener), [`admin`] (the optional HTTP `/metrics` and `/health`), [`shutdown`]
 //!   (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
 //!
 //! Data flows one way: link -> router -> handler -> store / push -> reply.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod handlers;

@@ -133,6 +133,10 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             trigger.fire();
         });
         tokio::spawn(report_stats(app.clone(), shutdown.clone()));
+        let admin = match config.admin_listen() {
+            Some(addr) => Some(knock::admin::start(app.clone(), addr, shutdown.clone()).await?),
+            None => None,
+        };
         let settings = LinkSettings {
             jid: config.component_jid(),
             server: config.component.server.clone(),
@@ -142,6 +146,10 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             publish_deadline: config.publish_deadline(),
         };
         link::run(app.clone(), settings, shutdown).await;
+        if let Some(admin) = admin {
+            // It stops on the same signal; a scraper's open connection must not hold the exit up.
+            let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
+        }
         app.store.flush().await.context("flushing the store")?;
         tracing::info!(stats = %app.stats.summary(), "knock stopped");
         Ok(())

@@ -1,0 +1,129 @@
+//! `/health`: is knock able to do its job right now? Yes when the component link is up and the store
+//! answers a read; otherwise 503 with a one-line JSON reason a human or a probe can read.
+//!
+//! Also the store reads `/metrics` needs. Both run on the blocking pool, bounded in time: sled is
+//! synchronous, and a count may scan while the publish index is rebuilt, which must not stall the one
+//! thread that serves the link.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::Store;
+
+/// How long a store read may take before the store counts as not answering.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Why the store check failed; fixed texts, so no store error detail (a path, a key) reaches the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreProblem {
+    /// The read returned an error.
+    Failed,
+    /// The read did not finish within [`STORE_DEADLINE`].
+    Timeout,
+}
+
+/// Read one key that no registration has: it goes through sled, not just the in-memory index.
+pub async fn probe_store(store: Arc<dyn Store>) -> Result<(), StoreProblem> {
+    // Nodes are random and never empty, so this finds nothing; only whether the read succeeds matters.
+    let read = tokio::task::spawn_blocking(move || store.get("").map(drop));
+    match tokio::time::timeout(STORE_DEADLINE, read).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(error))) => {
+            tracing::warn!(%error, "health check: the store failed a read");
+            Err(StoreProblem::Failed)
+        }
+        // The blocking task panicked or was cancelled at shutdown.
+        Ok(Err(_)) => Err(StoreProblem::Failed),
+        Err(_) => Err(StoreProblem::Timeout),
+    }
+}
+
+/// How many registrations the store holds, or `None` if it cannot say in time.
+pub async fn stored_registrations(store: Arc<dyn Store>) -> Option<u64> {
+    let count = tokio::task::spawn_blocking(move || store.len());
+    match tokio::time::timeout(STORE_DEADLINE, count).await {
+        Ok(Ok(Ok(n))) => u64::try_from(n).ok(),
+        Ok(Ok(Err(error))) => {
+            tracing::debug!(%error, "metrics: the store could not count registrations");
+            None
+        }
+        _ => None,
+    }
+}
+
+/// The answer to `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Link up, store answering.
+    Healthy,
+    /// Something is wrong; the reason says what (the link first: it is what an operator can fix fastest).
+    Unhealthy(&'static str),
+}
+
+impl Verdict {
+    /// Judge from the link state and the store probe.
+    pub fn of(link_up: bool, store: Result<(), StoreProblem>) -> Verdict {
+        match (link_up, store) {
+            (true, Ok(())) => Verdict::Healthy,
+            (false, Ok(())) => Verdict::Unhealthy("the component link to the XMPP server is down"),
+            (false, Err(_)) => {
+                Verdict::Unhealthy("the component link is down and the store does not answer")
+            }
+            (true, Err(StoreProblem::Failed)) => Verdict::Unhealthy("the store failed a read"),
+            (true, Err(StoreProblem::Timeout)) => {
+                Verdict::Unhealthy("the store did not answer a read within 2 s")
+            }
+        }
+    }
+
+    /// Whether this is a 200.
+    pub fn healthy(self) -> bool {
+        self == Verdict::Healthy
+    }
+
+    /// The body: one line of JSON, `{"status":"ok"}` or `{"status":"unavailable","reason":"..."}`.
+    pub fn json(self) -> String {
+        let value = match self {
+            Verdict::Healthy => serde_json::json!({ "status": "ok" }),
+            Verdict::Unhealthy(reason) => {
+                serde_json::json!({ "status": "unavailable", "reason": reason })
+            }
+        };
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthy_only_with_the_link_up_and_the_store_answering() {
+        assert!(Verdict::of(true, Ok(())).healthy());
+        for (link, store) in [
+            (false, Ok(())),
+            (true, Err(StoreProblem::Failed)),
+            (true, Err(StoreProblem::Timeout)),
+            (false, Err(StoreProblem::Timeout)),
+        ] {
+            let verdict = Verdict::of(link, store);
+            assert!(!verdict.healthy(), "{link} {store:?}");
+            let body: serde_json::Value =
+                serde_json::from_str(&verdict.json()).expect("the body is JSON");
+            assert_eq!(body["status"], "unavailable");
+            assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()));
+            assert!(!verdict.json().contains('\n'), "one line");
+        }
+        assert_eq!(Verdict::of(true, Ok(())).json(), r#"{"status":"ok"}"#);
+        assert!(Verdict::of(false, Ok(())).json().contains("link"));
+    }
+
+    #[tokio::test]
+    async fn a_real_store_answers_the_probe_and_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SledStore::open(dir.path()).expect("store opens"));
+        assert_eq!(probe_store(store.clone()).await, Ok(()));
+        assert_eq!(stored_registrations(store).await, Some(0));
+    }
+}
