@@ -1,0 +1,251 @@
+//! The admin listener of the real `knock` binary: `/metrics` counts exactly what a scenario did, and `/health`
+//! answers 503 with a JSON reason while the component link is down.
+//!
+//! `the_link_apns_and_in_flight_gauges_follow_what_happens` is ignored until the lead wires the recording
+//! calls into `src/link` and `src/push` (see `Stats::link_up`, `Stats::apns_response`,
+//! `Stats::publish_started`): until then the link never reports up, so `/health` stays 503, and no APNs answer
+//! or in-flight publish is recorded. Run it with `cargo test --test admin -- --ignored` after wiring.
+
+use testkit::apns::Behaviour;
+use testkit::server::ComponentConn;
+
+mod common;
+use common::*;
+
+#[path = "common/admin.rs"]
+mod harness;
+use harness::{Knock, WAIT};
+
+/// Three well-formed APNs tokens besides `common::TOKEN`, so each scenario has its own device.
+const TOKEN_DEAD: &str = "dead0000000000000000000000000000000000000000000000000000000000ab";
+const TOKEN_DOWN: &str = "d0d00000000000000000000000000000000000000000000000000000000000ab";
+const TOKEN_CAPPED: &str = "ca110000000000000000000000000000000000000000000000000000000000ab";
+
+async fn ask(conn: &mut ComponentConn, stanza: &str) -> minidom::Element {
+    conn.request(xml(stanza), WAIT)
+        .await
+        .expect("knock answers every IQ in time")
+}
+
+async fn register(conn: &mut ComponentConn, device: &str, token: &str) -> (String, String) {
+    node_and_secret(
+        &ask(
+            conn,
+            &register_xml("r", "alice@localhost/phone", device, token, ""),
+        )
+        .await,
+    )
+}
+
+async fn publish(conn: &mut ComponentConn, node: &str, secret: &str) -> Option<(String, String)> {
+    error_of(&ask(conn, &prosody_publish("p", "localhost", node, secret)).await)
+}
+
+#[tokio::test]
+async fn metrics_count_exactly_what_the_scenarios_did() {
+    // A minute between pushes per node, so a second publish is coalesced; three registrations an hour
+    // per user, so the fourth is capped.
+    let knock = Knock::start("push_interval_ms = 60000\nregistrations_per_user_per_hour = 3").await;
+
+    // 0. Before the handshake the link is down, whatever the wiring: 503 with a reason, and a 0 gauge.
+    let (status, body) = knock.health().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unavailable");
+    assert!(
+        body["reason"].as_str().is_some_and(|r| r.contains("link")),
+        "{body}"
+    );
+    let (m, _) = knock.metrics().await;
+    assert_eq!(m.get("knock_component_link_up"), Some(0));
+
+    let mut conn = knock.accept().await;
+
+    // 1. Registrations: three saved, one unchanged (not counted, not capped), one capped.
+    let (live_node, live_secret) = register(&mut conn, "live", TOKEN).await;
+    let (dead_node, dead_secret) = register(&mut conn, "dead", TOKEN_DEAD).await;
+    let (down_node, down_secret) = register(&mut conn, "down", TOKEN_DOWN).await;
+    assert_eq!(
+        register(&mut conn, "live", TOKEN).await,
+        (live_node.clone(), live_secret.clone())
+    );
+    let capped = ask(
+        &mut conn,
+        &register_xml("r", "alice@localhost/phone", "capped", TOKEN_CAPPED, ""),
+    )
+    .await;
+    assert_eq!(error_of(&capped), err("wait", "resource-constraint"));
+
+    // 2. One publish of every outcome.
+    assert_eq!(
+        publish(&mut conn, &live_node, &live_secret).await,
+        None,
+        "pushed"
+    );
+    assert_eq!(
+        publish(&mut conn, &live_node, &live_secret).await,
+        None,
+        "coalesced"
+    );
+    assert_eq!(
+        publish(&mut conn, "no-such-node", &live_secret).await,
+        err("cancel", "item-not-found")
+    );
+    assert_eq!(
+        publish(&mut conn, &dead_node, "wrong-secret").await,
+        err("auth", "forbidden")
+    );
+    knock
+        .apns
+        .set_behaviour(TOKEN_DEAD, Behaviour::Unregistered);
+    assert_eq!(
+        publish(&mut conn, &dead_node, &dead_secret).await,
+        err("cancel", "item-not-found"),
+        "dead token"
+    );
+    knock.apns.set_behaviour(TOKEN_DOWN, Behaviour::Unavailable);
+    assert_eq!(
+        publish(&mut conn, &down_node, &down_secret).await,
+        err("wait", "internal-server-error"),
+        "transient failure"
+    );
+    let no_item = format!(
+        "<iq xmlns='{NS}' type='set' id='b' from='localhost' to='push.localhost'>\
+         <pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{live_node}'/></pubsub></iq>"
+    );
+    assert_eq!(
+        error_of(&ask(&mut conn, &no_item).await),
+        err("modify", "bad-request")
+    );
+
+    // 3. One unregistration.
+    let reply = ask(
+        &mut conn,
+        &unregister_xml("u", "alice@localhost/phone", "live"),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+
+    // 4. The scrape says exactly that.
+    let (m, text) = knock.metrics().await;
+    let expected = [
+        ("knock_publishes_total{outcome=\"pushed\"}", 1),
+        ("knock_publishes_total{outcome=\"coalesced\"}", 1),
+        ("knock_publishes_total{outcome=\"unknown_node\"}", 1),
+        ("knock_publishes_total{outcome=\"forbidden\"}", 1),
+        ("knock_publishes_total{outcome=\"dead_token\"}", 1),
+        ("knock_publishes_total{outcome=\"transient_failure\"}", 1),
+        ("knock_bad_requests_total", 1),
+        ("knock_registrations_total{outcome=\"saved\"}", 3),
+        ("knock_registrations_total{outcome=\"capped\"}", 1),
+        ("knock_unregistrations_total{outcome=\"removed\"}", 1),
+        // live unregistered, dead deleted by the dead token: down is left.
+        ("knock_stored_registrations", 1),
+        ("knock_publishes_in_flight", 0),
+    ];
+    for (series, value) in expected {
+        assert_eq!(m.get(series), Some(value), "{series} in\n{text}");
+    }
+    assert_eq!(
+        knock.apns.requests().len(),
+        1 + 1 + 3,
+        "the mock saw one push, one dead token and three attempts at the outage"
+    );
+
+    // 5. Nothing that identifies a user, a device or a secret.
+    for leak in [
+        TOKEN,
+        TOKEN_DEAD,
+        TOKEN_DOWN,
+        TOKEN_CAPPED,
+        &live_node,
+        &dead_node,
+        &down_node,
+        &live_secret,
+        &dead_secret,
+        "alice",
+        "phone",
+        "localhost",
+    ] {
+        assert!(!text.contains(leak), "{leak:?} in /metrics:\n{text}");
+    }
+    assert!(
+        m.names().iter().all(|n| n.starts_with("knock_")),
+        "{:?}",
+        m.names()
+    );
+
+    // 6. Anything else is a 404, not a crash.
+    assert_eq!(knock.get("/").await.0, 404);
+    assert_eq!(knock.get("/metrics/../admin").await.0, 404);
+}
+
+#[tokio::test]
+#[ignore = "awaits the lead wiring Stats::link_up/link_down (src/link), apns_response/apns_transport_error \
+            (src/push/apns.rs) and publish_started (src/handlers/publish.rs)"]
+async fn the_link_apns_and_in_flight_gauges_follow_what_happens() {
+    let knock = Knock::start("push_interval_ms = 0").await;
+    assert_eq!(knock.health().await.0, 503, "down before the handshake");
+
+    // 1. Link up: 200.
+    let mut conn = knock.accept().await;
+    knock.wait_for_metric("knock_component_link_up", 1).await;
+    let (status, body) = knock.health().await;
+    assert_eq!((status, body), (200, serde_json::json!({ "status": "ok" })));
+
+    // 2. APNs answers by status and reason, and their latency.
+    let (node, secret) = register(&mut conn, "dev", TOKEN).await;
+    assert_eq!(publish(&mut conn, &node, &secret).await, None);
+    knock
+        .apns
+        .set_behaviour(TOKEN, Behaviour::fail_times(1, Behaviour::Unavailable));
+    assert_eq!(
+        publish(&mut conn, &node, &secret).await,
+        None,
+        "retried once, then 200"
+    );
+    let (m, text) = knock.metrics().await;
+    for (series, value) in [
+        (
+            "knock_apns_responses_total{status=\"200\",reason=\"none\"}",
+            2,
+        ),
+        (
+            "knock_apns_responses_total{status=\"503\",reason=\"ServiceUnavailable\"}",
+            1,
+        ),
+        ("knock_apns_request_duration_seconds_count", 3),
+        ("knock_apns_request_duration_seconds_bucket{le=\"+Inf\"}", 3),
+        ("knock_apns_transport_errors_total", 0),
+    ] {
+        assert_eq!(m.get(series), Some(value), "{series} in\n{text}");
+    }
+
+    // 3. A publish waiting on a slow APNs is in flight until it is answered.
+    knock.apns.set_behaviour(
+        TOKEN,
+        Behaviour::delay(std::time::Duration::from_millis(1500), Behaviour::Ok),
+    );
+    conn.send(xml(&prosody_publish("slow", "localhost", &node, &secret)))
+        .await
+        .expect("send");
+    knock.wait_for_metric("knock_publishes_in_flight", 1).await;
+    let reply = conn.recv(WAIT).await.expect("the slow publish is answered");
+    assert_eq!(error_of(&reply), None);
+    knock.wait_for_metric("knock_publishes_in_flight", 0).await;
+
+    // 4. Link lost: 503 with a JSON reason; back: 200, one reconnect.
+    conn.abort();
+    knock.wait_for_metric("knock_component_link_up", 0).await;
+    let (status, body) = knock.health().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"].as_str().is_some_and(|r| r.contains("link")),
+        "{body}"
+    );
+    let _conn = knock.accept().await;
+    knock.wait_for_metric("knock_component_link_up", 1).await;
+    assert_eq!(knock.health().await.0, 200);
+    let (m, _) = knock.metrics().await;
+    assert_eq!(m.get("knock_component_link_reconnects_total"), Some(1));
+    assert_eq!(m.get("knock_component_link_downs_total"), Some(1));
+}
