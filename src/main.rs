@@ -148,7 +148,12 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         link::run(app.clone(), settings, shutdown).await;
         if let Some(admin) = admin {
             // It stops on the same signal; a scraper's open connection must not hold the exit up.
-            let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
+            if tokio::time::timeout(Duration::from_secs(1), admin)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the admin listener did not stop within 1 s; leaving it");
+            }
         }
         app.store.flush().await.context("flushing the store")?;
         tracing::info!(stats = %app.stats.summary(), "knock stopped");

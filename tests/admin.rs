@@ -6,15 +6,18 @@
 //! `Stats::publish_started`): until then the link never reports up, so `/health` stays 503, and no APNs answer
 //! or in-flight publish is recorded. Run it with `cargo test --test admin -- --ignored` after wiring.
 
+use std::time::Duration;
+
 use testkit::apns::Behaviour;
 use testkit::server::ComponentConn;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 use common::*;
 
 #[path = "common/admin.rs"]
 mod harness;
-use harness::{Knock, WAIT};
+use harness::{free_port, Knock, WAIT};
 
 /// Three well-formed APNs tokens besides `common::TOKEN`, so each scenario has its own device.
 const TOKEN_DEAD: &str = "dead0000000000000000000000000000000000000000000000000000000000ab";
@@ -180,6 +183,82 @@ async fn metrics_count_exactly_what_the_scenarios_did() {
 }
 
 #[tokio::test]
+async fn a_non_loopback_listener_is_served_but_warned_about_loudly() {
+    let port = free_port().port();
+    let knock = Knock::spawn("", format!("0.0.0.0:{port}").parse().expect("address")).await;
+    let local = format!("127.0.0.1:{port}").parse().expect("address");
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        match harness::http_get(local, "/health").await {
+            Ok((status, _)) => break status,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "never served: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "served, and the link is not up");
+    let log = knock.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("NOT ON LOOPBACK"))
+        .unwrap_or_else(|| panic!("no warning in\n{log}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("no authentication"),
+        "{warning}"
+    );
+}
+
+#[tokio::test]
+async fn loopback_gets_no_warning_and_a_taken_port_stops_knock_at_start() {
+    let knock = Knock::start("").await;
+    assert!(
+        !knock.log_text().contains("NOT ON LOOPBACK"),
+        "{}",
+        knock.log_text()
+    );
+
+    // A second knock on the same port: it must say so and exit, not run unmonitored.
+    let mut second = Knock::spawn("", knock.admin).await;
+    let status = second.exit().await;
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(
+        log.contains("admin.listen") && log.contains(&knock.admin.to_string()),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_knock_with_a_scraper_connection_still_open() {
+    let mut knock = Knock::start("").await;
+    let _conn = knock.accept().await;
+    // A scraper that keeps its connection alive between scrapes, as Prometheus does.
+    let mut scraper = tokio::net::TcpStream::connect(knock.admin)
+        .await
+        .expect("connect");
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: knock\r\n\r\n")
+        .await
+        .expect("send");
+    let mut first = [0u8; 12];
+    scraper.read_exact(&mut first).await.expect("an answer");
+    assert_eq!(&first, b"HTTP/1.1 200");
+
+    let started = std::time::Instant::now();
+    let status = knock.terminate().await;
+    assert!(status.success(), "{status:?}\n{}", knock.log_text());
+    assert!(
+        !knock.log_text().contains("admin listener did not stop"),
+        "the listener closed the idle connection itself\n{}",
+        knock.log_text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 #[ignore = "awaits the lead wiring Stats::link_up/link_down (src/link), apns_response/apns_transport_error \
             (src/push/apns.rs) and publish_started (src/handlers/publish.rs)"]
 async fn the_link_apns_and_in_flight_gauges_follow_what_happens() {
@@ -223,7 +302,7 @@ async fn the_link_apns_and_in_flight_gauges_follow_what_happens() {
     // 3. A publish waiting on a slow APNs is in flight until it is answered.
     knock.apns.set_behaviour(
         TOKEN,
-        Behaviour::delay(std::time::Duration::from_millis(1500), Behaviour::Ok),
+        Behaviour::delay(Duration::from_millis(1500), Behaviour::Ok),
     );
     conn.send(xml(&prosody_publish("slow", "localhost", &node, &secret)))
         .await

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::apns::{generate_apns_key, MockApns, MockApnsConfig};
@@ -37,8 +37,16 @@ pub struct Knock {
 }
 
 impl Knock {
-    /// Start knock with `limits` as the body of its `[limits]` table.
+    /// Start knock with `limits` as the body of its `[limits]` table and the admin listener on a free
+    /// loopback port, and wait until the listener answers.
     pub async fn start(limits: &str) -> Knock {
+        let knock = Knock::spawn(limits, free_port()).await;
+        knock.wait_for_admin().await;
+        knock
+    }
+
+    /// Start knock with its admin listener on `admin`; do not wait for anything.
+    pub async fn spawn(limits: &str, admin: SocketAddr) -> Knock {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = ComponentServer::bind("push.localhost", COMPONENT_SECRET)
             .await
@@ -54,7 +62,6 @@ impl Knock {
         .await
         .expect("start mock APNs");
         let ca = apns.write_ca_file(dir.path()).expect("write CA");
-        let admin = free_port();
         let config = dir.path().join("knock.toml");
         std::fs::write(
             &config,
@@ -101,16 +108,40 @@ team_id = "{TEAM_ID}"
             .stderr(std::fs::File::create(&log).expect("create log"))
             .spawn()
             .expect("spawn knock");
-        let knock = Knock {
+        Knock {
             _dir: dir,
             server,
             apns,
             admin,
             log,
             child,
-        };
-        knock.wait_for_admin().await;
-        knock
+        }
+    }
+
+    /// Wait up to [`WAIT`] for knock to exit by itself.
+    pub async fn exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for knock") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "knock did not exit\n--- knock log ---\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, and wait for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        self.exit().await
     }
 
     /// knock's log so far.
@@ -187,8 +218,8 @@ impl Drop for Knock {
     }
 }
 
-/// A port nobody listens on right now (the OS picks it; knock binds it a moment later).
-fn free_port() -> SocketAddr {
+/// A loopback port nobody listens on right now (the OS picks it; knock binds it a moment later).
+pub fn free_port() -> SocketAddr {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe");
     probe.local_addr().expect("probe address")
 }
