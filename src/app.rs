@@ -26,6 +26,9 @@ pub enum SetupError {
         /// What failed.
         source: StoreError,
     },
+    /// The store key could not be read.
+    #[error(transparent)]
+    StoreKey(#[from] crate::config::ConfigError),
     /// An app's APNs client could not be built.
     #[error("apns app {app:?}: {source}")]
     Apns {
@@ -120,6 +123,15 @@ impl App {
             .collect()
     }
 
+    /// Open the configured store, with its store key if one is configured (the admin commands use this too).
+    pub fn open_store(config: &Config) -> Result<SledStore, SetupError> {
+        let key = config.store.key()?;
+        SledStore::open_with_key(&config.store.path, key).map_err(|source| SetupError::Store {
+            path: config.store.path.display().to_string(),
+            source,
+        })
+    }
+
     /// Open the store and build every app's backend from the configuration.
     pub fn from_config(config: &Config) -> Result<App, SetupError> {
         let apps = App::backends_from_config(config)?;
@@ -127,7 +139,10 @@ impl App {
             path: config.store.path.display().to_string(),
             source,
         };
-        let store = SledStore::open(&config.store.path).map_err(store_error)?;
+        if config.store.key_file.is_none() {
+            tracing::warn!("store.key_file is not set: device tokens are stored in the clear (`knock keygen` writes a key)");
+        }
+        let store = App::open_store(config)?;
         let mut app = App::new(
             config.component_jid(),
             Arc::new(store),

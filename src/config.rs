@@ -30,6 +30,9 @@ pub enum ConfigError {
         /// The parser's message, which names the key and line.
         message: String,
     },
+    /// The store key file could not be read.
+    #[error("store.key_file: {0}")]
+    StoreKey(#[from] crate::store::KeyFileError),
     /// A value parsed but makes no sense.
     #[error("invalid `{key}`: {reason}")]
     Invalid {
@@ -106,6 +109,10 @@ pub struct ComponentConfig {
 pub struct StoreConfig {
     /// Directory of the sled database; created if missing.
     pub path: PathBuf,
+    /// The store key (written by `knock keygen`): device tokens and the instance key are sealed under it,
+    /// so a copy of the database alone reveals no token. Kept outside the database and its backups.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// The `[limits]` table.
@@ -309,6 +316,17 @@ fn default_expiration() -> u64 {
     3600
 }
 
+impl StoreConfig {
+    /// The store key named by `key_file`, if any.
+    pub fn key(&self) -> Result<Option<crate::store::StoreKey>, ConfigError> {
+        self.key_file
+            .as_deref()
+            .map(crate::store::StoreKey::load)
+            .transpose()
+            .map_err(ConfigError::from)
+    }
+}
+
 /// Apple's production and sandbox hosts.
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
 /// Apple's development (sandbox) host.
@@ -355,6 +373,9 @@ impl Config {
             fix(p);
         }
         fix(&mut self.store.path);
+        if let Some(p) = self.store.key_file.as_mut() {
+            fix(p);
+        }
         for app in &mut self.apns {
             if let Some(p) = app.ca_file.as_mut() {
                 fix(p);

@@ -14,13 +14,14 @@
 //! - [`handlers`]: one module per protocol — [`handlers::disco`], [`handlers::commands`] (XEP-0050
 //!   registration), [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`] (XEP-0357
 //!   publishes). Each maps its failures to a [`handlers::HandlerError`], one XMPP error condition each.
-//! - [`store`]: the [`store::Store`] trait and its sled implementation; a registration is acknowledged only
-//!   once it is durable.
+//! - [`store`]: the [`store::Store`] trait and its sled implementation, with the in-memory index publishes
+//!   read and tokens sealed at rest; a registration is acknowledged only once it is durable.
 //! - [`push`]: the [`push::Backend`] trait and the APNs client. Knows tokens and HTTP/2, not XMPP.
 //! - Around them: [`app`] (the state handlers share), [`config`] (the TOML file), [`secrets`] (random nodes
 //!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`registration_limit`]
 //!   (registration flood caps per user and per domain), [`stats`] (counts and states, for the log and
-//!   the admin listener), [`admin`] (the optional HTTP `/metrics` and `/health`), [`shutdown`]
+//!   the admin listener), [`admin`] (the optional HTTP `/metrics` and `/health`), [`maintenance`]
+//!   (`keygen`, `stats`, `export`, `import`, `delete` on a stopped knock's store), [`shutdown`]
 //!   (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
 //!
 //! Data flows one way: link -> router -> handler -> store / push -> reply.
@@ -30,6 +31,7 @@ pub mod app;
 pub mod config;
 pub mod handlers;
 pub mod link;
+pub mod maintenance;
 pub mod push;
 pub mod rate_limit;
 pub mod registration_limit;

@@ -1,4 +1,5 @@
-//! The `knock` command line: `run` serves, `check` validates a configuration. Everything else is the library.
+//! The `knock` command line: `run` serves, `check` validates a configuration, and the admin commands work on
+//! a stopped knock's store ([`knock::maintenance`]). Everything else is the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,44 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write a new store key (for `[store] key_file`); never overwrites a file.
+    Keygen {
+        /// Where to write it, e.g. /etc/knock/store.key.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Count the registrations (by app, by domain) of a stopped knock's store.
+    Stats {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write every registration of a stopped knock's store as JSON lines (tokens stay sealed).
+    Export {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The file to write (standard output if absent).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Import an export into the configured store, which must be empty (knock stopped).
+    Import {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The export file.
+        file: PathBuf,
+    },
+    /// Delete one registration from a stopped knock's store.
+    Delete {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The registration's pubsub node.
+        #[arg(long)]
+        node: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +80,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Keygen { out } => {
+            knock::maintenance::keygen(&out, &mut std::io::stdout()).map_err(anyhow::Error::from)
+        }
+        Command::Stats { config } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(knock::maintenance::stats(&c, &mut std::io::stdout())?)),
+        Command::Export { config, out } => export(&config, out.as_deref()),
+        Command::Import { config, file } => import(&config, &file),
+        Command::Delete { config, node } => delete(&config, &node),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,8 +131,45 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, String)> {
     Ok((config, secret))
 }
 
+fn export(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let count = match out {
+        Some(file) => {
+            let mut writer = std::io::BufWriter::new(
+                std::fs::File::create(file)
+                    .with_context(|| format!("creating {}", file.display()))?,
+            );
+            knock::maintenance::export(&config, &mut writer)?
+        }
+        None => knock::maintenance::export(&config, &mut std::io::stdout().lock())?,
+    };
+    eprintln!("exported {count} registrations");
+    Ok(())
+}
+
+fn import(path: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let count = knock::maintenance::import(&config, file)?;
+    println!(
+        "imported {count} registrations into {}",
+        config.store.path.display()
+    );
+    Ok(())
+}
+
+fn delete(path: &std::path::Path, node: &str) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(knock::maintenance::delete(&config, node))?;
+    println!("deleted the registration; its server learns at its next publish (item-not-found)");
+    Ok(())
+}
+
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let (config, _secret) = load(path)?;
+    let store_key = config.store.key()?;
     // rustls needs no process-wide provider: the APNs client names ring explicitly.
     // One thread: the link, the router and the APNs connection hand each other work on every publish;
     // on one thread that is a function call, across threads a futex wake-up and a cache miss. Measured
@@ -95,7 +180,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async { App::backends_from_config(&config) })?;
     println!(
-        "{}: OK — component {} via {}, {} app(s): {}",
+        "{}: OK — component {} via {}, {} app(s): {}; tokens {}",
         path.display(),
         config.component.jid,
         config.component.server,
@@ -105,7 +190,12 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             .iter()
             .map(|a| a.name.as_str())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if store_key.is_some() {
+            "sealed at rest (store.key_file)"
+        } else {
+            "stored in the clear (no store.key_file)"
+        }
     );
     Ok(())
 }

@@ -72,3 +72,143 @@ fn version_answers() {
     assert!(ok);
     assert!(text.contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// A registration as the handlers would store it (the hashes are arbitrary here).
+fn registration(i: u8, app: &str, domain: &str) -> knock::store::Registration {
+    knock::store::Registration {
+        node: format!("node-of-device-number-{i:03}"),
+        device: [i; 32],
+        owner: [i; 32],
+        domain: domain.into(),
+        app: app.into(),
+        token: format!("{:02x}", i).repeat(32),
+        secret_hash: [7; 32],
+    }
+}
+
+#[test]
+fn keygen_writes_a_private_key_once_and_check_reports_sealing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("store.key");
+    let key_arg = key.display().to_string();
+    let (ok, text) = knock(&["keygen", "--out", &key_arg]);
+    assert!(ok, "{text}");
+    assert!(text.contains("key_file"), "{text}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).expect("key").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+    let before = std::fs::read(&key).expect("read");
+    let (ok, text) = knock(&["keygen", "--out", &key_arg]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    assert_eq!(
+        std::fs::read(&key).expect("read"),
+        before,
+        "not overwritten"
+    );
+
+    let auth = "[apns.auth]\nkey_file = \"AuthKey.p8\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"TEAM123456\"\n";
+    let config = write_config(dir.path(), auth);
+    let (ok, text) = knock(&["check", "--config", &config]);
+    assert!(ok && text.contains("in the clear"), "{text}");
+    let sealed = std::fs::read_to_string(&config).expect("read").replace(
+        "path = \"data\"\n",
+        "path = \"data\"\nkey_file = \"store.key\"\n",
+    );
+    std::fs::write(&config, sealed).expect("write");
+    let (ok, text) = knock(&["check", "--config", &config]);
+    assert!(ok && text.contains("sealed at rest"), "{text}");
+    std::fs::write(&key, "not a key\n").expect("write");
+    let (ok, text) = knock(&["check", "--config", &config]);
+    assert!(
+        !ok && text.contains("store.key_file") && text.contains("not a knock store key"),
+        "{text}"
+    );
+}
+
+#[test]
+fn stats_export_delete_import_work_on_a_stopped_store_and_refuse_a_running_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("store.key");
+    let (ok, text) = knock(&["keygen", "--out", &key.display().to_string()]);
+    assert!(ok, "{text}");
+    let auth = "[apns.auth]\nkey_file = \"AuthKey.p8\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"TEAM123456\"\n";
+    let config = write_config(dir.path(), auth);
+    let text = std::fs::read_to_string(&config).expect("read").replace(
+        "path = \"data\"\n",
+        "path = \"data\"\nkey_file = \"store.key\"\n",
+    );
+    std::fs::write(&config, text).expect("write");
+    let store_key = knock::store::StoreKey::load(&key).expect("key");
+    {
+        let store = knock::store::SledStore::open_with_key(
+            &dir.path().join("data"),
+            Some(store_key.clone()),
+        )
+        .expect("open");
+        use knock::store::Store as _;
+        for i in 0..5 {
+            store
+                .put(&registration(i, "chat", "example.org"))
+                .expect("put");
+        }
+        store
+            .put(&registration(9, "beta", "other.example"))
+            .expect("put");
+
+        // While knock (here: this test) holds the store, the commands refuse and say why.
+        let (ok, text) = knock(&["stats", "--config", &config]);
+        assert!(!ok && text.contains("in use"), "{text}");
+    }
+
+    let (ok, text) = knock(&["stats", "--config", &config]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("6 registrations") && text.contains("sealed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("app chat: 5")
+            && text.contains("app beta: 1")
+            && text.contains("not configured"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&registration(1, "chat", "x").token),
+        "stats shows no token: {text}"
+    );
+
+    let export = dir.path().join("backup.jsonl");
+    let export_arg = export.display().to_string();
+    let (ok, text) = knock(&["export", "--config", &config, "--out", &export_arg]);
+    assert!(ok && text.contains("exported 6"), "{text}");
+    let exported = std::fs::read_to_string(&export).expect("read");
+    assert!(
+        !exported.contains(&registration(1, "chat", "x").token),
+        "the export keeps tokens sealed"
+    );
+
+    let node = registration(2, "chat", "x").node;
+    let (ok, text) = knock(&["delete", "--config", &config, "--node", &node]);
+    assert!(ok, "{text}");
+    let (ok, text) = knock(&["delete", "--config", &config, "--node", &node]);
+    assert!(!ok && text.contains("no registration"), "{text}");
+
+    // Import refuses a store that holds registrations; into a wiped one it restores all six.
+    let (ok, text) = knock(&["import", "--config", &config, &export_arg]);
+    assert!(!ok && text.contains("already holds 5"), "{text}");
+    std::fs::remove_dir_all(dir.path().join("data")).expect("wipe");
+    let (ok, text) = knock(&["import", "--config", &config, &export_arg]);
+    assert!(ok && text.contains("imported 6"), "{text}");
+    let (ok, text) = knock(&["stats", "--config", &config]);
+    assert!(ok && text.contains("6 registrations"), "{text}");
+    let store = knock::store::SledStore::open_with_key(&dir.path().join("data"), Some(store_key))
+        .expect("open");
+    use knock::store::Store as _;
+    assert_eq!(
+        store.get(&node).expect("get"),
+        Some(registration(2, "chat", "example.org"))
+    );
+}

@@ -214,6 +214,24 @@ impl SledStore {
         })
     }
 
+    /// Whether tokens are sealed under a store key.
+    pub fn is_sealed(&self) -> bool {
+        self.shared.codec.key().is_some()
+    }
+
+    /// Hand every registration to `each`, in node order; returns how many there were. For the admin
+    /// commands: it reads the whole store.
+    pub fn scan(&self, mut each: impl FnMut(Registration)) -> Result<usize, StoreError> {
+        let open = self.database()?;
+        let mut count = 0;
+        for item in open.registrations.iter() {
+            let (node, record) = self.watch(item.map_err(StoreError::from))?;
+            each(self.shared.codec.decode(&node, &record)?);
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Whether the index holds every registration yet (tests and the benchmark wait for it).
     pub fn index_complete(&self) -> bool {
         self.database().is_ok_and(|open| open.index.is_complete())
