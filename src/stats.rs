@@ -16,14 +16,14 @@ pub struct Stats {
     pub pushed: AtomicU64,
     /// Publishes coalesced by the per-node rate limit.
     pub coalesced: AtomicU64,
-    /// Publishes answered `item-not-found`: nodes knock does not know, and (see [`Snapshot::unknown_node`])
-    /// also the publishes whose token turned out dead.
+    /// Publishes for nodes knock does not know (answered `item-not-found`).
     pub unknown_node: AtomicU64,
     /// Publishes with a wrong or missing secret, or from the wrong server.
     pub forbidden: AtomicU64,
     /// Malformed requests of any kind.
     pub bad_request: AtomicU64,
-    /// Registrations deleted because the push service called the token dead.
+    /// Publishes whose token the push service called dead; each deleted its registration (answered
+    /// `item-not-found`, and not counted as an unknown node).
     pub dead_token: AtomicU64,
     /// Publishes answered `wait` because the push service failed.
     pub push_failed: AtomicU64,
@@ -180,8 +180,8 @@ pub struct Snapshot {
     pub pushed: u64,
     /// Publishes coalesced.
     pub coalesced: u64,
-    /// Publishes to nodes knock does not know, excluding dead tokens (which the publish handler also counts
-    /// as `item-not-found`; this is the one place that tells them apart).
+    /// Publishes to nodes knock does not know (dead tokens are counted apart, though both are answered
+    /// `item-not-found`).
     pub unknown_node: u64,
     /// Publishes refused for a wrong secret or publisher.
     pub forbidden: u64,
@@ -301,9 +301,7 @@ impl Stats {
         Snapshot {
             pushed: g(&self.pushed),
             coalesced: g(&self.coalesced),
-            // The dead-token path bumps `dead_token` before the handler counts its `item-not-found`, so a
-            // read in between sees one more dead token than it can subtract: saturate rather than wrap.
-            unknown_node: g(&self.unknown_node).saturating_sub(dead_token),
+            unknown_node: g(&self.unknown_node),
             forbidden: g(&self.forbidden),
             dead_token,
             transient_failure: g(&self.push_failed),
@@ -436,20 +434,5 @@ mod tests {
             assert_eq!(status_slot(*status), i);
         }
         assert_eq!(status_slot(0), APNS_STATUSES.len());
-    }
-
-    #[test]
-    fn a_dead_token_is_not_also_an_unknown_node() {
-        let stats = Stats::default();
-        // What the publish handler does today for one unknown node and one dead token.
-        Stats::bump(&stats.unknown_node);
-        Stats::bump(&stats.dead_token);
-        Stats::bump(&stats.unknown_node);
-        let s = stats.snapshot();
-        assert_eq!((s.unknown_node, s.dead_token), (1, 1));
-        // A read between the two bumps of a dead token is one low for a moment, and never wraps.
-        let fresh = Stats::default();
-        Stats::bump(&fresh.dead_token);
-        assert_eq!(fresh.snapshot().unknown_node, 0);
     }
 }

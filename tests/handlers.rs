@@ -461,6 +461,9 @@ async fn publish_dead_token_deletes_the_registration() {
         // The next publish learns the same.
         let again = ask(&f, &prosody_publish("p1", "localhost", &node, &secret)).await;
         assert_eq!(error_of(&again), err("cancel", "item-not-found"));
+        // Counted once each: the dead token, then the unknown node it left.
+        let counts = f.app.stats.snapshot();
+        assert_eq!((counts.dead_token, counts.unknown_node), (1, 1), "{reason}");
     }
 }
 

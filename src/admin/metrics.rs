@@ -320,7 +320,6 @@ mod tests {
         for _ in 0..3 {
             Stats::bump(&stats.pushed);
         }
-        Stats::bump(&stats.unknown_node);
         Stats::bump(&stats.dead_token);
         Stats::bump(&stats.push_failed);
         Stats::bump(&stats.registered);

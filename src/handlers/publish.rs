@@ -67,29 +67,58 @@ pub async fn publish(
     let counter = match &result {
         Ok(Published::Pushed) => &app.stats.pushed,
         Ok(Published::Coalesced) => &app.stats.coalesced,
-        Err(e) => match e.condition {
-            xmpp_parsers::stanza_error::DefinedCondition::ItemNotFound => &app.stats.unknown_node,
-            xmpp_parsers::stanza_error::DefinedCondition::Forbidden => &app.stats.forbidden,
-            xmpp_parsers::stanza_error::DefinedCondition::BadRequest => &app.stats.bad_request,
-            _ => &app.stats.push_failed,
+        Err(Refusal { why, .. }) => match why {
+            Refused::UnknownNode => &app.stats.unknown_node,
+            Refused::Forbidden => &app.stats.forbidden,
+            Refused::DeadToken => &app.stats.dead_token,
+            Refused::Failed => &app.stats.push_failed,
         },
     };
     Stats::bump(counter);
-    result
+    result.map_err(|r| r.error)
+}
+
+/// Why a publish was refused, for the counters: the reply alone does not tell a dead token from an
+/// unknown node (both are `item-not-found`).
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    UnknownNode,
+    Forbidden,
+    DeadToken,
+    /// The push or the store failed; the server is told to wait.
+    Failed,
+}
+
+/// A refused publish: why, and the reply.
+struct Refusal {
+    why: Refused,
+    error: HandlerError,
+}
+
+impl Refused {
+    fn with(self, error: HandlerError) -> Refusal {
+        Refusal { why: self, error }
+    }
+}
+
+impl From<crate::store::StoreError> for Refusal {
+    fn from(e: crate::store::StoreError) -> Self {
+        Refused::Failed.with(e.into())
+    }
 }
 
 async fn check_and_push(
     app: &App,
     from: &Jid,
     request: PublishRequest<'_>,
-) -> Result<Published, HandlerError> {
+) -> Result<Published, Refusal> {
     // 1. The shape was checked when the request was read.
     let node = &*request.node;
 
     // 2. The node must exist. This comes before the secret check so that a server publishing to a
     //    deleted node always learns to drop it.
     let Some(registration) = app.store.publish_target(node)? else {
-        return Err(HandlerError::item_not_found("no such node"));
+        return Err(Refused::UnknownNode.with(HandlerError::item_not_found("no such node")));
     };
 
     // 3. Only the registering user's server may publish, and only with the node's secret.
@@ -98,7 +127,11 @@ async fn check_and_push(
         && from.domain().as_str() == &*registration.domain;
     match request.secret.as_deref() {
         Some(secret) if from_server && secret_matches(&registration.secret_hash, secret) => {}
-        _ => return Err(HandlerError::forbidden("wrong secret or publisher")),
+        _ => {
+            return Err(
+                Refused::Forbidden.with(HandlerError::forbidden("wrong secret or publisher"))
+            )
+        }
     }
 
     // 4. Coalesce bursts.
@@ -110,9 +143,9 @@ async fn check_and_push(
     let Some(push_app) = app.app(Some(&registration.app)) else {
         app.limiter.release(node);
         tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
-        return Err(HandlerError::internal(
+        return Err(Refused::Failed.with(HandlerError::internal(
             "this node's app is not configured on the push service",
-        ));
+        )));
     };
     let wakeup = Wakeup {
         token: &registration.token,
@@ -132,37 +165,36 @@ async fn check_and_push(
             app.limiter.release(node);
             if !app.store.remove_if_token(node, &registration.token)? {
                 // Re-registered with a fresh token meanwhile: the node lives, the next publish uses the new token.
-                return Err(HandlerError::internal(
+                return Err(Refused::Failed.with(HandlerError::internal(
                     "the device token changed; try again",
-                ));
+                )));
             }
             app.store.flush().await?;
-            Stats::bump(&app.stats.dead_token);
             tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; registration deleted");
-            Err(HandlerError::item_not_found(
+            Err(Refused::DeadToken.with(HandlerError::item_not_found(
                 "the device token is no longer valid",
-            ))
+            )))
         }
         PushOutcome::Throttled => {
             app.limiter.release(node);
             tracing::warn!(app = %push_app.name, "push service is throttling knock");
-            Err(HandlerError::resource_constraint(
+            Err(Refused::Failed.with(HandlerError::resource_constraint(
                 "the push service is throttling; try later",
-            ))
+            )))
         }
         PushOutcome::Unavailable { reason } => {
             app.limiter.release(node);
             tracing::warn!(app = %push_app.name, %reason, "push failed; server told to wait");
-            Err(HandlerError::internal(
+            Err(Refused::Failed.with(HandlerError::internal(
                 "the push service is unavailable; try later",
-            ))
+            )))
         }
         PushOutcome::Misconfigured { reason } => {
             app.limiter.release(node);
             tracing::error!(app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
-            Err(HandlerError::internal(
+            Err(Refused::Failed.with(HandlerError::internal(
                 "the push service is misconfigured; try later",
-            ))
+            )))
         }
     }
 }
