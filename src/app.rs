@@ -2,7 +2,7 @@
 //!
 //! Built once from the [`Config`] (or piece by piece in tests, with any [`Backend`]); handlers borrow it.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use xmpp_parsers::jid::BareJid;
@@ -56,8 +56,9 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// Keyed hashes for device and owner identities and node secrets.
     pub keys: Keyring,
-    /// The configured apps; the first is the default.
-    pub apps: Vec<PushApp>,
+    /// The configured apps; the first is the default. Replaced whole when the configuration is reloaded
+    /// (SIGHUP), so a publish uses either the old set or the new one, never a mix.
+    apps: RwLock<Arc<[Arc<PushApp>]>>,
     /// Per-node push coalescing.
     pub limiter: RateLimiter,
     /// Every publish is answered within this.
@@ -86,7 +87,7 @@ impl App {
             jid,
             store,
             keys,
-            apps,
+            apps: RwLock::new(apps.into_iter().map(Arc::new).collect()),
             limiter: RateLimiter::new(push_interval),
             publish_deadline,
             stats: Arc::default(),
@@ -165,11 +166,85 @@ impl App {
         Ok(app)
     }
 
+    /// The configured apps, as they are now; the first is the default.
+    pub fn apps(&self) -> Arc<[Arc<PushApp>]> {
+        self.apps.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The app with this name, or the default app when `name` is `None`.
-    pub fn app(&self, name: Option<&str>) -> Option<&PushApp> {
+    pub fn app(&self, name: Option<&str>) -> Option<Arc<PushApp>> {
+        let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
         match name {
-            None => self.apps.first(),
-            Some(name) => self.apps.iter().find(|a| a.name == name),
+            None => apps.first().cloned(),
+            Some(name) => apps.iter().find(|a| a.name == name).cloned(),
         }
+    }
+
+    /// Reload the `[[apns]]` apps from a new configuration (SIGHUP): every key and certificate is read and
+    /// every backend built before any is replaced, so a bad file leaves the old set in force. Returns how
+    /// many apps are now in force.
+    pub fn reload_apps(&self, config: &Config) -> Result<usize, SetupError> {
+        let apps = App::backends_from_config(config)?;
+        let count = apps.len();
+        self.replace_apps(apps);
+        Ok(count)
+    }
+
+    /// Put a new set of apps in force (a reloaded configuration). Publishes already pushing finish with
+    /// the backends they started with.
+    pub fn replace_apps(&self, apps: Vec<PushApp>) {
+        *self.apps.write().unwrap_or_else(|p| p.into_inner()) =
+            apps.into_iter().map(Arc::new).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(apns: &str) -> Config {
+        Config::parse(&format!(
+            "[component]\njid = \"push.example.org\"\nserver = \"127.0.0.1:5347\"\nsecret = \"s\"\n\
+             [store]\npath = \"unused\"\n{apns}"
+        ))
+        .expect("config")
+    }
+
+    fn names(app: &App) -> Vec<String> {
+        app.apps().iter().map(|a| a.name.clone()).collect()
+    }
+
+    #[test]
+    fn a_reload_puts_new_apps_in_force_and_a_bad_one_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("store");
+        let first = config("[[apns]]\nname = \"chat\"\ntopic = \"t\"\ndry_run = true\n");
+        let app = App::new(
+            "push.example.org".parse().expect("jid"),
+            Arc::new(store),
+            App::backends_from_config(&first).expect("backends"),
+            Duration::ZERO,
+            Duration::from_secs(1),
+        )
+        .expect("app");
+        let old = app.app(None).expect("default app");
+
+        let two = config(
+            "[[apns]]\nname = \"beta\"\ntopic = \"t\"\ndry_run = true\n\
+             [[apns]]\nname = \"chat\"\ntopic = \"t\"\ndry_run = true\n",
+        );
+        assert_eq!(app.reload_apps(&two).expect("reload"), 2);
+        assert_eq!(names(&app), ["beta", "chat"]);
+        assert!(!Arc::ptr_eq(&old, &app.app(Some("chat")).expect("chat")));
+
+        let broken = config(
+            "[[apns]]\nname = \"gamma\"\ntopic = \"t\"\n[apns.auth]\nkey_file = \"/nonexistent/AuthKey.p8\"\n\
+             key_id = \"ABC123DEFG\"\nteam_id = \"TEAM123456\"\n",
+        );
+        let err = app
+            .reload_apps(&broken)
+            .expect_err("a missing key is refused");
+        assert!(err.to_string().contains("gamma"), "{err}");
+        assert_eq!(names(&app), ["beta", "chat"], "the running apps stay");
     }
 }

@@ -213,7 +213,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let app = Arc::new(App::from_config(&config).context("starting knock")?);
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
-            apps = app.apps.len(),
+            apps = app.apps().len(),
             "knock starting"
         );
         let (trigger, shutdown) = knock::shutdown::channel();
@@ -223,6 +223,11 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             trigger.fire();
         });
         tokio::spawn(report_stats(app.clone(), shutdown.clone()));
+        tokio::spawn(reload_on_sighup(
+            app.clone(),
+            path.to_path_buf(),
+            shutdown.clone(),
+        ));
         let admin = match config.admin_listen() {
             Some(addr) => Some(knock::admin::start(app.clone(), addr, shutdown.clone()).await?),
             None => None,
@@ -271,6 +276,44 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// SIGHUP re-reads the config file and puts its `[[apns]]` apps (keys, certificates, topics, endpoints) in
+/// force; a file that does not load, or a key that does not, is refused and the running apps stay. The
+/// other sections need a restart: the link, the store and the listener are not rebuilt under load.
+async fn reload_on_sighup(app: Arc<App>, path: PathBuf, mut shutdown: knock::shutdown::Shutdown) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reloading needs a restart");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                got = hangup.recv() => if got.is_none() { return },
+            }
+            let reloaded = Config::load(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|config| Ok(app.reload_apps(&config)?));
+            match reloaded {
+                Ok(apps) => tracing::info!(
+                    apps,
+                    "SIGHUP: [[apns]] reloaded; changes to other sections take effect at the next restart"
+                ),
+                Err(e) => tracing::error!(
+                    error = %describe(&e),
+                    "SIGHUP: the new configuration was refused; the running one stays in force"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (app, path);
+        shutdown.recv().await;
     }
 }
 

@@ -134,18 +134,18 @@ fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
     device.label = Some("A stable id for this device".into());
     device.required = true;
     fields.push(device);
-    if app.apps.len() > 1 {
+    let apps = app.apps();
+    if apps.len() > 1 {
         let mut choice = Field::new("app", FieldType::ListSingle);
         choice.label = Some("App".into());
-        choice.options = app
-            .apps
+        choice.options = apps
             .iter()
             .map(|a| Option_ {
                 label: None,
                 value: a.name.clone(),
             })
             .collect();
-        if let Some(first) = app.apps.first() {
+        if let Some(first) = apps.first() {
             choice.values = vec![first.name.clone()];
         }
         fields.push(choice);

@@ -11,6 +11,7 @@ pub mod enable;
 pub mod publish;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use xmpp_parsers::data_forms::DataForm;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
@@ -176,7 +177,7 @@ pub fn device_id(id: &str) -> Result<&str, HandlerError> {
 }
 
 /// The app a registration names, or the default app.
-pub fn push_app<'a>(app: &'a App, name: Option<&str>) -> Result<&'a PushApp, HandlerError> {
+pub fn push_app(app: &App, name: Option<&str>) -> Result<Arc<PushApp>, HandlerError> {
     app.app(name).ok_or_else(|| {
         HandlerError::bad_request("unknown app: ask the service's admin for the app name")
     })
