@@ -12,6 +12,8 @@ use knock::push::{Backend, PushOutcome, Wakeup};
 use knock::store::SledStore;
 use minidom::Element;
 
+pub mod harness;
+
 /// The stream namespace of a component link.
 pub const NS: &str = "jabber:component:accept";
 /// A well-formed APNs token.

@@ -1,0 +1,266 @@
+//! The real `knock` binary and its two peers on 127.0.0.1 (an XEP-0114 server stand-in and a mock APNs),
+//! configured and started for one test, with what tests ask of them most.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use minidom::Element;
+use testkit::apns::{generate_apns_key, MockApns, MockApnsConfig, TestClientCa};
+use testkit::server::{ComponentConn, ComponentServer};
+
+use super::{node_and_secret, prosody_publish, register_xml};
+
+/// The JWT `iss` knock is configured with and the mock expects.
+pub const TEAM_ID: &str = "TEAM123456";
+/// The JWT `kid`.
+pub const KEY_ID: &str = "KEYID12345";
+/// The app's bundle id (`apns-topic`).
+pub const TOPIC: &str = "im.knock.test";
+/// The component secret the server stand-in expects.
+pub const COMPONENT_SECRET: &str = "component-secret";
+/// How long a test waits for anything that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// knock, its peers, and its files.
+pub struct Harness {
+    /// Holds the config, the store and the log; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// The XMPP server stand-in knock connects to.
+    pub server: ComponentServer,
+    /// The mock APNs knock pushes to.
+    pub apns: MockApns,
+    config: PathBuf,
+    log: PathBuf,
+    log_filter: &'static str,
+    knock: Option<Child>,
+}
+
+/// Knobs a test may turn in knock's config.
+pub struct Options {
+    /// `limits.push_interval_ms`.
+    pub push_interval_ms: u64,
+    /// `limits.publish_deadline_ms`.
+    pub publish_deadline_ms: u64,
+    /// `component.ping_interval_secs`.
+    pub ping_interval_secs: u64,
+    /// `component.max_in_flight`.
+    pub max_in_flight: usize,
+    /// The component secret knock is given.
+    pub secret: &'static str,
+    /// APNs certificate auth instead of token auth.
+    pub certificate_auth: bool,
+    /// Extra lines for the `[[apns]]` table.
+    pub apns_extra: &'static str,
+    /// knock's log filter; the privacy check wants `debug`, floods want less.
+    pub log_filter: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            push_interval_ms: 0,
+            publish_deadline_ms: 10_000,
+            ping_interval_secs: 30,
+            max_in_flight: 1024,
+            secret: COMPONENT_SECRET,
+            certificate_auth: false,
+            apns_extra: "",
+            log_filter: "debug",
+        }
+    }
+}
+
+impl Harness {
+    /// knock with the default options, started and connecting.
+    pub async fn start() -> Harness {
+        Harness::start_with(Options::default()).await
+    }
+
+    /// knock with these options, started and connecting.
+    pub async fn start_with(options: Options) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = ComponentServer::bind("push.localhost", COMPONENT_SECRET)
+            .await
+            .expect("bind the component listener");
+        let (p8, public_pem) = generate_apns_key();
+        let mut mock_config = MockApnsConfig::token_auth(TEAM_ID, KEY_ID, public_pem, &[TOPIC]);
+        let auth = if options.certificate_auth {
+            let client_ca = TestClientCa::new().expect("client CA");
+            let (cert, key) = client_ca.issue("knock test").expect("client certificate");
+            std::fs::write(dir.path().join("apns-cert.pem"), cert).expect("write cert");
+            std::fs::write(dir.path().join("apns-key.pem"), key).expect("write key");
+            mock_config.client_ca_pem = Some(client_ca.ca_pem().to_owned());
+            "cert_file = \"apns-cert.pem\"\nkey_file = \"apns-key.pem\"".to_owned()
+        } else {
+            std::fs::write(dir.path().join("AuthKey.p8"), p8).expect("write key");
+            format!("key_file = \"AuthKey.p8\"\nkey_id = \"{KEY_ID}\"\nteam_id = \"{TEAM_ID}\"")
+        };
+        let apns = MockApns::start(mock_config).await.expect("start mock APNs");
+        let ca = apns.write_ca_file(dir.path()).expect("write CA");
+        let config = dir.path().join("knock.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[component]
+jid = "push.localhost"
+server = "{server}"
+secret = "{secret}"
+ping_interval_secs = {ping}
+max_in_flight = {max_in_flight}
+
+[store]
+path = "store"
+
+[limits]
+push_interval_ms = {interval}
+publish_deadline_ms = {deadline}
+
+[[apns]]
+name = "chat"
+topic = "{TOPIC}"
+endpoint = "{url}"
+ca_file = "{ca}"
+{extra}
+
+[apns.auth]
+{auth}
+"#,
+                server = server.addr(),
+                secret = options.secret,
+                ping = options.ping_interval_secs,
+                max_in_flight = options.max_in_flight,
+                interval = options.push_interval_ms,
+                deadline = options.publish_deadline_ms,
+                url = apns.url(),
+                ca = ca.display(),
+                extra = options.apns_extra,
+            ),
+        )
+        .expect("write config");
+        let log = dir.path().join("knock.log");
+        let mut harness = Harness {
+            dir,
+            server,
+            apns,
+            config,
+            log,
+            log_filter: options.log_filter,
+            knock: None,
+        };
+        harness.spawn();
+        harness
+    }
+
+    /// Start the knock binary; its log (debug level by default, for the privacy check) goes to a file.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_knock"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("KNOCK_LOG", self.log_filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn knock");
+        self.knock = Some(child);
+    }
+
+    /// The next connection from knock, handshake done; panics with knock's log if none comes.
+    pub async fn accept(&self) -> ComponentConn {
+        match self.server.accept_timeout(WAIT).await {
+            Ok(conn) => conn,
+            Err(e) => panic!(
+                "knock did not connect: {e}\n--- knock log ---\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// knock's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// knock's process id.
+    pub fn pid(&self) -> u32 {
+        self.knock.as_ref().expect("knock running").id()
+    }
+
+    /// kill -9: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.knock.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM, and wait for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let mut child = self.knock.take().expect("knock running");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "knock did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Harness {
+    /// knock's resident set size in KiB, from `/proc/<pid>/status` (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("knock's /proc status is readable");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Send an IQ and wait for its answer.
+pub async fn ask(conn: &mut ComponentConn, xml: &str) -> Element {
+    conn.request(super::xml(xml), WAIT)
+        .await
+        .expect("knock answers every IQ in time")
+}
+
+/// Publish as Prosody does, from the server's domain.
+pub async fn publish(conn: &mut ComponentConn, id: &str, node: &str, secret: &str) -> Element {
+    ask(conn, &prosody_publish(id, "localhost", node, secret)).await
+}
+
+/// Register `token` for alice's `device`; the node and secret.
+pub async fn register(conn: &mut ComponentConn, device: &str, token: &str) -> (String, String) {
+    node_and_secret(
+        &ask(
+            conn,
+            &register_xml("reg", "alice@localhost/phone", device, token, ""),
+        )
+        .await,
+    )
+}
