@@ -450,6 +450,8 @@ struct Inner {
     tokens: Mutex<ProviderTokens>,
     /// Signature checks actually done (cache misses).
     token_verifications: AtomicU64,
+    /// Requests whose headers arrived, answered or not yet (see [`MockApns::requests_received`]).
+    received: AtomicU64,
     notify: Notify,
     connections: AtomicUsize,
     /// Whether answered requests are kept in `State::requests`.
@@ -506,6 +508,8 @@ pub struct MockApns {
     inner: Arc<Inner>,
     addr: SocketAddr,
     ca_pem: String,
+    /// Kept so that [`MockApns::come_back`] serves the same certificate on the same port.
+    acceptor: TlsAcceptor,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -589,6 +593,7 @@ impl MockApns {
             }),
             tokens: Mutex::new(ProviderTokens::default()),
             token_verifications: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             notify: Notify::new(),
             connections: AtomicUsize::new(0),
             recording: AtomicBool::new(true),
@@ -599,11 +604,17 @@ impl MockApns {
             kill: watch::channel(0).0,
         });
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, acceptor, inner.clone(), stop_rx));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            acceptor.clone(),
+            inner.clone(),
+            stop_rx,
+        ));
         Ok(MockApns {
             inner,
             addr,
             ca_pem: identity.ca_pem,
+            acceptor,
             stop: Some(stop_tx),
             task: Some(task),
         })
@@ -683,6 +694,13 @@ impl MockApns {
     /// client reset the stream first, are not answered: see [`RequestCounts::cancelled`]).
     pub fn requests_answered(&self) -> u64 {
         self.inner.counters.answered.load(Ordering::Relaxed)
+    }
+
+    /// Requests received so far, counted as soon as their headers arrive: with
+    /// [`MockApns::requests_answered`] and [`RequestCounts::cancelled`], tells a test how many are
+    /// in flight (e.g. under a [`Behaviour::Delay`]) before it breaks a connection.
+    pub fn requests_received(&self) -> u64 {
+        self.inner.received.load(Ordering::SeqCst)
     }
 
     /// Requests answered 200 so far, recorded or not.
@@ -766,6 +784,38 @@ impl MockApns {
     /// and keeps listening.
     pub fn kill_connections(&self) {
         self.inner.kill.send_modify(|g| *g += 1);
+    }
+
+    /// An outage: stops listening and drops every connection at once, so the port refuses
+    /// connections (or a test may put another peer on it, see [`crate::silent`]) until
+    /// [`MockApns::come_back`]. Behaviours and counters are kept.
+    pub async fn go_down(&mut self) {
+        self.stop = None;
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Wait for the abort, so the listener is closed when this returns.
+            let _ = task.await;
+        }
+    }
+
+    /// After [`MockApns::go_down`]: listen on the same port again with the same certificate, so
+    /// a client configured for this mock finds it again. Does nothing if it is not down.
+    pub async fn come_back(&mut self) -> anyhow::Result<()> {
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .with_context(|| format!("mock APNs: bind {} again", self.addr))?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        self.task = Some(tokio::spawn(accept_loop(
+            listener,
+            self.acceptor.clone(),
+            self.inner.clone(),
+            stop_rx,
+        )));
+        self.stop = Some(stop_tx);
+        Ok(())
     }
 
     /// Stops listening, sends GOAWAY on every connection, lets in-flight streams finish for a
@@ -1100,6 +1150,7 @@ async fn handle(
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    inner.received.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let (body, body_too_big) = match Limited::new(body, MAX_BODY_READ).collect().await {
         Ok(collected) => (collected.to_bytes(), false),

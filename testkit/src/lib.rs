@@ -3,6 +3,8 @@
 //! - [`apns`]: a mock of Apple's APNs provider API (HTTP/2 over TLS, `/3/device/<token>`, ES256 JWT checked,
 //!   Apple's status codes and reasons), with per-token behaviour that tests can switch.
 //! - [`server`]: the XMPP server side of an XEP-0114 component link, playing Prosody or ejabberd.
+//! - [`silent`]: a TCP peer that accepts and never answers (a hung server).
 
 pub mod apns;
 pub mod server;
+pub mod silent;
