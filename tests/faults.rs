@@ -1,0 +1,535 @@
+//! Fault injection against the real `knock` binary (issue 5): APNs down, slow, or cutting connections, the XMPP
+//! server dropping the link mid-burst, and publish floods. Every peer is on 127.0.0.1; every claim is measured
+//! (replies per id, latencies, the mock's request counts, knock's RSS from `/proc`), not assumed.
+//!
+//! Deadlines are short (1 to 3 s) so "minutes of outage" fit in seconds of CI time: what matters is that
+//! thousands of publishes go through the faulty path, enough for a leak per publish to show in the RSS.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use minidom::Element;
+use testkit::apns::{Behaviour, CANCELLED_REASON};
+use testkit::server::ComponentConn;
+use testkit::silent::SilentPeer;
+
+mod common;
+use common::harness::*;
+use common::*;
+
+/// The publish deadline of the outage tests: each publish is answered within this.
+const OUTAGE_DEADLINE: Duration = Duration::from_millis(1000);
+/// knock's replies leave at its deadline; this much more covers the trip to the test on a loaded CI machine.
+const SLACK: Duration = Duration::from_millis(400);
+/// Publishes kept in flight by [`stream`].
+const WINDOW: usize = 200;
+/// knock may grow by this much after warm-up (allocator noise; measured 0.4 to 0.8 MiB). Over the three
+/// quarters of [`OUTAGE_PUBLISHES`] after warm-up, a leak of about 1 KiB per publish shows.
+const RSS_SLACK_KIB: u64 = 2 * 1024;
+/// Publishes per outage test.
+const OUTAGE_PUBLISHES: usize = 3000;
+/// Attempts knock makes per push (`src/push/apns.rs`).
+const APNS_ATTEMPTS: u64 = 3;
+
+/// A device token for registration `i`.
+fn token(i: usize) -> String {
+    format!("{:064x}", i + 1)
+}
+
+/// One registered device: its token, node and secret.
+struct Device {
+    token: String,
+    node: String,
+    secret: String,
+}
+
+/// Register `n` devices of alice's, one token each.
+async fn register_devices(conn: &mut ComponentConn, n: usize) -> Vec<Device> {
+    let mut devices = Vec::with_capacity(n);
+    for i in 0..n {
+        let token = token(i);
+        let (node, secret) = register(conn, &format!("dev{i}"), &token).await;
+        devices.push(Device {
+            token,
+            node,
+            secret,
+        });
+    }
+    devices
+}
+
+/// An XEP-0199 ping from the server.
+fn ping_xml(id: &str) -> String {
+    format!("<iq xmlns='{NS}' type='get' id='{id}' from='localhost' to='push.localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+}
+
+/// What [`stream`] measured.
+#[derive(Debug)]
+struct Streamed {
+    /// Slowest reply, from the write of its IQ to its arrival.
+    max_latency: Duration,
+    /// knock's RSS once a quarter of the publishes were answered.
+    rss_warm_kib: u64,
+    /// knock's largest RSS after that.
+    rss_max_kib: u64,
+    /// knock's RSS at the end.
+    rss_end_kib: u64,
+}
+
+impl Streamed {
+    /// Assert that knock's memory stayed flat after warm-up.
+    fn assert_flat(&self, what: &str) {
+        assert!(
+            self.rss_max_kib <= self.rss_warm_kib + RSS_SLACK_KIB,
+            "{what}: knock's RSS grew from {} KiB to {} KiB: {self:?}",
+            self.rss_warm_kib,
+            self.rss_max_kib
+        );
+    }
+}
+
+/// Keep [`WINDOW`] IQs in flight, `stanza(i)` being the i-th with id `s{i}`, until `total` are answered.
+/// Every reply goes through `check`; each id must be answered exactly once (a reply to an unknown or
+/// already answered id fails the test). Samples knock's RSS every 250 replies.
+async fn stream(
+    h: &Harness,
+    conn: &mut ComponentConn,
+    total: usize,
+    stanza: impl Fn(usize, &str) -> String,
+    check: impl Fn(usize, &Element),
+) -> Streamed {
+    let mut sent: HashMap<String, (usize, Instant)> = HashMap::new();
+    let mut next = 0;
+    let mut answered = 0;
+    let mut measured = Streamed {
+        max_latency: Duration::ZERO,
+        rss_warm_kib: 0,
+        rss_max_kib: 0,
+        rss_end_kib: 0,
+    };
+    while answered < total {
+        if next < total && sent.len() < WINDOW {
+            while next < total && sent.len() < WINDOW {
+                let id = format!("s{next}");
+                conn.feed_raw(&stanza(next, &id)).await.expect("send");
+                sent.insert(id, (next, Instant::now()));
+                next += 1;
+            }
+            conn.flush().await.expect("flush");
+        }
+        let Some(reply) = conn.recv(WAIT).await else {
+            panic!(
+                "{} IQs unanswered after {WAIT:?} ({answered} answered)\n--- knock log ---\n{}",
+                sent.len(),
+                h.log_text()
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        };
+        let id = reply.attr("id").unwrap_or_default().to_owned();
+        let Some((i, at)) = sent.remove(&id) else {
+            panic!(
+                "a reply to {id:?}, which is not in flight (answered twice?): {}",
+                String::from(&reply)
+            );
+        };
+        measured.max_latency = measured.max_latency.max(at.elapsed());
+        check(i, &reply);
+        answered += 1;
+        if answered == total / 4 {
+            measured.rss_warm_kib = h.rss_kib();
+        } else if answered > total / 4 && answered % 250 == 0 {
+            measured.rss_max_kib = measured.rss_max_kib.max(h.rss_kib());
+        }
+    }
+    measured.rss_end_kib = h.rss_kib();
+    measured.rss_max_kib = measured.rss_max_kib.max(measured.rss_end_kib);
+    // Nothing more may come: every IQ was answered once.
+    if let Some(extra) = conn.recv(Duration::from_millis(300)).await {
+        panic!(
+            "a reply after every IQ was answered: {}",
+            String::from(&extra)
+        );
+    }
+    measured
+}
+
+/// knock for the outage tests: a short publish deadline, no rate limit, quiet logs, `n` devices.
+async fn outage_harness(n: usize) -> (Harness, ComponentConn, Vec<Device>) {
+    let h = Harness::start_with(Options {
+        publish_deadline_ms: OUTAGE_DEADLINE.as_millis() as u64,
+        log_filter: "warn",
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, n).await;
+    h.apns.set_recording(false);
+    (h, conn, devices)
+}
+
+/// A steady stream of publishes round-robin over `devices`, all answered `wait` within the deadline.
+async fn publish_through_outage(
+    h: &Harness,
+    conn: &mut ComponentConn,
+    devices: &[Device],
+) -> Streamed {
+    let measured = stream(
+        h,
+        conn,
+        OUTAGE_PUBLISHES,
+        |i, id| {
+            let d = &devices[i % devices.len()];
+            prosody_publish(id, "localhost", &d.node, &d.secret)
+        },
+        |_, reply| {
+            assert_eq!(
+                error_of(reply),
+                err("wait", "internal-server-error"),
+                "{}",
+                String::from(reply)
+            )
+        },
+    )
+    .await;
+    assert!(
+        measured.max_latency <= OUTAGE_DEADLINE + SLACK,
+        "a publish was answered after the deadline: {measured:?}"
+    );
+    measured.assert_flat("APNs outage");
+    measured
+}
+
+/// Once APNs is healthy again, publishes are pushed again within a bounded time; how long it took.
+async fn recovers(h: &Harness, conn: &mut ComponentConn, device: &Device) -> Duration {
+    let started = Instant::now();
+    let ok_before = h.apns.requests_ok();
+    for attempt in 0.. {
+        let reply = publish(
+            conn,
+            &format!("back{attempt}"),
+            &device.node,
+            &device.secret,
+        )
+        .await;
+        if error_of(&reply).is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "pushes still fail 5 s after APNs came back: {}",
+            String::from(&reply)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        h.apns.requests_ok() > ok_before,
+        "the result was a real push"
+    );
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn apns_answering_503_for_thousands_of_publishes_is_wait_bounded_and_flat() {
+    let (h, mut conn, devices) = outage_harness(20).await;
+    h.apns.set_default_behaviour(Behaviour::Unavailable);
+    let before = h.apns.requests_received();
+    let measured = publish_through_outage(&h, &mut conn, &devices).await;
+    let requests = h.apns.requests_received() - before;
+    let publishes = OUTAGE_PUBLISHES as u64;
+    assert!(
+        requests <= APNS_ATTEMPTS * publishes,
+        "{requests} APNs requests for {publishes} publishes: retries are not bounded"
+    );
+    assert!(
+        requests > publishes,
+        "{requests} requests for {publishes} publishes: a 503 is worth a retry"
+    );
+
+    h.apns.set_default_behaviour(Behaviour::Ok);
+    let back = recovers(&h, &mut conn, &devices[0]).await;
+    eprintln!("503: {requests} requests for {publishes} publishes, {measured:?}, back in {back:?}");
+}
+
+#[tokio::test]
+async fn apns_refusing_connections_for_thousands_of_publishes_is_wait_and_flat() {
+    let (mut h, mut conn, devices) = outage_harness(20).await;
+    h.apns.go_down().await;
+    let measured = publish_through_outage(&h, &mut conn, &devices).await;
+
+    h.apns
+        .come_back()
+        .await
+        .expect("mock APNs back on its port");
+    let back = recovers(&h, &mut conn, &devices[0]).await;
+    eprintln!("refused: {measured:?}, back in {back:?}");
+}
+
+#[tokio::test]
+async fn apns_accepting_and_never_answering_is_wait_bounded_and_flat() {
+    let (mut h, mut conn, devices) = outage_harness(20).await;
+    h.apns.go_down().await;
+    let silent = SilentPeer::bind(h.apns.addr())
+        .await
+        .expect("a silent peer on the APNs port");
+    let measured = publish_through_outage(&h, &mut conn, &devices).await;
+    let connections = silent.accepted() as u64;
+    let publishes = OUTAGE_PUBLISHES as u64;
+    assert!(
+        (1..=APNS_ATTEMPTS * publishes).contains(&connections),
+        "{connections} connections for {publishes} publishes"
+    );
+
+    silent.close().await;
+    h.apns
+        .come_back()
+        .await
+        .expect("mock APNs back on its port");
+    let back = recovers(&h, &mut conn, &devices[0]).await;
+    eprintln!("silent: {connections} connections for {publishes} publishes, {measured:?}, back in {back:?}");
+}
+
+/// Collects every stanza knock sends, with when it arrived, so a test can check "exactly once" and "by when".
+struct Arrivals {
+    since: Instant,
+    by_id: HashMap<String, Vec<(Duration, Element)>>,
+}
+
+impl Arrivals {
+    fn new() -> Arrivals {
+        Arrivals {
+            since: Instant::now(),
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// Receive until `until` has arrived (or `timeout` passed); true if it did.
+    async fn until(&mut self, conn: &mut ComponentConn, until: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.by_id.contains_key(until) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match conn.recv(left).await {
+                Some(stanza) => self.note(stanza),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Receive everything that arrives within `quiet`.
+    async fn drain(&mut self, conn: &mut ComponentConn, quiet: Duration) {
+        while let Some(stanza) = conn.recv(quiet).await {
+            self.note(stanza);
+        }
+    }
+
+    fn note(&mut self, stanza: Element) {
+        let id = stanza.attr("id").unwrap_or_default().to_owned();
+        self.by_id
+            .entry(id)
+            .or_default()
+            .push((self.since.elapsed(), stanza));
+    }
+
+    /// The one reply to `id`, and when it came; fails on none or several.
+    fn once(&self, id: &str) -> &(Duration, Element) {
+        match self.by_id.get(id).map(Vec::as_slice) {
+            Some([one]) => one,
+            Some(many) => panic!("{id} answered {} times", many.len()),
+            None => panic!("{id} never answered"),
+        }
+    }
+
+    /// Every id was answered at most once.
+    fn assert_no_duplicates(&self) {
+        for (id, replies) in &self.by_id {
+            assert_eq!(replies.len(), 1, "{id} answered {} times", replies.len());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_push_slower_than_the_deadline_is_wait_by_the_deadline_and_blocks_nothing() {
+    const DEADLINE: Duration = Duration::from_secs(2);
+    let h = Harness::start_with(Options {
+        publish_deadline_ms: DEADLINE.as_millis() as u64,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, 2).await;
+    let (slow, fast) = (&devices[0], &devices[1]);
+    h.apns.set_behaviour(
+        &slow.token,
+        Behaviour::delay(Duration::from_secs(10), Behaviour::Ok),
+    );
+
+    let mut seen = Arrivals::new();
+    conn.send_raw(&prosody_publish(
+        "slow",
+        "localhost",
+        &slow.node,
+        &slow.secret,
+    ))
+    .await
+    .expect("send");
+    // Past the deadline, a fast publish and a ping every 100 ms, each answered at once.
+    let mut round = 0;
+    while seen.since.elapsed() < DEADLINE + Duration::from_millis(500) {
+        let (publish_id, ping_id) = (format!("fast{round}"), format!("ping{round}"));
+        let sent = seen.since.elapsed();
+        conn.feed_raw(&prosody_publish(
+            &publish_id,
+            "localhost",
+            &fast.node,
+            &fast.secret,
+        ))
+        .await
+        .expect("send");
+        conn.feed_raw(&ping_xml(&ping_id)).await.expect("send");
+        conn.flush().await.expect("flush");
+        for id in [&publish_id, &ping_id] {
+            assert!(
+                seen.until(&mut conn, id, WAIT).await,
+                "{id} not answered while a push is slow"
+            );
+            let (at, reply) = seen.once(id);
+            assert_eq!(error_of(reply), None, "{}", String::from(reply));
+            assert!(
+                *at - sent < Duration::from_millis(500),
+                "{id} took {:?} while a push was slow",
+                *at - sent
+            );
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (at, reply) = seen.once("slow");
+    assert_eq!(error_of(reply), err("wait", "internal-server-error"));
+    assert!(
+        *at >= DEADLINE.mul_f64(0.8) && *at <= DEADLINE + SLACK,
+        "the slow publish was answered at {at:?}, deadline {DEADLINE:?}"
+    );
+    // knock gave the request up (reset its stream) rather than leaving it open; had it waited for the answer,
+    // it would show at 10 s, with any second reply.
+    let slow_pushes = {
+        let deadline = Instant::now() + Duration::from_secs(12);
+        loop {
+            let pushes = h.apns.requests_for(&slow.token);
+            if !pushes.is_empty() || Instant::now() > deadline {
+                break pushes;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(
+        slow_pushes.len(),
+        1,
+        "one attempt, abandoned at the deadline"
+    );
+    assert_eq!(slow_pushes[0].reason.as_deref(), Some(CANCELLED_REASON));
+    seen.drain(&mut conn, Duration::from_millis(500)).await;
+    seen.assert_no_duplicates();
+    assert!(round >= 10, "only {round} rounds");
+}
+
+/// How APNs breaks its connections in [`apns_breaks_its_connection_under_requests_in_flight`].
+#[derive(Debug, Clone, Copy)]
+enum Break {
+    /// HTTP/2 GOAWAY: streams already open finish, new ones need a new connection.
+    GoAway,
+    /// The TCP connection dropped without a word, streams in flight with it.
+    Reset,
+}
+
+/// `IN_FLIGHT` publishes whose pushes are at APNs when it breaks its connection: each gets exactly one reply,
+/// `result` or `wait`, and the next pushes go out on a new connection.
+async fn apns_breaks_its_connection_under_requests_in_flight(how: Break) {
+    const IN_FLIGHT: usize = 10;
+    let h = Harness::start_with(Options {
+        publish_deadline_ms: 3000,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, IN_FLIGHT).await;
+    h.apns
+        .set_default_behaviour(Behaviour::delay(Duration::from_millis(600), Behaviour::Ok));
+    let received = h.apns.requests_received();
+    for (i, d) in devices.iter().enumerate() {
+        conn.feed_raw(&prosody_publish(
+            &format!("p{i}"),
+            "localhost",
+            &d.node,
+            &d.secret,
+        ))
+        .await
+        .expect("send");
+    }
+    conn.flush().await.expect("flush");
+    let deadline = Instant::now() + WAIT;
+    while h.apns.requests_received() < received + IN_FLIGHT as u64 {
+        assert!(Instant::now() < deadline, "the pushes never reached APNs");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let old_connection = h.apns.connections_accepted();
+    match how {
+        Break::GoAway => h.apns.send_goaway(),
+        Break::Reset => h.apns.kill_connections(),
+    }
+
+    let mut seen = Arrivals::new();
+    for i in 0..IN_FLIGHT {
+        let id = format!("p{i}");
+        assert!(
+            seen.until(&mut conn, &id, WAIT).await,
+            "{how:?}: {id} never answered"
+        );
+    }
+    seen.drain(&mut conn, Duration::from_millis(500)).await;
+    let mut results = 0;
+    for i in 0..IN_FLIGHT {
+        let (_, reply) = seen.once(&format!("p{i}"));
+        match error_of(reply) {
+            None => results += 1,
+            e if e == err("wait", "internal-server-error") => {}
+            other => panic!("{how:?}: p{i} answered {other:?}"),
+        }
+    }
+
+    h.apns.set_default_behaviour(Behaviour::Ok);
+    h.apns.clear_requests();
+    for (i, d) in devices.iter().enumerate() {
+        let reply = publish(&mut conn, &format!("after{i}"), &d.node, &d.secret).await;
+        assert_eq!(error_of(&reply), None, "{how:?}: a push after the break");
+    }
+    let after = h.apns.requests();
+    assert_eq!(after.len(), IN_FLIGHT);
+    assert!(
+        after
+            .iter()
+            .all(|p| p.status == 200 && p.connection > old_connection),
+        "{how:?}: pushes after the break go on a new connection: {:?}",
+        after
+            .iter()
+            .map(|p| (p.status, p.connection))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{how:?}: {results} of {IN_FLIGHT} in-flight publishes answered result, the rest wait"
+    );
+}
+
+#[tokio::test]
+async fn apns_goaway_with_pushes_in_flight_answers_each_once() {
+    apns_breaks_its_connection_under_requests_in_flight(Break::GoAway).await;
+}
+
+#[tokio::test]
+async fn apns_connection_reset_with_pushes_in_flight_answers_each_once() {
+    apns_breaks_its_connection_under_requests_in_flight(Break::Reset).await;
+}
