@@ -533,3 +533,78 @@ async fn apns_goaway_with_pushes_in_flight_answers_each_once() {
 async fn apns_connection_reset_with_pushes_in_flight_answers_each_once() {
     apns_breaks_its_connection_under_requests_in_flight(Break::Reset).await;
 }
+
+/// The server drops the link with `BURST` publishes read and `FAST` answered: nothing of the old link is
+/// answered on the new one, nothing twice, the new link is served, and no abandoned publish loses its
+/// wake-up (a push that never went out must not hold the node's rate-limit slot).
+#[tokio::test]
+async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() {
+    const BURST: usize = 20;
+    const FAST: usize = 5;
+    const SLOW: Duration = Duration::from_millis(800);
+    let h = Harness::start_with(Options {
+        publish_deadline_ms: 3000,
+        push_interval_ms: 60_000,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, BURST).await;
+    for d in &devices[FAST..] {
+        h.apns
+            .set_behaviour(&d.token, Behaviour::delay(SLOW, Behaviour::Ok));
+    }
+    for (i, d) in devices.iter().enumerate() {
+        conn.feed_raw(&prosody_publish(
+            &format!("old{i}"),
+            "localhost",
+            &d.node,
+            &d.secret,
+        ))
+        .await
+        .expect("send");
+    }
+    conn.flush().await.expect("flush");
+    let mut old = Arrivals::new();
+    for i in 0..FAST {
+        assert!(old.until(&mut conn, &format!("old{i}"), WAIT).await);
+    }
+    let received = h.apns.requests_received();
+    assert_eq!(
+        received, BURST as u64,
+        "every push of the burst is at APNs when the link drops"
+    );
+    old.assert_no_duplicates();
+    let answered_before_drop: Vec<String> = old.by_id.keys().cloned().collect();
+    conn.abort();
+
+    let mut conn = h.accept().await;
+    let mut new = Arrivals::new();
+    // Longer than the slow pushes and the deadline: anything of the old link would be here by now.
+    new.drain(&mut conn, SLOW + Duration::from_millis(700))
+        .await;
+    assert!(
+        new.by_id.is_empty(),
+        "replies on the new link to IQs of the old one: {:?}",
+        new.by_id.keys().collect::<Vec<_>>()
+    );
+    let pong = ask(&mut conn, &ping_xml("alive")).await;
+    assert_eq!(error_of(&pong), None, "the new link is served");
+    for (i, d) in devices.iter().enumerate() {
+        let reply = publish(&mut conn, &format!("new{i}"), &d.node, &d.secret).await;
+        assert_eq!(error_of(&reply), None, "new{i}");
+    }
+    for (i, d) in devices.iter().enumerate() {
+        let delivered = h
+            .apns
+            .requests_for(&d.token)
+            .iter()
+            .filter(|p| p.status == 200)
+            .count();
+        assert!(
+            delivered >= 1,
+            "old{i} was abandoned and new{i} coalesced into it: the device was never woken \
+             (answered before the drop: {answered_before_drop:?})"
+        );
+    }
+}

@@ -8,6 +8,11 @@
 //! finished leaves in the same write, so a burst of publishes costs a few system calls, not a few per
 //! stanza.
 //!
+//! When the link is lost, the stanzas in flight are not answered on the next link (their IQs belonged to
+//! the lost stream, and the server has given up on them), but their work is finished while knock
+//! reconnects: a push already under way still goes out, so the device is woken and the node's rate-limit
+//! slot is not held by a wake-up that was never sent. They still count against `max_in_flight`.
+//!
 //! A stanza that does not parse gets a `bad-request` and the link stays up (any user on the network can
 //! send knock a broken IQ through its server); only XML that no stream may carry ends the link. A quiet link
 //! is pinged (XEP-0199) after one `ping_interval` of silence and declared dead after three. A lost link is
@@ -18,11 +23,13 @@
 pub mod connection;
 pub mod frame;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::stream::{FuturesUnordered, SelectAll};
+use futures::{FutureExt, Stream, StreamExt};
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::jid::{BareJid, Jid};
 use xmpp_parsers::ping::Ping;
@@ -64,6 +71,72 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Work read from links that were lost since: run to the end, never answered. Each lost link's in-flight
+/// set is kept whole (its futures are pinned where they are), as one stream of finished stanzas.
+struct Orphans<'a> {
+    links: SelectAll<Pin<Box<dyn Stream<Item = Option<Iq>> + 'a>>>,
+}
+
+impl<'a> Orphans<'a> {
+    fn new() -> Orphans<'a> {
+        Orphans {
+            links: SelectAll::new(),
+        }
+    }
+
+    /// Take over a lost link's unfinished work.
+    fn adopt<F: Future<Output = Option<Iq>> + 'a>(&mut self, work: FuturesUnordered<F>) {
+        if !work.is_empty() {
+            tracing::debug!(
+                abandoned = work.len(),
+                "finishing the lost link's stanzas without answering them"
+            );
+            self.links.push(Box::pin(work));
+        }
+    }
+
+    /// Stanzas still being worked on.
+    fn len(&self) -> usize {
+        // A set of futures knows its exact length; there is one set per lost link still finishing.
+        self.links.iter().map(|set| set.size_hint().0).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Wait for the next orphan to finish; its reply is dropped.
+    async fn finish_one(&mut self) {
+        let _ = self.links.next().await;
+    }
+
+    /// Shutdown while the link is down: give the orphans the time in-flight work gets (see [`drain`]).
+    async fn finish_all(mut self, deadline: Duration) {
+        let all = async { while self.links.next().await.is_some() {} };
+        if tokio::time::timeout(deadline + Duration::from_secs(1), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.len(),
+                "gave up on the lost link's stanzas at the deadline"
+            );
+        }
+    }
+}
+
+/// Await `work` while running `orphans` to the end alongside it.
+async fn meanwhile<T>(orphans: &mut Orphans<'_>, work: impl Future<Output = T>) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = orphans.finish_one(), if !orphans.is_empty() => {}
+        }
+    }
+}
+
 /// Why a served link ended.
 enum Ended {
     /// Shutdown was requested and in-flight work was answered.
@@ -79,20 +152,21 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
     // Failed attempts in this outage; only the 1st, 2nd, 4th, 8th... are logged loudly, so a long outage
     // does not flood the log with one line a second.
     let mut failures: u64 = 0;
+    let mut orphans = Orphans::new();
     loop {
         let attempt = tokio::select! {
-            _ = shutdown.recv() => return,
-            attempt = tokio::time::timeout(
+            _ = shutdown.recv() => return orphans.finish_all(settings.publish_deadline).await,
+            attempt = meanwhile(&mut orphans, tokio::time::timeout(
                 CONNECT_TIMEOUT,
                 Connection::connect(&settings.server, &settings.jid, &settings.secret),
-            ) => attempt,
+            )) => attempt,
         };
         match attempt {
             Ok(Ok(link)) => {
                 tracing::info!(server = %settings.server, failed_attempts = failures, "component link up");
                 failures = 0;
                 let since = Instant::now();
-                match serve(&app, link, &settings, &mut shutdown).await {
+                match serve(&app, link, &settings, &mut shutdown, &mut orphans).await {
                     Ended::Shutdown => {
                         tracing::info!("component link closed for shutdown");
                         return;
@@ -129,8 +203,8 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
             }
         }
         tokio::select! {
-            _ = shutdown.recv() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.recv() => return orphans.finish_all(settings.publish_deadline).await,
+            _ = meanwhile(&mut orphans, tokio::time::sleep(backoff)) => {}
         }
         backoff = next_backoff(backoff, down_since.elapsed());
     }
@@ -182,11 +256,12 @@ impl Keepalive {
     }
 }
 
-async fn serve(
-    app: &App,
+async fn serve<'a>(
+    app: &'a App,
     mut conn: Connection,
     settings: &LinkSettings,
     shutdown: &mut Shutdown,
+    orphans: &mut Orphans<'a>,
 ) -> Ended {
     let mut in_flight = FuturesUnordered::new();
     let me: Jid = settings.jid.clone().into();
@@ -198,18 +273,19 @@ async fn serve(
         seq: 0,
     };
 
-    loop {
+    let ended = 'serve: loop {
         tokio::select! {
             biased;
             _ = shutdown.recv() => {
-                return drain(&mut conn, in_flight, settings.publish_deadline).await;
+                break 'serve drain(&mut conn, &mut in_flight, orphans, settings.publish_deadline).await;
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 if let Err(e) = write_replies(&mut conn, reply, &mut in_flight).await {
-                    return Ended::Lost(format!("write failed: {e}"));
+                    break 'serve Ended::Lost(format!("write failed: {e}"));
                 }
             }
-            event = conn.read(), if in_flight.len() < settings.max_in_flight => {
+            _ = orphans.finish_one(), if !orphans.is_empty() => {}
+            event = conn.read(), if in_flight.len() + orphans.len() < settings.max_in_flight => {
                 keepalive.heard();
                 let mut event = event;
                 // Take every stanza already read before going back to the socket, so a burst becomes one
@@ -219,16 +295,16 @@ async fn serve(
                         Ok(Some(Event::Stanza(frame))) => match route(app, frame) {
                             Ok(Some(work)) => in_flight.push(work),
                             Ok(None) => {}
-                            Err(reason) => return Ended::Lost(reason),
+                            Err(reason) => break 'serve Ended::Lost(reason),
                         },
                         Ok(Some(Event::Header(_))) => {
-                            return Ended::Lost("the server sent a second stream header".into());
+                            break 'serve Ended::Lost("the server sent a second stream header".into());
                         }
-                        Ok(Some(Event::End)) => return Ended::Lost("the server closed the stream".into()),
-                        Ok(None) => return Ended::Lost("connection closed".into()),
-                        Err(e) => return Ended::Lost(e.to_string()),
+                        Ok(Some(Event::End)) => break 'serve Ended::Lost("the server closed the stream".into()),
+                        Ok(None) => break 'serve Ended::Lost("connection closed".into()),
+                        Err(e) => break 'serve Ended::Lost(e.to_string()),
                     }
-                    if in_flight.len() >= settings.max_in_flight {
+                    if in_flight.len() + orphans.len() >= settings.max_in_flight {
                         break;
                     }
                     match conn.buffered() {
@@ -239,7 +315,7 @@ async fn serve(
             }
             _ = tokio::time::sleep_until(keepalive.deadline()) => {
                 if keepalive.pinged {
-                    return Ended::Lost("the server did not answer a ping".into());
+                    break 'serve Ended::Lost("the server did not answer a ping".into());
                 }
                 keepalive.pinged = true;
                 keepalive.seq += 1;
@@ -247,19 +323,18 @@ async fn serve(
                     .with_from(me.clone())
                     .with_to(target.clone());
                 if let Err(e) = send(&mut conn, &ping).await {
-                    return Ended::Lost(format!("write failed: {e}"));
+                    break 'serve Ended::Lost(format!("write failed: {e}"));
                 }
             }
         }
-    }
+    };
+    orphans.adopt(in_flight);
+    ended
 }
 
 /// What becomes of one stanza: work for the router, nothing (answers, messages, presences), or the end of
 /// the link (a stream error).
-fn route(
-    app: &App,
-    frame: Frame,
-) -> Result<Option<impl std::future::Future<Output = Option<Iq>> + '_>, String> {
+fn route(app: &App, frame: Frame) -> Result<Option<impl Future<Output = Option<Iq>> + '_>, String> {
     match stanza::kind(&frame) {
         Kind::Request => Ok(Some(router::handle_frame(app, frame))),
         // Pongs and other answers need no reply; any traffic already proved the link alive.
@@ -291,7 +366,7 @@ async fn write_replies<F>(
     in_flight: &mut FuturesUnordered<F>,
 ) -> Result<(), std::io::Error>
 where
-    F: std::future::Future<Output = Option<Iq>>,
+    F: Future<Output = Option<Iq>>,
 {
     let mut reply = first;
     loop {
@@ -306,23 +381,30 @@ where
     conn.flush().await
 }
 
-/// Shutdown: read nothing more, answer what is in flight (bounded by the publish deadline), close the stream.
+/// Shutdown: read nothing more, answer what is in flight and finish the orphans of lost links (bounded by
+/// the publish deadline), close the stream.
 async fn drain<F>(
     conn: &mut Connection,
-    mut in_flight: FuturesUnordered<F>,
+    in_flight: &mut FuturesUnordered<F>,
+    orphans: &mut Orphans<'_>,
     deadline: Duration,
 ) -> Ended
 where
-    F: std::future::Future<Output = Option<Iq>>,
+    F: Future<Output = Option<Iq>>,
 {
     let pending = in_flight.len();
     if pending > 0 {
         tracing::info!(pending, "answering in-flight stanzas before shutdown");
     }
     let answered = tokio::time::timeout(deadline + Duration::from_secs(1), async {
-        while let Some(reply) = in_flight.next().await {
-            if let Some(iq) = reply {
-                send(conn, &iq).await?;
+        while !in_flight.is_empty() || !orphans.is_empty() {
+            tokio::select! {
+                Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some(iq) = reply {
+                        send(conn, &iq).await?;
+                    }
+                }
+                _ = orphans.finish_one(), if !orphans.is_empty() => {}
             }
         }
         Ok::<(), std::io::Error>(())
@@ -332,7 +414,7 @@ where
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "could not answer every in-flight stanza"),
         Err(_) => tracing::warn!(
-            left = in_flight.len(),
+            left = in_flight.len() + orphans.len(),
             "gave up on in-flight stanzas at the deadline"
         ),
     }
