@@ -608,3 +608,129 @@ async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() 
         );
     }
 }
+
+/// A flood of the publishes knock answers without APNs: known nodes coalesced by the rate limit, unknown
+/// nodes, wrong secrets, and pings, with more in flight than `max_in_flight` allows: every one answered once
+/// and rightly, and knock's memory flat.
+#[tokio::test]
+async fn a_publish_flood_at_the_in_flight_cap_keeps_memory_flat() {
+    const FLOOD: usize = 20_000;
+    let h = Harness::start_with(Options {
+        push_interval_ms: 60_000,
+        max_in_flight: 64,
+        log_filter: "warn",
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, 10).await;
+    h.apns.set_recording(false);
+    let measured = stream(
+        &h,
+        &mut conn,
+        FLOOD,
+        |i, id| {
+            let d = &devices[(i / 4) % devices.len()];
+            match i % 4 {
+                0 => prosody_publish(id, "localhost", &d.node, &d.secret),
+                1 => prosody_publish(id, "localhost", &format!("unknown-{i}"), &d.secret),
+                2 => prosody_publish(id, "localhost", &d.node, &format!("wrong-{i}")),
+                _ => ping_xml(id),
+            }
+        },
+        |i, reply| {
+            let expected = match i % 4 {
+                1 => err("cancel", "item-not-found"),
+                2 => err("auth", "forbidden"),
+                _ => None,
+            };
+            assert_eq!(error_of(reply), expected, "s{i}: {}", String::from(reply));
+        },
+    )
+    .await;
+    measured.assert_flat("publish flood");
+    assert_eq!(
+        h.apns.requests_ok(),
+        devices.len() as u64,
+        "one push per node, the rest coalesced"
+    );
+    eprintln!("flood: {measured:?}");
+}
+
+/// At `max_in_flight` knock stops reading: stanzas behind the cap wait in the socket, unread, until work
+/// finishes; then it reads on, and every stanza is answered once.
+#[tokio::test]
+async fn at_max_in_flight_knock_stops_reading_and_recovers() {
+    const CAP: usize = 8;
+    const SLOW_PUBLISHES: usize = 20;
+    const SLOW: Duration = Duration::from_millis(1000);
+    let h = Harness::start_with(Options {
+        max_in_flight: CAP,
+        publish_deadline_ms: 3000,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, SLOW_PUBLISHES).await;
+    h.apns
+        .set_default_behaviour(Behaviour::delay(SLOW, Behaviour::Ok));
+    let received = h.apns.requests_received();
+    // CAP slow publishes fill knock up; the ping behind them must wait for one to finish.
+    for (i, d) in devices.iter().enumerate() {
+        if i == CAP {
+            conn.feed_raw(&ping_xml("behind")).await.expect("send");
+        }
+        conn.feed_raw(&prosody_publish(
+            &format!("p{i}"),
+            "localhost",
+            &d.node,
+            &d.secret,
+        ))
+        .await
+        .expect("send");
+    }
+    conn.flush().await.expect("flush");
+    let mut seen = Arrivals::new();
+    seen.drain(&mut conn, SLOW / 2).await;
+    assert!(
+        seen.by_id.is_empty(),
+        "answered while every slot is busy: {:?}",
+        seen.by_id.keys()
+    );
+    assert_eq!(
+        h.apns.requests_received() - received,
+        CAP as u64,
+        "knock took exactly max_in_flight stanzas"
+    );
+
+    assert!(
+        seen.until(&mut conn, "behind", WAIT).await,
+        "the ping behind the cap is answered"
+    );
+    let (pong_at, pong) = seen.once("behind");
+    assert_eq!(error_of(pong), None);
+    assert!(
+        *pong_at >= SLOW.mul_f64(0.8),
+        "the ping was answered at {pong_at:?}, before any slot was free"
+    );
+    for i in 0..SLOW_PUBLISHES {
+        assert!(
+            seen.until(&mut conn, &format!("p{i}"), WAIT).await,
+            "p{i} answered"
+        );
+    }
+    seen.drain(&mut conn, Duration::from_millis(300)).await;
+    for i in 0..SLOW_PUBLISHES {
+        let (_, reply) = seen.once(&format!("p{i}"));
+        assert_eq!(error_of(reply), None, "p{i}");
+    }
+    seen.assert_no_duplicates();
+
+    let started = Instant::now();
+    let pong = ask(&mut conn, &ping_xml("after")).await;
+    assert_eq!(error_of(&pong), None);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "knock reads again at once"
+    );
+}
