@@ -31,6 +31,10 @@ const OUTAGE_PUBLISHES: usize = 3000;
 /// Attempts knock makes per push (`src/push/apns.rs`).
 const APNS_ATTEMPTS: u64 = 3;
 
+/// One [`stream`] at a time: the test harness runs tests in parallel on CI's two cores, and two floods at
+/// once would measure each other's scheduling delays instead of knock's deadlines.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A device token for registration `i`.
 fn token(i: usize) -> String {
     format!("{:064x}", i + 1)
@@ -90,7 +94,7 @@ impl Streamed {
 
 /// Keep [`WINDOW`] IQs in flight, `stanza(i)` being the i-th with id `s{i}`, until `total` are answered.
 /// Every reply goes through `check`; each id must be answered exactly once (a reply to an unknown or
-/// already answered id fails the test). Samples knock's RSS every 250 replies.
+/// already answered id fails the test). Samples knock's RSS every 250 replies. Runs alone (see [`HEAVY`]).
 async fn stream(
     h: &Harness,
     conn: &mut ComponentConn,
@@ -98,6 +102,7 @@ async fn stream(
     stanza: impl Fn(usize, &str) -> String,
     check: impl Fn(usize, &Element),
 ) -> Streamed {
+    let _alone = HEAVY.lock().await;
     let mut sent: HashMap<String, (usize, Instant)> = HashMap::new();
     let mut next = 0;
     let mut answered = 0;
@@ -232,7 +237,8 @@ async fn recovers(h: &Harness, conn: &mut ComponentConn, device: &Device) -> Dur
     started.elapsed()
 }
 
-#[tokio::test]
+// The mock APNs and the server stand-in get a thread of their own, so the latencies are knock's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apns_answering_503_for_thousands_of_publishes_is_wait_bounded_and_flat() {
     let (h, mut conn, devices) = outage_harness(20).await;
     h.apns.set_default_behaviour(Behaviour::Unavailable);
@@ -254,7 +260,8 @@ async fn apns_answering_503_for_thousands_of_publishes_is_wait_bounded_and_flat(
     eprintln!("503: {requests} requests for {publishes} publishes, {measured:?}, back in {back:?}");
 }
 
-#[tokio::test]
+// The mock APNs and the server stand-in get a thread of their own, so the latencies are knock's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apns_refusing_connections_for_thousands_of_publishes_is_wait_and_flat() {
     let (mut h, mut conn, devices) = outage_harness(20).await;
     h.apns.go_down().await;
@@ -268,7 +275,8 @@ async fn apns_refusing_connections_for_thousands_of_publishes_is_wait_and_flat()
     eprintln!("refused: {measured:?}, back in {back:?}");
 }
 
-#[tokio::test]
+// The mock APNs and the server stand-in get a thread of their own, so the latencies are knock's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apns_accepting_and_never_answering_is_wait_bounded_and_flat() {
     let (mut h, mut conn, devices) = outage_harness(20).await;
     h.apns.go_down().await;
@@ -611,7 +619,8 @@ async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() 
 /// A flood of the publishes knock answers without APNs: known nodes coalesced by the rate limit, unknown
 /// nodes, wrong secrets, and pings, with more in flight than `max_in_flight` allows: every one answered once
 /// and rightly, and knock's memory flat.
-#[tokio::test]
+// The mock APNs and the server stand-in get a thread of their own, so the latencies are knock's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_at_the_in_flight_cap_keeps_memory_flat() {
     const FLOOD: usize = 20_000;
     let h = Harness::start_with(Options {
