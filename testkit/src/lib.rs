@@ -4,7 +4,9 @@
 //!   Apple's status codes and reasons), with per-token behaviour that tests can switch.
 //! - [`server`]: the XMPP server side of an XEP-0114 component link, playing Prosody or ejabberd.
 //! - [`silent`]: a TCP peer that accepts and never answers (a hung server).
+//! - [`proxy`]: a TCP relay whose connections can be blackholed (a network path that silently dies).
 
 pub mod apns;
+pub mod proxy;
 pub mod server;
 pub mod silent;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use minidom::Element;
 use testkit::apns::{generate_apns_key, MockApns, MockApnsConfig, TestClientCa};
+use testkit::proxy::Blackhole;
 use testkit::server::{ComponentConn, ComponentServer};
 
 use super::{node_and_secret, prosody_publish, register_xml};
@@ -30,6 +31,8 @@ pub struct Harness {
     pub server: ComponentServer,
     /// The mock APNs knock pushes to.
     pub apns: MockApns,
+    /// The relay knock reaches the mock through, with [`Options::apns_via_blackhole`].
+    pub blackhole: Option<Blackhole>,
     config: PathBuf,
     log: PathBuf,
     log_filter: &'static str,
@@ -54,6 +57,8 @@ pub struct Options {
     pub apns_extra: &'static str,
     /// knock's log filter; the privacy check wants `debug`, floods want less.
     pub log_filter: &'static str,
+    /// Reach the mock APNs through a relay whose connections a test can blackhole.
+    pub apns_via_blackhole: bool,
 }
 
 impl Default for Options {
@@ -67,6 +72,7 @@ impl Default for Options {
             certificate_auth: false,
             apns_extra: "",
             log_filter: "debug",
+            apns_via_blackhole: false,
         }
     }
 }
@@ -98,6 +104,19 @@ impl Harness {
         };
         let apns = MockApns::start(mock_config).await.expect("start mock APNs");
         let ca = apns.write_ca_file(dir.path()).expect("write CA");
+        let blackhole = match options.apns_via_blackhole {
+            true => Some(
+                Blackhole::start(apns.addr())
+                    .await
+                    .expect("start the relay to the mock APNs"),
+            ),
+            false => None,
+        };
+        // The mock's certificate names 127.0.0.1, so TLS through the relay checks out.
+        let url = match &blackhole {
+            Some(relay) => format!("https://{}", relay.addr()),
+            None => apns.url(),
+        };
         let config = dir.path().join("knock.toml");
         std::fs::write(
             &config,
@@ -133,7 +152,6 @@ ca_file = "{ca}"
                 max_in_flight = options.max_in_flight,
                 interval = options.push_interval_ms,
                 deadline = options.publish_deadline_ms,
-                url = apns.url(),
                 ca = ca.display(),
                 extra = options.apns_extra,
             ),
@@ -144,6 +162,7 @@ ca_file = "{ca}"
             dir,
             server,
             apns,
+            blackhole,
             config,
             log,
             log_filter: options.log_filter,
