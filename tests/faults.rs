@@ -742,3 +742,56 @@ async fn at_max_in_flight_knock_stops_reading_and_recovers() {
         "knock reads again at once"
     );
 }
+
+/// The path to APNs dies silently under an open connection (no FIN, no RST: a NAT entry or route gone). knock
+/// answers `wait` by the deadline meanwhile, notices by itself that the connection is dead, and pushes again
+/// on a new one within a bounded time.
+#[tokio::test]
+async fn a_silently_dead_apns_connection_is_noticed_and_replaced() {
+    const RECOVERY: Duration = Duration::from_secs(6);
+    let h = Harness::start_with(Options {
+        publish_deadline_ms: OUTAGE_DEADLINE.as_millis() as u64,
+        apns_via_blackhole: true,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, 1).await;
+    let d = &devices[0];
+    let reply = publish(&mut conn, "before", &d.node, &d.secret).await;
+    assert_eq!(error_of(&reply), None);
+    let relay = h.blackhole.as_ref().expect("a relay");
+    assert_eq!(relay.accepted(), 1);
+    relay.freeze();
+
+    let frozen = Instant::now();
+    let mut waits = 0;
+    for attempt in 0.. {
+        let sent = Instant::now();
+        let reply = publish(&mut conn, &format!("during{attempt}"), &d.node, &d.secret).await;
+        assert!(
+            sent.elapsed() <= OUTAGE_DEADLINE + SLACK,
+            "answered after {:?}, deadline {OUTAGE_DEADLINE:?}",
+            sent.elapsed()
+        );
+        match error_of(&reply) {
+            None => break,
+            e if e == err("wait", "internal-server-error") => waits += 1,
+            other => panic!("during{attempt}: {other:?}"),
+        }
+        assert!(
+            frozen.elapsed() < RECOVERY,
+            "still no push {:?} after the connection died ({waits} waits, {} connections)",
+            frozen.elapsed(),
+            relay.accepted()
+        );
+    }
+    assert!(
+        relay.accepted() >= 2,
+        "the push went out on a new connection"
+    );
+    eprintln!(
+        "dead connection replaced after {:?}, {waits} publishes answered wait meanwhile",
+        frozen.elapsed()
+    );
+}

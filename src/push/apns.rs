@@ -55,6 +55,8 @@ const JWT_MIN_REFRESH: Duration = Duration::from_secs(20 * 60);
 const ATTEMPTS: u32 = 3;
 /// First retry delay; doubled each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Shortest wait for a PING's answer before a connection with pushes waiting is declared dead.
+const MIN_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Error bodies are a short JSON object; never read more than this.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
@@ -265,11 +267,18 @@ impl ApnsClient {
             .https_only()
             .enable_http2()
             .wrap_connector(tcp);
+        // A connection whose path died silently (no FIN, no RST) would take every push until the OS gave up
+        // on it, minutes later; pooled, it is never replaced. So while pushes are waiting, a connection that
+        // has been quiet for half a deadline is pinged, and one that does not answer within half a deadline
+        // more is closed: its pushes are retried on a new one, usually inside their deadline. The floor keeps
+        // a short deadline from mistaking a long round trip to Apple for a dead path.
+        let keep_alive = (deadline / 2).max(MIN_KEEP_ALIVE);
         let http = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(60))
+            .http2_keep_alive_interval(keep_alive)
+            .http2_keep_alive_timeout(keep_alive)
             .pool_idle_timeout(Duration::from_secs(600))
             .build(connector);
         let topic = HeaderValue::from_str(&app.topic).map_err(|_| {
