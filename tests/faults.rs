@@ -795,3 +795,58 @@ async fn a_silently_dead_apns_connection_is_noticed_and_replaced() {
         frozen.elapsed()
     );
 }
+
+/// Backpressure is not silence: while every slot is busy (pushes slower than three ping intervals) knock reads
+/// nothing, pongs included, yet the server is alive: the link must stay up, every publish answered on it.
+#[tokio::test]
+async fn a_full_in_flight_cap_longer_than_the_ping_timeout_keeps_the_link() {
+    const CAP: usize = 4;
+    // Longer than three ping intervals, knock's silence limit.
+    const SLOW: Duration = Duration::from_millis(3500);
+    let h = Harness::start_with(Options {
+        max_in_flight: CAP,
+        ping_interval_secs: 1,
+        publish_deadline_ms: 6000,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, CAP).await;
+    h.apns
+        .set_default_behaviour(Behaviour::delay(SLOW, Behaviour::Ok));
+    for (i, d) in devices.iter().enumerate() {
+        conn.feed_raw(&prosody_publish(
+            &format!("p{i}"),
+            "localhost",
+            &d.node,
+            &d.secret,
+        ))
+        .await
+        .expect("send");
+    }
+    conn.flush().await.expect("flush");
+    let mut seen = Arrivals::new();
+    for i in 0..devices.len() {
+        assert!(
+            seen.until(&mut conn, &format!("p{i}"), 2 * SLOW + WAIT)
+                .await,
+            "p{i} unanswered on the link it came on (link ended: {:?})",
+            conn.end_reason()
+        );
+        let (_, reply) = seen.once(&format!("p{i}"));
+        assert_eq!(error_of(reply), None, "p{i}");
+    }
+    let pong = ask(&mut conn, &ping_xml("still-there")).await;
+    assert_eq!(
+        error_of(&pong),
+        None,
+        "the same link is served after the pause"
+    );
+    assert!(
+        h.server
+            .accept_timeout(Duration::from_millis(200))
+            .await
+            .is_err(),
+        "knock gave up on a live link while it was not reading"
+    );
+}

@@ -15,7 +15,8 @@
 //!
 //! A stanza that does not parse gets a `bad-request` and the link stays up (any user on the network can
 //! send knock a broken IQ through its server); only XML that no stream may carry ends the link. A quiet link
-//! is pinged (XEP-0199) after one `ping_interval` of silence and declared dead after three. A lost link is
+//! is pinged (XEP-0199) after one `ping_interval` of silence and declared dead after three; while every slot
+//! is busy knock reads nothing, so cannot hear the server either, and that time is not counted as silence. A lost link is
 //! retried with backoff from 100 ms: at most 1 s apart for the first minute of an outage, so knock is back
 //! within a second of a restarted server, then up to 5 s apart. ejabberd disables users' push while it
 //! cannot reach the component, so every second of downtime costs users.
@@ -236,6 +237,9 @@ struct Keepalive {
     interval: Duration,
     last_heard: Instant,
     pinged: bool,
+    /// Since when knock has not been reading (every slot busy). The server's pongs wait unread in the
+    /// socket then, so the pause is not silence: without this a full cap for three intervals ended a live link.
+    paused: Option<Instant>,
     seq: u64,
 }
 
@@ -243,6 +247,18 @@ impl Keepalive {
     fn heard(&mut self) {
         self.last_heard = Instant::now();
         self.pinged = false;
+    }
+
+    /// Whether knock reads the link now; a pause moves the silence clock on by its length when it ends.
+    fn reading(&mut self, reading: bool) {
+        match (reading, self.paused) {
+            (false, None) => self.paused = Some(Instant::now()),
+            (true, Some(since)) => {
+                self.last_heard += since.elapsed();
+                self.paused = None;
+            }
+            _ => {}
+        }
     }
 
     /// When to look again.
@@ -270,10 +286,13 @@ async fn serve<'a>(
         interval: settings.ping_interval,
         last_heard: Instant::now(),
         pinged: false,
+        paused: None,
         seq: 0,
     };
 
     let ended = 'serve: loop {
+        let reading = in_flight.len() + orphans.len() < settings.max_in_flight;
+        keepalive.reading(reading);
         tokio::select! {
             biased;
             _ = shutdown.recv() => {
@@ -285,7 +304,7 @@ async fn serve<'a>(
                 }
             }
             _ = orphans.finish_one(), if !orphans.is_empty() => {}
-            event = conn.read(), if in_flight.len() + orphans.len() < settings.max_in_flight => {
+            event = conn.read(), if reading => {
                 keepalive.heard();
                 let mut event = event;
                 // Take every stanza already read before going back to the socket, so a burst becomes one
@@ -313,7 +332,7 @@ async fn serve<'a>(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(keepalive.deadline()) => {
+            _ = tokio::time::sleep_until(keepalive.deadline()), if reading => {
                 if keepalive.pinged {
                     break 'serve Ended::Lost("the server did not answer a ping".into());
                 }
