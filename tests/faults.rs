@@ -67,6 +67,16 @@ fn ping_xml(id: &str) -> String {
     format!("<iq xmlns='{NS}' type='get' id='{id}' from='localhost' to='push.localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
 }
 
+/// Queue one publish per device, ids `{prefix}{first + i}`, without flushing.
+async fn feed_publishes(conn: &mut ComponentConn, prefix: &str, first: usize, devices: &[Device]) {
+    for (i, d) in devices.iter().enumerate() {
+        let id = format!("{prefix}{}", first + i);
+        conn.feed_raw(&prosody_publish(&id, "localhost", &d.node, &d.secret))
+            .await
+            .expect("send");
+    }
+}
+
 /// What [`stream`] measured.
 #[derive(Debug)]
 struct Streamed {
@@ -351,6 +361,36 @@ impl Arrivals {
         }
     }
 
+    /// Wait for `{prefix}0` to `{prefix}{n - 1}`, then a moment for any second reply: each must be answered
+    /// exactly once, with a result, on this link.
+    async fn all_results(
+        &mut self,
+        conn: &mut ComponentConn,
+        prefix: &str,
+        n: usize,
+        timeout: Duration,
+    ) {
+        for i in 0..n {
+            let id = format!("{prefix}{i}");
+            assert!(
+                self.until(conn, &id, timeout).await,
+                "{id} unanswered on the link it came on (link ended: {:?})",
+                conn.end_reason()
+            );
+        }
+        self.drain(conn, Duration::from_millis(300)).await;
+        for i in 0..n {
+            let (_, reply) = self.once(&format!("{prefix}{i}"));
+            assert_eq!(
+                error_of(reply),
+                None,
+                "{prefix}{i}: {}",
+                String::from(reply)
+            );
+        }
+        self.assert_no_duplicates();
+    }
+
     /// Every id was answered at most once.
     fn assert_no_duplicates(&self) {
         for (id, replies) in &self.by_id {
@@ -468,16 +508,7 @@ async fn apns_breaks_its_connection_under_requests_in_flight(how: Break) {
     h.apns
         .set_default_behaviour(Behaviour::delay(Duration::from_millis(600), Behaviour::Ok));
     let received = h.apns.requests_received();
-    for (i, d) in devices.iter().enumerate() {
-        conn.feed_raw(&prosody_publish(
-            &format!("p{i}"),
-            "localhost",
-            &d.node,
-            &d.secret,
-        ))
-        .await
-        .expect("send");
-    }
+    feed_publishes(&mut conn, "p", 0, &devices).await;
     conn.flush().await.expect("flush");
     let deadline = Instant::now() + WAIT;
     while h.apns.requests_received() < received + IN_FLIGHT as u64 {
@@ -490,26 +521,11 @@ async fn apns_breaks_its_connection_under_requests_in_flight(how: Break) {
         Break::Reset => h.apns.kill_connections(),
     }
 
-    let mut seen = Arrivals::new();
-    for i in 0..IN_FLIGHT {
-        let id = format!("p{i}");
-        assert!(
-            seen.until(&mut conn, &id, WAIT).await,
-            "{how:?}: {id} never answered"
-        );
-    }
-    seen.drain(&mut conn, Duration::from_millis(500)).await;
     // Exactly one reply each, and a transparent one: a GOAWAY lets open streams finish, and a reset
     // stream is retried on a new connection well inside the deadline (one backoff plus one slow answer).
-    for i in 0..IN_FLIGHT {
-        let (_, reply) = seen.once(&format!("p{i}"));
-        assert_eq!(
-            error_of(reply),
-            None,
-            "{how:?}: p{i}: {}",
-            String::from(reply)
-        );
-    }
+    Arrivals::new()
+        .all_results(&mut conn, "p", IN_FLIGHT, WAIT)
+        .await;
 
     h.apns.set_default_behaviour(Behaviour::Ok);
     h.apns.clear_requests();
@@ -561,16 +577,7 @@ async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() 
         h.apns
             .set_behaviour(&d.token, Behaviour::delay(SLOW, Behaviour::Ok));
     }
-    for (i, d) in devices.iter().enumerate() {
-        conn.feed_raw(&prosody_publish(
-            &format!("old{i}"),
-            "localhost",
-            &d.node,
-            &d.secret,
-        ))
-        .await
-        .expect("send");
-    }
+    feed_publishes(&mut conn, "old", 0, &devices).await;
     conn.flush().await.expect("flush");
     let mut old = Arrivals::new();
     for i in 0..FAST {
@@ -684,19 +691,9 @@ async fn at_max_in_flight_knock_stops_reading_and_recovers() {
         .set_default_behaviour(Behaviour::delay(SLOW, Behaviour::Ok));
     let received = h.apns.requests_received();
     // CAP slow publishes fill knock up; the ping behind them must wait for one to finish.
-    for (i, d) in devices.iter().enumerate() {
-        if i == CAP {
-            conn.feed_raw(&ping_xml("behind")).await.expect("send");
-        }
-        conn.feed_raw(&prosody_publish(
-            &format!("p{i}"),
-            "localhost",
-            &d.node,
-            &d.secret,
-        ))
-        .await
-        .expect("send");
-    }
+    feed_publishes(&mut conn, "p", 0, &devices[..CAP]).await;
+    conn.feed_raw(&ping_xml("behind")).await.expect("send");
+    feed_publishes(&mut conn, "p", CAP, &devices[CAP..]).await;
     conn.flush().await.expect("flush");
     let mut seen = Arrivals::new();
     seen.drain(&mut conn, SLOW / 2).await;
@@ -721,18 +718,7 @@ async fn at_max_in_flight_knock_stops_reading_and_recovers() {
         *pong_at >= SLOW.mul_f64(0.8),
         "the ping was answered at {pong_at:?}, before any slot was free"
     );
-    for i in 0..SLOW_PUBLISHES {
-        assert!(
-            seen.until(&mut conn, &format!("p{i}"), WAIT).await,
-            "p{i} answered"
-        );
-    }
-    seen.drain(&mut conn, Duration::from_millis(300)).await;
-    for i in 0..SLOW_PUBLISHES {
-        let (_, reply) = seen.once(&format!("p{i}"));
-        assert_eq!(error_of(reply), None, "p{i}");
-    }
-    seen.assert_no_duplicates();
+    seen.all_results(&mut conn, "p", SLOW_PUBLISHES, WAIT).await;
 
     let started = Instant::now();
     let pong = ask(&mut conn, &ping_xml("after")).await;
@@ -814,28 +800,11 @@ async fn a_full_in_flight_cap_longer_than_the_ping_timeout_keeps_the_link() {
     let devices = register_devices(&mut conn, CAP).await;
     h.apns
         .set_default_behaviour(Behaviour::delay(SLOW, Behaviour::Ok));
-    for (i, d) in devices.iter().enumerate() {
-        conn.feed_raw(&prosody_publish(
-            &format!("p{i}"),
-            "localhost",
-            &d.node,
-            &d.secret,
-        ))
-        .await
-        .expect("send");
-    }
+    feed_publishes(&mut conn, "p", 0, &devices).await;
     conn.flush().await.expect("flush");
-    let mut seen = Arrivals::new();
-    for i in 0..devices.len() {
-        assert!(
-            seen.until(&mut conn, &format!("p{i}"), 2 * SLOW + WAIT)
-                .await,
-            "p{i} unanswered on the link it came on (link ended: {:?})",
-            conn.end_reason()
-        );
-        let (_, reply) = seen.once(&format!("p{i}"));
-        assert_eq!(error_of(reply), None, "p{i}");
-    }
+    Arrivals::new()
+        .all_results(&mut conn, "p", CAP, SLOW + WAIT)
+        .await;
     let pong = ask(&mut conn, &ping_xml("still-there")).await;
     assert_eq!(
         error_of(&pong),
