@@ -4,6 +4,16 @@
 //!
 //! Deadlines are short (1 to 3 s) so "minutes of outage" fit in seconds of CI time: what matters is that
 //! thousands of publishes go through the faulty path, enough for a leak per publish to show in the RSS.
+//!
+//! - APNs down (`503`, port refusing, peer silent): every publish `wait` by the deadline, attempts per
+//!   publish bounded, RSS flat, pushes again once APNs is back on its port.
+//! - APNs slower than the deadline: `wait` by the deadline, the request abandoned, other publishes and pings
+//!   answered meanwhile, nothing answered twice.
+//! - APNs GOAWAY or reset under requests in flight: one `result` each, later pushes on a new connection.
+//! - APNs path dying silently: noticed by knock's own pings, replaced within seconds.
+//! - The server dropping the link mid-burst: nothing answered twice or on the new link, no wake-up lost;
+//!   SIGTERM while the link is down still sends the lost link's pushes.
+//! - Floods and `max_in_flight`: RSS flat; at the cap knock stops reading, recovers, and keeps the link.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -817,5 +827,46 @@ async fn a_full_in_flight_cap_longer_than_the_ping_timeout_keeps_the_link() {
             .await
             .is_err(),
         "knock gave up on a live link while it was not reading"
+    );
+}
+
+/// SIGTERM while the link is down, with the lost link's pushes still at APNs: knock finishes them (the devices
+/// are woken) before it exits, as it would answer them had the link stayed up.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_the_link_is_down_still_sends_the_lost_links_pushes() {
+    const IN_FLIGHT: usize = 5;
+    let mut h = Harness::start_with(Options {
+        publish_deadline_ms: 3000,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let devices = register_devices(&mut conn, IN_FLIGHT).await;
+    h.apns
+        .set_default_behaviour(Behaviour::delay(Duration::from_millis(1000), Behaviour::Ok));
+    feed_publishes(&mut conn, "p", 0, &devices).await;
+    conn.flush().await.expect("flush");
+    let deadline = Instant::now() + WAIT;
+    while h.apns.requests_received() < IN_FLIGHT as u64 {
+        assert!(Instant::now() < deadline, "the pushes never reached APNs");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The server goes away and does not take knock back: knock's next handshake is never answered.
+    conn.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| h.terminate());
+    assert!(status.success(), "exit status {status:?}");
+    let pushes = h.apns.requests();
+    let delivered = pushes.iter().filter(|p| p.status == 200).count();
+    assert_eq!(
+        delivered,
+        IN_FLIGHT,
+        "the lost link's pushes, all delivered: {:?}",
+        pushes.iter().map(|p| p.status).collect::<Vec<_>>()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "exit within the publish deadline"
     );
 }
