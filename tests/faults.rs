@@ -567,11 +567,21 @@ async fn apns_connection_reset_with_pushes_in_flight_answers_each_once() {
     apns_breaks_its_connection_under_requests_in_flight(Break::Reset).await;
 }
 
-/// The server drops the link with `BURST` publishes read and `FAST` answered: nothing of the old link is
+/// How the server ends the link in [`the_server_drops_the_link_mid_burst`].
+#[derive(Debug, Clone, Copy)]
+enum LinkEnd {
+    /// The TCP connection closes without a stream footer (a crashed server).
+    Abort,
+    /// TCP RST.
+    Reset,
+    /// `<stream:error><system-shutdown/>` and the footer (a server stopping).
+    StreamError,
+}
+
+/// The server ends the link with `BURST` publishes read and `FAST` answered: nothing of the old link is
 /// answered on the new one, nothing twice, the new link is served, and no abandoned publish loses its
 /// wake-up (a push that never went out must not hold the node's rate-limit slot).
-#[tokio::test]
-async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() {
+async fn the_server_drops_the_link_mid_burst(how: LinkEnd) {
     const BURST: usize = 20;
     const FAST: usize = 5;
     const SLOW: Duration = Duration::from_millis(800);
@@ -600,7 +610,11 @@ async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() 
     );
     old.assert_no_duplicates();
     let answered_before_drop: Vec<String> = old.by_id.keys().cloned().collect();
-    conn.abort();
+    match how {
+        LinkEnd::Abort => conn.abort(),
+        LinkEnd::Reset => conn.reset().await,
+        LinkEnd::StreamError => conn.stream_error("system-shutdown", None).await,
+    }
 
     let mut conn = h.accept().await;
     let mut new = Arrivals::new();
@@ -609,11 +623,11 @@ async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() 
         .await;
     assert!(
         new.by_id.is_empty(),
-        "replies on the new link to IQs of the old one: {:?}",
+        "{how:?}: replies on the new link to IQs of the old one: {:?}",
         new.by_id.keys().collect::<Vec<_>>()
     );
     let pong = ask(&mut conn, &ping_xml("alive")).await;
-    assert_eq!(error_of(&pong), None, "the new link is served");
+    assert_eq!(error_of(&pong), None, "{how:?}: the new link is served");
     for (i, d) in devices.iter().enumerate() {
         let reply = publish(&mut conn, &format!("new{i}"), &d.node, &d.secret).await;
         assert_eq!(error_of(&reply), None, "new{i}");
@@ -627,10 +641,25 @@ async fn the_server_dropping_the_link_mid_burst_answers_nothing_twice_or_late() 
             .count();
         assert!(
             delivered >= 1,
-            "old{i} was abandoned and new{i} coalesced into it: the device was never woken \
+            "{how:?}: old{i} was abandoned and new{i} coalesced into it: the device was never woken \
              (answered before the drop: {answered_before_drop:?})"
         );
     }
+}
+
+#[tokio::test]
+async fn the_server_crashing_mid_burst_answers_nothing_twice_or_late() {
+    the_server_drops_the_link_mid_burst(LinkEnd::Abort).await;
+}
+
+#[tokio::test]
+async fn the_server_resetting_the_link_mid_burst_answers_nothing_twice_or_late() {
+    the_server_drops_the_link_mid_burst(LinkEnd::Reset).await;
+}
+
+#[tokio::test]
+async fn the_server_shutting_down_mid_burst_answers_nothing_twice_or_late() {
+    the_server_drops_the_link_mid_burst(LinkEnd::StreamError).await;
 }
 
 /// A flood of the publishes knock answers without APNs: known nodes coalesced by the rate limit, unknown
