@@ -57,12 +57,18 @@ struct Device {
     secret: String,
 }
 
-/// Register `n` devices of alice's, one token each.
+/// Register `n` devices, one per user (a user may register only a few an hour), one token each.
 async fn register_devices(conn: &mut ComponentConn, n: usize) -> Vec<Device> {
     let mut devices = Vec::with_capacity(n);
     for i in 0..n {
         let token = token(i);
-        let (node, secret) = register(conn, &format!("dev{i}"), &token).await;
+        let user = format!("user{i}@localhost/phone");
+        let reply = ask(
+            conn,
+            &register_xml(&format!("reg{i}"), &user, "dev", &token, ""),
+        )
+        .await;
+        let (node, secret) = node_and_secret(&reply);
         devices.push(Device {
             token,
             node,
