@@ -442,6 +442,7 @@ async fn a_push_slower_than_the_deadline_is_wait_by_the_deadline_and_blocks_noth
     .expect("send");
     // Past the deadline, a fast publish and a ping every 100 ms, each answered at once.
     let mut round = 0;
+    let mut slowest = Duration::ZERO;
     while seen.since.elapsed() < DEADLINE + Duration::from_millis(500) {
         let (publish_id, ping_id) = (format!("fast{round}"), format!("ping{round}"));
         let sent = seen.since.elapsed();
@@ -462,6 +463,7 @@ async fn a_push_slower_than_the_deadline_is_wait_by_the_deadline_and_blocks_noth
             );
             let (at, reply) = seen.once(id);
             assert_eq!(error_of(reply), None, "{}", String::from(reply));
+            slowest = slowest.max(*at - sent);
             assert!(
                 *at - sent < Duration::from_millis(500),
                 "{id} took {:?} while a push was slow",
@@ -473,6 +475,7 @@ async fn a_push_slower_than_the_deadline_is_wait_by_the_deadline_and_blocks_noth
     }
 
     let (at, reply) = seen.once("slow");
+    let answered_at = *at;
     assert_eq!(error_of(reply), err("wait", "internal-server-error"));
     assert!(
         *at >= DEADLINE.mul_f64(0.8) && *at <= DEADLINE + SLACK,
@@ -499,6 +502,7 @@ async fn a_push_slower_than_the_deadline_is_wait_by_the_deadline_and_blocks_noth
     seen.drain(&mut conn, Duration::from_millis(500)).await;
     seen.assert_no_duplicates();
     assert!(round >= 10, "only {round} rounds");
+    eprintln!("slow push: answered wait at {answered_at:?}; {round} rounds of a fast publish and a ping, slowest {slowest:?}");
 }
 
 /// How APNs breaks its connections in [`apns_breaks_its_connection_under_requests_in_flight`].
