@@ -473,4 +473,41 @@ mod tests {
         assert_eq!(p("push.localhost"), "localhost");
         assert_eq!(p("localhost"), "localhost");
     }
+
+    #[test]
+    fn time_spent_not_reading_is_not_silence() {
+        let interval = Duration::from_secs(1);
+        let mut keepalive = Keepalive {
+            interval,
+            last_heard: Instant::now(),
+            pinged: true,
+            paused: None,
+            seq: 1,
+        };
+        let before = keepalive.deadline();
+        keepalive.reading(false);
+        // A pause of five intervals, longer than the three that end a link.
+        keepalive.paused = keepalive.paused.map(|at| at - interval * 5);
+        keepalive.reading(true);
+        assert!(keepalive.paused.is_none());
+        assert!(
+            keepalive.deadline() >= before + interval * 5,
+            "the pause moved the deadline on"
+        );
+    }
+
+    #[tokio::test]
+    async fn orphans_count_every_unfinished_stanza_of_every_lost_link() {
+        let mut orphans = Orphans::new();
+        for n in [2, 3] {
+            let work: FuturesUnordered<_> =
+                (0..n).map(|_| futures::future::ready(None::<Iq>)).collect();
+            orphans.adopt(work);
+        }
+        orphans.adopt(FuturesUnordered::<futures::future::Ready<Option<Iq>>>::new());
+        assert_eq!(orphans.len(), 5);
+        orphans.finish_one().await;
+        assert_eq!(orphans.len(), 4);
+        orphans.finish_all(Duration::from_secs(1)).await;
+    }
 }
