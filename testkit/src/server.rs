@@ -272,6 +272,7 @@ impl ComponentServer {
             answer_pings: AtomicBool::new(self.answer_pings.load(Ordering::Relaxed)),
             pings: AtomicUsize::new(0),
             footer_sent: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
             end: Mutex::new(None),
         });
         Ok(ComponentConn::start(reader, w, shared))
@@ -422,6 +423,13 @@ impl ComponentConn {
     /// Number of server pings the component has sent on this connection.
     pub fn pings_received(&self) -> usize {
         self.receiver.pings_received()
+    }
+
+    /// Play a hung server: stop reading the socket for good (after the read under way), keeping the
+    /// connection open, so the component's writes fill the socket buffers and then block. Writing
+    /// still works until the component stops reading in turn.
+    pub fn stop_reading(&self) {
+        self.receiver.shared.hung.store(true, Ordering::SeqCst);
     }
 
     /// How the component's side ended, once it has (`None` while it is still open).
@@ -703,6 +711,8 @@ struct Shared {
     answer_pings: AtomicBool,
     pings: AtomicUsize,
     footer_sent: AtomicBool,
+    /// Set by [`ComponentConn::stop_reading`]: the reader task reads nothing more.
+    hung: AtomicBool,
     end: Mutex<Option<EndReason>>,
 }
 
@@ -797,6 +807,13 @@ async fn reader_task(
     // wake-up of the receiving task instead of one per stanza.
     let mut batch: Vec<Element> = Vec::new();
     let end = loop {
+        if shared.hung.load(Ordering::SeqCst) {
+            if !batch.is_empty() {
+                let _ = stanzas.send(std::mem::take(&mut batch));
+            }
+            // The socket stays open and unread until the connection is dropped.
+            std::future::pending::<()>().await;
+        }
         let frame = if batch.is_empty() {
             reader.next().await
         } else if batch.len() >= MAX_BATCH {
