@@ -909,3 +909,39 @@ async fn sigterm_while_the_link_is_down_still_sends_the_lost_links_pushes() {
         "exit within the publish deadline"
     );
 }
+
+/// A server that stops reading (hung, or the path to it gone without a reset) while knock has replies to
+/// write: knock's writes block once the socket buffers are full. It must give the link up as it gives up a
+/// silent one, after three ping intervals, and serve the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_reading_is_given_up_and_the_next_link_served() {
+    let h = Harness::start_with(Options {
+        ping_interval_secs: 1,
+        log_filter: "warn",
+        ..Options::default()
+    })
+    .await;
+    let conn = h.accept().await;
+    conn.stop_reading();
+    let (mut sender, _receiver) = conn.split();
+    // disco#info replies are several times their query: knock's replies fill the buffers first.
+    let feeder = tokio::spawn(async move {
+        for i in 0.. {
+            let query = format!("<iq xmlns='{NS}' type='get' id='d{i}' from='localhost' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>");
+            if sender.send_raw(&query).await.is_err() {
+                return i;
+            }
+        }
+        unreachable!("the feeder stops when knock drops the link")
+    });
+    let started = Instant::now();
+    let mut conn = match h.server.accept_timeout(Duration::from_secs(20)).await {
+        Ok(conn) => conn,
+        Err(e) => panic!("knock is still stuck on a server that does not read ({e})"),
+    };
+    let given_up = started.elapsed();
+    let pong = ask(&mut conn, &ping_xml("next")).await;
+    assert_eq!(error_of(&pong), None, "the next link is served");
+    feeder.abort();
+    eprintln!("a server that stopped reading was given up after {given_up:?}");
+}

@@ -16,7 +16,8 @@
 //! A stanza that does not parse gets a `bad-request` and the link stays up (any user on the network can
 //! send knock a broken IQ through its server); only XML that no stream may carry ends the link. A quiet link
 //! is pinged (XEP-0199) after one `ping_interval` of silence and declared dead after three; while every slot
-//! is busy knock reads nothing, so cannot hear the server either, and that time is not counted as silence. A lost link is
+//! is busy knock reads nothing, so cannot hear the server either, and that time is not counted as silence.
+//! A server that does not take knock's writes for three intervals is dead too. A lost link is
 //! retried with backoff from 100 ms: at most 1 s apart for the first minute of an outage, so knock is back
 //! within a second of a restarted server, then up to 5 s apart. ejabberd disables users' push while it
 //! cannot reach the component, so every second of downtime costs users.
@@ -299,8 +300,9 @@ async fn serve<'a>(
                 break 'serve drain(&mut conn, &mut in_flight, orphans, settings.publish_deadline).await;
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(e) = write_replies(&mut conn, reply, &mut in_flight).await {
-                    break 'serve Ended::Lost(format!("write failed: {e}"));
+                let written = write_replies(&mut conn, reply, &mut in_flight);
+                if let Err(reason) = within(settings.ping_interval * 3, written).await {
+                    break 'serve Ended::Lost(reason);
                 }
             }
             _ = orphans.finish_one(), if !orphans.is_empty() => {}
@@ -341,8 +343,8 @@ async fn serve<'a>(
                 let ping = Iq::from_get(format!("knock-ping-{}", keepalive.seq), Ping)
                     .with_from(me.clone())
                     .with_to(target.clone());
-                if let Err(e) = send(&mut conn, &ping).await {
-                    break 'serve Ended::Lost(format!("write failed: {e}"));
+                if let Err(reason) = within(settings.ping_interval * 3, send(&mut conn, &ping)).await {
+                    break 'serve Ended::Lost(reason);
                 }
             }
         }
@@ -370,6 +372,22 @@ fn route(app: &App, frame: Frame) -> Result<Option<impl Future<Output = Option<I
             tracing::debug!("ignoring an element that is neither an IQ, a message nor a presence");
             Ok(None)
         }
+    }
+}
+
+/// A write to the server, given up after `limit`: a server that does not take knock's replies for as long as
+/// keepalive allows a silence (three ping intervals) is as dead as a silent one, and while knock waits on the
+/// write it hears nothing and finishes nothing. Without the limit a hung server held the link forever.
+async fn within(
+    limit: Duration,
+    write: impl Future<Output = Result<(), std::io::Error>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err(format!(
+            "a write to the server did not finish within {limit:?}"
+        )),
     }
 }
 
