@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use minidom::Element;
 use testkit::apns::{Behaviour, CANCELLED_REASON};
-use testkit::server::ComponentConn;
+use testkit::server::{ComponentConn, ConnSender};
 use testkit::silent::SilentPeer;
 
 mod common;
@@ -910,6 +910,17 @@ async fn sigterm_while_the_link_is_down_still_sends_the_lost_links_pushes() {
     );
 }
 
+/// Send disco#info queries until the connection is gone. Their replies are several times their size, so
+/// against a server that does not read, knock's replies fill the socket buffers first.
+async fn flood_with_disco_queries(mut sender: ConnSender) {
+    for i in 0.. {
+        let query = format!("<iq xmlns='{NS}' type='get' id='d{i}' from='localhost' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>");
+        if sender.send_raw(&query).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A server that stops reading (hung, or the path to it gone without a reset) while knock has replies to
 /// write: knock's writes block once the socket buffers are full. It must give the link up as it gives up a
 /// silent one, after three ping intervals, and serve the next.
@@ -923,17 +934,8 @@ async fn a_server_that_stops_reading_is_given_up_and_the_next_link_served() {
     .await;
     let conn = h.accept().await;
     conn.stop_reading();
-    let (mut sender, _receiver) = conn.split();
-    // disco#info replies are several times their query: knock's replies fill the buffers first.
-    let feeder = tokio::spawn(async move {
-        for i in 0.. {
-            let query = format!("<iq xmlns='{NS}' type='get' id='d{i}' from='localhost' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>");
-            if sender.send_raw(&query).await.is_err() {
-                return i;
-            }
-        }
-        unreachable!("the feeder stops when knock drops the link")
-    });
+    let (sender, _receiver) = conn.split();
+    let feeder = tokio::spawn(flood_with_disco_queries(sender));
     let started = Instant::now();
     let mut conn = match h.server.accept_timeout(Duration::from_secs(20)).await {
         Ok(conn) => conn,
@@ -944,4 +946,32 @@ async fn a_server_that_stops_reading_is_given_up_and_the_next_link_served() {
     assert_eq!(error_of(&pong), None, "the next link is served");
     feeder.abort();
     eprintln!("a server that stopped reading was given up after {given_up:?}");
+}
+
+/// SIGTERM while knock's writes to a hung server are blocked: knock still stops, within the time its drain
+/// is allowed (the publish deadline and a second), not after the server's three ping intervals or never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_writes_to_a_hung_server_block_still_exits() {
+    let mut h = Harness::start_with(Options {
+        publish_deadline_ms: 1000,
+        log_filter: "warn",
+        ..Options::default()
+    })
+    .await;
+    let conn = h.accept().await;
+    conn.stop_reading();
+    let (sender, _receiver) = conn.split();
+    let feeder = tokio::spawn(flood_with_disco_queries(sender));
+    // Until knock's replies have filled the socket buffers and its writes block.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| h.terminate());
+    let took = started.elapsed();
+    feeder.abort();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "knock took {took:?} to stop beside a hung server"
+    );
+    eprintln!("SIGTERM beside a hung server: exited after {took:?}");
 }

@@ -72,6 +72,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A link that stayed up this long was healthy: the next reconnect starts from the shortest delay again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest knock waits for its stream footer to leave at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Work read from links that were lost since: run to the end, never answered. Each lost link's in-flight
 /// set is kept whole (its futures are pinned where they are), as one stream of finished stanzas.
@@ -300,9 +302,22 @@ async fn serve<'a>(
                 break 'serve drain(&mut conn, &mut in_flight, orphans, settings.publish_deadline).await;
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                let written = write_replies(&mut conn, reply, &mut in_flight);
-                if let Err(reason) = within(settings.ping_interval * 3, written).await {
-                    break 'serve Ended::Lost(reason);
+                let written = within(
+                    settings.ping_interval * 3,
+                    write_replies(&mut conn, reply, &mut in_flight),
+                );
+                // A write to a server that stopped reading may block for that long: shutdown must not wait.
+                let written = tokio::select! {
+                    biased;
+                    _ = shutdown.recv() => None,
+                    written = written => Some(written),
+                };
+                match written {
+                    None => {
+                        break 'serve drain(&mut conn, &mut in_flight, orphans, settings.publish_deadline).await;
+                    }
+                    Some(Err(reason)) => break 'serve Ended::Lost(reason),
+                    Some(Ok(())) => {}
                 }
             }
             _ = orphans.finish_one(), if !orphans.is_empty() => {}
@@ -455,8 +470,9 @@ where
             "gave up on in-flight stanzas at the deadline"
         ),
     }
-    if let Err(e) = conn.close().await {
-        tracing::debug!(error = %e, "closing the stream");
+    // Bounded: a server that stopped reading would hold the last write, and the exit, forever.
+    if let Err(reason) = within(CLOSE_TIMEOUT, conn.close()).await {
+        tracing::debug!(%reason, "closing the stream");
     }
     Ended::Shutdown
 }
