@@ -2513,6 +2513,34 @@ mod tests {
         assert!(TcpStream::connect(addr).await.is_err());
     }
 
+    #[tokio::test]
+    async fn an_outage_refuses_connections_and_the_mock_comes_back_as_it_was() {
+        let mut f = fixture().await;
+        let addr = f.mock.addr();
+        let jwt = f.jwt();
+        let mut c = connect(&f.mock).await;
+        let push = |mock: &MockApns| push_request(mock, TOKEN, Some(&jwt), &wake_headers(), BODY);
+        assert_eq!(send(&mut c, push(&f.mock)).await.status, 200);
+
+        f.mock.go_down().await;
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "refused while down"
+        );
+        assert!(
+            c.send_request(push(&f.mock)).await.is_err(),
+            "open connections are dropped"
+        );
+
+        f.mock.come_back().await.unwrap();
+        assert_eq!(f.mock.addr(), addr);
+        // Same port, same certificate: a client set up for the mock before the outage connects again.
+        let mut c = connect(&f.mock).await;
+        assert_eq!(send(&mut c, push(&f.mock)).await.status, 200);
+        assert_eq!(f.mock.requests_ok(), 2, "counts survive the outage");
+        assert_eq!(f.mock.requests_received(), 2);
+    }
+
     #[test]
     fn behaviour_names_round_trip() {
         let all = [
