@@ -97,7 +97,10 @@ impl App {
     }
 
     /// Build every configured app's push backend: reads keys and certificates, connects nowhere.
-    pub fn backends_from_config(config: &Config) -> Result<Vec<PushApp>, SetupError> {
+    pub fn backends_from_config(
+        config: &Config,
+        stats: &Arc<Stats>,
+    ) -> Result<Vec<PushApp>, SetupError> {
         // The backend's own deadline leaves room to send the reply before the publish deadline.
         let push_deadline = config.publish_deadline().mul_f64(0.9);
         config
@@ -109,12 +112,12 @@ impl App {
                         app: app.name.clone(),
                     })
                 } else {
-                    Arc::new(ApnsClient::new(app, push_deadline).map_err(|source| {
-                        SetupError::Apns {
+                    Arc::new(ApnsClient::new(app, push_deadline, stats.clone()).map_err(
+                        |source| SetupError::Apns {
                             app: app.name.clone(),
                             source,
-                        }
-                    })?)
+                        },
+                    )?)
                 };
                 Ok(PushApp {
                     name: app.name.clone(),
@@ -135,7 +138,8 @@ impl App {
 
     /// Open the store and build every app's backend from the configuration.
     pub fn from_config(config: &Config) -> Result<App, SetupError> {
-        let apps = App::backends_from_config(config)?;
+        let stats = Arc::new(Stats::default());
+        let apps = App::backends_from_config(config, &stats)?;
         let store_error = |source| SetupError::Store {
             path: config.store.path.display().to_string(),
             source,
@@ -159,6 +163,7 @@ impl App {
             .iter()
             .filter_map(|d| crate::config::normalize_domain(d))
             .collect();
+        app.stats = stats;
         app.registration_limit = RegistrationLimiter::new(
             config.limits.registrations_per_user_per_hour,
             config.limits.registrations_per_domain_per_hour,
@@ -184,7 +189,7 @@ impl App {
     /// every backend built before any is replaced, so a bad file leaves the old set in force. Returns how
     /// many apps are now in force.
     pub fn reload_apps(&self, config: &Config) -> Result<usize, SetupError> {
-        let apps = App::backends_from_config(config)?;
+        let apps = App::backends_from_config(config, &self.stats)?;
         let count = apps.len();
         self.replace_apps(apps);
         Ok(count)
@@ -222,7 +227,7 @@ mod tests {
         let app = App::new(
             "push.example.org".parse().expect("jid"),
             Arc::new(store),
-            App::backends_from_config(&first).expect("backends"),
+            App::backends_from_config(&first, &Arc::default()).expect("backends"),
             Duration::ZERO,
             Duration::from_secs(1),
         )

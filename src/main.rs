@@ -178,7 +178,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async { App::backends_from_config(&config) })?;
+    runtime.block_on(async { App::backends_from_config(&config, &Default::default()) })?;
     println!(
         "{}: OK — component {} via {}, {} app(s): {}; tokens {}",
         path.display(),

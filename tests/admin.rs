@@ -259,8 +259,6 @@ async fn sigterm_stops_knock_with_a_scraper_connection_still_open() {
 }
 
 #[tokio::test]
-#[ignore = "awaits the lead wiring Stats::link_up/link_down (src/link), apns_response/apns_transport_error \
-            (src/push/apns.rs) and publish_started (src/handlers/publish.rs)"]
 async fn the_link_apns_and_in_flight_gauges_follow_what_happens() {
     let knock = Knock::start("push_interval_ms = 0").await;
     assert_eq!(knock.health().await.0, 503, "down before the handshake");

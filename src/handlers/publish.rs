@@ -63,6 +63,7 @@ pub async fn publish(
     from: &Jid,
     request: PublishRequest<'_>,
 ) -> Result<Published, HandlerError> {
+    let _in_flight = app.stats.publish_started();
     let result = check_and_push(app, from, request).await;
     let counter = match &result {
         Ok(Published::Pushed) => &app.stats.pushed,

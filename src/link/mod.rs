@@ -169,8 +169,11 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
             Ok(Ok(link)) => {
                 tracing::info!(server = %settings.server, failed_attempts = failures, "component link up");
                 failures = 0;
+                app.stats.link_up();
                 let since = Instant::now();
-                match serve(&app, link, &settings, &mut shutdown, &mut orphans).await {
+                let ended = serve(&app, link, &settings, &mut shutdown, &mut orphans).await;
+                app.stats.link_down();
+                match ended {
                     Ended::Shutdown => {
                         tracing::info!("component link closed for shutdown");
                         return;

@@ -7,7 +7,7 @@
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::{Backend, PushOutcome, Wakeup};
 use crate::config::{ApnsAuth, ApnsConfig, PushType};
+use crate::stats::Stats;
 
 /// Why an APNs client could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +175,8 @@ pub struct ApnsClient {
     jwt: Option<JwtSigner>,
     /// Every push resolves within this, retries included.
     deadline: Duration,
+    /// Where every HTTP exchange's status, reason and latency are counted.
+    stats: Arc<Stats>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ApnsSetupError> {
@@ -205,7 +208,11 @@ fn load_certs(
 
 impl ApnsClient {
     /// Build the client for one app: read keys and CA files, set up TLS. Does not connect yet.
-    pub fn new(app: &ApnsConfig, deadline: Duration) -> Result<ApnsClient, ApnsSetupError> {
+    pub fn new(
+        app: &ApnsConfig,
+        deadline: Duration,
+        stats: Arc<Stats>,
+    ) -> Result<ApnsClient, ApnsSetupError> {
         let base = app.endpoint_url().map_err(ApnsSetupError::Setup)?;
         let auth = match &app.auth {
             Some(auth) => Some(
@@ -295,6 +302,7 @@ impl ApnsClient {
             expiration: app.expiration_secs,
             jwt,
             deadline,
+            stats,
         })
     }
 
@@ -355,7 +363,9 @@ impl ApnsClient {
         jwt: Option<&str>,
     ) -> Result<(StatusCode, String), String> {
         let request = self.request(wakeup, jwt)?;
+        let started = Instant::now();
         let response = self.http.request(request).await.map_err(|e| {
+            self.stats.apns_transport_error(started.elapsed());
             // hyper's error chain says *why* (connect refused, TLS, GOAWAY); the top level rarely does.
             let mut text = e.to_string();
             let mut source = std::error::Error::source(&e);
@@ -368,6 +378,8 @@ impl ApnsClient {
         })?;
         let status = response.status();
         if status.is_success() {
+            self.stats
+                .apns_response(status.as_u16(), "", started.elapsed());
             return Ok((status, String::new()));
         }
         let body = Limited::new(response.into_body(), MAX_ERROR_BODY)
@@ -379,6 +391,8 @@ impl ApnsClient {
             .ok()
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
             .unwrap_or_default();
+        self.stats
+            .apns_response(status.as_u16(), &reason, started.elapsed());
         Ok((status, reason))
     }
 
