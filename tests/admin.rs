@@ -1,10 +1,6 @@
-//! The admin listener of the real `knock` binary: `/metrics` counts exactly what a scenario did, and `/health`
+//! The admin listener of the real `knock` binary: `/metrics` counts exactly what a scenario did (publishes by
+//! outcome, registrations, the link's ups and downs, APNs answers, publishes in flight), and `/health`
 //! answers 503 with a JSON reason while the component link is down.
-//!
-//! `the_link_apns_and_in_flight_gauges_follow_what_happens` is ignored until the lead wires the recording
-//! calls into `src/link` and `src/push` (see `Stats::link_up`, `Stats::apns_response`,
-//! `Stats::publish_started`): until then the link never reports up, so `/health` stays 503, and no APNs answer
-//! or in-flight publish is recorded. Run it with `cargo test --test admin -- --ignored` after wiring.
 
 use std::time::Duration;
 
