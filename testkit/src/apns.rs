@@ -267,6 +267,9 @@ pub struct MockApnsConfig {
     /// If set: every TLS client must present a certificate signed by this CA (certificate
     /// auth), and then no JWT is required. See [`TestClientCa`].
     pub client_ca_pem: Option<String>,
+    /// More keys of the same team, as (`kid`, public key PEM), accepted beside `key_id`'s: Apple accepts
+    /// every key a team has, which is what lets a provider rotate its key without downtime.
+    pub more_keys: Vec<(String, String)>,
 }
 
 impl MockApnsConfig {
@@ -283,6 +286,7 @@ impl MockApnsConfig {
             public_key_pem: public_key_pem.into(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
             client_ca_pem: None,
+            more_keys: Vec::new(),
         }
     }
 }
@@ -446,6 +450,8 @@ struct State {
 struct Inner {
     config: MockApnsConfig,
     decoding_key: Option<DecodingKey>,
+    /// [`MockApnsConfig::more_keys`], parsed.
+    more_keys: Vec<(String, DecodingKey)>,
     state: Mutex<State>,
     tokens: Mutex<ProviderTokens>,
     /// Signature checks actually done (cache misses).
@@ -545,6 +551,16 @@ impl MockApns {
             )
         };
 
+        let more_keys = config
+            .more_keys
+            .iter()
+            .map(|(kid, pem)| {
+                DecodingKey::from_ec_pem(pem.as_bytes())
+                    .map(|key| (kid.clone(), key))
+                    .context("mock APNs: a key of more_keys is not an EC public key in PEM")
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+
         let identity = ServerIdentity::generate(addr.ip())?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -585,6 +601,7 @@ impl MockApns {
         let inner = Arc::new(Inner {
             config,
             decoding_key,
+            more_keys,
             state: Mutex::new(State {
                 behaviours: HashMap::new(),
                 default_behaviour: Behaviour::Ok,
@@ -1430,10 +1447,17 @@ fn verify_provider_token(inner: &Inner, jwt: &str) -> Result<i64, &'static str> 
     if header.alg != Algorithm::ES256 {
         return Err(INVALID);
     }
-    if header.kid.as_deref() != Some(inner.config.key_id.as_str()) {
-        return Err(INVALID);
-    }
-    let key = inner.decoding_key.as_ref().ok_or(INVALID)?;
+    let kid = header.kid.as_deref().ok_or(INVALID)?;
+    let key = if kid == inner.config.key_id {
+        inner.decoding_key.as_ref().ok_or(INVALID)?
+    } else {
+        inner
+            .more_keys
+            .iter()
+            .find(|(k, _)| k == kid)
+            .map(|(_, key)| key)
+            .ok_or(INVALID)?
+    };
     let mut validation = Validation::new(Algorithm::ES256);
     validation.required_spec_claims.clear();
     validation.validate_exp = false;

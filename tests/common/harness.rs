@@ -16,6 +16,9 @@ use super::{node_and_secret, prosody_publish, register_xml};
 pub const TEAM_ID: &str = "TEAM123456";
 /// The JWT `kid`.
 pub const KEY_ID: &str = "KEYID12345";
+/// The `kid` of the team's second key (`AuthKey2.p8` beside the config), which the mock accepts as well:
+/// what an admin rotates to.
+pub const SECOND_KEY_ID: &str = "KEYID67890";
 /// The app's bundle id (`apns-topic`).
 pub const TOPIC: &str = "im.knock.test";
 /// The component secret the server stand-in expects.
@@ -91,6 +94,9 @@ impl Harness {
             .expect("bind the component listener");
         let (p8, public_pem) = generate_apns_key();
         let mut mock_config = MockApnsConfig::token_auth(TEAM_ID, KEY_ID, public_pem, &[TOPIC]);
+        let (second_p8, second_pem) = generate_apns_key();
+        std::fs::write(dir.path().join("AuthKey2.p8"), second_p8).expect("write key");
+        mock_config.more_keys = vec![(SECOND_KEY_ID.to_owned(), second_pem)];
         let auth = if options.certificate_auth {
             let client_ca = TestClientCa::new().expect("client CA");
             let (cert, key) = client_ca.issue("knock test").expect("client certificate");
@@ -189,6 +195,34 @@ ca_file = "{ca}"
             .spawn()
             .expect("spawn knock");
         self.knock = Some(child);
+    }
+
+    /// knock's configuration file (tests rewrite it before a SIGHUP).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
+    /// Send knock a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
+    /// Wait until knock's log contains `text`; panics with the log if it does not within [`WAIT`].
+    pub async fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "knock never logged {text:?}\n--- knock log ---\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The next connection from knock, handshake done; panics with knock's log if none comes.

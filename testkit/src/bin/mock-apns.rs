@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             public_key_pem,
             topics: args.topics.clone(),
             client_ca_pem,
+            more_keys: Vec::new(),
         },
     )
     .await?;
