@@ -20,7 +20,8 @@
 //! - Around them: [`app`] (the state handlers share), [`config`] (the TOML file), [`secrets`] (random nodes
 //!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`registration_limit`]
 //!   (registration flood caps per user and per domain), [`stats`] (counts and states, for the log and
-//!   the admin listener), [`admin`] (the optional HTTP `/metrics` and `/health`), [`maintenance`]
+//!   the admin listener), [`log_limit`] (one line per interval for failures that repeat per publish),
+//!   [`admin`] (the optional HTTP `/metrics` and `/health`), [`maintenance`]
 //!   (`keygen`, `stats`, `export`, `import`, `delete` on a stopped knock's store), [`shutdown`]
 //!   (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
 //!
@@ -31,6 +32,7 @@ pub mod app;
 pub mod config;
 pub mod handlers;
 pub mod link;
+pub mod log_limit;
 pub mod maintenance;
 pub mod push;
 pub mod rate_limit;

@@ -281,6 +281,18 @@ async fn apns_answering_503_for_thousands_of_publishes_is_wait_bounded_and_flat(
         "{requests} requests for {publishes} publishes: a 503 is worth a retry"
     );
 
+    // An outage is a line per ten seconds in the log, not a line per publish.
+    let log = h.log_text();
+    let lines = log.matches("push failed; server told to wait").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} warn lines for {publishes} failed publishes"
+    );
+    assert!(
+        log.contains("held="),
+        "the line says how many it stands for: {log}"
+    );
+
     h.apns.set_default_behaviour(Behaviour::Ok);
     let back = recovers(&h, &mut conn, &devices[0]).await;
     eprintln!("503: {requests} requests for {publishes} publishes, {measured:?}, back in {back:?}");

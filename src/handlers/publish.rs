@@ -6,15 +6,23 @@
 //! The notification's content (sender, body, counts) is never read, logged or forwarded.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::pubsub::pubsub::{Publish, PublishOptions};
 
 use super::{form_values, HandlerError};
 use crate::app::App;
+use crate::log_limit::LogLimit;
 use crate::push::{PushOutcome, Wakeup};
 use crate::secrets::secret_matches;
 use crate::stats::Stats;
+
+/// Failures that repeat on every publish while they last are logged once per interval (see
+/// [`crate::log_limit`]); `held` in the line says how many more it stands for.
+static THROTTLED: LogLimit = LogLimit::new(Duration::from_secs(10));
+static UNAVAILABLE: LogLimit = LogLimit::new(Duration::from_secs(10));
+static MISCONFIGURED: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// What knock did with an accepted publish (both are answered `result`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,21 +186,21 @@ async fn check_and_push(
         }
         PushOutcome::Throttled => {
             app.limiter.release(node);
-            tracing::warn!(app = %push_app.name, "push service is throttling knock");
+            crate::log_limited!(THROTTLED, warn, app = %push_app.name, "push service is throttling knock");
             Err(Refused::Failed.with(HandlerError::resource_constraint(
                 "the push service is throttling; try later",
             )))
         }
         PushOutcome::Unavailable { reason } => {
             app.limiter.release(node);
-            tracing::warn!(app = %push_app.name, %reason, "push failed; server told to wait");
+            crate::log_limited!(UNAVAILABLE, warn, app = %push_app.name, %reason, "push failed; server told to wait");
             Err(Refused::Failed.with(HandlerError::internal(
                 "the push service is unavailable; try later",
             )))
         }
         PushOutcome::Misconfigured { reason } => {
             app.limiter.release(node);
-            tracing::error!(app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
+            crate::log_limited!(MISCONFIGURED, error, app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
             Err(Refused::Failed.with(HandlerError::internal(
                 "the push service is misconfigured; try later",
             )))
