@@ -9,32 +9,28 @@ use testkit::server::ComponentConn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
+use common::harness::{ask, register, Harness, Options, WAIT};
 use common::*;
 
 #[path = "common/admin.rs"]
-mod harness;
-use harness::{free_port, Knock, WAIT};
+mod admin;
+use admin::{free_port, http_get, Scrape};
+
+/// knock with its admin listener on a free loopback port, up and answering.
+async fn start(options: Options) -> Harness {
+    let h = Harness::start_with(Options {
+        admin: Some(free_port()),
+        ..options
+    })
+    .await;
+    h.wait_for_admin().await;
+    h
+}
 
 /// Three well-formed APNs tokens besides `common::TOKEN`, so each scenario has its own device.
 const TOKEN_DEAD: &str = "dead0000000000000000000000000000000000000000000000000000000000ab";
 const TOKEN_DOWN: &str = "d0d00000000000000000000000000000000000000000000000000000000000ab";
 const TOKEN_CAPPED: &str = "ca110000000000000000000000000000000000000000000000000000000000ab";
-
-async fn ask(conn: &mut ComponentConn, stanza: &str) -> minidom::Element {
-    conn.request(xml(stanza), WAIT)
-        .await
-        .expect("knock answers every IQ in time")
-}
-
-async fn register(conn: &mut ComponentConn, device: &str, token: &str) -> (String, String) {
-    node_and_secret(
-        &ask(
-            conn,
-            &register_xml("r", "alice@localhost/phone", device, token, ""),
-        )
-        .await,
-    )
-}
 
 async fn publish(conn: &mut ComponentConn, node: &str, secret: &str) -> Option<(String, String)> {
     error_of(&ask(conn, &prosody_publish("p", "localhost", node, secret)).await)
@@ -44,7 +40,12 @@ async fn publish(conn: &mut ComponentConn, node: &str, secret: &str) -> Option<(
 async fn metrics_count_exactly_what_the_scenarios_did() {
     // A minute between pushes per node, so a second publish is coalesced; three registrations an hour
     // per user, so the fourth is capped.
-    let knock = Knock::start("push_interval_ms = 60000\nregistrations_per_user_per_hour = 3").await;
+    let knock = start(Options {
+        push_interval_ms: 60_000,
+        limits_extra: "registrations_per_user_per_hour = 3",
+        ..Options::default()
+    })
+    .await;
 
     // 0. Before the handshake the link is down, whatever the wiring: 503 with a reason, and a 0 gauge.
     let (status, body) = knock.health().await;
@@ -181,11 +182,15 @@ async fn metrics_count_exactly_what_the_scenarios_did() {
 #[tokio::test]
 async fn a_non_loopback_listener_is_served_but_warned_about_loudly() {
     let port = free_port().port();
-    let knock = Knock::spawn("", format!("0.0.0.0:{port}").parse().expect("address")).await;
+    let knock = Harness::start_with(Options {
+        admin: Some(format!("0.0.0.0:{port}").parse().expect("address")),
+        ..Options::default()
+    })
+    .await;
     let local = format!("127.0.0.1:{port}").parse().expect("address");
     let deadline = std::time::Instant::now() + WAIT;
     let status = loop {
-        match harness::http_get(local, "/health").await {
+        match http_get(local, "/health").await {
             Ok((status, _)) => break status,
             Err(e) => assert!(std::time::Instant::now() < deadline, "never served: {e}"),
         }
@@ -205,7 +210,7 @@ async fn a_non_loopback_listener_is_served_but_warned_about_loudly() {
 
 #[tokio::test]
 async fn loopback_gets_no_warning_and_a_taken_port_stops_knock_at_start() {
-    let knock = Knock::start("").await;
+    let knock = start(Options::default()).await;
     assert!(
         !knock.log_text().contains("NOT ON LOOPBACK"),
         "{}",
@@ -213,22 +218,26 @@ async fn loopback_gets_no_warning_and_a_taken_port_stops_knock_at_start() {
     );
 
     // A second knock on the same port: it must say so and exit, not run unmonitored.
-    let mut second = Knock::spawn("", knock.admin).await;
+    let mut second = Harness::start_with(Options {
+        admin: knock.admin,
+        ..Options::default()
+    })
+    .await;
     let status = second.exit().await;
     assert!(!status.success());
     let log = second.log_text();
     assert!(
-        log.contains("admin.listen") && log.contains(&knock.admin.to_string()),
+        log.contains("admin.listen") && log.contains(&knock.admin_addr().to_string()),
         "{log}"
     );
 }
 
 #[tokio::test]
 async fn sigterm_stops_knock_with_a_scraper_connection_still_open() {
-    let mut knock = Knock::start("").await;
+    let mut knock = start(Options::default()).await;
     let _conn = knock.accept().await;
     // A scraper that keeps its connection alive between scrapes, as Prometheus does.
-    let mut scraper = tokio::net::TcpStream::connect(knock.admin)
+    let mut scraper = tokio::net::TcpStream::connect(knock.admin_addr())
         .await
         .expect("connect");
     scraper
@@ -240,7 +249,7 @@ async fn sigterm_stops_knock_with_a_scraper_connection_still_open() {
     assert_eq!(&first, b"HTTP/1.1 200");
 
     let started = std::time::Instant::now();
-    let status = knock.terminate().await;
+    let status = knock.terminate();
     assert!(status.success(), "{status:?}\n{}", knock.log_text());
     assert!(
         !knock.log_text().contains("admin listener did not stop"),
@@ -256,7 +265,7 @@ async fn sigterm_stops_knock_with_a_scraper_connection_still_open() {
 
 #[tokio::test]
 async fn the_link_apns_and_in_flight_gauges_follow_what_happens() {
-    let knock = Knock::start("push_interval_ms = 0").await;
+    let knock = start(Options::default()).await;
     assert_eq!(knock.health().await.0, 503, "down before the handshake");
 
     // 1. Link up: 200.

@@ -1,193 +1,53 @@
-//! The real `knock` binary with its admin listener on, between testkit's XEP-0114 server stand-in and mock
-//! APNs, plus a bare HTTP/1.1 client and a reader for the Prometheus text format. For `tests/admin.rs`; any
-//! test that needs a knock process with `[admin]` can include it (`#[path = "common/admin.rs"] mod ...`).
+//! Scraping knock's admin listener in tests: a bare HTTP/1.1 client, a reader for the Prometheus text format,
+//! and [`Scrape`], which gives a [`Harness`] started with [`Options::admin`](super::harness::Options) its
+//! `/metrics` and `/health`. Tests include it with `#[path = "common/admin.rs"] mod admin;` beside `mod common;`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::apns::{generate_apns_key, MockApns, MockApnsConfig};
-use testkit::server::{ComponentConn, ComponentServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const TEAM_ID: &str = "TEAM123456";
-const KEY_ID: &str = "KEYID12345";
-const TOPIC: &str = "im.knock.test";
-const COMPONENT_SECRET: &str = "component-secret";
-/// How long anything may take before a test gives up.
-pub const WAIT: Duration = Duration::from_secs(10);
+use crate::common::harness::{Harness, WAIT};
 
-/// A running knock, its peers, and its files. Killed on drop.
-pub struct Knock {
-    /// Holds the config, the store and the log; removed on drop.
-    _dir: tempfile::TempDir,
-    /// The XMPP server stand-in knock connects to.
-    pub server: ComponentServer,
-    /// The APNs stand-in knock pushes to.
-    pub apns: MockApns,
-    /// Where `/metrics` and `/health` are served.
-    pub admin: SocketAddr,
-    /// knock's stderr, at debug level.
-    log: PathBuf,
-    /// The process.
-    child: Child,
-}
+/// The admin endpoints of a knock started with an admin listener.
+#[allow(async_fn_in_trait)]
+pub trait Scrape {
+    /// Where the listener is.
+    fn admin_addr(&self) -> SocketAddr;
+    /// knock's log, for failure messages.
+    fn log(&self) -> String;
 
-impl Knock {
-    /// Start knock with `limits` as the body of its `[limits]` table and the admin listener on a free
-    /// loopback port, and wait until the listener answers.
-    pub async fn start(limits: &str) -> Knock {
-        let knock = Knock::spawn(limits, free_port()).await;
-        knock.wait_for_admin().await;
-        knock
-    }
-
-    /// Start knock with its admin listener on `admin`; do not wait for anything.
-    pub async fn spawn(limits: &str, admin: SocketAddr) -> Knock {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let server = ComponentServer::bind("push.localhost", COMPONENT_SECRET)
-            .await
-            .expect("bind the component listener");
-        let (p8, public_pem) = generate_apns_key();
-        std::fs::write(dir.path().join("AuthKey.p8"), p8).expect("write key");
-        let apns = MockApns::start(MockApnsConfig::token_auth(
-            TEAM_ID,
-            KEY_ID,
-            public_pem,
-            &[TOPIC],
-        ))
-        .await
-        .expect("start mock APNs");
-        let ca = apns.write_ca_file(dir.path()).expect("write CA");
-        let config = dir.path().join("knock.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[component]
-jid = "push.localhost"
-server = "{server}"
-secret = "{COMPONENT_SECRET}"
-
-[store]
-path = "store"
-
-[limits]
-{limits}
-
-[admin]
-listen = "{admin}"
-
-[[apns]]
-name = "chat"
-topic = "{TOPIC}"
-endpoint = "{url}"
-ca_file = "{ca}"
-
-[apns.auth]
-key_file = "AuthKey.p8"
-key_id = "{KEY_ID}"
-team_id = "{TEAM_ID}"
-"#,
-                server = server.addr(),
-                url = apns.url(),
-                ca = ca.display(),
-            ),
-        )
-        .expect("write config");
-        let log = dir.path().join("knock.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_knock"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("KNOCK_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create log"))
-            .spawn()
-            .expect("spawn knock");
-        Knock {
-            _dir: dir,
-            server,
-            apns,
-            admin,
-            log,
-            child,
-        }
-    }
-
-    /// Wait up to [`WAIT`] for knock to exit by itself.
-    pub async fn exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for knock") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "knock did not exit\n--- knock log ---\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, and wait for the exit.
-    pub async fn terminate(&mut self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success());
-        self.exit().await
-    }
-
-    /// knock's log so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Complete knock's next handshake.
-    pub async fn accept(&self) -> ComponentConn {
-        match self.server.accept_timeout(WAIT).await {
-            Ok(conn) => conn,
-            Err(e) => panic!(
-                "knock did not connect: {e}\n--- knock log ---\n{}",
-                self.log_text()
-            ),
-        }
-    }
-
+    /// Wait until the listener accepts connections.
     async fn wait_for_admin(&self) {
         let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(self.admin).await.is_err() {
+        while TcpStream::connect(self.admin_addr()).await.is_err() {
             assert!(
                 Instant::now() < deadline,
                 "the admin listener never came up\n--- knock log ---\n{}",
-                self.log_text()
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// `GET path` on the admin listener: (status, body).
-    pub async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.admin, path)
+    async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_addr(), path)
             .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}\n--- knock log ---\n{}", self.log_text()))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n--- knock log ---\n{}", self.log()))
     }
 
     /// `/metrics`, checked to be 200 and read into `series -> value`; also the raw text.
-    pub async fn metrics(&self) -> (Metrics, String) {
+    async fn metrics(&self) -> (Metrics, String) {
         let (status, body) = self.get("/metrics").await;
         assert_eq!(status, 200, "{body}");
         (Metrics::parse(&body), body)
     }
 
     /// `/health`: the status and the JSON body.
-    pub async fn health(&self) -> (u16, serde_json::Value) {
+    async fn health(&self) -> (u16, serde_json::Value) {
         let (status, body) = self.get("/health").await;
         assert_eq!(body.lines().count(), 1, "one line: {body:?}");
         let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
@@ -195,7 +55,7 @@ team_id = "{TEAM_ID}"
     }
 
     /// Scrape until `series` reads `value`, for states that settle a moment after the event (the link).
-    pub async fn wait_for_metric(&self, series: &str, value: u64) {
+    async fn wait_for_metric(&self, series: &str, value: u64) {
         let deadline = Instant::now() + WAIT;
         loop {
             let (m, text) = self.metrics().await;
@@ -211,10 +71,13 @@ team_id = "{TEAM_ID}"
     }
 }
 
-impl Drop for Knock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Scrape for Harness {
+    fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("knock was started with Options::admin")
+    }
+
+    fn log(&self) -> String {
+        self.log_text()
     }
 }
 

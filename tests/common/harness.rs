@@ -36,6 +36,8 @@ pub struct Harness {
     pub apns: MockApns,
     /// The relay knock reaches the mock through, with [`Options::apns_via_blackhole`].
     pub blackhole: Option<Blackhole>,
+    /// Where `/metrics` and `/health` are served, with [`Options::admin`].
+    pub admin: Option<std::net::SocketAddr>,
     config: PathBuf,
     log: PathBuf,
     log_filter: &'static str,
@@ -62,6 +64,10 @@ pub struct Options {
     pub log_filter: &'static str,
     /// Reach the mock APNs through a relay whose connections a test can blackhole.
     pub apns_via_blackhole: bool,
+    /// Extra lines for the `[limits]` table.
+    pub limits_extra: &'static str,
+    /// `admin.listen`: serve `/metrics` and `/health` there.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -76,6 +82,8 @@ impl Default for Options {
             apns_extra: "",
             log_filter: "debug",
             apns_via_blackhole: false,
+            limits_extra: "",
+            admin: None,
         }
     }
 }
@@ -141,6 +149,8 @@ path = "store"
 [limits]
 push_interval_ms = {interval}
 publish_deadline_ms = {deadline}
+{limits_extra}
+{admin}
 
 [[apns]]
 name = "chat"
@@ -160,11 +170,17 @@ ca_file = "{ca}"
                 deadline = options.publish_deadline_ms,
                 ca = ca.display(),
                 extra = options.apns_extra,
+                limits_extra = options.limits_extra,
+                admin = options
+                    .admin
+                    .map(|addr| format!("[admin]\nlisten = \"{addr}\"\n"))
+                    .unwrap_or_default(),
             ),
         )
         .expect("write config");
         let log = dir.path().join("knock.log");
         let mut harness = Harness {
+            admin: options.admin,
             dir,
             server,
             apns,
@@ -251,6 +267,24 @@ ca_file = "{ca}"
         if let Some(mut child) = self.knock.take() {
             child.kill().expect("kill -9");
             child.wait().expect("reap");
+        }
+    }
+
+    /// Wait up to [`WAIT`] for knock to exit by itself (a config it refuses at start, say).
+    pub async fn exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let child = self.knock.as_mut().expect("knock running");
+            if let Some(status) = child.try_wait().expect("wait for knock") {
+                self.knock = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "knock did not exit\n--- knock log ---\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
