@@ -8,13 +8,13 @@ mod common;
 use common::harness::*;
 use common::*;
 
-/// Publish and wait for the mock to see the push; the `kid` of the JWT it carried.
-async fn push_kid(
+/// Publish, check it was answered `result`, and return the push the mock received for it.
+async fn pushed(
     h: &Harness,
     conn: &mut testkit::server::ComponentConn,
     node: &str,
     secret: &str,
-) -> String {
+) -> testkit::apns::ReceivedPush {
     h.apns.clear_requests();
     let reply = publish(conn, "p", node, secret).await;
     assert_eq!(
@@ -23,8 +23,17 @@ async fn push_kid(
         "{}",
         String::from(&reply)
     );
-    let seen = h.apns.wait_for_requests(1, WAIT).await;
-    seen[0].kid.clone().unwrap_or_default()
+    h.apns.wait_for_requests(1, WAIT).await.remove(0)
+}
+
+/// The `kid` of the provider JWT a push carried.
+async fn push_kid(
+    h: &Harness,
+    conn: &mut testkit::server::ComponentConn,
+    node: &str,
+    secret: &str,
+) -> String {
+    pushed(h, conn, node, secret).await.kid.unwrap_or_default()
 }
 
 fn rewrite_config(h: &Harness, from: &str, to: &str) {
@@ -113,16 +122,7 @@ async fn export_wipe_import_and_the_same_nodes_and_secrets_push_again() {
     h.spawn();
     let mut conn = h.accept().await;
     for (node, secret, token) in [(&node, &secret, TOKEN), (&node2, &secret2, TOKEN2)] {
-        h.apns.clear_requests();
-        let reply = publish(&mut conn, "after", node, secret).await;
-        assert_eq!(
-            reply.attr("type"),
-            Some("result"),
-            "{}",
-            String::from(&reply)
-        );
-        let seen = h.apns.wait_for_requests(1, WAIT).await;
-        assert_eq!(seen[0].token, token);
+        assert_eq!(pushed(&h, &mut conn, node, secret).await.token, token);
     }
     // The device hashes survived too: re-registering the same device keeps its node and secret.
     assert_eq!(register(&mut conn, "dev1", TOKEN).await, (node, secret));
