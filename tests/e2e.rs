@@ -406,6 +406,49 @@ async fn apns_goaway_is_survived() {
 }
 
 #[tokio::test]
+async fn the_store_on_disk_holds_no_token_jid_or_secret() {
+    let mut h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    assert_eq!(
+        publish(&mut conn, "p1", &node, &secret).await.attr("type"),
+        Some("result")
+    );
+    // As a thief would find it: the files of a killed knock, without the key file.
+    h.kill9();
+    let mut disk = Vec::new();
+    let mut pending = vec![h.dir.path().join("store")];
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            pending.extend(
+                std::fs::read_dir(&path)
+                    .expect("read_dir")
+                    .map(|e| e.expect("entry").path()),
+            );
+        } else {
+            disk.extend(std::fs::read(&path).expect("read"));
+        }
+    }
+    let raw = hex::decode(TOKEN).expect("hex");
+    for (what, needle) in [
+        ("the token", raw.as_slice()),
+        ("the token in hex", TOKEN.as_bytes()),
+        ("the secret", secret.as_bytes()),
+        ("the JID", b"alice@localhost".as_slice()),
+        ("the user", b"alice".as_slice()),
+    ] {
+        assert!(
+            !disk.windows(needle.len()).any(|w| w == needle),
+            "{what} is on disk"
+        );
+    }
+    assert!(
+        disk.windows(node.len()).any(|w| w == node.as_bytes()),
+        "the store was written"
+    );
+}
+
+#[tokio::test]
 async fn logs_never_carry_tokens_secrets_or_jids() {
     let h = Harness::start().await;
     let mut conn = h.accept().await;

@@ -106,6 +106,10 @@ class Knock:
         os.makedirs(run_dir, exist_ok=True)
         self.config = os.path.join(run_dir, "knock.toml")
         self.log_file = os.path.join(run_dir, "knock.log")
+        # tokens sealed at rest, as an admin following the README runs knock
+        key_file = os.path.join(run_dir, "store.key")
+        if not os.path.exists(key_file):
+            subprocess.run([bin_path, "keygen", "--out", key_file], check=True, stdout=subprocess.DEVNULL)
         with open(self.config, "w") as f:
             f.write(f"""# knock under test (written by prosody-test)
 [component]
@@ -115,6 +119,7 @@ secret = "{secret}"
 
 [store]
 path = "store"
+key_file = "store.key"
 
 [limits]
 # no coalescing: every message in a scenario is its own push

@@ -131,6 +131,10 @@ impl Harness {
             Some(relay) => format!("https://{}", relay.addr()),
             None => apns.url(),
         };
+        // Tokens sealed at rest, as an admin following the README runs knock.
+        knock::store::StoreKey::generate()
+            .write_new(&dir.path().join("store.key"))
+            .expect("write the store key");
         let config = dir.path().join("knock.toml");
         std::fs::write(
             &config,
@@ -145,6 +149,7 @@ max_in_flight = {max_in_flight}
 
 [store]
 path = "store"
+key_file = "store.key"
 
 [limits]
 push_interval_ms = {interval}
