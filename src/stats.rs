@@ -33,6 +33,12 @@ pub struct Stats {
     pub unregistered: AtomicU64,
     /// Registrations refused by the per-user or per-domain flood cap.
     pub registration_capped: AtomicU64,
+    /// Re-registrations that changed nothing (answered without a write).
+    pub registration_unchanged: AtomicU64,
+    /// Registrations refused by policy (`allowed_domains`).
+    pub registration_not_allowed: AtomicU64,
+    /// Registrations answered `wait` because the store failed; nothing was acknowledged.
+    pub registration_failed: AtomicU64,
     /// The component link, as the link reports it.
     link: LinkStats,
     /// Publishes being handled right now (see [`Stats::publish_started`]).
@@ -195,6 +201,12 @@ pub struct Snapshot {
     pub registered: u64,
     /// Registrations refused by a flood cap.
     pub registration_capped: u64,
+    /// Re-registrations that changed nothing.
+    pub registration_unchanged: u64,
+    /// Registrations refused by `allowed_domains`.
+    pub registration_not_allowed: u64,
+    /// Registrations the store failed to save.
+    pub registration_failed: u64,
     /// Registrations removed by their owner.
     pub unregistered: u64,
     /// Whether the component link is up.
@@ -308,6 +320,9 @@ impl Stats {
             bad_request: g(&self.bad_request),
             registered: g(&self.registered),
             registration_capped: g(&self.registration_capped),
+            registration_unchanged: g(&self.registration_unchanged),
+            registration_not_allowed: g(&self.registration_not_allowed),
+            registration_failed: g(&self.registration_failed),
             unregistered: g(&self.unregistered),
             link_up: self.is_link_up(),
             link_reconnects: g(&self.link.ups).saturating_sub(1),

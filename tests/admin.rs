@@ -137,9 +137,13 @@ async fn metrics_count_exactly_what_the_scenarios_did() {
         ("knock_bad_requests_total", 1),
         ("knock_registrations_total{outcome=\"saved\"}", 3),
         ("knock_registrations_total{outcome=\"capped\"}", 1),
+        ("knock_registrations_total{outcome=\"unchanged\"}", 1),
+        ("knock_registrations_total{outcome=\"not_allowed\"}", 0),
+        ("knock_registrations_total{outcome=\"failed\"}", 0),
         ("knock_unregistrations_total{outcome=\"removed\"}", 1),
         // live unregistered, dead deleted by the dead token: down is left.
         ("knock_stored_registrations", 1),
+        ("knock_stored_registrations_by_app{app=\"chat\"}", 1),
         ("knock_publishes_in_flight", 0),
     ];
     for (series, value) in expected {

@@ -132,6 +132,7 @@ async fn allowed_domains_refuse_other_servers_users_and_store_nothing() {
         0,
         "nothing stored for a refused domain"
     );
+    assert_eq!(f.app.stats.snapshot().registration_not_allowed, 1);
     let (node, _) = register(&f, "alice@localhost/phone", "d", TOKEN).await;
     assert!(f.app.store.get(&node).unwrap().is_some());
 }
@@ -787,6 +788,8 @@ async fn a_store_that_cannot_write_or_flush_never_acknowledges_a_registration() 
             "put fails: {fail_put}, flush fails: {fail_flush}"
         );
         assert!(field(&reply, "node").is_none(), "no node handed out");
+        let counts = app.stats.snapshot();
+        assert_eq!((counts.registration_failed, counts.registered), (1, 0));
     }
 }
 

@@ -11,7 +11,11 @@ use crate::stats::{Histogram, Snapshot};
 
 /// Write the exposition of `s`; `stored_registrations` is `None` when the store could not count in time
 /// (the gauge is then left out, rather than shown as a false zero).
-pub fn render(s: &Snapshot, stored_registrations: Option<u64>) -> String {
+pub fn render(
+    s: &Snapshot,
+    stored_registrations: Option<u64>,
+    by_app: Option<&[(String, usize)]>,
+) -> String {
     let mut out = Exposition(String::with_capacity(4096));
 
     out.family(
@@ -57,19 +61,23 @@ pub fn render(s: &Snapshot, stored_registrations: Option<u64>) -> String {
     out.family(
         "knock_registrations_total",
         "counter",
-        "Registration requests, by outcome. saved: created or changed (an unchanged re-registration is not \
-         counted); capped: refused by a flood cap.",
+        "Registration requests, by outcome. saved: created or changed; unchanged: a re-registration that \
+         changed nothing; capped: refused by a flood cap; not_allowed: refused by allowed_domains; failed: \
+         the store failed (answered wait, nothing acknowledged).",
     );
     out.sample(
         "knock_registrations_total",
         &[("outcome", "saved")],
         s.registered,
     );
-    out.sample(
-        "knock_registrations_total",
-        &[("outcome", "capped")],
-        s.registration_capped,
-    );
+    for (outcome, n) in [
+        ("capped", s.registration_capped),
+        ("unchanged", s.registration_unchanged),
+        ("not_allowed", s.registration_not_allowed),
+        ("failed", s.registration_failed),
+    ] {
+        out.sample("knock_registrations_total", &[("outcome", outcome)], n);
+    }
     out.family(
         "knock_unregistrations_total",
         "counter",
@@ -87,6 +95,20 @@ pub fn render(s: &Snapshot, stored_registrations: Option<u64>) -> String {
             "Registrations in the store.",
         );
         out.sample("knock_stored_registrations", &[], n);
+    }
+    if let Some(by_app) = by_app {
+        out.family(
+            "knock_stored_registrations_by_app",
+            "gauge",
+            "Registrations in the store, by the configured app they were made for.",
+        );
+        for (app, n) in by_app {
+            out.sample(
+                "knock_stored_registrations_by_app",
+                &[("app", app)],
+                *n as u64,
+            );
+        }
     }
 
     out.family(
@@ -268,7 +290,7 @@ mod tests {
 
     #[test]
     fn an_idle_knock_shows_every_family_from_zero() {
-        let text = render(&Stats::default().snapshot(), Some(0));
+        let text = render(&Stats::default().snapshot(), Some(0), None);
         let m = parse(&text);
         for outcome in [
             "pushed",
@@ -331,7 +353,11 @@ mod tests {
         stats.apns_response(200, "", Duration::from_millis(2));
         stats.apns_response(503, "ServiceUnavailable", Duration::from_millis(30));
         stats.apns_response(599, "Teapot", Duration::from_secs(20));
-        let m = parse(&render(&stats.snapshot(), None));
+        let m = parse(&render(
+            &stats.snapshot(),
+            None,
+            Some(&[("chat".to_string(), 2)]),
+        ));
         let at = |series: &str| m.get(series).map(String::as_str);
         assert_eq!(at("knock_publishes_total{outcome=\"pushed\"}"), Some("3"));
         assert_eq!(
@@ -399,7 +425,7 @@ mod tests {
         for reason in [token, "alice@example.org/phone", "node-Xy_12", "\"}\n# x"] {
             stats.apns_response(400, reason, Duration::ZERO);
         }
-        let text = render(&stats.snapshot(), Some(1));
+        let text = render(&stats.snapshot(), Some(1), None);
         for leak in [token, "alice", "example.org", "node-Xy", "# x"] {
             assert!(!text.contains(leak), "{leak:?} in\n{text}");
         }

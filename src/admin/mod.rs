@@ -82,7 +82,9 @@ pub async fn start(
 /// `GET /metrics`: every counter and gauge, read once.
 async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
     let stored = health::stored_registrations(app.store.clone()).await;
-    let body = metrics::render(&app.stats.snapshot(), stored);
+    // From the in-memory index: no disk read, so no need for the blocking pool.
+    let by_app = app.store.counts_by_app().ok().flatten();
+    let body = metrics::render(&app.stats.snapshot(), stored, by_app.as_deref());
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
 }
 

@@ -187,8 +187,19 @@ pub fn push_app(app: &App, name: Option<&str>) -> Result<Arc<PushApp>, HandlerEr
 /// Every registration, by command or shorthand, comes through here, so the domain policy and the flood caps
 /// are checked here.
 pub async fn save(app: &App, registration: &Registration) -> Result<(), HandlerError> {
+    let result = store_registration(app, registration).await;
+    if let Err(e) = &result {
+        if e.kind == ErrorType::Wait && e.condition == DefinedCondition::InternalServerError {
+            crate::stats::Stats::bump(&app.stats.registration_failed);
+        }
+    }
+    result
+}
+
+async fn store_registration(app: &App, registration: &Registration) -> Result<(), HandlerError> {
     // 1. Policy first: a domain taken off the list is refused even for what it registered before.
     if !app.allowed_domains.is_empty() && !app.allowed_domains.contains(&registration.domain) {
+        crate::stats::Stats::bump(&app.stats.registration_not_allowed);
         return Err(HandlerError::not_allowed(
             "this push service only registers users of its own domains",
         ));
@@ -197,6 +208,7 @@ pub async fn save(app: &App, registration: &Registration) -> Result<(), HandlerE
     //    write and no cap token. It may equal a record whose flush is still running, so it waits for one too.
     if app.store.get(&registration.node)?.as_ref() == Some(registration) {
         app.store.flush().await?;
+        crate::stats::Stats::bump(&app.stats.registration_unchanged);
         return Ok(());
     }
     // 3. The flood caps, for everything that would write.

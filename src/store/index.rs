@@ -59,8 +59,10 @@ struct Inner {
     entries: Vec<Entry>,
     /// Keyed, so nodes a client chose cannot be picked to collide.
     hasher: RandomState,
-    /// Domains and app names, stored once each.
+    /// Domains, stored once each.
     names: Names,
+    /// App names, stored once each; their reference counts are the registrations per app.
+    apps: Names,
     /// Whether every stored registration is in the index, so a miss is an answer.
     complete: bool,
     /// While the rebuild runs: nodes removed since it started, which it must not bring back.
@@ -178,7 +180,7 @@ impl Inner {
 
     fn upsert(&mut self, key: NodeKey, fields: &PublishFields<'_>) {
         let domain = self.names.acquire(fields.domain);
-        let app = self.names.acquire(fields.app);
+        let app = self.apps.acquire(fields.app);
         let entry = Entry {
             node: key,
             token: Token::new(&fields.token),
@@ -189,7 +191,7 @@ impl Inner {
         if let Some(slot) = self.slot(&entry.node) {
             let old = std::mem::replace(&mut self.entries[slot], entry);
             self.names.release(old.domain);
-            self.names.release(old.app);
+            self.apps.release(old.app);
             return;
         }
         let slot = u32::try_from(self.entries.len()).expect("fewer than 2^32 registrations");
@@ -217,7 +219,7 @@ impl Inner {
         found.remove();
         let removed = self.entries.swap_remove(slot);
         self.names.release(removed.domain);
-        self.names.release(removed.app);
+        self.apps.release(removed.app);
         // The entry that was last now sits in the hole: point its table slot there.
         if let Some(moved) = self.entries.get(slot) {
             let old_slot = self.entries.len() as u32;
@@ -255,7 +257,7 @@ impl PublishIndex {
                     token: lower_hex(e.token.bytes()),
                     secret_hash: e.secret_hash,
                     domain: inner.names.get(e.domain),
-                    app: inner.names.get(e.app),
+                    app: inner.apps.get(e.app),
                 })
             }
             None if inner.complete => Lookup::Absent,
@@ -296,6 +298,20 @@ impl PublishIndex {
     /// Whether a miss is an answer (the rebuild is done).
     pub fn is_complete(&self) -> bool {
         self.read().complete
+    }
+
+    /// Registrations per app, once the index is complete.
+    pub fn counts_by_app(&self) -> Option<Vec<(String, usize)>> {
+        let inner = self.read();
+        inner.complete.then(|| {
+            inner
+                .apps
+                .by_id
+                .iter()
+                .flatten()
+                .map(|(name, count)| (name.to_string(), *count))
+                .collect()
+        })
     }
 
     /// Number of registrations held.
@@ -394,13 +410,24 @@ mod tests {
             &fields(&[1; 32], "b.example", "chat"),
         );
         index.remove("node-two-of-some-client");
-        let inner = index.read();
-        assert_eq!(
-            inner.names.ids.len(),
-            2,
-            "a.example is gone, b.example and chat remain"
+        {
+            let inner = index.read();
+            assert_eq!(
+                inner.names.ids.len(),
+                1,
+                "a.example is gone, b.example remains"
+            );
+            assert!(inner.names.ids.contains_key("b.example"));
+        }
+        assert_eq!(index.counts_by_app(), None, "not complete yet");
+        index.upsert(
+            "node-three-of-some-client",
+            &fields(&[3; 32], "b.example", "beta"),
         );
-        assert!(inner.names.ids.contains_key("b.example"));
+        index.finish_rebuild();
+        let mut counts = index.counts_by_app().expect("complete");
+        counts.sort();
+        assert_eq!(counts, [("beta".to_string(), 1), ("chat".to_string(), 1)]);
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub trait Store: Send + Sync + 'static {
     /// disk flush; each returns only once its own changes are on disk.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Registrations per app, if the store can tell without reading every record (for metrics).
+    fn counts_by_app(&self) -> Result<Option<Vec<(String, usize)>>, StoreError> {
+        Ok(None)
+    }
+
     /// Number of registrations (may scan: for stats, not hot paths).
     fn len(&self) -> Result<usize, StoreError>;
 

@@ -501,6 +501,10 @@ impl Store for SledStore {
         Box::pin(self.group_flush())
     }
 
+    fn counts_by_app(&self) -> Result<Option<Vec<(String, usize)>>, StoreError> {
+        Ok(self.database()?.index.counts_by_app())
+    }
+
     fn len(&self) -> Result<usize, StoreError> {
         let open = self.database()?;
         if open.index.is_complete() {
