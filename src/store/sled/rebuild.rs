@@ -119,6 +119,7 @@ impl Rebuilder {
             return;
         }
         self.index.finish_rebuild();
+        release_freed_memory();
         tracing::info!(
             registrations = self.index.len(),
             ms = started.elapsed().as_millis() as u64,
@@ -151,5 +152,16 @@ impl Rebuilder {
             }
         }
         rewritten
+    }
+}
+
+/// Give the heap pages the rebuild freed back to the OS. Reading a million records through sled allocates
+/// and frees hundreds of MiB on this thread's own malloc arena, which glibc keeps otherwise: the process
+/// would hold it for good as resident memory it does not use.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the OS; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
