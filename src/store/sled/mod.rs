@@ -429,6 +429,9 @@ impl Shared {
             }
         }
         // Changes made on the broken database and not flushed may be gone: no flush may confirm them.
+        // A caller takes its flush ticket right after its write, with no await between, while this reopen
+        // takes at least a sled open; only a thread descheduled for that long between the two could take a
+        // ticket after this line for a change made on the old database.
         self.commit
             .lost
             .fetch_max(self.commit.issued.load(Ordering::SeqCst), Ordering::SeqCst);
