@@ -756,26 +756,32 @@ impl Store for Failing {
     }
 }
 
+/// An app over a store whose writes or flushes fail, as a full or failing disk makes them.
+fn failing_app(fail_put: bool, fail_flush: bool) -> (tempfile::TempDir, App) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Failing {
+        inner: SledStore::open(dir.path()).unwrap(),
+        fail_put,
+        fail_flush,
+    };
+    let app = App::new(
+        "push.localhost".parse().unwrap(),
+        Arc::new(store),
+        vec![PushApp {
+            name: "chat".into(),
+            backend: Arc::new(Scripted::default()),
+        }],
+        Duration::ZERO,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    (dir, app)
+}
+
 #[tokio::test]
 async fn a_store_that_cannot_write_or_flush_never_acknowledges_a_registration() {
     for (fail_put, fail_flush) in [(true, false), (false, true)] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Failing {
-            inner: SledStore::open(dir.path()).unwrap(),
-            fail_put,
-            fail_flush,
-        };
-        let app = App::new(
-            "push.localhost".parse().unwrap(),
-            Arc::new(store),
-            vec![PushApp {
-                name: "chat".into(),
-                backend: Arc::new(Scripted::default()),
-            }],
-            Duration::ZERO,
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        let (_dir, app) = failing_app(fail_put, fail_flush);
         let xml = register_xml("r1", "alice@localhost/phone", "d", TOKEN, "");
         let reply = Element::from(
             router::handle_frame(&app, frame(&xml))
@@ -949,24 +955,8 @@ async fn unregistering_is_never_capped() {
 
 #[tokio::test]
 async fn an_unchanged_re_registration_is_not_acknowledged_before_it_is_durable() {
-    let dir = tempfile::tempdir().unwrap();
     // Writes land, flushes fail: the first answer is an error, and its record sits in the store unflushed.
-    let store = Failing {
-        inner: SledStore::open(dir.path()).unwrap(),
-        fail_put: false,
-        fail_flush: true,
-    };
-    let app = App::new(
-        "push.localhost".parse().unwrap(),
-        Arc::new(store),
-        vec![PushApp {
-            name: "chat".into(),
-            backend: Arc::new(Scripted::default()),
-        }],
-        Duration::ZERO,
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let (_dir, app) = failing_app(false, true);
     let xml = register_xml("r1", "alice@localhost/phone", "d", TOKEN, "");
     for attempt in ["first", "the same again"] {
         let reply = Element::from(
