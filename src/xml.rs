@@ -75,6 +75,18 @@ fn is_name(name: &[u8]) -> bool {
     }
 }
 
+/// [`is_name`], and beyond ASCII any character: a name a full parser may read (it judges the rest).
+fn is_envelope_name(name: &[u8]) -> bool {
+    if name.is_ascii() {
+        return is_name(name);
+    }
+    !matches!(name.first(), None | Some(b'0'..=b'9' | b'-' | b'.'))
+        && std::str::from_utf8(name).is_ok_and(|name| {
+            name.chars()
+                .all(|c| !c.is_ascii() || c.is_ascii_alphanumeric() || "_:-.".contains(c))
+        })
+}
+
 /// Whether every character in `raw` is one XML allows, in UTF-8, with every `&` starting a reference
 /// [`decode`] knows and no `]]>` outside CDATA. Checks the parts of a stanza the fast path skips, so that
 /// skipping them never accepts what a full parser would refuse.
@@ -139,9 +151,38 @@ impl<'a> Tag<'a> {
     }
 
     /// Call `each(name, raw_value)` for every attribute, in order. `None` when the attribute syntax is
-    /// broken or `each` says so.
-    pub fn for_each_attr(
+    /// broken (an attribute name outside [`is_name`]'s ASCII included) or `each` says so.
+    pub fn for_each_attr(&self, each: impl FnMut(&'a [u8], &'a [u8]) -> Option<()>) -> Option<()> {
+        self.scan_attrs(is_name, each)
+    }
+
+    /// The raw value of one attribute, if present and the syntax is sound.
+    pub fn attr(&self, wanted: &[u8]) -> Option<&'a [u8]> {
+        self.find_attr(is_name, wanted)
+    }
+
+    /// The raw value of one attribute, reading past attribute names outside ASCII (`\u{e9}to='x'` is a
+    /// name XML allows). For reading what a stanza is and who sent it as a full parser would, so that an
+    /// odd attribute does not hide its `id` and `from`; never for accepting a stanza on the fast path,
+    /// which must stay as strict as [`Tag::attr`].
+    pub fn envelope_attr(&self, wanted: &[u8]) -> Option<&'a [u8]> {
+        self.find_attr(is_envelope_name, wanted)
+    }
+
+    fn find_attr(&self, name_ok: fn(&[u8]) -> bool, wanted: &[u8]) -> Option<&'a [u8]> {
+        let mut found = None;
+        self.scan_attrs(name_ok, |name, value| {
+            if name == wanted {
+                found = Some(value);
+            }
+            Some(())
+        })?;
+        found
+    }
+
+    fn scan_attrs(
         &self,
+        name_ok: fn(&[u8]) -> bool,
         mut each: impl FnMut(&'a [u8], &'a [u8]) -> Option<()>,
     ) -> Option<()> {
         let mut rest = self.attrs;
@@ -156,7 +197,7 @@ impl<'a> Tag<'a> {
             let eq = find(b'=', rest)?;
             let name_end = rest[..eq].iter().rposition(|&b| !is_space(b))? + 1;
             let name = &rest[..name_end];
-            if !is_name(name) {
+            if !name_ok(name) {
                 return None;
             }
             let after = &rest[eq + 1..];
@@ -175,18 +216,26 @@ impl<'a> Tag<'a> {
             rest = &after[value_start + len + 1..];
         }
     }
+}
 
-    /// The raw value of one attribute, if present and the syntax is sound.
-    pub fn attr(&self, wanted: &[u8]) -> Option<&'a [u8]> {
-        let mut found = None;
-        self.for_each_attr(|name, value| {
-            if name == wanted {
-                found = Some(value);
-            }
-            Some(())
-        })?;
-        found
+/// The bytes with their line ends normalised as XML 1.0 §2.11 has a processor do before anything else:
+/// `\r\n` and a lone `\r` become `\n`. minidom's parser does not: it refuses a lone `\r` in an attribute
+/// and drops one before the closing quote, so `id='\r'` read as `''`, not the `' '` the sender means.
+pub fn normalize_line_ends(raw: &[u8]) -> Cow<'_, [u8]> {
+    if memchr::memchr(b'\r', raw).is_none() {
+        return Cow::Borrowed(raw);
     }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter().peekable();
+    while let Some(&b) = bytes.next() {
+        if b == b'\r' {
+            bytes.next_if_eq(&&b'\n');
+            out.push(b'\n');
+        } else {
+            out.push(b);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Decode a value (attribute or text) into a string: UTF-8 checked, the five predefined entities and
@@ -296,6 +345,22 @@ mod tests {
             .unwrap()
             .for_each_attr(|_, _| Some(()))
             .is_none());
+        // A name outside ASCII: the fast path's reading refuses the tag, the envelope's reads past it;
+        // broken UTF-8 in a name stops both.
+        let tag = Tag::parse("<iq \u{e9}to='x' id='i1'>".as_bytes()).expect("tag");
+        assert_eq!(tag.attr(b"id"), None);
+        assert_eq!(tag.envelope_attr(b"id"), Some(&b"i1"[..]));
+        let broken = Tag::parse(b"<iq \xe9to='x' id='i1'>").expect("tag");
+        assert_eq!(broken.envelope_attr(b"id"), None);
+    }
+
+    #[test]
+    fn line_ends_are_normalised_as_xml_says() {
+        assert_eq!(
+            &*normalize_line_ends(b"a\r\nb\rc\r\r\nd\r"),
+            b"a\nb\nc\n\nd\n"
+        );
+        assert!(matches!(normalize_line_ends(b"a\nb"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use xmpp_parsers::ns;
 
 use crate::handlers::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
 use crate::link::frame::Frame;
-use crate::xml::{decode, is_blank, valid_chars, Tag, TagKind, Tags, MAX_TOKEN};
+use crate::xml::{
+    decode, is_blank, normalize_line_ends, valid_chars, Tag, TagKind, Tags, MAX_TOKEN,
+};
 
 pub mod shape;
 
@@ -56,7 +58,7 @@ pub fn kind(frame: &Frame) -> Kind {
     };
     match tag.name {
         // Decoded, as a parser reads it: `type='s&#101;t'` is a set, and must be answered.
-        b"iq" => match tag.attr(b"type").and_then(decode).as_deref() {
+        b"iq" => match tag.envelope_attr(b"type").and_then(decode).as_deref() {
             Some("get" | "set") => Kind::Request,
             Some("result" | "error") => Kind::Answer,
             _ => Kind::Unknown,
@@ -77,7 +79,7 @@ fn stream_prefixes() -> BTreeMap<Option<String>, String> {
 
 /// Parse a frame into a tree, in the namespaces of a component stream.
 pub fn parse_element(frame: &Frame) -> Result<Element, minidom::Error> {
-    Element::from_reader_with_prefixes(&frame.bytes[..], stream_prefixes())
+    Element::from_reader_with_prefixes(&normalize_line_ends(&frame.bytes)[..], stream_prefixes())
 }
 
 /// Why a frame is not an IQ knock can read.
@@ -117,7 +119,10 @@ pub struct Envelope {
 /// Read the addressing of a frame's root tag, however broken the rest is.
 pub fn envelope(frame: &Frame) -> Envelope {
     let root = root(frame);
-    let attr = |name: &[u8]| root.and_then(|tag| tag.attr(name)).and_then(attr_value);
+    let attr = |name: &[u8]| {
+        root.and_then(|tag| tag.envelope_attr(name))
+            .and_then(attr_value)
+    };
     Envelope {
         from: attr(b"from"),
         to: attr(b"to"),
@@ -127,7 +132,12 @@ pub fn envelope(frame: &Frame) -> Envelope {
 
 /// An attribute value as a parser reads it: line ends and tabs become spaces (XML 1.0 §3.3.3), and `>`
 /// is plain (which [`decode`] refuses only to keep clear of text's `]]>`).
+/// A value with a character XML does not allow (U+FFFE, say) is refused: a parser refuses the stanza
+/// for it, and echoing it in a reply would make the reply unwritable.
 fn attr_value(raw: &[u8]) -> Option<String> {
+    if !valid_chars(raw) {
+        return None;
+    }
     let text = std::str::from_utf8(raw).ok()?;
     let normalized = text.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ");
     let parts = normalized
@@ -494,5 +504,8 @@ mod tests {
         let f = frame("<iq type='get' id='a\tb\r\nc>&amp;' from='a@b/c'></iq>");
         assert!(parse_iq(&f).is_err());
         assert_eq!(envelope(&f).id.as_deref(), Some("a b c>&"));
+        // A character XML does not allow cannot be echoed: the reply would be unwritable (hostile.rs).
+        let f = frame("<iq type='get' id='\u{fffe}1' from='a@b/c'></iq>");
+        assert_eq!(envelope(&f).id, None);
     }
 }
