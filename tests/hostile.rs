@@ -1109,7 +1109,9 @@ fn the_fast_publish_reader_is_never_more_lenient_than_the_full_parse() {
 fn regressions() {
     let world = World::new();
     let long_node = prosody_publish("p1", "localhost", &"a".repeat(8193), "s");
-    let cases: [&[u8]; 7] = [
+    let cases: [&[u8]; 8] = [
+        // An `xmlns` on a publish-options value: the fast path read past it, the full path refuses it.
+        b"<iq xmlns='jabber:component:accept' from='localhost' to='push.localhost' id='A0' type='set'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='Aaaa0'><item><notification xmlns='urn:xmpp:push:0'><x xmlns='jabber:x:data' type='form'><field type='hidden' var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field></x></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value xmlns='urn:other'>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>aaA=aa0A0aA+</value></field></x></publish-options></pubsub></iq>",
         // U+FFFE in the id of a stanza the parser refuses: echoing it made an unwritable reply.
         "<iq xmlns='jabber:component:accept' type='set' id='\u{fffe}r1' from='alice@localhost/p'><command xmlns='jabber:iq:commands' node='register-push-apns' action='execute'/></iq>".as_bytes(),
         // A carriage return as the whole id.

@@ -392,7 +392,9 @@ fn read_options<'a>(r: &mut Reader<'a>) -> Option<Option<Cow<'a, str>>> {
         let value = match field.kind {
             TagKind::Empty => None,
             TagKind::Start => {
-                r.open(b"value")?;
+                // Any attribute (an `xmlns` moving it out of the form's namespace, say) is the full path's.
+                let value = r.open(b"value")?;
+                attrs(&value, &[], |_, _| None)?;
                 let (text, end) = r.tags.next_tag()?;
                 (end.name == b"value" && end.kind == TagKind::End).then_some(())?;
                 let value = decode(text)?;
