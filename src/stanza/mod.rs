@@ -132,6 +132,7 @@ pub fn envelope(frame: &Frame) -> Envelope {
 
 /// An attribute value as a parser reads it: line ends and tabs become spaces (XML 1.0 §3.3.3), and `>`
 /// is plain (which [`decode`] refuses only to keep clear of text's `]]>`).
+///
 /// A value with a character XML does not allow (U+FFFE, say) is refused: a parser refuses the stanza
 /// for it, and echoing it in a reply would make the reply unwritable.
 fn attr_value(raw: &[u8]) -> Option<String> {
