@@ -14,7 +14,7 @@ use rand::RngCore;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::store::Digest;
+use crate::store::{secret_tag, Digest, SecretTag};
 
 /// 128 bits from the OS RNG, URL-safe base64 without padding (22 characters).
 pub fn random_id() -> String {
@@ -28,9 +28,9 @@ pub fn secret_hash(secret: &str) -> Digest {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// Whether `presented` is the secret behind `hash`, in constant time.
-pub fn secret_matches(hash: &Digest, presented: &str) -> bool {
-    secret_hash(presented).ct_eq(hash).into()
+/// Whether `presented` is the secret behind `tag`, in constant time.
+pub fn secret_matches(tag: &SecretTag, presented: &str) -> bool {
+    secret_tag(&secret_hash(presented)).ct_eq(tag).into()
 }
 
 /// Keyed hashes under the store's instance key.
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn secrets_match_only_themselves() {
-        let h = secret_hash("correct horse");
+        let h = secret_tag(&secret_hash("correct horse"));
         assert!(secret_matches(&h, "correct horse"));
         assert!(!secret_matches(&h, "correct horsE"));
         assert!(!secret_matches(&h, ""));

@@ -135,7 +135,7 @@ async fn check_and_push(
         && from.resource().is_none()
         && from.domain().as_str() == &*registration.domain;
     match request.secret.as_deref() {
-        Some(secret) if from_server && secret_matches(&registration.secret_hash, secret) => {}
+        Some(secret) if from_server && secret_matches(&registration.secret_tag, secret) => {}
         _ => {
             return Err(
                 Refused::Forbidden.with(HandlerError::forbidden("wrong secret or publisher"))

@@ -2,15 +2,15 @@
 //!
 //! A publish must be answered in microseconds, and a million registrations do not fit sled's page cache: a
 //! publish to a cold node read the disk, and at a million registrations p99 latency was three times that of a
-//! small store. The index keeps per node only what a publish checks and pushes with (token, secret hash,
-//! domain, app), about 100 bytes a registration, in one flat table. sled stays the durable copy and the only
-//! one commands read. The index is rebuilt from sled at every start, in the background; until it is complete,
-//! a node it does not hold is looked up in sled.
+//! small store. The index keeps per node only what a publish checks and pushes with (token, secret tag,
+//! domain, app): 72 bytes for a registration of the usual shape, in one flat table. sled stays the durable
+//! copy and the only one commands read. The index is rebuilt from sled at every start, in the background;
+//! until it is complete, a node it does not hold is looked up in sled.
 //!
 //! It must never answer for a registration sled no longer has: a removal while the rebuild runs leaves a
 //! tombstone, so the rebuild cannot bring the removed node back.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -19,19 +19,30 @@ use base64::Engine;
 use hashbrown::HashTable;
 
 use super::record::{lower_hex, PublishFields};
-use super::Digest;
+use super::{secret_tag, Registration, SecretTag};
 
 /// What a publish needs to know of its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishTarget {
     /// The APNs device token, lowercase hex.
     pub token: String,
-    /// SHA-256 of the node's publish secret.
-    pub secret_hash: Digest,
+    /// The first 128 bits of the SHA-256 of the node's publish secret.
+    pub secret_tag: SecretTag,
     /// The only server allowed to publish to the node.
     pub domain: Arc<str>,
     /// The configured app the token belongs to.
     pub app: Arc<str>,
+}
+
+impl From<&Registration> for PublishTarget {
+    fn from(r: &Registration) -> PublishTarget {
+        PublishTarget {
+            token: r.token.clone(),
+            secret_tag: secret_tag(&r.secret_hash),
+            domain: r.domain.as_str().into(),
+            app: r.app.as_str().into(),
+        }
+    }
 }
 
 /// What the index knows of a node.
@@ -55,10 +66,13 @@ pub struct PublishIndex {
 struct Inner {
     /// Slots into `entries`, found by the hash of the entry's node.
     table: HashTable<u32>,
-    /// The entries, packed; a removal moves the last entry into the hole.
+    /// Registrations of the usual shape, packed; a removal moves the last entry into the hole.
     entries: Vec<Entry>,
-    /// Keyed, so nodes a client chose cannot be picked to collide.
+    /// Keyed, so nodes cannot be picked to collide.
     hasher: RandomState,
+    /// Registrations of any other shape: nodes a client chose (the `<enable/>` shorthand), tokens that are
+    /// not 32 bytes. Rare, so kept as they are.
+    others: HashMap<Box<str>, Other>,
     /// Domains, stored once each.
     names: Names,
     /// App names, stored once each; their reference counts are the registrations per app.
@@ -66,64 +80,45 @@ struct Inner {
     /// Whether every stored registration is in the index, so a miss is an answer.
     complete: bool,
     /// While the rebuild runs: nodes removed since it started, which it must not bring back.
-    tombstones: HashSet<NodeKey>,
+    tombstones: HashSet<Box<str>>,
 }
 
+/// A registration of the usual shape: a node knock made (16 random bytes, as 22 characters of URL-safe
+/// base64) and a 32-byte APNs token. 72 bytes.
 struct Entry {
-    node: NodeKey,
-    token: Token,
-    secret_hash: Digest,
+    node: [u8; 16],
+    token: [u8; 32],
+    meta: Meta,
+}
+
+/// A registration of any other shape.
+struct Other {
+    token: Box<[u8]>,
+    meta: Meta,
+}
+
+/// What every registration carries besides its node and token.
+struct Meta {
+    secret_tag: SecretTag,
+    /// Into `Inner::names`.
     domain: u32,
+    /// Into `Inner::apps`.
     app: u32,
 }
 
-/// A node, compactly: knock's own nodes are 16 random bytes in URL-safe base64; a node a client chose (the
-/// `<enable/>` shorthand) is kept as it is.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum NodeKey {
-    Random([u8; 16]),
-    Chosen(Box<str>),
-}
-
-impl NodeKey {
-    fn new(node: &str) -> NodeKey {
-        // The decoder refuses non-canonical trailing bits, so a decoded node re-encodes to the same text.
-        let mut raw = [0u8; 16];
-        if node.len() == 22 && matches!(URL_SAFE_NO_PAD.decode_slice(node, &mut raw), Ok(16)) {
-            NodeKey::Random(raw)
-        } else {
-            NodeKey::Chosen(node.into())
-        }
-    }
-}
-
-/// An APNs token: 32 bytes today; Apple documents them as variable length, so longer ones are boxed.
-enum Token {
-    Apns([u8; 32]),
-    Other(Box<[u8]>),
-}
-
-impl Token {
-    fn new(bytes: &[u8]) -> Token {
-        match <[u8; 32]>::try_from(bytes) {
-            Ok(apns) => Token::Apns(apns),
-            Err(_) => Token::Other(bytes.into()),
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Token::Apns(b) => b,
-            Token::Other(b) => b,
-        }
-    }
+/// The 16 bytes behind a node knock made. The decoder refuses non-canonical trailing bits, so a node
+/// decoded here re-encodes to the same text.
+fn made_node(node: &str) -> Option<[u8; 16]> {
+    let mut raw = [0u8; 16];
+    (node.len() == 22 && matches!(URL_SAFE_NO_PAD.decode_slice(node, &mut raw), Ok(16)))
+        .then_some(raw)
 }
 
 /// Interned strings with reference counts, so names no registration uses any more are let go.
 #[derive(Default)]
 struct Names {
     by_id: Vec<Option<(Arc<str>, usize)>>,
-    ids: std::collections::HashMap<Arc<str>, u32>,
+    ids: HashMap<Arc<str>, u32>,
     free: Vec<u32>,
 }
 
@@ -171,63 +166,103 @@ impl Names {
 }
 
 impl Inner {
-    fn slot(&self, key: &NodeKey) -> Option<usize> {
-        let hash = self.hasher.hash_one(key);
+    fn slot(&self, node: &[u8; 16]) -> Option<usize> {
+        let hash = self.hasher.hash_one(node);
         self.table
-            .find(hash, |&slot| self.entries[slot as usize].node == *key)
+            .find(hash, |&slot| self.entries[slot as usize].node == *node)
             .map(|&slot| slot as usize)
     }
 
-    fn upsert(&mut self, key: NodeKey, fields: &PublishFields<'_>) {
-        let domain = self.names.acquire(fields.domain);
-        let app = self.apps.acquire(fields.app);
-        let entry = Entry {
-            node: key,
-            token: Token::new(&fields.token),
-            secret_hash: fields.secret_hash,
-            domain,
-            app,
-        };
-        if let Some(slot) = self.slot(&entry.node) {
-            let old = std::mem::replace(&mut self.entries[slot], entry);
-            self.names.release(old.domain);
-            self.apps.release(old.app);
-            return;
+    fn contains(&self, node: &str) -> bool {
+        made_node(node).is_some_and(|raw| self.slot(&raw).is_some())
+            || self.others.contains_key(node)
+    }
+
+    fn target(&self, token: &[u8], meta: &Meta) -> PublishTarget {
+        PublishTarget {
+            token: lower_hex(token),
+            secret_tag: meta.secret_tag,
+            domain: self.names.get(meta.domain),
+            app: self.apps.get(meta.app),
         }
+    }
+
+    fn get(&self, node: &str) -> Option<PublishTarget> {
+        if let Some(slot) = made_node(node).and_then(|raw| self.slot(&raw)) {
+            let e = &self.entries[slot];
+            return Some(self.target(&e.token, &e.meta));
+        }
+        let other = self.others.get(node)?;
+        Some(self.target(&other.token, &other.meta))
+    }
+
+    fn upsert(&mut self, node: &str, fields: &PublishFields<'_>) {
+        let meta = Meta {
+            secret_tag: secret_tag(&fields.secret_hash),
+            domain: self.names.acquire(fields.domain),
+            app: self.apps.acquire(fields.app),
+        };
+        // A node can change shape (a re-registration with a token of another length): drop what it was.
+        self.take(node);
+        let (Some(raw), Ok(token)) = (made_node(node), <[u8; 32]>::try_from(&*fields.token)) else {
+            let token = fields.token.as_ref().into();
+            self.others.insert(node.into(), Other { token, meta });
+            return;
+        };
         let slot = u32::try_from(self.entries.len()).expect("fewer than 2^32 registrations");
-        let hash = self.hasher.hash_one(&entry.node);
-        self.entries.push(entry);
+        let hash = self.hasher.hash_one(raw);
+        self.entries.push(Entry {
+            node: raw,
+            token,
+            meta,
+        });
         let Inner {
             table,
             entries,
             hasher,
             ..
         } = self;
-        table.insert_unique(hash, slot, |&s| hasher.hash_one(&entries[s as usize].node));
+        table.insert_unique(hash, slot, |&s| hasher.hash_one(entries[s as usize].node));
     }
 
-    fn remove(&mut self, key: &NodeKey) {
+    fn remove(&mut self, node: &str) {
         if !self.complete {
-            self.tombstones.insert(key.clone());
+            self.tombstones.insert(node.into());
         }
-        let hash = self.hasher.hash_one(key);
-        let Inner { table, entries, .. } = &mut *self;
-        let Ok(found) = table.find_entry(hash, |&slot| entries[slot as usize].node == *key) else {
-            return;
+        self.take(node);
+    }
+
+    /// Remove what the index holds for `node`, letting go of its names.
+    fn take(&mut self, node: &str) {
+        let meta = match made_node(node).and_then(|raw| self.take_entry(&raw)) {
+            Some(meta) => meta,
+            None => match self.others.remove(node) {
+                Some(other) => other.meta,
+                None => return,
+            },
         };
+        self.names.release(meta.domain);
+        self.apps.release(meta.app);
+    }
+
+    fn take_entry(&mut self, node: &[u8; 16]) -> Option<Meta> {
+        let hash = self.hasher.hash_one(node);
+        let Inner { table, entries, .. } = &mut *self;
+        let found = table
+            .find_entry(hash, |&slot| entries[slot as usize].node == *node)
+            .ok()?;
         let slot = *found.get() as usize;
         found.remove();
         let removed = self.entries.swap_remove(slot);
-        self.names.release(removed.domain);
-        self.apps.release(removed.app);
         // The entry that was last now sits in the hole: point its table slot there.
         if let Some(moved) = self.entries.get(slot) {
             let old_slot = self.entries.len() as u32;
-            let hash = self.hasher.hash_one(&moved.node);
+            let hash = self.hasher.hash_one(moved.node);
             if let Some(s) = self.table.find_mut(hash, |&s| s == old_slot) {
                 *s = slot as u32;
             }
         }
+        Some(removed.meta)
     }
 }
 
@@ -248,18 +283,9 @@ impl PublishIndex {
 
     /// What the index knows of `node`.
     pub fn get(&self, node: &str) -> Lookup {
-        let key = NodeKey::new(node);
         let inner = self.read();
-        match inner.slot(&key) {
-            Some(slot) => {
-                let e = &inner.entries[slot];
-                Lookup::Found(PublishTarget {
-                    token: lower_hex(e.token.bytes()),
-                    secret_hash: e.secret_hash,
-                    domain: inner.names.get(e.domain),
-                    app: inner.apps.get(e.app),
-                })
-            }
+        match inner.get(node) {
+            Some(target) => Lookup::Found(target),
             None if inner.complete => Lookup::Absent,
             None => Lookup::Unknown,
         }
@@ -267,12 +293,12 @@ impl PublishIndex {
 
     /// Record a registration that is now in the store.
     pub fn upsert(&self, node: &str, fields: &PublishFields<'_>) {
-        self.write().upsert(NodeKey::new(node), fields);
+        self.write().upsert(node, fields);
     }
 
     /// Record that a node is no longer in the store.
     pub fn remove(&self, node: &str) {
-        self.write().remove(&NodeKey::new(node));
+        self.write().remove(node);
     }
 
     /// Add registrations read from the store by the rebuild. A node the index already holds was written
@@ -280,11 +306,10 @@ impl PublishIndex {
     pub fn rebuild_batch<'a>(&self, batch: impl IntoIterator<Item = (&'a str, PublishFields<'a>)>) {
         let mut inner = self.write();
         for (node, fields) in batch {
-            let key = NodeKey::new(node);
-            if inner.complete || inner.tombstones.contains(&key) || inner.slot(&key).is_some() {
+            if inner.complete || inner.tombstones.contains(node) || inner.contains(node) {
                 continue;
             }
-            inner.upsert(key, &fields);
+            inner.upsert(node, &fields);
         }
     }
 
@@ -293,6 +318,8 @@ impl PublishIndex {
         let mut inner = self.write();
         inner.complete = true;
         inner.tombstones = HashSet::new();
+        // Growing by doubling left up to half the entries' room unused; new registrations grow it again.
+        inner.entries.shrink_to_fit();
     }
 
     /// Whether a miss is an answer (the rebuild is done).
@@ -316,7 +343,8 @@ impl PublishIndex {
 
     /// Number of registrations held.
     pub fn len(&self) -> usize {
-        self.read().entries.len()
+        let inner = self.read();
+        inner.entries.len() + inner.others.len()
     }
 }
 
@@ -349,7 +377,7 @@ mod tests {
         assert_eq!(t.token, "ab".repeat(32));
         assert_eq!(&*t.domain, "example.org");
         assert_eq!(&*t.app, "chat");
-        assert_eq!(t.secret_hash, [0xab; 32]);
+        assert_eq!(t.secret_tag, [0xab; 16]);
         assert_eq!(index.get("some-other-node-of-a-client"), Lookup::Unknown);
         index.finish_rebuild();
         assert_eq!(index.get("some-other-node-of-a-client"), Lookup::Absent);
@@ -369,6 +397,30 @@ mod tests {
             assert_eq!(found(&index, node).token, "07".repeat(100));
         }
         assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn an_entry_is_72_bytes() {
+        // The figure the module header and README's 1M-registration memory rest on.
+        assert_eq!(std::mem::size_of::<Entry>(), 72);
+    }
+
+    #[test]
+    fn a_node_that_changes_shape_is_held_once() {
+        let index = PublishIndex::new();
+        index.finish_rebuild();
+        let node = crate::secrets::random_id();
+        index.upsert(&node, &fields(&[1; 32], "a.example", "chat"));
+        index.upsert(&node, &fields(&[2; 40], "a.example", "chat"));
+        assert_eq!(found(&index, &node).token, "02".repeat(40));
+        assert_eq!(index.len(), 1);
+        index.upsert(&node, &fields(&[3; 32], "a.example", "chat"));
+        assert_eq!(found(&index, &node).token, "03".repeat(32));
+        assert_eq!(index.len(), 1);
+        assert_eq!(index.counts_by_app(), Some(vec![("chat".to_string(), 1)]));
+        index.remove(&node);
+        assert_eq!(index.get(&node), Lookup::Absent);
+        assert_eq!(index.len(), 0);
     }
 
     #[test]

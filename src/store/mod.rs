@@ -18,6 +18,17 @@ use serde::{Deserialize, Serialize};
 /// A 32-byte keyed hash: identifies a device or an owner without revealing the JID behind it.
 pub type Digest = [u8; 32];
 
+/// The first 128 bits of a publish secret's SHA-256: what a publish is checked against. A guess at 128 bits
+/// is no likelier to pass than a guess at the full hash, and the publish index holds 16 bytes less per node.
+pub type SecretTag = [u8; 16];
+
+/// The tag of a secret hash.
+pub fn secret_tag(hash: &Digest) -> SecretTag {
+    let mut tag = [0; 16];
+    tag.copy_from_slice(&hash[..16]);
+    tag
+}
+
 /// One registered device: the pubsub node a server publishes to, and where the wake-up goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
@@ -77,12 +88,7 @@ pub trait Store: Send + Sync + 'static {
     /// What a publish to `node` needs, if the node is registered. This is the publish hot path: a store may
     /// answer it from memory. The default reads the whole registration.
     fn publish_target(&self, node: &str) -> Result<Option<PublishTarget>, StoreError> {
-        Ok(self.get(node)?.map(|r| PublishTarget {
-            token: r.token,
-            secret_hash: r.secret_hash,
-            domain: r.domain.into(),
-            app: r.app.into(),
-        }))
+        Ok(self.get(node)?.as_ref().map(PublishTarget::from))
     }
 
     /// The node a device is registered under, if any.

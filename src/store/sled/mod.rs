@@ -475,12 +475,7 @@ impl Store for SledStore {
         match index.get(node) {
             Lookup::Found(target) => Ok(Some(target)),
             Lookup::Absent => Ok(None),
-            Lookup::Unknown => Ok(self.get(node)?.map(|r| PublishTarget {
-                token: r.token,
-                secret_hash: r.secret_hash,
-                domain: r.domain.into(),
-                app: r.app.into(),
-            })),
+            Lookup::Unknown => Ok(self.get(node)?.as_ref().map(PublishTarget::from)),
         }
     }
 

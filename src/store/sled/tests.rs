@@ -20,12 +20,11 @@ fn reg(node: &str, device: u8, token: &str) -> Registration {
 
 /// What sled itself says a publish to `node` would find.
 fn from_sled(store: &SledStore, node: &str) -> Option<PublishTarget> {
-    store.get(node).expect("get").map(|r| PublishTarget {
-        token: r.token,
-        secret_hash: r.secret_hash,
-        domain: r.domain.into(),
-        app: r.app.into(),
-    })
+    store
+        .get(node)
+        .expect("get")
+        .as_ref()
+        .map(PublishTarget::from)
 }
 
 /// The index answers every node as sled does.
