@@ -18,6 +18,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hashbrown::HashTable;
 
+use super::huge_pages::{HugePages, HugeVec};
 use super::record::{lower_hex, PublishFields};
 use super::{secret_tag, Registration, SecretTag};
 
@@ -65,9 +66,9 @@ pub struct PublishIndex {
 #[derive(Default)]
 struct Inner {
     /// Slots into `entries`, found by the hash of the entry's node.
-    table: HashTable<u32>,
+    table: HashTable<u32, HugePages>,
     /// Registrations of the usual shape, packed; a removal moves the last entry into the hole.
-    entries: Vec<Entry>,
+    entries: HugeVec<Entry>,
     /// Keyed, so nodes cannot be picked to collide.
     hasher: RandomState,
     /// Registrations of any other shape: nodes a client chose (the `<enable/>` shorthand), tokens that are

@@ -3,6 +3,7 @@
 //! Handlers speak only this trait, so another backend can be added without touching them. A registration holds
 //! what a push needs and nothing more: no JID (only keyed hashes of it), no secret (only its hash), no timestamps.
 
+mod huge_pages;
 mod index;
 mod record;
 mod seal;
