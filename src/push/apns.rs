@@ -71,7 +71,15 @@ struct JwtSigner {
     team_id: String,
     /// The token in use and when it was signed (wall clock, like the `iat` Apple checks); shared by all
     /// concurrent pushes.
-    current: Mutex<Option<(Arc<str>, SystemTime)>>,
+    current: Mutex<Option<(Jwt, SystemTime)>>,
+}
+
+/// A signed provider token, and the `authorization` header that carries it, built once per token rather
+/// than once per push.
+#[derive(Debug, Clone, PartialEq)]
+struct Jwt {
+    token: Arc<str>,
+    header: HeaderValue,
 }
 
 #[derive(Serialize)]
@@ -102,7 +110,7 @@ impl JwtSigner {
         Ok(signer)
     }
 
-    fn sign(&self) -> Result<Arc<str>, String> {
+    fn sign(&self) -> Result<Jwt, String> {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
         let iat = SystemTime::now()
@@ -114,18 +122,22 @@ impl JwtSigner {
             iat,
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())?;
-        let token: Arc<str> = token.into();
-        *self.lock() = Some((token.clone(), SystemTime::now()));
-        Ok(token)
+        let header = HeaderValue::try_from(format!("bearer {token}")).map_err(|e| e.to_string())?;
+        let jwt = Jwt {
+            token: token.into(),
+            header,
+        };
+        *self.lock() = Some((jwt.clone(), SystemTime::now()));
+        Ok(jwt)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Arc<str>, SystemTime)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Jwt, SystemTime)>> {
         // A poisoned lock only means a panic elsewhere mid-assignment of a complete value; the value is usable.
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The token to send now, signing a new one when the current is near Apple's one-hour limit.
-    fn token(&self) -> Result<Arc<str>, String> {
+    fn token(&self) -> Result<Jwt, String> {
         if let Some((token, signed)) = self.lock().as_ref() {
             if age(*signed) < JWT_REFRESH {
                 return Ok(token.clone());
@@ -135,9 +147,9 @@ impl JwtSigner {
     }
 
     /// Apple said `ExpiredProviderToken` for `rejected`: sign a new one if that is allowed, else `None`.
-    fn refresh_after_expiry(&self, rejected: &str) -> Option<Arc<str>> {
+    fn refresh_after_expiry(&self, rejected: &Jwt) -> Option<Jwt> {
         if let Some((token, signed)) = self.lock().as_ref() {
-            if &**token != rejected {
+            if token.token != rejected.token {
                 return Some(token.clone());
             }
             if age(*signed) < JWT_MIN_REFRESH {
@@ -325,42 +337,46 @@ impl ApnsClient {
     fn request(
         &self,
         wakeup: Wakeup<'_>,
-        jwt: Option<&str>,
+        jwt: Option<&Jwt>,
     ) -> Result<Request<Full<Bytes>>, String> {
+        // Built in place rather than through `Request::builder`, which moves the whole request once per
+        // header; constant values are static, the token's header is the signer's.
         let (push_type, priority) = match self.push_type {
             PushType::Background => ("background", "5"),
             PushType::Alert => ("alert", "10"),
         };
         let expiration = if self.expiration == 0 {
-            0
+            HeaderValue::from_static("0")
         } else {
-            SystemTime::now()
+            let at = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
-                + self.expiration
+                + self.expiration;
+            HeaderValue::from(at)
         };
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(format!("{}/3/device/{}", self.base, wakeup.token))
-            .header("apns-topic", self.topic.clone())
-            .header("apns-push-type", push_type)
-            .header("apns-priority", priority)
-            .header("apns-expiration", expiration.to_string())
-            .header(CONTENT_TYPE, "application/json");
+        let mut request = Request::new(Full::new(self.payload(wakeup.node)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = format!("{}/3/device/{}", self.base, wakeup.token)
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| e.to_string())?;
+        let headers = request.headers_mut();
+        headers.insert("apns-topic", self.topic.clone());
+        headers.insert("apns-push-type", HeaderValue::from_static(push_type));
+        headers.insert("apns-priority", HeaderValue::from_static(priority));
+        headers.insert("apns-expiration", expiration);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(jwt) = jwt {
-            builder = builder.header(AUTHORIZATION, format!("bearer {jwt}"));
+            headers.insert(AUTHORIZATION, jwt.header.clone());
         }
-        builder
-            .body(Full::new(self.payload(wakeup.node)))
-            .map_err(|e| e.to_string())
+        Ok(request)
     }
 
     /// One HTTP exchange: the status and Apple's `reason`, if any.
     async fn send_once(
         &self,
         wakeup: Wakeup<'_>,
-        jwt: Option<&str>,
+        jwt: Option<&Jwt>,
     ) -> Result<(StatusCode, String), String> {
         let request = self.request(wakeup, jwt)?;
         let started = Instant::now();
@@ -407,7 +423,7 @@ impl ApnsClient {
             reason: "no attempt made".into(),
         };
         for attempt in 1..=ATTEMPTS {
-            let retry = match self.send_once(wakeup, jwt.as_deref()).await {
+            let retry = match self.send_once(wakeup, jwt.as_ref()).await {
                 Ok((status, reason)) => match classify(status, &reason) {
                     Verdict::Final(outcome) => return outcome,
                     Verdict::ExpiredJwt => {
@@ -522,7 +538,11 @@ mod tests {
         let signer = signer();
         let first = signer.token().expect("token");
         assert_eq!(signer.token().expect("token"), first, "reused while fresh");
-        let header = jsonwebtoken::decode_header(&first).expect("header");
+        let header = jsonwebtoken::decode_header(&first.token).expect("header");
+        assert_eq!(
+            first.header.to_str().expect("ascii"),
+            format!("bearer {}", first.token)
+        );
         assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
         assert_eq!(header.kid.as_deref(), Some("KEYID12345"));
         age(&signer, JWT_REFRESH + Duration::from_secs(1));
@@ -545,10 +565,7 @@ mod tests {
         let fresh = signer.refresh_after_expiry(&token).expect("re-signed");
         assert_ne!(fresh, token);
         // A push that still held the old token just picks up the fresh one.
-        assert_eq!(
-            signer.refresh_after_expiry(&token).as_deref(),
-            Some(&*fresh)
-        );
+        assert_eq!(signer.refresh_after_expiry(&token), Some(fresh));
     }
 
     #[test]
