@@ -11,7 +11,7 @@ use crate::procs::{disk_usage, memory};
 use crate::report::{count, mib, num};
 use crate::seed::seed;
 use crate::server::Component;
-use crate::stanzas::{registration, Template};
+use crate::stanzas::{registration, Publishes};
 use crate::targets::{start, Env, Running, Target};
 use crate::throughput::publishes;
 
@@ -72,31 +72,24 @@ async fn one(
         seeded.took.as_secs_f64(),
         mib(disk)
     );
-    let templates = seeded.publishes();
+    let set = seeded.publishes();
 
-    let (running, component, first_ready) = start_and_publish(env, &store, &templates[0]).await?;
+    let (running, component, first_ready) = start_and_publish(env, &store, &set).await?;
     let first_index = index_ready(&running).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = running.pids()?[0];
     let rss_idle = memory(pid, "VmRSS")?;
 
     let timing = (warmup, measure, pid, size);
-    let (c, publish_1) = measured(
-        component,
-        "publish",
-        1,
-        publishes(templates.clone()),
-        timing,
-    )
-    .await?;
-    let (c, publish_64) = measured(c, "publish", 64, publishes(templates.clone()), timing).await?;
+    let (c, publish_1) = measured(component, "publish", 1, publishes(set.clone()), timing).await?;
+    let (c, publish_64) = measured(c, "publish", 64, publishes(set.clone()), timing).await?;
     let (c, register_1) = measured(c, "register", 1, registrations(index * 2), timing).await?;
     let (_, register_64) =
         measured(c, "register", 64, registrations(index * 2 + 1), timing).await?;
 
     let peak_rss = memory(pid, "VmHWM")?;
     running.stop().await;
-    let (running, _, restart_ready) = start_and_publish(env, &store, &templates[0]).await?;
+    let (running, _, restart_ready) = start_and_publish(env, &store, &set).await?;
     let restart_index = index_ready(&running).await?;
     running.stop().await;
     Ok(Row {
@@ -116,12 +109,12 @@ async fn one(
 async fn start_and_publish(
     env: &Env,
     store: &std::path::Path,
-    publish: &Template,
+    publishes: &Publishes,
 ) -> anyhow::Result<(Running, Component, Duration)> {
     let spawned = Instant::now();
     let (running, mut component) = start(Target::DryRun, env, store).await?;
     let mut first = Vec::new();
-    publish.write(b'p', 0, load::now_ns(), &mut first);
+    publishes.write(0, b'p', 0, load::now_ns(), &mut first);
     let reply = round_trip(&mut component, &first, Duration::from_secs(30)).await?;
     let ready = spawned.elapsed();
     if crate::server::iq_tag(&reply).and_then(|tag| tag.attr(b"type")) != Some(b"result") {

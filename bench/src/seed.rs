@@ -11,7 +11,7 @@ use knock::secrets::{random_id, secret_hash, Keyring};
 use knock::store::{Registration, SledStore, Store};
 use rand::RngCore as _;
 
-use crate::stanzas::{prosody_publish, Template, APP, SERVER_DOMAIN};
+use crate::stanzas::{Publishes, APP, SERVER_DOMAIN};
 
 /// A seeded store.
 pub struct Seeded {
@@ -23,13 +23,10 @@ pub struct Seeded {
 
 impl Seeded {
     /// Prosody's publish to each sampled registration.
-    pub fn publishes(&self) -> Arc<Vec<Template>> {
-        Arc::new(
-            self.sample
-                .iter()
-                .map(|(node, secret)| prosody_publish(node, secret))
-                .collect(),
-        )
+    pub fn publishes(&self) -> Arc<Publishes> {
+        Arc::new(Publishes::new(
+            self.sample.iter().map(|(n, s)| (n.as_str(), s.as_str())),
+        ))
     }
 }
 

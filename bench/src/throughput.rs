@@ -11,7 +11,7 @@ use crate::load::{self, Load, Source};
 use crate::procs::memory;
 use crate::report::{count, mib, num, summarize, Rep, Summary};
 use crate::seed::seed;
-use crate::stanzas::Template;
+use crate::stanzas::Publishes;
 use crate::targets::{start, Env, Target};
 
 /// What to measure.
@@ -46,14 +46,14 @@ impl Results {
 
 const TARGETS: [Target; 3] = [Target::Echo, Target::DryRun, Target::Apns];
 
-/// Publishes to random nodes of `templates` (xorshift: cheap, and the same sequence every run).
-pub fn publishes(templates: Arc<Vec<Template>>) -> Source {
+/// Publishes to random nodes of `set` (xorshift: cheap, and the same sequence every run).
+pub fn publishes(set: Arc<Publishes>) -> Source {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     Box::new(move |seq, sent, out| {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        templates[(x % templates.len() as u64) as usize].write(b'p', seq, sent, out);
+        set.write((x % set.len() as u64) as usize, b'p', seq, sent, out);
     })
 }
 
@@ -62,7 +62,7 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
     let store = env.work.join("store-throughput");
     eprintln!("seeding {} registrations…", options.nodes);
     let seeded = seed(&store, options.nodes, options.nodes).await?;
-    let templates = seeded.publishes();
+    let set = seeded.publishes();
     let mut reps: Vec<(usize, Target, Vec<Rep>)> = Vec::new();
     for &window in &options.windows {
         for target in TARGETS {
@@ -77,7 +77,7 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
                 measure: options.measure,
                 watch: Vec::new(),
             };
-            let result = one(env, *target, &store, load, publishes(templates.clone())).await?;
+            let result = one(env, *target, &store, load, publishes(set.clone())).await?;
             eprintln!(
                 "  {target:<18} window {window:>4}  rep {rep}/{}: {:>9}/s  p50 {} ms  p99 {} ms  cpu {} µs/publish",
                 options.reps,
