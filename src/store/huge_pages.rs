@@ -149,36 +149,83 @@ mod linux {
 
     use allocator_api2::alloc::AllocError;
 
+    use super::HUGE_PAGE;
+
     /// A fresh mapping of `len` bytes, advised for huge pages.
     pub fn map(len: usize) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no existing memory.
-        let ptr = unsafe {
+        let ptr = reserve(len)?;
+        advise(ptr, len);
+        block(ptr, len)
+    }
+
+    /// The mapping at `ptr`, now `new` bytes long: where it is if the address space after it is free,
+    /// else moved to a huge-page boundary. Moved between boundaries, the kernel carries whole huge pages
+    /// over; moved anywhere else, it splits each into 512 small mappings, and the TLB misses are back until
+    /// khugepaged mends them minutes later.
+    pub fn remap(ptr: NonNull<u8>, old: usize, new: usize) -> Result<NonNull<[u8]>, AllocError> {
+        let old_ptr = ptr.as_ptr().cast::<libc::c_void>();
+        // SAFETY: `ptr` is a mapping of `old` bytes made by `map` or `remap`; without MREMAP_MAYMOVE it
+        // stays where it is or the call fails.
+        let here = unsafe { libc::mremap(old_ptr, old, new, 0) };
+        if here != libc::MAP_FAILED {
+            advise(here, new);
+            return block(here, new);
+        }
+        let target = reserve(new)?;
+        // SAFETY: as above; `target` is address space reserved just now for this, which MREMAP_FIXED
+        // replaces, and it does not overlap the old mapping.
+        let moved = unsafe {
+            libc::mremap(
+                old_ptr,
+                old,
+                new,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            // SAFETY: `target` was reserved above and nothing else uses it.
+            unsafe { libc::munmap(target, new) };
+            return Err(AllocError);
+        }
+        advise(moved, new);
+        block(moved, new)
+    }
+
+    /// Address space for `len` bytes that starts on a huge-page boundary: a mapping one huge page longer,
+    /// trimmed at both ends.
+    fn reserve(len: usize) -> Result<*mut libc::c_void, AllocError> {
+        // SAFETY: sysconf only reads a system constant.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = len.next_multiple_of(page);
+        let span = len + HUGE_PAGE;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no existing
+        // memory.
+        let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                span,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
-        if ptr == libc::MAP_FAILED {
+        if raw == libc::MAP_FAILED {
             return Err(AllocError);
         }
-        advise(ptr, len);
-        block(ptr, len)
-    }
-
-    /// The mapping at `ptr`, now `new` bytes long, wherever the kernel put it.
-    pub fn remap(ptr: NonNull<u8>, old: usize, new: usize) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: `ptr` is a mapping of `old` bytes made by `map`; MREMAP_MAYMOVE keeps its contents.
-        let moved = unsafe { libc::mremap(ptr.as_ptr().cast(), old, new, libc::MREMAP_MAYMOVE) };
-        if moved == libc::MAP_FAILED {
-            return Err(AllocError);
+        let head = (raw as usize).next_multiple_of(HUGE_PAGE) - raw as usize;
+        let tail = span - head - len;
+        // SAFETY: both ends lie inside the mapping just made, page-aligned, and are unused.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap(raw.cast::<u8>().add(head + len).cast(), tail);
+            }
+            Ok(raw.cast::<u8>().add(head).cast())
         }
-        // The advice moves with the mapping; a part the kernel added is advised here.
-        advise(moved, new);
-        block(moved, new)
     }
 
     pub fn unmap(ptr: NonNull<u8>, len: usize) {
@@ -249,8 +296,12 @@ mod tests {
     #[test]
     fn big_blocks_are_advised_and_keep_their_contents() {
         let mut v = HugeVec::<u64>::default();
-        for i in 0..(3 * HUGE_PAGE / 8) as u64 {
+        for i in 0..(9 * HUGE_PAGE / 8) as u64 {
             v.push(i);
+            if v.capacity() * 8 >= OWN_MAPPING {
+                // Mapped here, and moved by remap as it grows: always on a huge-page boundary.
+                assert_eq!(v.as_ptr() as usize % HUGE_PAGE, 0, "at {i}");
+            }
         }
         assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
         v.truncate(10);
