@@ -198,13 +198,23 @@ impl Inner {
     }
 
     fn upsert(&mut self, node: &str, fields: &PublishFields<'_>) {
-        let meta = Meta {
+        // Names first: taking the old entry may drop the last use of a name the new one needs.
+        let meta = self.meta(fields);
+        // A node can change shape (a re-registration with a token of another length): drop what it was.
+        self.take(node);
+        self.insert(node, fields, meta);
+    }
+
+    fn meta(&mut self, fields: &PublishFields<'_>) -> Meta {
+        Meta {
             secret_tag: secret_tag(&fields.secret_hash),
             domain: self.names.acquire(fields.domain),
             app: self.apps.acquire(fields.app),
-        };
-        // A node can change shape (a re-registration with a token of another length): drop what it was.
-        self.take(node);
+        }
+    }
+
+    /// Add a node the index does not hold.
+    fn insert(&mut self, node: &str, fields: &PublishFields<'_>, meta: Meta) {
         let (Some(raw), Ok(token)) = (made_node(node), <[u8; 32]>::try_from(&*fields.token)) else {
             let token = fields.token.as_ref().into();
             self.others.insert(node.into(), Other { token, meta });
@@ -310,7 +320,8 @@ impl PublishIndex {
             if inner.complete || inner.tombstones.contains(node) || inner.contains(node) {
                 continue;
             }
-            inner.upsert(node, &fields);
+            let meta = inner.meta(&fields);
+            inner.insert(node, &fields, meta);
         }
     }
 
