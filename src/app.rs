@@ -8,11 +8,11 @@ use std::time::Duration;
 use xmpp_parsers::jid::BareJid;
 
 use crate::config::Config;
+use crate::limits::Coalescer;
+use crate::limits::RegistrationLimiter;
 use crate::push::{ApnsClient, Backend, DryRun};
-use crate::rate_limit::RateLimiter;
-use crate::registration_limit::RegistrationLimiter;
-use crate::secrets::Keyring;
 use crate::stats::Stats;
+use crate::store::secrets::Keyring;
 use crate::store::{SledStore, Store, StoreError};
 
 /// Why knock could not be assembled from its configuration.
@@ -60,7 +60,7 @@ pub struct App {
     /// (SIGHUP), so a publish uses either the old set or the new one, never a mix.
     apps: RwLock<Arc<[Arc<PushApp>]>>,
     /// Per-node push coalescing.
-    pub limiter: RateLimiter,
+    pub coalescer: Coalescer,
     /// Every publish is answered within this.
     pub publish_deadline: Duration,
     /// What happened, in counts, and the link's state. Shared (not owned) so the link and the push clients
@@ -88,7 +88,7 @@ impl App {
             store,
             keys,
             apps: RwLock::new(apps.into_iter().map(Arc::new).collect()),
-            limiter: RateLimiter::new(push_interval),
+            coalescer: Coalescer::new(push_interval),
             publish_deadline,
             stats: Arc::default(),
             allowed_domains: Vec::new(),

@@ -1,5 +1,5 @@
 //! The `knock` command line: `run` serves, `check` validates a configuration, and the admin commands work on
-//! a stopped knock's store ([`knock::maintenance`]). Everything else is the library.
+//! a stopped knock's store ([`knock::admin`]). Everything else is the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,11 +81,11 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Keygen { out } => {
-            knock::maintenance::keygen(&out, &mut std::io::stdout()).map_err(anyhow::Error::from)
+            knock::admin::keygen(&out, &mut std::io::stdout()).map_err(anyhow::Error::from)
         }
         Command::Stats { config } => Config::load(&config)
             .map_err(anyhow::Error::from)
-            .and_then(|c| Ok(knock::maintenance::stats(&c, &mut std::io::stdout())?)),
+            .and_then(|c| Ok(knock::admin::stats(&c, &mut std::io::stdout())?)),
         Command::Export { config, out } => export(&config, out.as_deref()),
         Command::Import { config, file } => import(&config, &file),
         Command::Delete { config, node } => delete(&config, &node),
@@ -151,9 +151,9 @@ fn export(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Resu
                 std::fs::File::create(file)
                     .with_context(|| format!("creating {}", file.display()))?,
             );
-            knock::maintenance::export(&config, &mut writer)?
+            knock::admin::export(&config, &mut writer)?
         }
-        None => knock::maintenance::export(&config, &mut std::io::stdout().lock())?,
+        None => knock::admin::export(&config, &mut std::io::stdout().lock())?,
     };
     eprintln!("exported {count} registrations");
     Ok(())
@@ -161,7 +161,7 @@ fn export(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Resu
 
 fn import(path: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let count = knock::maintenance::import(&config, file)?;
+    let count = knock::admin::import(&config, file)?;
     println!(
         "imported {count} registrations into {}",
         config.store.path.display()
@@ -174,7 +174,7 @@ fn delete(path: &std::path::Path, node: &str) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(knock::maintenance::delete(&config, node))?;
+    runtime.block_on(knock::admin::delete(&config, node))?;
     println!("deleted the registration; its server learns at its next publish (item-not-found)");
     Ok(())
 }
@@ -242,7 +242,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         let admin = match config.admin_listen() {
-            Some(addr) => Some(knock::admin::start(app.clone(), addr, shutdown.clone()).await?),
+            Some(addr) => Some(knock::http::start(app.clone(), addr, shutdown.clone()).await?),
             None => None,
         };
         let settings = LinkSettings {

@@ -19,10 +19,10 @@ use xmpp_parsers::push::{Disable, Enable};
 use crate::app::App;
 use crate::handlers::publish::PublishRequest;
 use crate::handlers::{commands, disco, enable, publish, HandlerError};
-use crate::link::frame::Frame;
+use crate::stanza::frame::Frame;
+use crate::stanza::xep0050::{self, Command};
 use crate::stanza::{self, FastPublish};
 use crate::stats::Stats;
-use crate::xep0050::{self, Command};
 
 /// Everything knock answers.
 #[derive(Debug)]

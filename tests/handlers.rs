@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use knock::app::{App, PushApp};
-use knock::link::frame::Frame;
+use knock::limits::RegistrationLimiter;
 use knock::push::{Backend, PushOutcome, Wakeup};
-use knock::registration_limit::RegistrationLimiter;
 use knock::router;
+use knock::stanza::frame::Frame;
 use knock::store::{Digest, Registration, SledStore, Store, StoreError};
 use minidom::Element;
 use xmpp_parsers::iq::Iq;

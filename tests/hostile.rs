@@ -40,8 +40,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use knock::app::App;
 use knock::handlers::publish::PublishRequest;
-use knock::link::frame::{Event, Frame, FrameError, Framer, MAX_STANZA};
 use knock::router::{self, Request};
+use knock::stanza::frame::{Event, Frame, FrameError, Framer, MAX_STANZA};
 use knock::stanza::{self, FastPublish, Kind};
 use minidom::Element;
 use proptest::prelude::*;
@@ -678,7 +678,7 @@ fn expect(frame: &Frame) -> Expect {
         ),
     ]);
     // Line ends first, as XML has every processor do (minidom does not).
-    let bytes = knock::xml::normalize_line_ends(&frame.bytes);
+    let bytes = knock::stanza::xml::normalize_line_ends(&frame.bytes);
     let Ok(element) = Element::from_reader_with_prefixes(&bytes[..], prefixes) else {
         return Expect::ErrorIfAny;
     };

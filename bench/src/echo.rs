@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::{bail, Context as _};
 use bytes::BytesMut;
-use knock::link::frame::{Event, Framer};
+use knock::stanza::frame::{Event, Framer};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -29,7 +29,7 @@ pub async fn run(server: SocketAddr, jid: &str, secret: &str) -> anyhow::Result<
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut framer = Framer::default();
     let stream_id = match next(&mut tcp, &mut buf, &mut framer).await? {
-        Event::Header(header) => knock::xml::Tag::parse(&header)
+        Event::Header(header) => knock::stanza::xml::Tag::parse(&header)
             .and_then(|tag| tag.attr(b"id"))
             .map(|id| String::from_utf8_lossy(id).into_owned())
             .context("the stream header has no id")?,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use knock::secrets::{random_id, secret_hash, Keyring};
+use knock::store::secrets::{random_id, secret_hash, Keyring};
 use knock::store::{Registration, SledStore, Store};
 use rand::RngCore as _;
 

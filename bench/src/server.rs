@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::BytesMut;
-use knock::link::frame::{Event, Framer};
-use knock::xml::Tag;
+use knock::stanza::frame::{Event, Framer};
+use knock::stanza::xml::Tag;
 use sha1::{Digest as _, Sha1};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -92,7 +92,7 @@ pub async fn next(
 
 /// An IQ's root tag, if the stanza is one.
 pub fn iq_tag(bytes: &[u8]) -> Option<Tag<'_>> {
-    let end = knock::xml::tag_end(bytes, 0)?;
+    let end = knock::stanza::xml::tag_end(bytes, 0)?;
     Tag::parse(&bytes[..=end]).filter(|tag| tag.name == b"iq")
 }
 

@@ -1,106 +1,107 @@
-//! The HTTP admin listener: `/metrics` (Prometheus text format) and `/health`, for operators and their
-//! monitoring. Off unless `[admin] listen` is set; it has no authentication, so it belongs on loopback.
+//! The admin commands that work on a stopped knock's store: `keygen`, `stats`, `export`, `import`,
+//! `delete`. Each opens the store as `knock run` would (with its store key), so a running knock holding
+//! the store makes them fail with [`StoreError::InUse`] rather than race it.
 //!
-//! It only reads: the counters in [`crate::stats`] and, per request, the store (off the runtime's thread, on
-//! the blocking pool, since a count may scan while the publish index is still being rebuilt). It never
-//! changes knock's state and never shows a node, token, secret or JID.
-//!
-//! Why knock writes the text format itself instead of using `metrics` + `metrics-exporter-prometheus` or
-//! `prometheus`: the counters already exist as plain atomics bumped by the handlers, and a publish must stay
-//! one relaxed atomic add (~100k publishes/s on one thread). Both crates can do that only through handles
-//! registered up front, and both add a registry, locks and several crates for what is here ~200 lines of
-//! formatting over a [`crate::stats::Snapshot`]. The HTTP side is axum (the issue's choice) without default
-//! features: it reuses the hyper 1, hyper-util and tokio already in the build and adds eight small crates.
+//! What they print names no token, secret or JID: counts, app names and domains only, and the export file,
+//! whose tokens stay sealed when the store has a key.
 
-pub mod health;
-pub mod metrics;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use crate::app::{App, SetupError};
+use crate::config::Config;
+use crate::store::{BackupError, KeyFileError, SledStore, Store, StoreError, StoreKey};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-
-use crate::app::App;
-use crate::shutdown::Shutdown;
-
-/// Why the admin listener could not start.
+/// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    /// The address could not be bound (in use, not local, no permission).
-    #[error("cannot listen on {addr} (admin.listen): {source}")]
-    Bind {
-        /// The configured address.
-        addr: SocketAddr,
-        /// What the OS said.
-        source: std::io::Error,
-    },
+pub enum MaintenanceError {
+    /// The store could not be opened (in use, wrong key, I/O).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Export or import failed.
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// The key file could not be written.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// Writing the output failed.
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+    /// `delete` named a node the store does not hold.
+    #[error("no registration has node {0:?}")]
+    NoSuchNode(String),
 }
 
-/// The content type of the Prometheus text exposition format.
-const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// `knock keygen --out FILE`: write a new store key, readable by its owner only; never overwrites.
+pub fn keygen(out: &Path, say: &mut dyn Write) -> Result<(), MaintenanceError> {
+    StoreKey::generate().write_new(out)?;
+    writeln!(
+        say,
+        "wrote a new store key to {}\nset  [store] key_file = \"{}\"  in knock.toml; keep the file out of the store's backups",
+        out.display(),
+        out.display()
+    )?;
+    Ok(())
+}
 
-/// Bind `addr` and serve `/metrics` and `/health` until `shutdown`. Binding happens before this returns, so a
-/// taken port stops knock at start instead of leaving it running unmonitored.
-pub async fn start(
-    app: Arc<App>,
-    addr: SocketAddr,
-    mut shutdown: Shutdown,
-) -> Result<JoinHandle<()>, AdminError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind { addr, source })?;
-    let bound = listener.local_addr().unwrap_or(addr);
-    if !bound.ip().is_loopback() {
-        tracing::warn!(
-            listen = %bound,
-            "THE ADMIN LISTENER IS NOT ON LOOPBACK: /metrics and /health have no authentication and \
-             anyone who can reach this address can read them; set admin.listen to 127.0.0.1 or [::1] \
-             unless a firewall or proxy guards it"
-        );
-    }
-    tracing::info!(listen = %bound, "admin listener up: /metrics, /health");
-    let router = Router::new()
-        .route("/metrics", get(metrics_endpoint))
-        .route("/health", get(health_endpoint))
-        .with_state(app);
-    Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.recv().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin listener failed");
+/// `knock stats`: how many registrations, by app and by domain, and whether tokens are sealed.
+pub fn stats(config: &Config, say: &mut dyn Write) -> Result<(), MaintenanceError> {
+    let store = App::open_store(config)?;
+    let mut by_app: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_domain: BTreeMap<String, usize> = BTreeMap::new();
+    let total = store.scan(|r| {
+        *by_app.entry(r.app).or_default() += 1;
+        *by_domain.entry(r.domain).or_default() += 1;
+    })?;
+    writeln!(
+        say,
+        "store {}: {total} registrations, tokens {}",
+        config.store.path.display(),
+        if store.is_sealed() {
+            "sealed under store.key_file"
+        } else {
+            "in the clear (no store.key_file)"
         }
-    }))
+    )?;
+    for (app, n) in &by_app {
+        let configured = config.apns.iter().any(|a| &a.name == app);
+        let note = if configured {
+            ""
+        } else {
+            "  (not configured: these get no pushes)"
+        };
+        writeln!(say, "  app {app}: {n}{note}")?;
+    }
+    writeln!(say, "  domains: {}", by_domain.len())?;
+    for (domain, n) in by_domain.iter().rev().take(20) {
+        writeln!(say, "    {domain}: {n}")?;
+    }
+    Ok(())
 }
 
-/// `GET /metrics`: every counter and gauge, read once.
-async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
-    let stored = health::stored_registrations(app.store.clone()).await;
-    // From the in-memory index: no disk read, so no need for the blocking pool.
-    let by_app = app.store.counts_by_app().ok().flatten();
-    let body = metrics::render(&app.stats.snapshot(), stored, by_app.as_deref());
-    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
+/// `knock export`: every registration as JSON lines to `out`; returns how many.
+pub fn export(config: &Config, out: &mut dyn Write) -> Result<usize, MaintenanceError> {
+    let store = App::open_store(config)?;
+    Ok(store.export(out)?)
 }
 
-/// `GET /health`: 200 when the link is up and the store answers, 503 otherwise; a one-line JSON body.
-async fn health_endpoint(State(app): State<Arc<App>>) -> Response {
-    let store = health::probe_store(app.store.clone()).await;
-    let verdict = health::Verdict::of(app.stats.is_link_up(), store);
-    let status = if verdict.healthy() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        verdict.json(),
-    )
-        .into_response()
+/// `knock import FILE`: an export into the configured store, which must be empty; returns how many.
+pub fn import(config: &Config, file: &Path) -> Result<usize, MaintenanceError> {
+    let key = config.store.key().map_err(SetupError::from)?;
+    Ok(SledStore::import(&config.store.path, key, file)?)
+}
+
+/// `knock delete --node NODE`: remove one registration durably. The user's server learns at its next
+/// publish (`item-not-found`).
+pub async fn delete(config: &Config, node: &str) -> Result<(), MaintenanceError> {
+    let store = App::open_store(config)?;
+    if store.remove(node)?.is_none() {
+        return Err(MaintenanceError::NoSuchNode(node.to_string()));
+    }
+    store.flush().await?;
+    Ok(())
 }

@@ -13,9 +13,9 @@ use super::{
     apns_token, delete, device_id, form_values, optional, push_app, required, save, HandlerError,
 };
 use crate::app::App;
-use crate::secrets::{random_id, secret_hash};
+use crate::stanza::xep0050::{Action, Actions, Command, Status};
+use crate::store::secrets::{random_id, secret_hash};
 use crate::store::Registration;
-use crate::xep0050::{Action, Actions, Command, Status};
 
 /// A command knock offers.
 #[derive(Debug)]

@@ -23,10 +23,15 @@ pub fn info(query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
         None => Ok(DiscoInfoResult {
             node: None,
             identities: vec![Identity::new("pubsub", "push", "en", "knock push service")],
-            features: features(&[ns::PUSH, crate::xep0050::NS, ns::DISCO_INFO, ns::PING]),
+            features: features(&[
+                ns::PUSH,
+                crate::stanza::xep0050::NS,
+                ns::DISCO_INFO,
+                ns::PING,
+            ]),
             extensions: Vec::new(),
         }),
-        Some(node) if node == crate::xep0050::NS => Ok(DiscoInfoResult {
+        Some(node) if node == crate::stanza::xep0050::NS => Ok(DiscoInfoResult {
             node: Some(node.to_owned()),
             identities: vec![Identity::new(
                 "automation",
@@ -34,7 +39,7 @@ pub fn info(query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
                 "en",
                 "Commands",
             )],
-            features: features(&[crate::xep0050::NS, ns::DISCO_INFO]),
+            features: features(&[crate::stanza::xep0050::NS, ns::DISCO_INFO]),
             extensions: Vec::new(),
         }),
         Some(node) => match commands::by_node(node) {
@@ -46,7 +51,7 @@ pub fn info(query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
                     "en",
                     command.name,
                 )],
-                features: features(&[crate::xep0050::NS, ns::DATA_FORMS]),
+                features: features(&[crate::stanza::xep0050::NS, ns::DATA_FORMS]),
                 extensions: Vec::new(),
             }),
             None => Err(HandlerError::item_not_found("no such node")),
@@ -57,7 +62,7 @@ pub fn info(query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
 /// Answer disco#items: the command list on the commands node, nothing elsewhere.
 pub fn items(app: &App, query: DiscoItemsQuery) -> Result<DiscoItemsResult, HandlerError> {
     let items = match query.node.as_deref() {
-        Some(node) if node == crate::xep0050::NS => commands::COMMANDS
+        Some(node) if node == crate::stanza::xep0050::NS => commands::COMMANDS
             .iter()
             .map(|c| Item {
                 jid: app.jid.clone().into(),

@@ -12,7 +12,7 @@ use super::{
     apns_token, delete, device_id, form_values, optional, push_app, required, save, HandlerError,
 };
 use crate::app::App;
-use crate::secrets::secret_hash;
+use crate::store::secrets::secret_hash;
 use crate::store::Registration;
 
 /// Shortest node or secret a client may choose: 22 URL-safe characters carry 128 bits.

@@ -17,7 +17,7 @@ use xmpp_parsers::data_forms::DataForm;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::app::{App, PushApp};
-use crate::registration_limit::{Refused, Scope};
+use crate::limits::{Refused, Scope};
 use crate::store::{Registration, StoreError};
 
 /// A request knock refuses, with the XMPP error it becomes. The text is for humans and never carries a
@@ -99,10 +99,7 @@ impl From<StoreError> for HandlerError {
     }
 }
 
-/// Most fields a submitted form may have; knock's forms have at most five.
-pub const MAX_FORM_FIELDS: usize = 32;
-/// Longest value of any field knock reads.
-pub const MAX_FIELD_LEN: usize = 1024;
+pub use crate::stanza::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
 
 /// The single-valued fields of a submitted form, by `var`, with limits applied.
 pub fn form_values(form: &DataForm) -> Result<HashMap<&str, &str>, HandlerError> {

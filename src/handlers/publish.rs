@@ -13,13 +13,13 @@ use xmpp_parsers::pubsub::pubsub::{Publish, PublishOptions};
 
 use super::{form_values, HandlerError};
 use crate::app::App;
-use crate::log_limit::LogLimit;
 use crate::push::{PushOutcome, Wakeup};
-use crate::secrets::secret_matches;
+use crate::stats::log_limit::LogLimit;
 use crate::stats::Stats;
+use crate::store::secrets::secret_matches;
 
 /// Failures that repeat on every publish while they last are logged once per interval (see
-/// [`crate::log_limit`]); `held` in the line says how many more it stands for.
+/// [`crate::stats::log_limit`]); `held` in the line says how many more it stands for.
 static THROTTLED: LogLimit = LogLimit::new(Duration::from_secs(10));
 static UNAVAILABLE: LogLimit = LogLimit::new(Duration::from_secs(10));
 static MISCONFIGURED: LogLimit = LogLimit::new(Duration::from_secs(10));
@@ -144,13 +144,13 @@ async fn check_and_push(
     }
 
     // 4. Coalesce bursts.
-    if !app.limiter.try_acquire(node) {
+    if !app.coalescer.try_acquire(node) {
         return Ok(Published::Coalesced);
     }
 
     // 5. Push.
     let Some(push_app) = app.app(Some(&registration.app)) else {
-        app.limiter.release(node);
+        app.coalescer.release(node);
         tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
         return Err(Refused::Failed.with(HandlerError::internal(
             "this node's app is not configured on the push service",
@@ -171,7 +171,7 @@ async fn check_and_push(
         PushOutcome::Delivered => Ok(Published::Pushed),
         PushOutcome::DeadToken { reason } => {
             // Only this token is dead: a re-registration that raced us keeps its fresh token.
-            app.limiter.release(node);
+            app.coalescer.release(node);
             if !app.store.remove_if_token(node, &registration.token)? {
                 // Re-registered with a fresh token meanwhile: the node lives, the next publish uses the new token.
                 return Err(Refused::Failed.with(HandlerError::internal(
@@ -185,21 +185,21 @@ async fn check_and_push(
             )))
         }
         PushOutcome::Throttled => {
-            app.limiter.release(node);
+            app.coalescer.release(node);
             crate::log_limited!(THROTTLED, warn, app = %push_app.name, "push service is throttling knock");
             Err(Refused::Failed.with(HandlerError::resource_constraint(
                 "the push service is throttling; try later",
             )))
         }
         PushOutcome::Unavailable { reason } => {
-            app.limiter.release(node);
+            app.coalescer.release(node);
             crate::log_limited!(UNAVAILABLE, warn, app = %push_app.name, %reason, "push failed; server told to wait");
             Err(Refused::Failed.with(HandlerError::internal(
                 "the push service is unavailable; try later",
             )))
         }
         PushOutcome::Misconfigured { reason } => {
-            app.limiter.release(node);
+            app.coalescer.release(node);
             crate::log_limited!(MISCONFIGURED, error, app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
             Err(Refused::Failed.with(HandlerError::internal(
                 "the push service is misconfigured; try later",

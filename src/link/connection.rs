@@ -17,9 +17,9 @@ use xmpp_parsers::ns;
 use xmpp_parsers::stream_error::StreamError;
 use xso::AsXml;
 
-use super::frame::{Event, Frame, FrameError, Framer};
 use crate::stanza;
-use crate::xml::{decode, Tag};
+use crate::stanza::frame::{Event, Frame, FrameError, Framer};
+use crate::stanza::xml::{decode, Tag};
 
 /// Bytes asked of the socket per read; a burst of publishes is read and framed in one go.
 const READ_CHUNK: usize = 64 * 1024;

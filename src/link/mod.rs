@@ -23,7 +23,6 @@
 //! cannot reach the component, so every second of downtime costs users.
 
 pub mod connection;
-pub mod frame;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,10 +36,10 @@ use xmpp_parsers::jid::{BareJid, Jid};
 use xmpp_parsers::ping::Ping;
 
 use self::connection::{stream_error, Connection};
-use self::frame::{Event, Frame};
 use crate::app::App;
 use crate::router;
 use crate::shutdown::Shutdown;
+use crate::stanza::frame::{Event, Frame};
 use crate::stanza::{self, Kind};
 
 pub use self::connection::ConnectError;

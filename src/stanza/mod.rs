@@ -15,13 +15,20 @@ use minidom::Element;
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::ns;
 
-use crate::handlers::{MAX_FIELD_LEN, MAX_FORM_FIELDS};
-use crate::link::frame::Frame;
-use crate::xml::{
+use self::frame::Frame;
+use self::xml::{
     decode, is_blank, normalize_line_ends, valid_chars, Tag, TagKind, Tags, MAX_TOKEN,
 };
 
+pub mod frame;
 pub mod shape;
+pub mod xep0050;
+pub mod xml;
+
+/// Most fields a submitted form may have; knock's forms have at most five.
+pub const MAX_FORM_FIELDS: usize = 32;
+/// Longest value of any field knock reads.
+pub const MAX_FIELD_LEN: usize = 1024;
 
 /// Deepest nesting parsed into a tree; deeper stanzas are refused unread (a tree that deep costs stack to
 /// build and drop, and no XEP knock speaks nests past 6).

@@ -17,10 +17,10 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
+use super::frame::Frame;
+use super::xml::MAX_TOKEN;
 use super::FastPublish;
-use crate::handlers::MAX_FIELD_LEN;
-use crate::link::frame::Frame;
-use crate::xml::MAX_TOKEN;
+use super::MAX_FIELD_LEN;
 
 /// Shapes kept per thread.
 const SHAPES: usize = 8;
@@ -270,7 +270,7 @@ mod tests {
 
     #[test]
     fn the_framer_cuts_known_shapes_exactly_where_it_would_scan() {
-        use crate::link::frame::{Event, Framer};
+        use crate::stanza::frame::{Event, Framer};
         use bytes::BytesMut;
 
         let stream = |frames: &[Frame]| -> Vec<u8> {

@@ -3,17 +3,16 @@
 //! Handlers speak only this trait, so another backend can be added without touching them. A registration holds
 //! what a push needs and nothing more: no JID (only keyed hashes of it), no secret (only its hash), no timestamps.
 
-mod huge_pages;
-mod index;
-mod record;
 mod seal;
+pub mod secrets;
 mod sled;
 
-pub use self::index::PublishTarget;
 pub use self::seal::{KeyFileError, StoreKey};
 pub use self::sled::{BackupError, SledStore};
 
 use futures::future::BoxFuture;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// A 32-byte keyed hash: identifies a device or an owner without revealing the JID behind it.
@@ -50,6 +49,30 @@ pub struct Registration {
     /// SHA-256 of the publish secret; the secret itself is never stored.
     #[serde(with = "hex_digest")]
     pub secret_hash: Digest,
+}
+
+/// What a publish needs to know of its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishTarget {
+    /// The APNs device token, lowercase hex.
+    pub token: String,
+    /// The first 128 bits of the SHA-256 of the node's publish secret.
+    pub secret_tag: SecretTag,
+    /// The only server allowed to publish to the node.
+    pub domain: Arc<str>,
+    /// The configured app the token belongs to.
+    pub app: Arc<str>,
+}
+
+impl From<&Registration> for PublishTarget {
+    fn from(r: &Registration) -> PublishTarget {
+        PublishTarget {
+            token: r.token.clone(),
+            secret_tag: secret_tag(&r.secret_hash),
+            domain: r.domain.as_str().into(),
+            app: r.app.as_str().into(),
+        }
+    }
 }
 
 /// What can go wrong in a store.

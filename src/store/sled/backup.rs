@@ -15,10 +15,10 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::super::record::Codec;
-use super::super::seal::StoreKey;
-use super::super::StoreError;
+use super::record::Codec;
 use super::{keys, open_db, SledStore};
+use crate::store::seal::StoreKey;
+use crate::store::StoreError;
 
 /// The export format's version.
 const FORMAT: u32 = 1;

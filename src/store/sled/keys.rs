@@ -3,8 +3,8 @@
 
 use rand::RngCore;
 
-use super::super::seal::StoreKey;
-use super::super::StoreError;
+use crate::store::seal::StoreKey;
+use crate::store::StoreError;
 
 /// The instance key in the clear (a store without a store key).
 const INSTANCE_KEY: &[u8] = b"instance-key";

@@ -1,6 +1,6 @@
 //! The sled-backed [`Store`]: three trees in one embedded database, and an in-memory index for publishes.
 //!
-//! `registrations` maps node -> registration (a compact record, see [`super::record`]), `devices` maps device
+//! `registrations` maps node -> registration (a compact record, see [`record`]), `devices` maps device
 //! hash -> node, and the default tree holds the store's keys ([`keys`]). Writes touching two trees run in
 //! one sled transaction, so a crash never leaves half a record.
 //!
@@ -19,8 +19,11 @@
 //! broken database left, so a full disk stops registrations, not pushes.
 
 mod backup;
+mod huge_pages;
+mod index;
 mod keys;
 mod rebuild;
+mod record;
 #[cfg(test)]
 mod tests;
 
@@ -34,11 +37,11 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 pub use self::backup::BackupError;
+use self::index::{Lookup, PublishIndex};
 use self::rebuild::{Rebuild, Rebuilder};
-use super::index::{Lookup, PublishIndex, PublishTarget};
-use super::record::{Codec, PublishFields};
-use super::seal::StoreKey;
-use super::{Digest, Registration, Store, StoreError};
+use self::record::{Codec, PublishFields};
+use crate::store::seal::StoreKey;
+use crate::store::{Digest, PublishTarget, Registration, Store, StoreError};
 
 /// How long a flush may take before the changes waiting on it are reported as not confirmed.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
@@ -92,7 +95,7 @@ enum Current {
 struct Open {
     /// Kept for flushes and the default tree.
     db: sled::Db,
-    /// node -> record ([`super::record`]).
+    /// node -> record ([`record`]).
     registrations: sled::Tree,
     /// device hash -> node.
     devices: sled::Tree,

@@ -4,9 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::super::index::PublishIndex;
-use super::super::record::{Codec, PublishFields};
+use super::index::PublishIndex;
 use super::lock;
+use super::record::{Codec, PublishFields};
 
 /// Registrations the rebuild reads before taking the index's lock once to add them.
 const REBUILD_BATCH: usize = 1024;

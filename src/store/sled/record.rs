@@ -7,13 +7,13 @@
 //!
 //! Layout: `format | device[32] | owner[32] | secret_hash[32] | len domain | len app | len token`, where
 //! each `len x` is a two-byte big-endian length followed by that many bytes. Format 1 holds the token as
-//! it is; format 2, written when a store key is configured, holds it sealed (see [`super::seal`]) and bound
+//! it is; format 2, written when a store key is configured, holds it sealed (see [`crate::store::seal`]) and bound
 //! to the record's node.
 
 use std::borrow::Cow;
 
-use super::seal::StoreKey;
-use super::{Digest, Registration, StoreError};
+use crate::store::seal::StoreKey;
+use crate::store::{Digest, Registration, StoreError};
 
 /// The token in the clear.
 const FORMAT_1: u8 = 1;

@@ -1,10 +1,12 @@
 //! What knock did and what state it is in, in counts: read by the periodic info log and by `/metrics` and
-//! `/health` ([`crate::admin`]). Never keyed by node, token, secret or JID.
+//! `/health` ([`crate::http`]). Never keyed by node, token, secret or JID.
 //!
 //! Everything here is recorded on a hot path (~100k publishes/s on one thread), so recording is a relaxed
 //! atomic add into a fixed slot: no lock, no allocation, no map lookup. Labels exist only as indexes into the
 //! fixed tables below; a value the tables do not know (an APNs reason Apple never documented) lands in
 //! `other`, so nothing a peer sends can become a label or grow memory.
+
+pub mod log_limit;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Remembers when each node was last pushed.
-pub struct RateLimiter {
+pub struct Coalescer {
     /// Minimum time between two pushes to one node.
     interval: Duration,
     /// node -> when its last push started. Pruned of expired entries as it grows, so memory tracks the number
@@ -24,10 +24,10 @@ struct Slots {
 
 const MIN_PRUNE_AT: usize = 1024;
 
-impl RateLimiter {
+impl Coalescer {
     /// A limiter with the given interval (zero disables coalescing).
-    pub fn new(interval: Duration) -> RateLimiter {
-        RateLimiter {
+    pub fn new(interval: Duration) -> Coalescer {
+        Coalescer {
             interval,
             last: Mutex::new(Slots {
                 map: HashMap::new(),
@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn coalesces_inside_the_window_and_releases_on_failure() {
-        let rl = RateLimiter::new(Duration::from_secs(60));
+        let rl = Coalescer::new(Duration::from_secs(60));
         assert!(rl.try_acquire("a"));
         assert!(!rl.try_acquire("a"));
         assert!(rl.try_acquire("b"));
@@ -89,7 +89,7 @@ mod tests {
 
     #[test]
     fn window_expires() {
-        let rl = RateLimiter::new(Duration::from_millis(20));
+        let rl = Coalescer::new(Duration::from_millis(20));
         assert!(rl.try_acquire("a"));
         std::thread::sleep(Duration::from_millis(30));
         assert!(rl.try_acquire("a"));
@@ -97,7 +97,7 @@ mod tests {
 
     #[test]
     fn memory_tracks_live_nodes_only() {
-        let rl = RateLimiter::new(Duration::from_millis(1));
+        let rl = Coalescer::new(Duration::from_millis(1));
         for i in 0..10_000 {
             assert!(rl.try_acquire(&format!("n{i}")));
             if i % 1000 == 0 {
@@ -109,7 +109,7 @@ mod tests {
 
     #[test]
     fn zero_interval_never_coalesces() {
-        let rl = RateLimiter::new(Duration::ZERO);
+        let rl = Coalescer::new(Duration::ZERO);
         assert!(rl.try_acquire("a"));
         assert!(rl.try_acquire("a"));
         assert_eq!(rl.tracked(), 0);

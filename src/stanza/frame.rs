@@ -11,8 +11,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::memmem;
 
-use crate::stanza::shape;
-use crate::xml::{find, is_blank, tag_end};
+use super::shape;
+use super::xml::{find, is_blank, tag_end};
 
 /// Largest stanza knock reads; the biggest legitimate one (a registration) is under 2 KiB. Prosody limits
 /// client stanzas to 256 KiB, so nothing larger reaches knock from a well-behaved server.

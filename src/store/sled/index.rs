@@ -20,31 +20,7 @@ use hashbrown::HashTable;
 
 use super::huge_pages::{HugePages, HugeVec};
 use super::record::{lower_hex, PublishFields};
-use super::{secret_tag, Registration, SecretTag};
-
-/// What a publish needs to know of its node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishTarget {
-    /// The APNs device token, lowercase hex.
-    pub token: String,
-    /// The first 128 bits of the SHA-256 of the node's publish secret.
-    pub secret_tag: SecretTag,
-    /// The only server allowed to publish to the node.
-    pub domain: Arc<str>,
-    /// The configured app the token belongs to.
-    pub app: Arc<str>,
-}
-
-impl From<&Registration> for PublishTarget {
-    fn from(r: &Registration) -> PublishTarget {
-        PublishTarget {
-            token: r.token.clone(),
-            secret_tag: secret_tag(&r.secret_hash),
-            domain: r.domain.as_str().into(),
-            app: r.app.as_str().into(),
-        }
-    }
-}
+use crate::store::{secret_tag, PublishTarget, SecretTag};
 
 /// What the index knows of a node.
 #[derive(Debug, PartialEq, Eq)]
@@ -383,7 +359,7 @@ mod tests {
     #[test]
     fn holds_what_was_written_and_misses_are_unknown_until_complete() {
         let index = PublishIndex::new();
-        let node = crate::secrets::random_id();
+        let node = crate::store::secrets::random_id();
         index.upsert(&node, &fields(&[0xab; 32], "example.org", "chat"));
         let t = found(&index, &node);
         assert_eq!(t.token, "ab".repeat(32));
@@ -421,7 +397,7 @@ mod tests {
     fn a_node_that_changes_shape_is_held_once() {
         let index = PublishIndex::new();
         index.finish_rebuild();
-        let node = crate::secrets::random_id();
+        let node = crate::store::secrets::random_id();
         index.upsert(&node, &fields(&[1; 32], "a.example", "chat"));
         index.upsert(&node, &fields(&[2; 40], "a.example", "chat"));
         assert_eq!(found(&index, &node).token, "02".repeat(40));
@@ -439,7 +415,9 @@ mod tests {
     fn removals_keep_every_other_entry_findable() {
         let index = PublishIndex::new();
         index.finish_rebuild();
-        let nodes: Vec<String> = (0..500).map(|_| crate::secrets::random_id()).collect();
+        let nodes: Vec<String> = (0..500)
+            .map(|_| crate::store::secrets::random_id())
+            .collect();
         for (i, node) in nodes.iter().enumerate() {
             let token = [i as u8; 32];
             index.upsert(node, &fields(&token, "example.org", "chat"));
