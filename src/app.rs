@@ -1,6 +1,6 @@
-//! The shared state every handler works with: store, push backends per app, keyring, rate limiters, counters.
+//! The shared state every handler works with: store, push providers per app, keyring, limits, counters.
 //!
-//! Built once from the [`Config`] (or piece by piece in tests, with any [`Backend`]); handlers borrow it.
+//! Built once from the [`Config`] (or piece by piece in tests, with any [`Provider`]); handlers borrow it.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -8,9 +8,10 @@ use std::time::Duration;
 use xmpp_parsers::jid::BareJid;
 
 use crate::config::Config;
+use crate::config::PushType;
 use crate::limits::Coalescer;
 use crate::limits::RegistrationLimiter;
-use crate::push::{ApnsClient, Backend, DryRun};
+use crate::push::{ApnsClient, DryRun, Provider, ProviderKind, WakeKind};
 use crate::stats::Stats;
 use crate::store::secrets::Keyring;
 use crate::store::{SledStore, Store, StoreError};
@@ -39,16 +40,30 @@ pub enum SetupError {
     },
 }
 
-/// One configured app and the backend that wakes it.
+/// One configured app and the provider that wakes it.
 #[derive(Clone)]
 pub struct PushApp {
     /// The name clients use in the `app` field.
     pub name: String,
-    /// How its wake-ups are sent.
-    pub backend: Arc<dyn Backend>,
+    /// How its wake-ups are sent, and whose token rules its registrations follow.
+    pub provider: Arc<dyn Provider>,
+    /// How its wake-ups show on the device (the app's `push_type`).
+    pub wake_kind: WakeKind,
 }
 
-/// Everything the handlers need.
+impl PushApp {
+    /// An app whose wake-ups are silent (the default `push_type`).
+    pub fn new(name: impl Into<String>, provider: Arc<dyn Provider>) -> PushApp {
+        PushApp {
+            name: name.into(),
+            provider,
+            wake_kind: WakeKind::default(),
+        }
+    }
+}
+
+/// Everything the handlers need. Built whole by [`App::from_config`] or an [`AppBuilder`], then shared
+/// read-only; only the set of apps changes, on a reload.
 pub struct App {
     /// The component's own JID; replies come from it and `<enable/>` must name it.
     pub jid: BareJid,
@@ -64,51 +79,104 @@ pub struct App {
     /// Every publish is answered within this.
     pub publish_deadline: Duration,
     /// What happened, in counts, and the link's state. Shared (not owned) so the link and the push clients
-    /// can record into it too, and the admin listener read it.
+    /// can record into it too, and the HTTP listener read it.
     pub stats: Arc<Stats>,
     /// Domains whose users may register; empty means any.
     pub allowed_domains: Vec<String>,
-    /// Registration flood caps per owner and per domain. [`App::new`] starts unlimited, as tests want;
-    /// [`App::from_config`] applies `[limits]`, whose defaults are on.
+    /// Registration flood caps per owner and per domain.
     pub registration_limit: RegistrationLimiter,
 }
 
-impl App {
-    /// Assemble an app from parts (tests plug in their own store and backends).
-    pub fn new(
-        jid: BareJid,
-        store: Arc<dyn Store>,
-        apps: Vec<PushApp>,
-        push_interval: Duration,
-        publish_deadline: Duration,
-    ) -> Result<App, StoreError> {
-        let keys = Keyring::new(store.instance_key()?);
+/// Assembles an [`App`] from parts: tests plug in their own store and providers. Starts with no app, no
+/// coalescing, a 10 s publish deadline, fresh counters, any domain and no registration cap (as tests
+/// want; [`App::from_config`] applies `[limits]`, whose defaults are on).
+pub struct AppBuilder {
+    jid: BareJid,
+    store: Arc<dyn Store>,
+    apps: Vec<PushApp>,
+    push_interval: Duration,
+    publish_deadline: Duration,
+    stats: Arc<Stats>,
+    allowed_domains: Vec<String>,
+    registration_limit: RegistrationLimiter,
+}
+
+impl AppBuilder {
+    /// The apps; the first is the default.
+    pub fn apps(mut self, apps: Vec<PushApp>) -> Self {
+        self.apps = apps;
+        self
+    }
+    /// At most one push per node per this interval.
+    pub fn push_interval(mut self, interval: Duration) -> Self {
+        self.push_interval = interval;
+        self
+    }
+    /// Every publish is answered within this.
+    pub fn publish_deadline(mut self, deadline: Duration) -> Self {
+        self.publish_deadline = deadline;
+        self
+    }
+    /// Counters shared with the link and the push clients.
+    pub fn stats(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = stats;
+        self
+    }
+    /// Only users of these domains may register (already normalised); empty lets anyone.
+    pub fn allowed_domains(mut self, domains: Vec<String>) -> Self {
+        self.allowed_domains = domains;
+        self
+    }
+    /// Registration flood caps.
+    pub fn registration_limit(mut self, limit: RegistrationLimiter) -> Self {
+        self.registration_limit = limit;
+        self
+    }
+    /// The app; fails only if the store cannot give its instance key.
+    pub fn build(self) -> Result<App, StoreError> {
         Ok(App {
+            keys: Keyring::new(self.store.instance_key()?),
+            jid: self.jid,
+            store: self.store,
+            apps: RwLock::new(self.apps.into_iter().map(Arc::new).collect()),
+            coalescer: Coalescer::new(self.push_interval),
+            publish_deadline: self.publish_deadline,
+            stats: self.stats,
+            allowed_domains: self.allowed_domains,
+            registration_limit: self.registration_limit,
+        })
+    }
+}
+
+impl App {
+    /// Start assembling an app from parts.
+    pub fn builder(jid: BareJid, store: Arc<dyn Store>) -> AppBuilder {
+        AppBuilder {
             jid,
             store,
-            keys,
-            apps: RwLock::new(apps.into_iter().map(Arc::new).collect()),
-            coalescer: Coalescer::new(push_interval),
-            publish_deadline,
+            apps: Vec::new(),
+            push_interval: Duration::ZERO,
+            publish_deadline: Duration::from_secs(10),
             stats: Arc::default(),
             allowed_domains: Vec::new(),
             registration_limit: RegistrationLimiter::unlimited(),
-        })
+        }
     }
 
-    /// Build every configured app's push backend: reads keys and certificates, connects nowhere.
-    pub fn backends_from_config(
+    /// Build every configured app's push provider: reads keys and certificates, connects nowhere.
+    pub fn apps_from_config(
         config: &Config,
         stats: &Arc<Stats>,
     ) -> Result<Vec<PushApp>, SetupError> {
-        // The backend's own deadline leaves room to send the reply before the publish deadline.
+        // The provider's own deadline leaves room to send the reply before the publish deadline.
         let push_deadline = config.publish_deadline().mul_f64(0.9);
         config
             .apns
             .iter()
             .map(|app| {
-                let backend: Arc<dyn Backend> = if app.dry_run {
+                let provider: Arc<dyn Provider> = if app.dry_run {
                     Arc::new(DryRun {
+                        kind: ProviderKind::Apns,
                         app: app.name.clone(),
                     })
                 } else {
@@ -119,9 +187,14 @@ impl App {
                         },
                     )?)
                 };
+                let wake_kind = match app.push_type {
+                    PushType::Background => WakeKind::Background,
+                    PushType::Alert => WakeKind::Alert,
+                };
                 Ok(PushApp {
                     name: app.name.clone(),
-                    backend,
+                    provider,
+                    wake_kind,
                 })
             })
             .collect()
@@ -136,39 +209,37 @@ impl App {
         })
     }
 
-    /// Open the store and build every app's backend from the configuration.
+    /// Open the store and build every app's provider from the configuration.
     pub fn from_config(config: &Config) -> Result<App, SetupError> {
         let stats = Arc::new(Stats::default());
-        let apps = App::backends_from_config(config, &stats)?;
-        let store_error = |source| SetupError::Store {
-            path: config.store.path.display().to_string(),
-            source,
-        };
+        let apps = App::apps_from_config(config, &stats)?;
         if config.store.key_file.is_none() {
             tracing::warn!("store.key_file is not set: device tokens are stored in the clear (`knock keygen` writes a key)");
         }
         let store = App::open_store(config)?;
-        let mut app = App::new(
-            config.component_jid(),
-            Arc::new(store),
-            apps,
-            config.push_interval(),
-            config.publish_deadline(),
-        )
-        .map_err(store_error)?;
-        // Validation already refused anything that is not a domain.
-        app.allowed_domains = config
-            .limits
-            .allowed_domains
-            .iter()
-            .filter_map(|d| crate::config::normalize_domain(d))
-            .collect();
-        app.stats = stats;
-        app.registration_limit = RegistrationLimiter::new(
-            config.limits.registrations_per_user_per_hour,
-            config.limits.registrations_per_domain_per_hour,
-        );
-        Ok(app)
+        App::builder(config.component_jid(), Arc::new(store))
+            .apps(apps)
+            .push_interval(config.push_interval())
+            .publish_deadline(config.publish_deadline())
+            .stats(stats)
+            // Validation already refused anything that is not a domain.
+            .allowed_domains(
+                config
+                    .limits
+                    .allowed_domains
+                    .iter()
+                    .filter_map(|d| crate::config::normalize_domain(d))
+                    .collect(),
+            )
+            .registration_limit(RegistrationLimiter::new(
+                config.limits.registrations_per_user_per_hour,
+                config.limits.registrations_per_domain_per_hour,
+            ))
+            .build()
+            .map_err(|source| SetupError::Store {
+                path: config.store.path.display().to_string(),
+                source,
+            })
     }
 
     /// The configured apps, as they are now; the first is the default.
@@ -185,18 +256,18 @@ impl App {
         }
     }
 
-    /// Reload the `[[apns]]` apps from a new configuration (SIGHUP): every key and certificate is read and
-    /// every backend built before any is replaced, so a bad file leaves the old set in force. Returns how
-    /// many apps are now in force.
+    /// Reload the apps from a new configuration (SIGHUP): every key and certificate is read and every
+    /// provider built before any is replaced, so a bad file leaves the old set in force. Returns how many
+    /// apps are now in force.
     pub fn reload_apps(&self, config: &Config) -> Result<usize, SetupError> {
-        let apps = App::backends_from_config(config, &self.stats)?;
+        let apps = App::apps_from_config(config, &self.stats)?;
         let count = apps.len();
         self.replace_apps(apps);
         Ok(count)
     }
 
     /// Put a new set of apps in force (a reloaded configuration). Publishes already pushing finish with
-    /// the backends they started with.
+    /// the providers they started with.
     pub fn replace_apps(&self, apps: Vec<PushApp>) {
         *self.apps.write().unwrap_or_else(|p| p.into_inner()) =
             apps.into_iter().map(Arc::new).collect();
@@ -224,14 +295,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("store");
         let first = config("[[apns]]\nname = \"chat\"\ntopic = \"t\"\ndry_run = true\n");
-        let app = App::new(
-            "push.example.org".parse().expect("jid"),
-            Arc::new(store),
-            App::backends_from_config(&first, &Arc::default()).expect("backends"),
-            Duration::ZERO,
-            Duration::from_secs(1),
-        )
-        .expect("app");
+        let app = App::builder("push.example.org".parse().expect("jid"), Arc::new(store))
+            .apps(App::apps_from_config(&first, &Arc::default()).expect("providers"))
+            .build()
+            .expect("app");
         let old = app.app(None).expect("default app");
 
         let two = config(

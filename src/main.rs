@@ -182,15 +182,12 @@ fn delete(path: &std::path::Path, node: &str) -> anyhow::Result<()> {
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let (config, _secret) = load(path)?;
     let store_key = config.store.key()?;
-    // rustls needs no process-wide provider: the APNs client names ring explicitly.
-    // One thread: the link, the router and the APNs connection hand each other work on every publish;
-    // on one thread that is a function call, across threads a futex wake-up and a cache miss. Measured
-    // with bench/run (window 64, mock APNs): 67 -> 45 µs of CPU per push, 16k -> 19k pushes/s. Store
-    // flushes still run on the blocking pool.
+    // Building the providers reads every key and certificate, so a bad file fails here, not at the first
+    // push. hyper's client wants a runtime to exist while it is built; it connects nowhere yet.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async { App::backends_from_config(&config, &Default::default()) })?;
+    runtime.block_on(async { App::apps_from_config(&config, &Default::default()) })?;
     println!(
         "{}: OK — component {} via {}, {} app(s): {}; tokens {}",
         path.display(),

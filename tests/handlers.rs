@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use knock::app::{App, PushApp};
+use knock::app::{App, AppBuilder, PushApp};
 use knock::limits::RegistrationLimiter;
-use knock::push::{Backend, PushOutcome, Wakeup};
+use knock::push::{Provider, ProviderKind, PushOutcome, Token, Wakeup};
 use knock::router;
 use knock::stanza::frame::Frame;
 use knock::store::{Digest, Registration, SledStore, Store, StoreError};
@@ -34,17 +34,22 @@ impl Scripted {
     }
 }
 
-impl Backend for Scripted {
+impl Provider for Scripted {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Apns
+    }
+
     fn wake<'a>(&'a self, w: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
+        let token = hex::encode(w.token);
         self.woken
             .lock()
             .unwrap()
-            .push((w.token.into(), w.node.into()));
+            .push((token.clone(), w.node.into()));
         let outcome = self
             .outcomes
             .lock()
             .unwrap()
-            .get(w.token)
+            .get(&token)
             .cloned()
             .unwrap_or(PushOutcome::Delivered);
         Box::pin(async move { outcome })
@@ -58,27 +63,22 @@ struct Fixture {
 }
 
 fn fixture_with(interval: Duration) -> Fixture {
+    fixture_built(|b| b.push_interval(interval))
+}
+
+/// The fixture with its app assembled by `build` beyond the two apps and the 2 s deadline.
+fn fixture_built(build: impl FnOnce(AppBuilder) -> AppBuilder) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let backend = Arc::new(Scripted::default());
     let apps = vec![
-        PushApp {
-            name: "chat".into(),
-            backend: backend.clone(),
-        },
-        PushApp {
-            name: "beta".into(),
-            backend: backend.clone(),
-        },
+        PushApp::new("chat", backend.clone()),
+        PushApp::new("beta", backend.clone()),
     ];
-    let app = App::new(
-        "push.localhost".parse().unwrap(),
-        Arc::new(store),
-        apps,
-        interval,
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let builder = App::builder("push.localhost".parse().unwrap(), Arc::new(store))
+        .apps(apps)
+        .publish_deadline(Duration::from_secs(2));
+    let app = build(builder).build().unwrap();
     Fixture {
         _dir: dir,
         app,
@@ -119,8 +119,7 @@ async fn register(f: &Fixture, from: &str, device: &str, token: &str) -> (String
 
 #[tokio::test]
 async fn allowed_domains_refuse_other_servers_users_and_store_nothing() {
-    let mut f = fixture();
-    f.app.allowed_domains = vec!["localhost".into()];
+    let f = fixture_built(|b| b.allowed_domains(vec!["localhost".into()]));
     let refused = ask(
         &f,
         &register_xml("r1", "mallory@elsewhere.example/phone", "d", TOKEN, ""),
@@ -144,7 +143,7 @@ async fn register_returns_node_and_secret_and_stores_no_jid() {
     assert_eq!(node.len(), 22);
     assert!(secret.len() >= 22);
     let reg = f.app.store.get(&node).unwrap().expect("stored");
-    assert_eq!(reg.token, TOKEN);
+    assert_eq!(hex::encode(reg.token.as_bytes()), TOKEN);
     assert_eq!(reg.domain, "localhost");
     let record = format!("{reg:?}");
     assert!(!record.contains("alice"), "no JID in the store: {record}");
@@ -157,7 +156,10 @@ async fn re_register_keeps_node_and_secret_and_updates_token() {
     let first = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
     let again = register(&f, "alice@localhost/tablet", "dev1", TOKEN2).await;
     assert_eq!(first, again);
-    assert_eq!(f.app.store.get(&first.0).unwrap().unwrap().token, TOKEN2);
+    assert_eq!(
+        hex::encode(f.app.store.get(&first.0).unwrap().unwrap().token.as_bytes()),
+        TOKEN2
+    );
     let other_device = register(&f, "alice@localhost/phone", "dev2", TOKEN).await;
     assert_ne!(first.0, other_device.0);
     let other_user = register(&f, "bob@localhost/phone", "dev1", TOKEN).await;
@@ -297,7 +299,10 @@ async fn enable_shorthand_registers_and_publish_works() {
         error_of(&ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN2)).await),
         None
     );
-    assert_eq!(f.app.store.get(NODE).unwrap().unwrap().token, TOKEN2);
+    assert_eq!(
+        hex::encode(f.app.store.get(NODE).unwrap().unwrap().token.as_bytes()),
+        TOKEN2
+    );
 }
 
 #[tokio::test]
@@ -315,7 +320,10 @@ async fn enable_shorthand_rules() {
     );
     let taken = ask(&f, &enable_xml("b@localhost", NODE, SECRET, TOKEN2)).await;
     assert_eq!(error_of(&taken), err("cancel", "conflict"));
-    assert_eq!(f.app.store.get(NODE).unwrap().unwrap().token, TOKEN);
+    assert_eq!(
+        hex::encode(f.app.store.get(NODE).unwrap().unwrap().token.as_bytes()),
+        TOKEN
+    );
 }
 
 #[tokio::test]
@@ -611,7 +619,10 @@ async fn the_owner_may_re_enable_a_node_under_another_device_id() {
         "<field var='device-id'><value>phone</value></field></x></enable>",
     );
     assert_eq!(error_of(&ask(&f, &with_device).await), None);
-    assert_eq!(f.app.store.get(NODE).unwrap().unwrap().token, TOKEN2);
+    assert_eq!(
+        hex::encode(f.app.store.get(NODE).unwrap().unwrap().token.as_bytes()),
+        TOKEN2
+    );
 }
 
 #[tokio::test]
@@ -737,7 +748,7 @@ impl Store for Failing {
     fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
         self.inner.remove(node)
     }
-    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError> {
+    fn remove_if_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
         self.inner.remove_if_token(node, token)
     }
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -764,17 +775,11 @@ fn failing_app(fail_put: bool, fail_flush: bool) -> (tempfile::TempDir, App) {
         fail_put,
         fail_flush,
     };
-    let app = App::new(
-        "push.localhost".parse().unwrap(),
-        Arc::new(store),
-        vec![PushApp {
-            name: "chat".into(),
-            backend: Arc::new(Scripted::default()),
-        }],
-        Duration::ZERO,
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let app = App::builder("push.localhost".parse().unwrap(), Arc::new(store))
+        .apps(vec![PushApp::new("chat", Arc::new(Scripted::default()))])
+        .publish_deadline(Duration::from_secs(2))
+        .build()
+        .unwrap();
     (dir, app)
 }
 
@@ -842,8 +847,7 @@ fn assert_capped(reply: &Element, why: &str) {
 
 #[tokio::test]
 async fn registrations_over_the_user_cap_get_wait_and_are_not_stored_until_the_domain_cap() {
-    let mut f = fixture();
-    f.app.registration_limit = RegistrationLimiter::new(2, 3);
+    let f = fixture_built(|b| b.registration_limit(RegistrationLimiter::new(2, 3)));
     register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
     register(&f, "alice@localhost/tablet", "dev2", TOKEN).await;
     let third = ask(
@@ -885,8 +889,7 @@ async fn registrations_over_the_user_cap_get_wait_and_are_not_stored_until_the_d
 
 #[tokio::test]
 async fn an_unchanged_re_registration_is_answered_without_a_write_or_a_token() {
-    let mut f = fixture();
-    f.app.registration_limit = RegistrationLimiter::new(1, 0);
+    let f = fixture_built(|b| b.registration_limit(RegistrationLimiter::new(1, 0)));
     let first = register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
     // Apps re-register on every start: the same device, token and app, from any resource.
     for resource in ["phone", "phone", "tablet"] {
@@ -905,10 +908,12 @@ async fn an_unchanged_re_registration_is_answered_without_a_write_or_a_token() {
     )
     .await;
     assert_capped(&changed, "a new token over the cap");
-    assert_eq!(f.app.store.get(&first.0).unwrap().unwrap().token, TOKEN);
+    assert_eq!(
+        hex::encode(f.app.store.get(&first.0).unwrap().unwrap().token.as_bytes()),
+        TOKEN
+    );
     // The shorthand's unchanged re-send is free in the same way.
-    let mut f = fixture();
-    f.app.registration_limit = RegistrationLimiter::new(1, 0);
+    let f = fixture_built(|b| b.registration_limit(RegistrationLimiter::new(1, 0)));
     for _ in 0..3 {
         let reply = ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await;
         assert_eq!(error_of(&reply), None);
@@ -918,8 +923,7 @@ async fn an_unchanged_re_registration_is_answered_without_a_write_or_a_token() {
 
 #[tokio::test]
 async fn the_shorthand_is_capped_and_shares_the_users_bucket_with_the_commands() {
-    let mut f = fixture();
-    f.app.registration_limit = RegistrationLimiter::new(2, 0);
+    let f = fixture_built(|b| b.registration_limit(RegistrationLimiter::new(2, 0)));
     let enabled = ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await;
     assert_eq!(error_of(&enabled), None);
     register(&f, "alice@localhost/p", "dev1", TOKEN).await;
@@ -943,8 +947,7 @@ async fn the_shorthand_is_capped_and_shares_the_users_bucket_with_the_commands()
 
 #[tokio::test]
 async fn unregistering_is_never_capped() {
-    let mut f = fixture();
-    f.app.registration_limit = RegistrationLimiter::new(1, 1);
+    let f = fixture_built(|b| b.registration_limit(RegistrationLimiter::new(1, 1)));
     register(&f, "alice@localhost/phone", "dev1", TOKEN).await;
     let over = ask(&f, &enable_xml("alice@localhost/p", NODE, SECRET, TOKEN)).await;
     assert_capped(&over, "over the cap");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use knock::push::{ProviderKind, Token};
 use knock::store::secrets::{random_id, secret_hash, Keyring};
 use knock::store::{Registration, SledStore, Store};
 use rand::RngCore as _;
@@ -53,7 +54,8 @@ pub async fn seed(path: &Path, count: usize, sample: usize) -> anyhow::Result<Se
                         owner: keyring.owner(&jid),
                         domain: SERVER_DOMAIN.into(),
                         app: APP.into(),
-                        token: hex::encode(token),
+                        provider: ProviderKind::Apns,
+                        token: Token::from_bytes(token),
                         secret_hash: secret_hash(&secret),
                         node: node.clone(),
                     })?;

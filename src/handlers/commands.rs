@@ -1,18 +1,21 @@
-//! Registration by XEP-0050 ad-hoc commands, named as p2 (Conversations' App Server) names them.
+//! Registration by XEP-0050 ad-hoc commands, named as p2 (Conversations' App Server) names them: one
+//! register and one unregister command per push service, each entry of [`COMMANDS`] naming its provider.
 //!
-//! `register-push-apns` takes `token`, `device-id` (or p2's `android-id`) and an optional `app`, and completes
-//! with a result form carrying `jid`, `node` and `secret` for the client's `<enable/>`. Executed without a form
-//! it answers the form to fill in, so generic ad-hoc UIs work. The same (JID, device, app) always gets the same
-//! node and secret back; only the token changes. `unregister-push-apns` removes the device's registration.
-//! Storing goes through [`super::save`], which applies the domain policy and the registration flood caps.
+//! `register-push-apns` takes `token`, `device-id` (or p2's `android-id`) and an optional `app` (one of that
+//! provider's apps; the first is the default), and completes with a result form carrying `jid`, `node` and
+//! `secret` for the client's `<enable/>`. Executed without a form it answers the form to fill in, so generic
+//! ad-hoc UIs work. The same (JID, device, app) always gets the same node and secret back; only the token
+//! changes. `unregister-push-apns` removes the device's registration. Storing goes through [`super::save`],
+//! which applies the domain policy and the registration flood caps.
 
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
 use xmpp_parsers::jid::Jid;
 
 use super::{
-    apns_token, delete, device_id, form_values, optional, push_app, required, save, HandlerError,
+    delete, device_id, form_values, optional, push_app, required, save, token, HandlerError,
 };
 use crate::app::App;
+use crate::push::ProviderKind;
 use crate::stanza::xep0050::{Action, Actions, Command, Status};
 use crate::store::secrets::{random_id, secret_hash};
 use crate::store::Registration;
@@ -24,6 +27,19 @@ pub struct CommandInfo {
     pub node: &'static str,
     /// Its human-readable name, shown in disco#items.
     pub name: &'static str,
+    /// What it does.
+    pub verb: Verb,
+    /// The push service whose devices it registers.
+    pub provider: ProviderKind,
+}
+
+/// What a command does with a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// Store (or update) its token and hand out node and secret.
+    Register,
+    /// Remove its registration.
+    Unregister,
 }
 
 /// Register an APNs device.
@@ -36,10 +52,14 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         node: REGISTER_APNS,
         name: "Register an iOS device for push",
+        verb: Verb::Register,
+        provider: ProviderKind::Apns,
     },
     CommandInfo {
         node: UNREGISTER_APNS,
         name: "Unregister an iOS device",
+        verb: Verb::Unregister,
+        provider: ProviderKind::Apns,
     },
 ];
 
@@ -70,11 +90,11 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         .or_else(|_| required(&values, "android-id"))
         .map_err(|_| HandlerError::bad_request("missing field \"device-id\""))?;
     let device = device_id(device)?;
-    let push_app = push_app(app, optional(&values, "app"))?;
+    let push_app = push_app(app, optional(&values, "app"), Some(info.provider))?;
     let bare = from.to_bare();
     let device_key = app.keys.device(bare.as_str(), device, &push_app.name);
 
-    if info.node == UNREGISTER_APNS {
+    if info.verb == Verb::Unregister {
         let Some(node) = app.store.node_for_device(&device_key)? else {
             return Err(HandlerError::item_not_found(
                 "this device is not registered",
@@ -85,7 +105,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         return Ok(Command::reply(&command, Status::Completed, None, random_id));
     }
 
-    let token = apns_token(required(&values, "token")?)?;
+    let token = token(&push_app, required(&values, "token")?)?;
     // A device keeps its node for life, so the client's <enable/> at its server stays valid.
     let node = match app.store.node_for_device(&device_key)? {
         Some(node) => node,
@@ -98,6 +118,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         owner: app.keys.owner(bare.as_str()),
         domain: from.domain().to_string(),
         app: push_app.name.clone(),
+        provider: info.provider,
         token,
         secret_hash: secret_hash(&secret),
     };
@@ -124,9 +145,9 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
 /// The first stage of a two-step execution: the form to fill in.
 fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
     let mut fields = Vec::new();
-    if info.node == REGISTER_APNS {
+    if info.verb == Verb::Register {
         let mut token = Field::new("token", FieldType::TextSingle);
-        token.label = Some("APNs device token (hex)".into());
+        token.label = Some(info.provider.token_label().into());
         token.required = true;
         fields.push(token);
     }
@@ -134,7 +155,12 @@ fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
     device.label = Some("A stable id for this device".into());
     device.required = true;
     fields.push(device);
-    let apps = app.apps();
+    let apps: Vec<_> = app
+        .apps()
+        .iter()
+        .filter(|a| a.provider.kind() == info.provider)
+        .cloned()
+        .collect();
     if apps.len() > 1 {
         let mut choice = Field::new("app", FieldType::ListSingle);
         choice.label = Some("App".into());

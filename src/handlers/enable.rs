@@ -9,7 +9,7 @@ use xmpp_parsers::jid::Jid;
 use xmpp_parsers::push::{Disable, Enable};
 
 use super::{
-    apns_token, delete, device_id, form_values, optional, push_app, required, save, HandlerError,
+    delete, device_id, form_values, optional, push_app, required, save, token, HandlerError,
 };
 use crate::app::App;
 use crate::store::secrets::secret_hash;
@@ -63,8 +63,8 @@ pub async fn enable(app: &App, from: &Jid, enable: Enable) -> Result<(), Handler
             "secret must be at least {MIN_CHOSEN_LEN} characters"
         )));
     }
-    let token = apns_token(required(&values, "token")?)?;
-    let push_app = push_app(app, optional(&values, "app"))?;
+    let push_app = push_app(app, optional(&values, "app"), None)?;
+    let token = token(&push_app, required(&values, "token")?)?;
     let bare = from.to_bare();
     // Shorthand devices live in their own namespace, so a command registration for the same device id never
     // hands out a derived secret for a node whose secret the client chose. Without a device id, the node
@@ -78,6 +78,7 @@ pub async fn enable(app: &App, from: &Jid, enable: Enable) -> Result<(), Handler
         owner: app.keys.owner(bare.as_str()),
         domain: from.domain().to_string(),
         app: push_app.name.clone(),
+        provider: push_app.provider.kind(),
         token,
         secret_hash: secret_hash(secret),
         node,

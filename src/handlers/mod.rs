@@ -3,7 +3,8 @@
 //! return a typed payload or a [`HandlerError`]; they know nothing of sockets.
 //!
 //! This file holds what they share: the error type, which maps 1:1 onto an XMPP stanza error, bounded
-//! data-form reading, and the input rules for tokens, device ids and apps.
+//! data-form reading, and the input rules for device ids and apps. Token rules are each provider's own
+//! ([`crate::push::ProviderKind::parse_token`]).
 
 pub mod commands;
 pub mod disco;
@@ -18,6 +19,7 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::app::{App, PushApp};
 use crate::limits::{Refused, Scope};
+use crate::push::{ProviderKind, Token};
 use crate::store::{Registration, StoreError};
 
 /// A request knock refuses, with the XMPP error it becomes. The text is for humans and never carries a
@@ -146,21 +148,13 @@ pub fn optional<'a>(values: &HashMap<&str, &'a str>, var: &str) -> Option<&'a st
     values.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
 }
 
-/// Shortest and longest APNs device token, in hex digits. Apple's are 32 bytes today and documented as
-/// variable length, so knock accepts up to 100 bytes.
-const TOKEN_HEX_LEN: std::ops::RangeInclusive<usize> = 32..=200;
-
-/// Check an APNs device token and normalise it to lowercase hex.
-pub fn apns_token(token: &str) -> Result<String, HandlerError> {
-    if !TOKEN_HEX_LEN.contains(&token.len())
-        || token.len() % 2 != 0
-        || !token.bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        return Err(HandlerError::bad_request(
-            "token must be the APNs device token in hex (32 to 200 hex digits)",
-        ));
-    }
-    Ok(token.to_ascii_lowercase())
+/// A device token as the app's provider takes it (checked and compacted by the provider's own rules).
+pub fn token(push_app: &PushApp, text: &str) -> Result<Token, HandlerError> {
+    push_app
+        .provider
+        .kind()
+        .parse_token(text)
+        .map_err(|e| HandlerError::bad_request(e.to_string()))
 }
 
 /// Check a client's device id: 1 to 256 bytes of UTF-8, no control characters.
@@ -173,11 +167,32 @@ pub fn device_id(id: &str) -> Result<&str, HandlerError> {
     Ok(id)
 }
 
-/// The app a registration names, or the default app.
-pub fn push_app(app: &App, name: Option<&str>) -> Result<Arc<PushApp>, HandlerError> {
-    app.app(name).ok_or_else(|| {
-        HandlerError::bad_request("unknown app: ask the service's admin for the app name")
-    })
+/// The app a registration names, or the default app: the first configured, or with `provider` (a
+/// command that names its push service), the first of that service's apps.
+pub fn push_app(
+    app: &App,
+    name: Option<&str>,
+    provider: Option<ProviderKind>,
+) -> Result<Arc<PushApp>, HandlerError> {
+    let unknown =
+        || HandlerError::bad_request("unknown app: ask the service's admin for the app name");
+    let Some(kind) = provider else {
+        return app.app(name).ok_or_else(unknown);
+    };
+    let apps = app.apps();
+    let mut of_kind = apps.iter().filter(|a| a.provider.kind() == kind);
+    match name {
+        None => of_kind.next().cloned().ok_or_else(|| {
+            HandlerError::bad_request(format!("this push service has no {kind} app"))
+        }),
+        Some(name) => match of_kind.find(|a| a.name == name) {
+            Some(found) => Ok(found.clone()),
+            None if apps.iter().any(|a| a.name == name) => Err(HandlerError::bad_request(format!(
+                "app {name:?} does not take {kind} tokens"
+            ))),
+            None => Err(unknown()),
+        },
+    }
 }
 
 /// Store a registration and wait until it is durable; only then may it be acknowledged.
@@ -279,16 +294,6 @@ mod tests {
         assert_eq!(required(&values, "token"), Ok("ab"));
         assert!(required(&values, "empty").is_err());
         assert_eq!(optional(&values, "empty"), None);
-    }
-
-    #[test]
-    fn tokens_must_be_hex_of_sane_length() {
-        let good = "AB".repeat(32);
-        assert_eq!(apns_token(&good), Ok("ab".repeat(32)));
-        assert!(apns_token("abc").is_err());
-        assert!(apns_token(&"zz".repeat(32)).is_err());
-        assert!(apns_token(&"a".repeat(65)).is_err());
-        assert!(apns_token(&"ab".repeat(101)).is_err());
     }
 
     #[test]

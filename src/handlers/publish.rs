@@ -80,7 +80,7 @@ pub async fn publish(
             Refused::UnknownNode => &app.stats.unknown_node,
             Refused::Forbidden => &app.stats.forbidden,
             Refused::DeadToken => &app.stats.dead_token,
-            Refused::Failed => &app.stats.push_failed,
+            Refused::TransientFailure => &app.stats.transient_failure,
         },
     };
     Stats::bump(counter);
@@ -95,7 +95,7 @@ enum Refused {
     Forbidden,
     DeadToken,
     /// The push or the store failed; the server is told to wait.
-    Failed,
+    TransientFailure,
 }
 
 /// A refused publish: why, and the reply.
@@ -112,7 +112,7 @@ impl Refused {
 
 impl From<crate::store::StoreError> for Refusal {
     fn from(e: crate::store::StoreError) -> Self {
-        Refused::Failed.with(e.into())
+        Refused::TransientFailure.with(e.into())
     }
 }
 
@@ -152,19 +152,29 @@ async fn check_and_push(
     let Some(push_app) = app.app(Some(&registration.app)) else {
         app.coalescer.release(node);
         tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
-        return Err(Refused::Failed.with(HandlerError::internal(
+        return Err(Refused::TransientFailure.with(HandlerError::internal(
             "this node's app is not configured on the push service",
         )));
     };
+    // An app reconfigured to another push service keeps its name: its old tokens must not go to the new one.
+    if push_app.provider.kind() != registration.provider {
+        app.coalescer.release(node);
+        tracing::error!(app = %registration.app, configured = %push_app.provider.kind(), registered = %registration.provider,
+            "registration's token belongs to another push service than its app is now configured for");
+        return Err(Refused::TransientFailure.with(HandlerError::internal(
+            "this node's app is configured for another push service",
+        )));
+    }
     let wakeup = Wakeup {
-        token: &registration.token,
+        token: registration.token.as_bytes(),
         node,
+        kind: push_app.wake_kind,
     };
     let outcome =
-        match tokio::time::timeout(app.publish_deadline, push_app.backend.wake(wakeup)).await {
+        match tokio::time::timeout(app.publish_deadline, push_app.provider.wake(wakeup)).await {
             Ok(outcome) => outcome,
             Err(_) => PushOutcome::Unavailable {
-                reason: "push backend missed the publish deadline".into(),
+                reason: "push provider missed the publish deadline".into(),
             },
         };
     match outcome {
@@ -174,7 +184,7 @@ async fn check_and_push(
             app.coalescer.release(node);
             if !app.store.remove_if_token(node, &registration.token)? {
                 // Re-registered with a fresh token meanwhile: the node lives, the next publish uses the new token.
-                return Err(Refused::Failed.with(HandlerError::internal(
+                return Err(Refused::TransientFailure.with(HandlerError::internal(
                     "the device token changed; try again",
                 )));
             }
@@ -187,21 +197,23 @@ async fn check_and_push(
         PushOutcome::Throttled => {
             app.coalescer.release(node);
             crate::log_limited!(THROTTLED, warn, app = %push_app.name, "push service is throttling knock");
-            Err(Refused::Failed.with(HandlerError::resource_constraint(
-                "the push service is throttling; try later",
-            )))
+            Err(
+                Refused::TransientFailure.with(HandlerError::resource_constraint(
+                    "the push service is throttling; try later",
+                )),
+            )
         }
         PushOutcome::Unavailable { reason } => {
             app.coalescer.release(node);
             crate::log_limited!(UNAVAILABLE, warn, app = %push_app.name, %reason, "push failed; server told to wait");
-            Err(Refused::Failed.with(HandlerError::internal(
+            Err(Refused::TransientFailure.with(HandlerError::internal(
                 "the push service is unavailable; try later",
             )))
         }
         PushOutcome::Misconfigured { reason } => {
             app.coalescer.release(node);
-            crate::log_limited!(MISCONFIGURED, error, app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the [[apns]] configuration");
-            Err(Refused::Failed.with(HandlerError::internal(
+            crate::log_limited!(MISCONFIGURED, error, app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the app's configuration");
+            Err(Refused::TransientFailure.with(HandlerError::internal(
                 "the push service is misconfigured; try later",
             )))
         }

@@ -343,7 +343,7 @@ mod tests {
             Stats::bump(&stats.pushed);
         }
         Stats::bump(&stats.dead_token);
-        Stats::bump(&stats.push_failed);
+        Stats::bump(&stats.transient_failure);
         Stats::bump(&stats.registered);
         Stats::bump(&stats.registration_capped);
         stats.link_up();

@@ -20,8 +20,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 
-use super::{Backend, PushOutcome, Wakeup};
-use crate::config::{ApnsAuth, ApnsConfig, PushType};
+use super::{Provider, ProviderKind, PushOutcome, Token, TokenError, WakeKind, Wakeup};
+use crate::config::{ApnsAuth, ApnsConfig};
 use crate::stats::Stats;
 
 /// Why an APNs client could not be built from its configuration.
@@ -46,6 +46,33 @@ pub enum ApnsSetupError {
     /// The endpoint or TLS setup was rejected.
     #[error("{0}")]
     Setup(String),
+}
+
+/// Shortest and longest APNs device token, in hex digits. Apple's are 32 bytes today and documented as
+/// variable length, so knock accepts up to 100 bytes.
+const TOKEN_HEX_LEN: std::ops::RangeInclusive<usize> = 32..=200;
+
+/// Check an APNs device token (hex, any case) and keep the bytes it spells: half the size of the text,
+/// and one spelling per token.
+pub fn parse_token(text: &str) -> Result<Token, TokenError> {
+    let refused = TokenError("token must be the APNs device token in hex (32 to 200 hex digits)");
+    if !TOKEN_HEX_LEN.contains(&text.len()) {
+        return Err(refused);
+    }
+    hex::decode(text)
+        .map(Token::from_bytes)
+        .map_err(|_| refused)
+}
+
+/// Lowercase hex of `bytes`, by table: this runs on every push (`hex::encode` goes char by char).
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Sign a fresh provider token this often; Apple rejects tokens older than an hour.
@@ -175,12 +202,12 @@ pub struct ApnsClient {
     app: String,
     /// `apns-topic`.
     topic: HeaderValue,
-    /// Background or alert.
-    push_type: PushType,
     /// Whether the payload carries the node.
     include_node: bool,
-    /// The payload without the node, serialised once.
-    payload: Bytes,
+    /// The payload of a background push without the node, serialised once.
+    background: Bytes,
+    /// The payload of an alert push without the node, serialised once.
+    alert: Bytes,
     /// Seconds Apple may store an undelivered push.
     expiration: u64,
     /// Token auth signer, or `None` for certificate auth.
@@ -308,9 +335,9 @@ impl ApnsClient {
             base,
             app: app.name.clone(),
             topic,
-            push_type: app.push_type,
             include_node: app.include_node,
-            payload: fixed_payload(app.push_type, &app.alert_title),
+            background: fixed_payload(WakeKind::Background, &app.alert_title),
+            alert: fixed_payload(WakeKind::Alert, &app.alert_title),
             expiration: app.expiration_secs,
             jwt,
             deadline,
@@ -319,12 +346,16 @@ impl ApnsClient {
     }
 
     /// The JSON payload: a bare wake-up, never any message content.
-    fn payload(&self, node: &str) -> Bytes {
+    fn payload(&self, kind: WakeKind, node: &str) -> Bytes {
+        let payload = match kind {
+            WakeKind::Background => &self.background,
+            WakeKind::Alert => &self.alert,
+        };
         if !self.include_node {
-            return self.payload.clone();
+            return payload.clone();
         }
         // `{...,"node":"<node>"}`: the fixed part with the node spliced in before its closing brace.
-        let fixed = &self.payload[..self.payload.len() - 1];
+        let fixed = &payload[..payload.len() - 1];
         let mut body = Vec::with_capacity(fixed.len() + node.len() + 12);
         body.extend_from_slice(fixed);
         body.extend_from_slice(b",\"node\":");
@@ -341,9 +372,9 @@ impl ApnsClient {
     ) -> Result<Request<Full<Bytes>>, String> {
         // Built in place rather than through `Request::builder`, which moves the whole request once per
         // header; constant values are static, the token's header is the signer's.
-        let (push_type, priority) = match self.push_type {
-            PushType::Background => ("background", "5"),
-            PushType::Alert => ("alert", "10"),
+        let (push_type, priority) = match wakeup.kind {
+            WakeKind::Background => ("background", "5"),
+            WakeKind::Alert => ("alert", "10"),
         };
         let expiration = if self.expiration == 0 {
             HeaderValue::from_static("0")
@@ -355,9 +386,9 @@ impl ApnsClient {
                 + self.expiration;
             HeaderValue::from(at)
         };
-        let mut request = Request::new(Full::new(self.payload(wakeup.node)));
+        let mut request = Request::new(Full::new(self.payload(wakeup.kind, wakeup.node)));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = format!("{}/3/device/{}", self.base, wakeup.token)
+        *request.uri_mut() = format!("{}/3/device/{}", self.base, lower_hex(wakeup.token))
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| e.to_string())?;
         let headers = request.headers_mut();
@@ -459,10 +490,10 @@ impl ApnsClient {
 }
 
 /// The payload every push of an app shares: a bare wake-up, never any message content.
-fn fixed_payload(push_type: PushType, alert_title: &str) -> Bytes {
-    let body = match push_type {
-        PushType::Background => serde_json::json!({ "aps": { "content-available": 1 } }),
-        PushType::Alert => serde_json::json!({
+fn fixed_payload(kind: WakeKind, alert_title: &str) -> Bytes {
+    let body = match kind {
+        WakeKind::Background => serde_json::json!({ "aps": { "content-available": 1 } }),
+        WakeKind::Alert => serde_json::json!({
             "aps": { "alert": { "title": alert_title }, "mutable-content": 1 }
         }),
     };
@@ -500,7 +531,11 @@ fn classify(status: StatusCode, reason: &str) -> Verdict {
     }
 }
 
-impl Backend for ApnsClient {
+impl Provider for ApnsClient {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Apns
+    }
+
     fn wake<'a>(&'a self, wakeup: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
         Box::pin(async move {
             match tokio::time::timeout(self.deadline, self.push(wakeup)).await {
@@ -531,6 +566,25 @@ mod tests {
         if let Some((_, signed)) = current.as_mut() {
             *signed -= by;
         }
+    }
+
+    #[test]
+    fn device_tokens_must_be_hex_of_sane_length() {
+        let good = "AB".repeat(32);
+        assert_eq!(
+            parse_token(&good).map(|t| lower_hex(t.as_bytes())),
+            Ok("ab".repeat(32))
+        );
+        assert!(parse_token("abc").is_err());
+        assert!(parse_token(&"zz".repeat(32)).is_err());
+        assert!(parse_token(&"a".repeat(65)).is_err());
+        assert!(parse_token(&"ab".repeat(101)).is_err());
+    }
+
+    #[test]
+    fn hex_is_lowercase_and_whole() {
+        assert_eq!(lower_hex(&[0x00, 0x9f, 0xa0, 0xff]), "009fa0ff");
+        assert_eq!(lower_hex(&[]), "");
     }
 
     #[test]

@@ -1,21 +1,129 @@
-//! Push backends: how a wake-up leaves knock. Knows device tokens and HTTP, nothing about XMPP.
+//! The push seam: how a wake-up leaves knock. Knows device tokens and HTTP, nothing about XMPP.
 //!
-//! A [`Backend`] takes a [`Wakeup`] and answers a [`PushOutcome`]; the publish handler turns outcomes into XMPP
-//! replies. APNs is the first backend; [`DryRun`] logs instead of sending, for staging and benchmarks.
+//! Everything above this module speaks only what is defined here: a [`ProviderKind`] names a push service,
+//! a [`Token`] is the device token as opaque bytes (each service checks and compacts its own tokens in
+//! [`ProviderKind::parse_token`]), a [`Wakeup`] says what to send, and a [`Provider`] sends it and answers a
+//! [`PushOutcome`]. The publish handler turns outcomes into XMPP replies.
+//!
+//! Adding a push service is one file here (its client and its token rules), one [`ProviderKind`] variant,
+//! one configuration table and one registration command entry. [`DryRun`] logs instead of sending, for
+//! staging and benchmarks.
 
 pub mod apns;
+
+use std::fmt;
 
 use futures::future::BoxFuture;
 
 pub use apns::ApnsClient;
 
-/// One wake-up to send: where to, and which node it is for. Carries no message content by construction.
+/// A push service. Stored with every registration as one byte ([`ProviderKind::byte`]), so a token is
+/// never handed to a service it does not belong to, whatever becomes of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    /// Apple Push Notification service.
+    Apns,
+}
+
+impl ProviderKind {
+    /// Every provider knock speaks.
+    pub const ALL: &'static [ProviderKind] = &[ProviderKind::Apns];
+
+    /// The name used in configuration (`provider = "apns"`), logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Apns => "apns",
+        }
+    }
+
+    /// The provider with this configuration name.
+    pub fn from_name(name: &str) -> Option<ProviderKind> {
+        Self::ALL.iter().copied().find(|p| p.name() == name)
+    }
+
+    /// The byte stored for this provider. Never reuse or renumber one: stored records keep it for life.
+    pub fn byte(self) -> u8 {
+        match self {
+            ProviderKind::Apns => 1,
+        }
+    }
+
+    /// The provider a stored byte names.
+    pub fn from_byte(byte: u8) -> Option<ProviderKind> {
+        Self::ALL.iter().copied().find(|p| p.byte() == byte)
+    }
+
+    /// What a registration form calls this provider's token.
+    pub fn token_label(self) -> &'static str {
+        match self {
+            ProviderKind::Apns => "APNs device token (hex)",
+        }
+    }
+
+    /// Check a device token as a client sent it, and turn it into the bytes knock stores and hands back in
+    /// [`Wakeup::token`]. The error is for the client and never repeats the token.
+    pub fn parse_token(self, text: &str) -> Result<Token, TokenError> {
+        match self {
+            ProviderKind::Apns => apns::parse_token(text),
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device token as its provider stores it: opaque bytes to everything but that provider. Its `Debug`
+/// shows only the length, so a token never reaches a log by accident.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Token(Box<[u8]>);
+
+impl Token {
+    /// A token from the bytes its provider made (or a store kept).
+    pub fn from_bytes(bytes: impl Into<Box<[u8]>>) -> Token {
+        Token(bytes.into())
+    }
+
+    /// The stored bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({} bytes)", self.0.len())
+    }
+}
+
+/// Why a client's token was refused: what the provider expects, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenError(pub &'static str);
+
+/// How a wake-up should show on the device. The publish handler decides per wake-up; each provider
+/// renders it its own way (APNs: push type and priority).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WakeKind {
+    /// A silent wake-up: the app runs briefly in the background (APNs `content-available`, priority 5).
+    #[default]
+    Background,
+    /// A visible notification with a fixed, content-free title, which an app's notification extension may
+    /// replace after fetching (APNs `alert` with `mutable-content`, priority 10).
+    Alert,
+}
+
+/// One wake-up to send. Carries no message content by construction.
 #[derive(Debug, Clone, Copy)]
 pub struct Wakeup<'a> {
-    /// The device token (lowercase hex for APNs).
-    pub token: &'a str,
-    /// The pubsub node, which the app may use to tell its accounts apart.
+    /// The device token, as [`ProviderKind::parse_token`] made it.
+    pub token: &'a [u8],
+    /// The pubsub node, which tells the app which registration (account) fired.
     pub node: &'a str,
+    /// Silent or visible.
+    pub kind: WakeKind,
 }
 
 /// What became of a wake-up.
@@ -42,22 +150,54 @@ pub enum PushOutcome {
     },
 }
 
-/// A push service.
-pub trait Backend: Send + Sync + 'static {
-    /// Send one wake-up. Must return within the backend's own deadline; never panics.
+/// A configured push service client: one per app.
+pub trait Provider: Send + Sync + 'static {
+    /// Which service this is, so registrations for it are checked by its token rules and a publish never
+    /// sends one service's token to another.
+    fn kind(&self) -> ProviderKind;
+
+    /// Send one wake-up. Must return within the provider's own deadline; never panics.
     fn wake<'a>(&'a self, wakeup: Wakeup<'a>) -> BoxFuture<'a, PushOutcome>;
 }
 
-/// A backend that only logs, at debug level and without the token.
-#[derive(Debug, Default, Clone)]
+/// A provider that only logs, at debug level and without the token. Registrations for it are still checked
+/// by the real service's token rules.
+#[derive(Debug, Clone)]
 pub struct DryRun {
+    /// The service it stands in for.
+    pub kind: ProviderKind,
     /// The app's name, for the log line.
     pub app: String,
 }
 
-impl Backend for DryRun {
-    fn wake<'a>(&'a self, _wakeup: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
-        tracing::debug!(app = %self.app, "dry run: wake-up not sent");
+impl Provider for DryRun {
+    fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+
+    fn wake<'a>(&'a self, wakeup: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
+        tracing::debug!(app = %self.app, kind = ?wakeup.kind, "dry run: wake-up not sent");
         Box::pin(std::future::ready(PushOutcome::Delivered))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_and_bytes_round_trip() {
+        for &p in ProviderKind::ALL {
+            assert_eq!(ProviderKind::from_name(p.name()), Some(p));
+            assert_eq!(ProviderKind::from_byte(p.byte()), Some(p));
+        }
+        assert_eq!(ProviderKind::from_byte(0), None);
+        assert_eq!(ProviderKind::from_name("gcm"), None);
+    }
+
+    #[test]
+    fn a_token_debugs_as_its_length_only() {
+        let token = Token::from_bytes(vec![0xab; 32]);
+        assert_eq!(format!("{token:?}"), "Token(32 bytes)");
     }
 }

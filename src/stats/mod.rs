@@ -28,7 +28,7 @@ pub struct Stats {
     /// `item-not-found`, and not counted as an unknown node).
     pub dead_token: AtomicU64,
     /// Publishes answered `wait` because the push service failed.
-    pub push_failed: AtomicU64,
+    pub transient_failure: AtomicU64,
     /// Registrations created or updated.
     pub registered: AtomicU64,
     /// Registrations removed by their owner.
@@ -318,7 +318,7 @@ impl Stats {
             unknown_node: g(&self.unknown_node),
             forbidden: g(&self.forbidden),
             dead_token,
-            transient_failure: g(&self.push_failed),
+            transient_failure: g(&self.transient_failure),
             bad_request: g(&self.bad_request),
             registered: g(&self.registered),
             registration_capped: g(&self.registration_capped),
@@ -344,14 +344,14 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "pushed={} coalesced={} unknown_node={} forbidden={} bad_request={} dead_token={} push_failed={} registered={} unregistered={} registration_capped={}",
+            "pushed={} coalesced={} unknown_node={} forbidden={} bad_request={} dead_token={} transient_failure={} registered={} unregistered={} registration_capped={}",
             g(&self.pushed),
             g(&self.coalesced),
             g(&self.unknown_node),
             g(&self.forbidden),
             g(&self.bad_request),
             g(&self.dead_token),
-            g(&self.push_failed),
+            g(&self.transient_failure),
             g(&self.registered),
             g(&self.unregistered),
             g(&self.registration_capped),

@@ -13,7 +13,7 @@ pub use self::sled::{BackupError, SledStore};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use crate::push::{ProviderKind, Token};
 
 /// A 32-byte keyed hash: identifies a device or an owner without revealing the JID behind it.
 pub type Digest = [u8; 32];
@@ -30,32 +30,33 @@ pub fn secret_tag(hash: &Digest) -> SecretTag {
 }
 
 /// One registered device: the pubsub node a server publishes to, and where the wake-up goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     /// The pubsub node (random, URL-safe); the store's primary key.
     pub node: String,
     /// Keyed hash of (bare JID, device id, app): finds the registration again when the same device re-registers.
-    #[serde(with = "hex_digest")]
     pub device: Digest,
     /// Keyed hash of the registering bare JID: only its owner may disable a node.
-    #[serde(with = "hex_digest")]
     pub owner: Digest,
     /// The registering user's server: publishes are accepted only from this bare domain.
     pub domain: String,
     /// Which configured app the token belongs to.
     pub app: String,
-    /// The APNs device token, lowercase hex.
-    pub token: String,
+    /// The push service the token belongs to.
+    pub provider: ProviderKind,
+    /// The device token, as its provider made it: opaque to the store.
+    pub token: Token,
     /// SHA-256 of the publish secret; the secret itself is never stored.
-    #[serde(with = "hex_digest")]
     pub secret_hash: Digest,
 }
 
 /// What a publish needs to know of its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishTarget {
-    /// The APNs device token, lowercase hex.
-    pub token: String,
+    /// The push service the token belongs to.
+    pub provider: ProviderKind,
+    /// The device token, opaque.
+    pub token: Token,
     /// The first 128 bits of the SHA-256 of the node's publish secret.
     pub secret_tag: SecretTag,
     /// The only server allowed to publish to the node.
@@ -67,6 +68,7 @@ pub struct PublishTarget {
 impl From<&Registration> for PublishTarget {
     fn from(r: &Registration) -> PublishTarget {
         PublishTarget {
+            provider: r.provider,
             token: r.token.clone(),
             secret_tag: secret_tag(&r.secret_hash),
             domain: r.domain.as_str().into(),
@@ -128,7 +130,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Remove a node's registration only if it still carries `token` — so a dead-token report racing with a
     /// re-registration never deletes the fresh token. Returns whether something was removed.
-    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError>;
+    fn remove_if_token(&self, node: &str, token: &Token) -> Result<bool, StoreError>;
 
     /// Make every change made before this call durable (survives kill -9). Concurrent calls may share one
     /// disk flush; each returns only once its own changes are on disk.
@@ -149,19 +151,4 @@ pub trait Store: Send + Sync + 'static {
 
     /// A 32-byte secret key created once per store, used to key the JID hashes and derive publish secrets.
     fn instance_key(&self) -> Result<[u8; 32], StoreError>;
-}
-
-mod hex_digest {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &super::Digest, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Digest, D::Error> {
-        let text = <&str>::deserialize(d)?;
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(text, &mut out).map_err(serde::de::Error::custom)?;
-        Ok(out)
-    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use knock::app::{App, PushApp};
-use knock::push::{Backend, PushOutcome, Wakeup};
+use knock::push::{Provider, ProviderKind, PushOutcome, Wakeup};
 use knock::store::SledStore;
 use minidom::Element;
 
@@ -116,7 +116,11 @@ impl Counting {
     }
 }
 
-impl Backend for Counting {
+impl Provider for Counting {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Apns
+    }
+
     fn wake<'a>(&'a self, _: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
         self.woken.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { PushOutcome::Delivered })
@@ -128,17 +132,10 @@ impl Backend for Counting {
 pub fn counting_app(dir: &Path) -> (App, Arc<Counting>) {
     let store = SledStore::open(dir).expect("store opens");
     let backend = Arc::new(Counting::default());
-    let apps = vec![PushApp {
-        name: "chat".into(),
-        backend: backend.clone(),
-    }];
-    let app = App::new(
-        "push.localhost".parse().expect("JID"),
-        Arc::new(store),
-        apps,
-        Duration::ZERO,
-        Duration::from_secs(2),
-    )
-    .expect("app");
+    let app = App::builder("push.localhost".parse().expect("JID"), Arc::new(store))
+        .apps(vec![PushApp::new("chat", backend.clone())])
+        .publish_deadline(Duration::from_secs(2))
+        .build()
+        .expect("app");
     (app, backend)
 }

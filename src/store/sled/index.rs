@@ -19,7 +19,8 @@ use base64::Engine;
 use hashbrown::HashTable;
 
 use super::huge_pages::{HugePages, HugeVec};
-use super::record::{lower_hex, PublishFields};
+use super::record::PublishFields;
+use crate::push::{ProviderKind, Token};
 use crate::store::{secret_tag, PublishTarget, SecretTag};
 
 /// What the index knows of a node.
@@ -61,7 +62,7 @@ struct Inner {
 }
 
 /// A registration of the usual shape: a node knock made (16 random bytes, as 22 characters of URL-safe
-/// base64) and a 32-byte APNs token. 72 bytes.
+/// base64) and a 32-byte token (an APNs token, today's commonest). 72 bytes.
 struct Entry {
     node: [u8; 16],
     token: [u8; 32],
@@ -79,8 +80,28 @@ struct Meta {
     secret_tag: SecretTag,
     /// Into `Inner::names`.
     domain: u32,
-    /// Into `Inner::apps`.
-    app: u32,
+    /// The app and the provider in one word, which keeps an entry at 72 bytes: see [`AppRef`].
+    app: AppRef,
+}
+
+/// An app name's id in `Inner::apps` (low 24 bits) and the registration's provider byte (high 8 bits).
+#[derive(Clone, Copy)]
+struct AppRef(u32);
+
+impl AppRef {
+    fn new(app: u32, provider: ProviderKind) -> AppRef {
+        assert!(app < 1 << 24, "fewer than 2^24 distinct app names");
+        AppRef(app | u32::from(provider.byte()) << 24)
+    }
+
+    fn app(self) -> u32 {
+        self.0 & 0x00ff_ffff
+    }
+
+    fn provider(self) -> ProviderKind {
+        // Only `new` makes one, from a ProviderKind.
+        ProviderKind::from_byte((self.0 >> 24) as u8).expect("an AppRef holds a provider's byte")
+    }
 }
 
 /// The 16 bytes behind a node knock made. The decoder refuses non-canonical trailing bits, so a node
@@ -157,10 +178,11 @@ impl Inner {
 
     fn target(&self, token: &[u8], meta: &Meta) -> PublishTarget {
         PublishTarget {
-            token: lower_hex(token),
+            provider: meta.app.provider(),
+            token: Token::from_bytes(token),
             secret_tag: meta.secret_tag,
             domain: self.names.get(meta.domain),
-            app: self.apps.get(meta.app),
+            app: self.apps.get(meta.app.app()),
         }
     }
 
@@ -185,7 +207,7 @@ impl Inner {
         Meta {
             secret_tag: secret_tag(&fields.secret_hash),
             domain: self.names.acquire(fields.domain),
-            app: self.apps.acquire(fields.app),
+            app: AppRef::new(self.apps.acquire(fields.app), fields.provider),
         }
     }
 
@@ -229,7 +251,7 @@ impl Inner {
             },
         };
         self.names.release(meta.domain);
-        self.apps.release(meta.app);
+        self.apps.release(meta.app.app());
     }
 
     fn take_entry(&mut self, node: &[u8; 16]) -> Option<Meta> {
@@ -342,6 +364,7 @@ mod tests {
 
     fn fields<'a>(token: &'a [u8], domain: &'a str, app: &'a str) -> PublishFields<'a> {
         PublishFields {
+            provider: ProviderKind::Apns,
             secret_hash: [token[0]; 32],
             domain,
             app,
@@ -362,7 +385,7 @@ mod tests {
         let node = crate::store::secrets::random_id();
         index.upsert(&node, &fields(&[0xab; 32], "example.org", "chat"));
         let t = found(&index, &node);
-        assert_eq!(t.token, "ab".repeat(32));
+        assert_eq!(hex::encode(t.token.as_bytes()), "ab".repeat(32));
         assert_eq!(&*t.domain, "example.org");
         assert_eq!(&*t.app, "chat");
         assert_eq!(t.secret_tag, [0xab; 16]);
@@ -382,9 +405,24 @@ mod tests {
             "x",
         ] {
             index.upsert(node, &fields(&[7; 100], "a.example", "other"));
-            assert_eq!(found(&index, node).token, "07".repeat(100));
+            assert_eq!(
+                hex::encode(found(&index, node).token.as_bytes()),
+                "07".repeat(100)
+            );
         }
         assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn the_provider_and_app_share_a_word_and_come_back_whole() {
+        let index = PublishIndex::new();
+        let node = crate::store::secrets::random_id();
+        index.upsert(&node, &fields(&[0xcd; 32], "example.org", "chat"));
+        let t = found(&index, &node);
+        assert_eq!(t.provider, ProviderKind::Apns);
+        assert_eq!(&*t.app, "chat");
+        let r = AppRef::new((1 << 24) - 1, ProviderKind::Apns);
+        assert_eq!((r.app(), r.provider()), ((1 << 24) - 1, ProviderKind::Apns));
     }
 
     #[test]
@@ -400,10 +438,16 @@ mod tests {
         let node = crate::store::secrets::random_id();
         index.upsert(&node, &fields(&[1; 32], "a.example", "chat"));
         index.upsert(&node, &fields(&[2; 40], "a.example", "chat"));
-        assert_eq!(found(&index, &node).token, "02".repeat(40));
+        assert_eq!(
+            hex::encode(found(&index, &node).token.as_bytes()),
+            "02".repeat(40)
+        );
         assert_eq!(index.len(), 1);
         index.upsert(&node, &fields(&[3; 32], "a.example", "chat"));
-        assert_eq!(found(&index, &node).token, "03".repeat(32));
+        assert_eq!(
+            hex::encode(found(&index, &node).token.as_bytes()),
+            "03".repeat(32)
+        );
         assert_eq!(index.len(), 1);
         assert_eq!(index.counts_by_app(), Some(vec![("chat".to_string(), 1)]));
         index.remove(&node);
@@ -428,7 +472,9 @@ mod tests {
         }
         for (i, node) in nodes.iter().enumerate() {
             match index.get(node) {
-                Lookup::Found(t) if i % 3 != 0 => assert_eq!(t.token, hex::encode([i as u8; 32])),
+                Lookup::Found(t) if i % 3 != 0 => {
+                    assert_eq!(hex::encode(t.token.as_bytes()), hex::encode([i as u8; 32]))
+                }
                 Lookup::Absent if i % 3 == 0 => {}
                 other => panic!("node {i}: {other:?}"),
             }
@@ -502,12 +548,12 @@ mod tests {
         ]);
         index.finish_rebuild();
         assert_eq!(
-            found(&index, "fresh-node-of-a-client").token,
+            hex::encode(found(&index, "fresh-node-of-a-client").token.as_bytes()),
             "02".repeat(32)
         );
         assert_eq!(index.get("gone-node-of-a-client"), Lookup::Absent);
         assert_eq!(
-            found(&index, "cold-node-of-a-client").token,
+            hex::encode(found(&index, "cold-node-of-a-client").token.as_bytes()),
             "04".repeat(32)
         );
         assert!(index.read().tombstones.is_empty());

@@ -40,6 +40,7 @@ pub use self::backup::BackupError;
 use self::index::{Lookup, PublishIndex};
 use self::rebuild::{Rebuild, Rebuilder};
 use self::record::{Codec, PublishFields};
+use crate::push::Token;
 use crate::store::seal::StoreKey;
 use crate::store::{Digest, PublishTarget, Registration, Store, StoreError};
 
@@ -322,7 +323,7 @@ impl SledStore {
     fn put_in(&self, open: &Open, registration: &Registration) -> Result<(), StoreError> {
         let codec = &self.shared.codec;
         let record = codec.encode(registration)?;
-        let fields = PublishFields::of(registration)?;
+        let fields = PublishFields::of(registration);
         let _writes = lock(&self.shared.writes);
         let dropped = (&open.registrations, &open.devices)
             .transaction(|(regs, devices)| {
@@ -493,9 +494,9 @@ impl Store for SledStore {
         self.watch(self.remove_in(&open, node, |_| false))
     }
 
-    fn remove_if_token(&self, node: &str, token: &str) -> Result<bool, StoreError> {
+    fn remove_if_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
         let open = self.database()?;
-        self.watch(self.remove_in(&open, node, |r| r.token != token))
+        self.watch(self.remove_in(&open, node, |r| r.token != *token))
             .map(|removed| removed.is_some())
     }
 

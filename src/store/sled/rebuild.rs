@@ -91,10 +91,7 @@ impl Rebuilder {
                     Ok(Some(fields)) => current.push((node, fields)),
                     // A JSON record of an early version: decode it whole.
                     Ok(None) => match self.codec.decode(key, value) {
-                        Ok(r) => match PublishFields::of(&r) {
-                            Ok(fields) => self.index.rebuild_batch([(node, fields)]),
-                            Err(_) => damaged += 1,
-                        },
+                        Ok(r) => self.index.rebuild_batch([(node, PublishFields::of(&r))]),
                         Err(_) => damaged += 1,
                     },
                     Err(_) => damaged += 1,

@@ -1,28 +1,40 @@
 //! How a [`Registration`] is laid out on disk: a small versioned binary record.
 //!
 //! A million registrations should fit a small VM's disk and page cache, so the record carries raw bytes, not
-//! text: the three digests as 32 bytes each, the token as the bytes its hex spells, and the node not at all
+//! text: the three digests as 32 bytes each, the token as its provider's bytes, and the node not at all
 //! (it is the key). The first byte names the format, so every earlier format is still read beside the
-//! current one. Records written as JSON by knock 0.1 betas start with `{`.
+//! current one, and the index rebuild rewrites old records in the current one.
 //!
-//! Layout: `format | device[32] | owner[32] | secret_hash[32] | len domain | len app | len token`, where
-//! each `len x` is a two-byte big-endian length followed by that many bytes. Format 1 holds the token as
-//! it is; format 2, written when a store key is configured, holds it sealed (see [`crate::store::seal`]) and bound
-//! to the record's node.
+//! Layout: `format | provider | device[32] | owner[32] | secret_hash[32] | len domain | len app | len token`,
+//! where each `len x` is a two-byte big-endian length followed by that many bytes, and `provider` is
+//! [`ProviderKind::byte`]. Format 3 holds the token as it is; format 4, written when a store key is
+//! configured, holds it sealed (see [`crate::store::seal`]) and bound to the record's node.
+//!
+//! Earlier formats, all from the days when every token was an APNs token: 1 and 2 are 3 and 4 without the
+//! provider byte; records written as JSON by knock 0.1 betas start with `{` and hold the token in hex.
 
 use std::borrow::Cow;
 
+use serde::Deserialize;
+
+use crate::push::{ProviderKind, Token};
 use crate::store::seal::StoreKey;
 use crate::store::{Digest, Registration, StoreError};
 
-/// The token in the clear.
+/// An APNs token in the clear, no provider byte.
 const FORMAT_1: u8 = 1;
-/// The token sealed under the store key.
+/// An APNs token sealed under the store key, no provider byte.
 const FORMAT_2: u8 = 2;
+/// The token in the clear.
+const FORMAT_3: u8 = 3;
+/// The token sealed under the store key.
+const FORMAT_4: u8 = 4;
 
 /// The part of a record a publish needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishFields<'a> {
+    /// The push service the token belongs to.
+    pub provider: ProviderKind,
     /// SHA-256 of the publish secret.
     pub secret_hash: Digest,
     /// The registering user's server.
@@ -34,19 +46,52 @@ pub struct PublishFields<'a> {
 }
 
 impl PublishFields<'_> {
-    /// The fields of a registration in hand; fails only for a token that is not hex.
-    pub fn of(registration: &Registration) -> Result<PublishFields<'_>, StoreError> {
-        Ok(PublishFields {
+    /// The fields of a registration in hand.
+    pub fn of(registration: &Registration) -> PublishFields<'_> {
+        PublishFields {
+            provider: registration.provider,
             secret_hash: registration.secret_hash,
             domain: &registration.domain,
             app: &registration.app,
-            token: Cow::Owned(token_bytes(&registration.token)?),
-        })
+            token: Cow::Borrowed(registration.token.as_bytes()),
+        }
     }
 }
 
-fn token_bytes(token: &str) -> Result<Vec<u8>, StoreError> {
-    hex::decode(token).map_err(|_| StoreError::Invalid("token is not hex".into()))
+/// A registration as knock 0.1 betas wrote it, as JSON: only APNs then, the token in hex.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRecord {
+    node: String,
+    device: String,
+    owner: String,
+    domain: String,
+    app: String,
+    token: String,
+    secret_hash: String,
+}
+
+impl JsonRecord {
+    fn registration(self) -> Result<Registration, StoreError> {
+        let digest = |what: &str, text: &str| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(text, &mut out)
+                .map_err(|_| StoreError::Corrupt(format!("{what} is not 64 hex digits")))?;
+            Ok::<_, StoreError>(out)
+        };
+        let token =
+            hex::decode(&self.token).map_err(|_| StoreError::Corrupt("token is not hex".into()))?;
+        Ok(Registration {
+            device: digest("device", &self.device)?,
+            owner: digest("owner", &self.owner)?,
+            secret_hash: digest("secret_hash", &self.secret_hash)?,
+            node: self.node,
+            domain: self.domain,
+            app: self.app,
+            provider: ProviderKind::Apns,
+            token: Token::from_bytes(token),
+        })
+    }
 }
 
 /// A binary record, borrowed: the digests, then the publish fields with the token as stored.
@@ -61,6 +106,19 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
     let (&format, rest) = bytes.split_first().ok_or_else(|| corrupt("empty record"))?;
     let mut r = Reader { rest };
+    let provider = match format {
+        FORMAT_1 | FORMAT_2 => ProviderKind::Apns,
+        FORMAT_3 | FORMAT_4 => {
+            let byte = r.take(1).ok_or_else(|| corrupt("short record"))?[0];
+            ProviderKind::from_byte(byte)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown push provider {byte}")))?
+        }
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "unknown record format {other}"
+            )))
+        }
+    };
     let device = r.digest().ok_or_else(|| corrupt("short record"))?;
     let owner = r.digest().ok_or_else(|| corrupt("short record"))?;
     let secret_hash = r.digest().ok_or_else(|| corrupt("short record"))?;
@@ -75,6 +133,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
         device,
         owner,
         fields: PublishFields {
+            provider,
             secret_hash,
             domain,
             app,
@@ -107,27 +166,28 @@ impl Codec {
 
     /// Encode the registration stored under its node (the node is the key, not part of the record).
     ///
-    /// Fails only for values no handler lets through: a field over 64 KiB, or a token that is not hex.
+    /// Fails only for values no handler lets through: a field over 64 KiB.
     pub fn encode(&self, registration: &Registration) -> Result<Vec<u8>, StoreError> {
-        let token = token_bytes(&registration.token)?;
+        let token = registration.token.as_bytes();
         let (format, token) = match &self.key {
             Some(key) => (
-                FORMAT_2,
-                key.seal(&Self::context(registration.node.as_bytes()), &token),
+                FORMAT_4,
+                Cow::Owned(key.seal(&Self::context(registration.node.as_bytes()), token)),
             ),
-            None => (FORMAT_1, token),
+            None => (FORMAT_3, Cow::Borrowed(token)),
         };
         let mut out = Vec::with_capacity(
-            1 + 96 + 6 + registration.domain.len() + registration.app.len() + token.len(),
+            2 + 96 + 6 + registration.domain.len() + registration.app.len() + token.len(),
         );
         out.push(format);
+        out.push(registration.provider.byte());
         out.extend_from_slice(&registration.device);
         out.extend_from_slice(&registration.owner);
         out.extend_from_slice(&registration.secret_hash);
         for (what, bytes) in [
             ("domain", registration.domain.as_bytes()),
             ("app", registration.app.as_bytes()),
-            ("token", token.as_slice()),
+            ("token", &token),
         ] {
             let len = u16::try_from(bytes.len())
                 .map_err(|_| StoreError::Invalid(format!("{what} is longer than 64 KiB")))?;
@@ -140,9 +200,9 @@ impl Codec {
     /// Whether `bytes` is in the format this codec writes (an older one is rewritten by the index rebuild).
     pub fn is_current(&self, bytes: &[u8]) -> bool {
         let current = if self.key.is_some() {
-            FORMAT_2
+            FORMAT_4
         } else {
-            FORMAT_1
+            FORMAT_3
         };
         bytes.first() == Some(&current)
     }
@@ -164,8 +224,8 @@ impl Codec {
     fn parse_open<'a>(&self, node: &[u8], bytes: &'a [u8]) -> Result<Parsed<'a>, StoreError> {
         let mut parsed = parse(bytes)?;
         match parsed.format {
-            FORMAT_1 => Ok(parsed),
-            FORMAT_2 => {
+            FORMAT_1 | FORMAT_3 => Ok(parsed),
+            FORMAT_2 | FORMAT_4 => {
                 let key = self.key.as_ref().ok_or_else(|| {
                     StoreError::Corrupt("the token is sealed and no store key is configured".into())
                 })?;
@@ -188,8 +248,9 @@ impl Codec {
         let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
         let node_text = std::str::from_utf8(node).map_err(|_| corrupt("node is not UTF-8"))?;
         if bytes.first() == Some(&b'{') {
-            let registration: Registration =
-                serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let registration = serde_json::from_slice::<JsonRecord>(bytes)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .registration()?;
             if registration.node != node_text {
                 return Err(corrupt("record names another node"));
             }
@@ -207,7 +268,8 @@ impl Codec {
             owner,
             domain: fields.domain.to_string(),
             app: fields.app.to_string(),
-            token: lower_hex(&fields.token),
+            provider: fields.provider,
+            token: Token::from_bytes(fields.token.into_owned()),
             secret_hash: fields.secret_hash,
         })
     }
@@ -242,27 +304,11 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Lowercase hex of `bytes`, by table: this runs on every publish (`hex::encode` goes char by char).
-pub fn lower_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 15)]);
-    }
-    // Only ASCII digits were pushed.
-    String::from_utf8(out).unwrap_or_default()
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn hex_is_lowercase_and_whole() {
-        assert_eq!(lower_hex(&[0x00, 0x9f, 0xa0, 0xff]), "009fa0ff");
-        assert_eq!(lower_hex(&[]), "");
-    }
+    const TOKEN_HEX: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
     fn sample() -> Registration {
         Registration {
@@ -271,7 +317,8 @@ mod tests {
             owner: [2; 32],
             domain: "example.org".into(),
             app: "chat".into(),
-            token: "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90".into(),
+            provider: ProviderKind::Apns,
+            token: Token::from_bytes(hex::decode(TOKEN_HEX).expect("hex")),
             secret_hash: [3; 32],
         }
     }
@@ -288,11 +335,25 @@ mod tests {
         b"q9y2WRmdO2ggjbPoR91zYg"
     }
 
+    /// A record as knock wrote it before records named their provider (formats 1 and 2): the current
+    /// encoding without the provider byte. Only APNs registrations existed then.
+    pub(crate) fn legacy(codec: &Codec, registration: &Registration) -> Vec<u8> {
+        assert_eq!(registration.provider, ProviderKind::Apns);
+        let current = codec.encode(registration).expect("encodes");
+        let format = match current[0] {
+            FORMAT_3 => FORMAT_1,
+            FORMAT_4 => FORMAT_2,
+            other => panic!("format {other} is not current"),
+        };
+        [&[format][..], &current[2..]].concat()
+    }
+
     #[test]
     fn round_trips_and_is_compact() {
         let r = sample();
         let bytes = plain().encode(&r).expect("encodes");
-        assert_eq!(bytes.len(), 1 + 96 + 6 + 11 + 4 + 32);
+        assert_eq!(bytes.len(), 2 + 96 + 6 + 11 + 4 + 32);
+        assert_eq!(bytes[1], ProviderKind::Apns.byte());
         assert_eq!(plain().decode(node(), &bytes).expect("decodes"), r);
         let sealed = sealing().encode(&r).expect("encodes");
         assert_eq!(
@@ -304,18 +365,18 @@ mod tests {
             .publish_fields(node(), &sealed)
             .expect("reads")
             .expect("binary");
-        assert_eq!(fields, PublishFields::of(&r).expect("fields"));
+        assert_eq!(fields, PublishFields::of(&r));
     }
 
     #[test]
     fn a_sealed_record_hides_its_token_and_belongs_to_its_node() {
         let r = sample();
         let sealed = sealing().encode(&r).expect("encodes");
-        let token = hex::decode(&r.token).expect("hex");
+        let token = r.token.as_bytes();
         assert!(!sealed.windows(8).any(|w| token.windows(8).any(|t| t == w)));
         assert!(!sealed
             .windows(8)
-            .any(|w| r.token.as_bytes().windows(8).any(|t| t == w)));
+            .any(|w| TOKEN_HEX.as_bytes().windows(8).any(|t| t == w)));
         // Moved under another node, or read with another key or none, it does not open.
         assert!(matches!(
             sealing().decode(b"another-node", &sealed),
@@ -343,9 +404,41 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_records_written_before_providers_as_apns_and_rewrites_them() {
+        let r = sample();
+        for codec in [plain(), sealing()] {
+            let old = legacy(&codec, &r);
+            assert_eq!(codec.decode(node(), &old).expect("decodes"), r);
+            let fields = codec
+                .publish_fields(node(), &old)
+                .expect("reads")
+                .expect("binary");
+            assert_eq!(fields, PublishFields::of(&r));
+            assert!(!codec.is_current(&old), "the rebuild rewrites it");
+        }
+        // A clear old record reads under a sealing codec too (sealed on rewrite).
+        assert_eq!(
+            sealing()
+                .decode(node(), &legacy(&plain(), &r))
+                .expect("decodes"),
+            r
+        );
+    }
+
+    #[test]
     fn reads_the_json_records_of_earlier_versions() {
         let r = sample();
-        let json = serde_json::to_vec(&r).expect("json");
+        let json = serde_json::json!({
+            "node": "q9y2WRmdO2ggjbPoR91zYg",
+            "device": hex::encode([1u8; 32]),
+            "owner": hex::encode([2u8; 32]),
+            "domain": "example.org",
+            "app": "chat",
+            "token": TOKEN_HEX,
+            "secret_hash": hex::encode([3u8; 32]),
+        })
+        .to_string()
+        .into_bytes();
         for codec in [plain(), sealing()] {
             assert_eq!(codec.decode(node(), &json).expect("decodes"), r);
             assert!(codec.decode(b"another", &json).is_err());
@@ -368,6 +461,12 @@ mod tests {
             let mut longer = bytes.clone();
             longer.push(0);
             assert!(codec.decode(node(), &longer).is_err());
+            let mut provider = bytes.clone();
+            provider[1] = 0;
+            assert!(matches!(
+                codec.decode(node(), &provider),
+                Err(StoreError::Corrupt(_))
+            ));
             let mut unknown = bytes;
             unknown[0] = 9;
             assert!(matches!(
@@ -380,11 +479,8 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_hold() {
         let mut r = sample();
-        r.token = "xyz".into();
-        assert!(plain().encode(&r).is_err());
-        assert!(sealing().encode(&r).is_err());
-        let mut r = sample();
         r.domain = "a".repeat(65536);
         assert!(plain().encode(&r).is_err());
+        assert!(sealing().encode(&r).is_err());
     }
 }
