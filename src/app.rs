@@ -14,7 +14,7 @@ use crate::limits::RegistrationLimiter;
 use crate::push::{ApnsClient, DryRun, Provider, ProviderKind, WakeKind};
 use crate::stats::Stats;
 use crate::store::secrets::Keyring;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{Store, StoreError, StoreOptions};
 
 /// Why knock could not be assembled from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -200,10 +200,18 @@ impl App {
             .collect()
     }
 
+    /// What `[store]` says, with the store key read.
+    pub fn store_options(config: &Config) -> Result<StoreOptions, SetupError> {
+        Ok(StoreOptions {
+            path: config.store.path.clone(),
+            key: config.store.key()?,
+            plaintext_tokens: true,
+        })
+    }
+
     /// Open the configured store, with its store key if one is configured (the admin commands use this too).
-    pub fn open_store(config: &Config) -> Result<SledStore, SetupError> {
-        let key = config.store.key()?;
-        SledStore::open_with_key(&config.store.path, key).map_err(|source| SetupError::Store {
+    pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, SetupError> {
+        crate::store::open(&App::store_options(config)?).map_err(|source| SetupError::Store {
             path: config.store.path.display().to_string(),
             source,
         })
@@ -217,7 +225,7 @@ impl App {
             tracing::warn!("store.key_file is not set: device tokens are stored in the clear (`knock keygen` writes a key)");
         }
         let store = App::open_store(config)?;
-        App::builder(config.component_jid(), Arc::new(store))
+        App::builder(config.component_jid(), store)
             .apps(apps)
             .push_interval(config.push_interval())
             .publish_deadline(config.publish_deadline())
@@ -292,6 +300,7 @@ mod tests {
 
     #[test]
     fn a_reload_puts_new_apps_in_force_and_a_bad_one_changes_nothing() {
+        use crate::store::SledStore;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("store");
         let first = config("[[apns]]\nname = \"chat\"\ntopic = \"t\"\ndry_run = true\n");

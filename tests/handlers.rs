@@ -11,7 +11,7 @@ use knock::limits::RegistrationLimiter;
 use knock::push::{Provider, ProviderKind, PushOutcome, Token, Wakeup};
 use knock::router;
 use knock::stanza::frame::Frame;
-use knock::store::{Digest, Registration, SledStore, Store, StoreError};
+use knock::store::{BackupError, Digest, Registration, SledStore, Store, StoreError};
 use minidom::Element;
 use xmpp_parsers::iq::Iq;
 
@@ -764,6 +764,15 @@ impl Store for Failing {
     }
     fn instance_key(&self) -> Result<[u8; 32], StoreError> {
         self.inner.instance_key()
+    }
+    fn scan(&self, each: &mut dyn FnMut(Registration)) -> Result<usize, StoreError> {
+        self.inner.scan(each)
+    }
+    fn is_sealed(&self) -> bool {
+        self.inner.is_sealed()
+    }
+    fn export(&self, out: &mut dyn std::io::Write) -> Result<usize, BackupError> {
+        self.inner.export(out)
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::app::{App, SetupError};
 use crate::config::Config;
-use crate::store::{BackupError, KeyFileError, SledStore, Store, StoreError, StoreKey};
+use crate::store::{BackupError, KeyFileError, StoreError, StoreKey};
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ pub fn stats(config: &Config, say: &mut dyn Write) -> Result<(), MaintenanceErro
     let store = App::open_store(config)?;
     let mut by_app: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_domain: BTreeMap<String, usize> = BTreeMap::new();
-    let total = store.scan(|r| {
+    let total = store.scan(&mut |r| {
         *by_app.entry(r.app).or_default() += 1;
         *by_domain.entry(r.domain).or_default() += 1;
     })?;
@@ -91,8 +91,7 @@ pub fn export(config: &Config, out: &mut dyn Write) -> Result<usize, Maintenance
 
 /// `knock import FILE`: an export into the configured store, which must be empty; returns how many.
 pub fn import(config: &Config, file: &Path) -> Result<usize, MaintenanceError> {
-    let key = config.store.key().map_err(SetupError::from)?;
-    Ok(SledStore::import(&config.store.path, key, file)?)
+    Ok(crate::store::import(&App::store_options(config)?, file)?)
 }
 
 /// `knock delete --node NODE`: remove one registration durably. The user's server learns at its next

@@ -1,17 +1,24 @@
-//! Where registrations live: the [`Store`] trait and the [`Registration`] it keeps.
+//! Where registrations live: the [`Store`] trait, the [`Registration`] it keeps, and [`open`], which picks
+//! the engine.
 //!
-//! Handlers speak only this trait, so another backend can be added without touching them. A registration holds
-//! what a push needs and nothing more: no JID (only keyed hashes of it), no secret (only its hash), no timestamps.
+//! Everything above this module (handlers, the admin commands, the HTTP listener) speaks only the trait,
+//! so another engine can be added without touching them; [`sled`](SledStore) is the one there is, embedded
+//! in the process. A registration holds what a push needs and nothing more: no JID (only keyed hashes of it,
+//! see [`secrets`]), no secret (only its hash), no timestamps, and the token as opaque bytes, sealed at rest
+//! under the store key ([`StoreKey`]).
 
 mod seal;
 pub mod secrets;
 mod sled;
 
 pub use self::seal::{KeyFileError, StoreKey};
-pub use self::sled::{BackupError, SledStore};
+pub use self::sled::SledStore;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use std::sync::Arc;
 
 use crate::push::{ProviderKind, Token};
 
@@ -98,12 +105,64 @@ pub enum StoreError {
     /// The store's tokens are sealed and no store key was given.
     #[error("this store's tokens are encrypted: configure store.key_file with the key that encrypted them")]
     KeyRequired,
+    /// A new store would keep tokens in the clear, and that was not asked for.
+    #[error("a new store needs a store key: run `knock keygen --out /etc/knock/store.key` and set [store] key_file to it (or, for tests and throwaway setups only, set [store] plaintext_tokens = true)")]
+    KeyNeeded,
     /// The store key given is not the one the store was sealed with.
     #[error("the configured store key is not the key this store was encrypted with")]
     WrongKey,
     /// Changes were not confirmed durable in time; they may or may not survive a crash.
     #[error("the store did not confirm durability within {0:?}")]
     Timeout(std::time::Duration),
+}
+
+/// Why an export or import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Reading or writing the export file failed.
+    #[error("{0}")]
+    File(#[from] std::io::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A line of the export file is not what an export writes.
+    #[error("line {line}: {why}")]
+    Format {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The target store already holds registrations.
+    #[error(
+        "the store already holds {0} registrations; import into an empty store (a new store.path)"
+    )]
+    NotEmpty(usize),
+}
+
+/// Where a store is and how to open it: what `[store]` says.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// The database's directory; created if missing.
+    pub path: PathBuf,
+    /// The key tokens are sealed under. A store once sealed opens only with its key.
+    pub key: Option<StoreKey>,
+    /// Whether a new store may be created without a key, keeping tokens in the clear. An existing store
+    /// in the clear opens either way.
+    pub plaintext_tokens: bool,
+}
+
+/// Open (or create) the store `options` describe. Creating one without a store key is refused unless
+/// `plaintext_tokens` allows it ([`StoreError::KeyNeeded`]): sealed is the default.
+pub fn open(options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(SledStore::open_as(options)?))
+}
+
+/// Import an export file into the empty store `options` describe (created if missing, by the same rule
+/// as [`open`]); returns how many registrations it holds after. Every line is checked before any is
+/// written, and the store keeps the export's instance key, so device hashes and node secrets stay valid.
+pub fn import(options: &StoreOptions, file: &Path) -> Result<usize, BackupError> {
+    SledStore::import(options, file)
 }
 
 /// The registration database.
@@ -151,4 +210,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// A 32-byte secret key created once per store, used to key the JID hashes and derive publish secrets.
     fn instance_key(&self) -> Result<[u8; 32], StoreError>;
+
+    /// Hand every registration to `each`; returns how many there were. Reads the whole store: for the
+    /// admin commands, never a hot path.
+    fn scan(&self, each: &mut dyn FnMut(Registration)) -> Result<usize, StoreError>;
+
+    /// Whether tokens are sealed under a store key.
+    fn is_sealed(&self) -> bool;
+
+    /// Whether every publish is answered from memory yet (a store that warms up after opening says
+    /// `false` until it has; publishes are answered correctly either way, only slower).
+    fn is_warm(&self) -> bool {
+        true
+    }
+
+    /// Write every registration to `out` as an export (see [`import`]); returns how many. Sealed tokens
+    /// stay sealed, so the file reveals no more than the database would.
+    fn export(&self, out: &mut dyn Write) -> Result<usize, BackupError>;
 }

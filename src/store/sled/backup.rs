@@ -17,37 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use super::record::Codec;
 use super::{keys, open_db, SledStore};
-use crate::store::seal::StoreKey;
-use crate::store::StoreError;
+use crate::store::{BackupError, StoreError, StoreOptions};
 
 /// The export format's version.
 const FORMAT: u32 = 1;
 /// Registrations written per sled batch on import.
 const IMPORT_BATCH: usize = 10_000;
-
-/// Why an export or import failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    /// Reading or writing the export file failed.
-    #[error("{0}")]
-    File(#[from] std::io::Error),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A line of the export file is not what an export writes.
-    #[error("line {line}: {why}")]
-    Format {
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong with it.
-        why: String,
-    },
-    /// The target store already holds registrations.
-    #[error(
-        "the store already holds {0} registrations; import into an empty store (a new store.path)"
-    )]
-    NotEmpty(usize),
-}
 
 impl From<sled::Error> for BackupError {
     fn from(e: sled::Error) -> Self {
@@ -85,7 +60,7 @@ struct Line {
 
 impl SledStore {
     /// Write every registration to `out` as JSON lines; returns how many.
-    pub fn export(&self, out: &mut dyn Write) -> Result<usize, BackupError> {
+    pub(super) fn write_export(&self, out: &mut dyn Write) -> Result<usize, BackupError> {
         let open = self.database()?;
         let header = match keys::stored_instance_key(&open.db)? {
             keys::StoredInstanceKey::Sealed { sealed, check } => Header {
@@ -121,11 +96,14 @@ impl SledStore {
         Ok(count)
     }
 
-    /// Import an export file into the empty store at `path`; returns how many registrations it holds after.
-    /// The file is read twice: every line is checked before anything is written.
-    pub fn import(path: &Path, key: Option<StoreKey>, file: &Path) -> Result<usize, BackupError> {
-        let codec = Codec::new(key);
-        let db = open_db(path)?;
+    /// Import an export file into the empty store `options` describe; returns how many registrations it
+    /// holds after. The file is read twice: every line is checked before anything is written.
+    pub fn import(options: &StoreOptions, file: &Path) -> Result<usize, BackupError> {
+        let codec = Codec::new(options.key.clone());
+        let db = open_db(&options.path)?;
+        if codec.key().is_none() && !options.plaintext_tokens && keys::is_new(&db)? {
+            return Err(StoreError::KeyNeeded.into());
+        }
         let registrations = db.open_tree("registrations")?;
         let devices = db.open_tree("devices")?;
         if !registrations.is_empty() {

@@ -15,9 +15,19 @@ const STORE_KEY_CHECK: &[u8] = b"store-key-check";
 /// What the sealed instance key is bound to.
 const INSTANCE_KEY_CONTEXT: &[u8] = b"knock instance key v1";
 
+/// Whether the store has an instance key yet: a store without one is new (no knock has opened it).
+pub(super) fn is_new(db: &sled::Db) -> Result<bool, StoreError> {
+    Ok(!db.contains_key(INSTANCE_KEY)? && !db.contains_key(INSTANCE_KEY_SEALED)?)
+}
+
 /// Read the instance key, creating it on a new store; seals it (and records the key's check value) the
-/// first time the store is opened with a store key.
-pub(super) fn instance_key(db: &sled::Db, key: Option<&StoreKey>) -> Result<[u8; 32], StoreError> {
+/// first time the store is opened with a store key. A new store without a store key is created only if
+/// `plaintext` allows it.
+pub(super) fn instance_key(
+    db: &sled::Db,
+    key: Option<&StoreKey>,
+    plaintext: bool,
+) -> Result<[u8; 32], StoreError> {
     let as_key = |bytes: &[u8]| {
         <[u8; 32]>::try_from(bytes)
             .map_err(|_| StoreError::Corrupt("instance key has the wrong length".into()))
@@ -26,6 +36,9 @@ pub(super) fn instance_key(db: &sled::Db, key: Option<&StoreKey>) -> Result<[u8;
     let Some(key) = key else {
         if check.is_some() {
             return Err(StoreError::KeyRequired);
+        }
+        if !plaintext && is_new(db)? {
+            return Err(StoreError::KeyNeeded);
         }
         let mut fresh = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut fresh);

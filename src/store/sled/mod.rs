@@ -36,13 +36,14 @@ use futures::future::BoxFuture;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-pub use self::backup::BackupError;
 use self::index::{Lookup, PublishIndex};
 use self::rebuild::{Rebuild, Rebuilder};
 use self::record::{Codec, PublishFields};
 use crate::push::Token;
 use crate::store::seal::StoreKey;
-use crate::store::{Digest, PublishTarget, Registration, Store, StoreError};
+use crate::store::{
+    BackupError, Digest, PublishTarget, Registration, Store, StoreError, StoreOptions,
+};
 
 /// How long a flush may take before the changes waiting on it are reported as not confirmed.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
@@ -191,17 +192,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SledStore {
-    /// Open (or create) the database in `path`, with tokens in the clear.
+    /// Open (or create) the database in `path`, with tokens in the clear (tests and tools; knock itself
+    /// opens its store through [`crate::store::open`], which creates none in the clear unless asked).
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
         SledStore::open_with_key(path, None)
     }
 
-    /// Open (or create) the database in `path`. With a store key, tokens are sealed under it, and records
-    /// written without it are sealed by the index rebuild; a store once opened with a key will not open
-    /// without it ([`StoreError::KeyRequired`]) or with another ([`StoreError::WrongKey`]).
+    /// Open (or create) the database in `path`, sealed under `key` if there is one, in the clear otherwise.
     pub fn open_with_key(path: &Path, key: Option<StoreKey>) -> Result<SledStore, StoreError> {
+        SledStore::open_as(&StoreOptions {
+            path: path.to_path_buf(),
+            key,
+            plaintext_tokens: true,
+        })
+    }
+
+    /// Open (or create) the database `options` describe. With a store key, tokens are sealed under it, and
+    /// records written without it are sealed by the index rebuild; a store once opened with a key will not
+    /// open without it ([`StoreError::KeyRequired`]) or with another ([`StoreError::WrongKey`]), and a new
+    /// one is not created without one unless `plaintext_tokens` says so ([`StoreError::KeyNeeded`]).
+    pub fn open_as(options: &StoreOptions) -> Result<SledStore, StoreError> {
+        let (path, key) = (&options.path, options.key.clone());
         let db = open_db(path)?;
-        let instance_key = keys::instance_key(&db, key.as_ref())?;
+        let instance_key = keys::instance_key(&db, key.as_ref(), options.plaintext_tokens)?;
         let codec = Codec::new(key);
         let writes = Arc::default();
         let open = Open::start(db, &codec, &writes)?;
@@ -217,29 +230,6 @@ impl SledStore {
                 last_reopen: Mutex::new(None),
             }),
         })
-    }
-
-    /// Whether tokens are sealed under a store key.
-    pub fn is_sealed(&self) -> bool {
-        self.shared.codec.key().is_some()
-    }
-
-    /// Hand every registration to `each`, in node order; returns how many there were. For the admin
-    /// commands: it reads the whole store.
-    pub fn scan(&self, mut each: impl FnMut(Registration)) -> Result<usize, StoreError> {
-        let open = self.database()?;
-        let mut count = 0;
-        for item in open.registrations.iter() {
-            let (node, record) = self.watch(item.map_err(StoreError::from))?;
-            each(self.shared.codec.decode(&node, &record)?);
-            count += 1;
-        }
-        Ok(count)
-    }
-
-    /// Whether the index holds every registration yet (tests and the benchmark wait for it).
-    pub fn index_complete(&self) -> bool {
-        self.database().is_ok_and(|open| open.index.is_complete())
     }
 
     /// The open database, starting a reopen first if it is broken.
@@ -518,5 +508,30 @@ impl Store for SledStore {
 
     fn instance_key(&self) -> Result<[u8; 32], StoreError> {
         Ok(self.shared.instance_key)
+    }
+
+    /// In node order.
+    fn scan(&self, each: &mut dyn FnMut(Registration)) -> Result<usize, StoreError> {
+        let open = self.database()?;
+        let mut count = 0;
+        for item in open.registrations.iter() {
+            let (node, record) = self.watch(item.map_err(StoreError::from))?;
+            each(self.shared.codec.decode(&node, &record)?);
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn is_sealed(&self) -> bool {
+        self.shared.codec.key().is_some()
+    }
+
+    /// Once the index rebuild has read every registration.
+    fn is_warm(&self) -> bool {
+        self.database().is_ok_and(|open| open.index.is_complete())
+    }
+
+    fn export(&self, out: &mut dyn std::io::Write) -> Result<usize, BackupError> {
+        self.write_export(out)
     }
 }

@@ -5,7 +5,22 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::*;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
 use crate::push::ProviderKind;
+
+/// Import into the store at `path`, as `knock import` does (a store in the clear allowed).
+fn import_into(path: &Path, key: Option<StoreKey>, file: &Path) -> Result<usize, BackupError> {
+    SledStore::import(
+        &StoreOptions {
+            path: path.to_path_buf(),
+            key,
+            plaintext_tokens: true,
+        },
+        file,
+    )
+}
 
 /// A token from its hex spelling, as the tests write tokens.
 fn tok(hex: &str) -> Token {
@@ -47,7 +62,7 @@ fn assert_index_agrees(store: &SledStore, nodes: &[&str]) {
 
 fn wait_for_index(store: &SledStore) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !store.index_complete() {
+    while !store.is_warm() {
         assert!(
             std::time::Instant::now() < deadline,
             "index rebuild never finished"
@@ -513,7 +528,7 @@ fn export_then_import_into_a_new_store_round_trips_exactly() {
         let exported = export_of(&source);
         assert_eq!(exported.iter().filter(|&&b| b == b'\n').count(), 1 + 299);
         std::fs::write(file.path(), &exported).expect("write");
-        let count = SledStore::import(to.path(), key.clone(), file.path()).expect("import");
+        let count = import_into(to.path(), key.clone(), file.path()).expect("import");
         assert_eq!(count, 299);
         let copy = SledStore::open_with_key(to.path(), key.clone()).expect("open the copy");
         wait_for_index(&copy);
@@ -559,7 +574,7 @@ fn a_sealed_export_hides_tokens_and_imports_only_with_its_key() {
         (Some(StoreKey::generate()), "WrongKey"),
     ] {
         let to = tempfile::tempdir().expect("dir");
-        let err = SledStore::import(to.path(), wrong.clone(), file.path()).expect_err("refused");
+        let err = import_into(to.path(), wrong.clone(), file.path()).expect_err("refused");
         assert!(format!("{err:?}").contains(expected), "{err:?}");
         let target = SledStore::open_with_key(to.path(), wrong).expect("open");
         assert_eq!(target.len().expect("len"), 0, "nothing written");
@@ -578,7 +593,7 @@ fn a_damaged_export_or_a_full_target_writes_nothing() {
     lines[12] = r#"{"node":"x","domain":"example.org","app":"chat","record":"AQ=="}"#;
     let file = tempfile::NamedTempFile::new().expect("file");
     std::fs::write(file.path(), lines.join("\n")).expect("write");
-    let err = SledStore::import(to.path(), None, file.path()).expect_err("damaged");
+    let err = import_into(to.path(), None, file.path()).expect_err("damaged");
     assert!(
         matches!(err, BackupError::Format { line: 13, .. }),
         "{err:?}"
@@ -594,7 +609,7 @@ fn a_damaged_export_or_a_full_target_writes_nothing() {
     let file = tempfile::NamedTempFile::new().expect("file");
     std::fs::write(file.path(), exported).expect("write");
     drop(source);
-    let err = SledStore::import(from.path(), None, file.path()).expect_err("not empty");
+    let err = import_into(from.path(), None, file.path()).expect_err("not empty");
     assert!(matches!(err, BackupError::NotEmpty(19)), "{err:?}");
 }
 
@@ -608,7 +623,7 @@ fn a_clear_export_imported_with_a_key_is_sealed() {
     let source = filled(from.path(), None, 40);
     std::fs::write(file.path(), export_of(&source)).expect("write");
     let key = StoreKey::generate();
-    SledStore::import(to.path(), Some(key.clone()), file.path()).expect("import");
+    import_into(to.path(), Some(key.clone()), file.path()).expect("import");
     let copy = SledStore::open_with_key(to.path(), Some(key)).expect("open");
     wait_for_index(&copy);
     assert_eq!(all(&copy, 40), all(&source, 40));
@@ -633,4 +648,153 @@ fn a_store_in_use_says_so() {
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("opened a store that is in use"),
     }
+}
+
+/// Every raw record of the store in `dir` (the store closed), by node.
+fn raw_records(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let db = open_db(dir).expect("open sled");
+    let tree = db.open_tree("registrations").expect("tree");
+    tree.iter()
+        .map(|item| {
+            let (k, v) = item.expect("read");
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+/// Rewrite every record of the closed store in `dir` as knock wrote it before records named a provider.
+fn make_legacy(dir: &Path, codec: &Codec) {
+    let db = open_db(dir).expect("open sled");
+    let tree = db.open_tree("registrations").expect("tree");
+    for item in tree.iter() {
+        let (node, record) = item.expect("read");
+        let registration = codec.decode(&node, &record).expect("decodes");
+        tree.insert(node, record::tests::legacy(codec, &registration))
+            .expect("write");
+    }
+    db.flush().expect("flush");
+}
+
+#[test]
+fn a_store_from_before_providers_opens_as_apns_and_is_rewritten_at_its_first_open() {
+    for key in [None, Some(StoreKey::generate())] {
+        let dir = tempfile::tempdir().expect("dir");
+        drop(filled(dir.path(), key.clone(), 40));
+        make_legacy(dir.path(), &Codec::new(key.clone()));
+        let old = raw_records(dir.path());
+        assert!(old.iter().all(|(_, r)| r[0] == 1 || r[0] == 2), "legacy");
+
+        let store = SledStore::open_with_key(dir.path(), key.clone()).expect("reopen");
+        let expected: Vec<_> = (0..40).map(|i| (i != 3).then(|| numbered(i))).collect();
+        // Answered right before the rebuild has rewritten anything, and after.
+        assert_eq!(all(&store, 40), expected);
+        wait_for_index(&store);
+        assert_eq!(all(&store, 40), expected);
+        let target = store
+            .publish_target(&numbered(5).node)
+            .expect("target")
+            .expect("found");
+        assert_eq!(target.provider, ProviderKind::Apns);
+        drop(store);
+
+        let codec = Codec::new(key);
+        let rewritten = raw_records(dir.path());
+        assert_eq!(rewritten.len(), 39);
+        assert!(
+            rewritten.iter().all(|(_, r)| codec.is_current(r)),
+            "migrated"
+        );
+    }
+}
+
+#[test]
+fn an_export_from_before_providers_imports_and_is_migrated() {
+    for key in [None, Some(StoreKey::generate())] {
+        let (from, to, file) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+            tempfile::NamedTempFile::new().expect("file"),
+        );
+        // An export as the knock of before wrote it: the same lines, every record in its old format.
+        drop(filled(from.path(), key.clone(), 60));
+        make_legacy(from.path(), &Codec::new(key.clone()));
+        let source = SledStore::open_with_key(from.path(), key.clone()).expect("open");
+        let exported = export_of(&source);
+        drop(source);
+        let text = String::from_utf8(exported).expect("utf8");
+        let codec = Codec::new(key.clone());
+        let old_export: String = text
+            .lines()
+            .enumerate()
+            .map(|(i, line)| {
+                if i == 0 {
+                    return format!("{line}\n");
+                }
+                let mut value: serde_json::Value = serde_json::from_str(line).expect("json");
+                let node = value["node"].as_str().expect("node").to_string();
+                let record = STANDARD
+                    .decode(value["record"].as_str().expect("record"))
+                    .expect("b64");
+                let registration = codec.decode(node.as_bytes(), &record).expect("decodes");
+                value["record"] = STANDARD
+                    .encode(record::tests::legacy(&codec, &registration))
+                    .into();
+                format!("{value}\n")
+            })
+            .collect();
+        std::fs::write(file.path(), old_export).expect("write");
+
+        assert_eq!(
+            import_into(to.path(), key.clone(), file.path()).expect("import"),
+            59
+        );
+        let store = SledStore::open_with_key(to.path(), key.clone()).expect("open");
+        wait_for_index(&store);
+        let expected: Vec<_> = (0..60).map(|i| (i != 3).then(|| numbered(i))).collect();
+        assert_eq!(all(&store, 60), expected);
+        drop(store);
+        assert!(raw_records(to.path())
+            .iter()
+            .all(|(_, r)| codec.is_current(r)));
+    }
+}
+
+#[test]
+fn a_new_store_is_not_created_in_the_clear_unless_asked() {
+    let dir = tempfile::tempdir().expect("dir");
+    let options = |key: Option<StoreKey>, plaintext_tokens| StoreOptions {
+        path: dir.path().join("store"),
+        key,
+        plaintext_tokens,
+    };
+    assert!(matches!(
+        SledStore::open_as(&options(None, false)),
+        Err(StoreError::KeyNeeded)
+    ));
+    let message = StoreError::KeyNeeded.to_string();
+    assert!(message.contains("knock keygen --out"), "{message}");
+    assert!(message.contains("plaintext_tokens"), "{message}");
+    // Asked for: created in the clear, and then it opens either way, as every store of before does.
+    drop(SledStore::open_as(&options(None, true)).expect("created in the clear"));
+    let store = SledStore::open_as(&options(None, false)).expect("an existing clear store opens");
+    assert!(!store.is_sealed());
+    drop(store);
+    // With a key, a new store needs nothing else.
+    let sealed = StoreOptions {
+        path: dir.path().join("sealed"),
+        ..options(Some(StoreKey::generate()), false)
+    };
+    assert!(SledStore::open_as(&sealed).expect("sealed").is_sealed());
+    // An import creates a store too: the same rule.
+    let file = tempfile::NamedTempFile::new().expect("file");
+    let source = filled(&dir.path().join("source"), None, 3);
+    std::fs::write(file.path(), export_of(&source)).expect("write");
+    let into_new = StoreOptions {
+        path: dir.path().join("imported"),
+        ..options(None, false)
+    };
+    assert!(matches!(
+        SledStore::import(&into_new, file.path()),
+        Err(BackupError::Store(StoreError::KeyNeeded))
+    ));
 }
