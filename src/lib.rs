@@ -1,31 +1,35 @@
-//! knock: an XMPP push App Server (XEP-0357) that wakes iOS apps through APNs.
+//! knock: an XMPP push App Server (XEP-0357). A user's server publishes "wake this node" to knock; knock
+//! finds the device behind the node and sends a wake-up without message content through the device
+//! vendor's push service.
 //!
 //! A tour, in the order a stanza meets the code:
 //!
-//! - [`link`]: the XEP-0114 component connection to the XMPP server. Connects, authenticates, keeps the link
-//!   alive with pings, reconnects with backoff, bounds the stanzas in flight, and drains them on shutdown.
-//!   Knows sockets, not XEPs. [`link::connection`] speaks the stream; [`link::frame`] cuts it into
-//!   stanzas without parsing them.
-//! - [`stanza`]: how much each stanza needs parsing. A server's publish is read straight from its bytes
-//!   ([`stanza::FastPublish`], with the lexing in [`xml`]); everything else goes through minidom and
-//!   xmpp-parsers.
+//! - [`link`]: the XEP-0114 component connection to the XMPP server, and only the socket: connects,
+//!   authenticates, keeps the link alive with pings, reconnects with backoff, bounds the stanzas in flight,
+//!   and drains them on shutdown. Hands each stanza's bytes up.
+//! - [`stanza`]: bytes to a typed request. [`stanza::frame`] cuts the stream into stanzas without parsing
+//!   them; a server's publish is read straight from its bytes ([`stanza::FastPublish`], lexed by the narrow
+//!   [`stanza::xml`], or only compared with a [`stanza::shape`] already read); everything else goes through
+//!   minidom and xmpp-parsers, with [`stanza::xep0050`] for the ad-hoc command element.
 //! - [`router`]: turns each IQ into one [`router::Request`], hands it to its handler, and turns the answer
 //!   into exactly one reply.
-//! - [`handlers`]: one module per protocol — [`handlers::disco`], [`handlers::commands`] (XEP-0050
-//!   registration), [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`] (XEP-0357
-//!   publishes). Each maps its failures to a [`handlers::HandlerError`], one XMPP error condition each.
-//! - [`store`]: the [`store::Store`] trait and its sled implementation, with the in-memory index publishes
-//!   read and tokens sealed at rest; a registration is acknowledged only once it is durable.
-//! - [`push`]: the [`push::Backend`] trait and the APNs client. Knows tokens and HTTP/2, not XMPP.
-//! - Around them: [`app`] (the state handlers share), [`config`] (the TOML file), [`secrets`] (random nodes
-//!   and keyed hashes, so no JID is stored), [`rate_limit`] (per-node coalescing), [`registration_limit`]
-//!   (registration flood caps per user and per domain), [`stats`] (counts and states, for the log and
-//!   the admin listener), [`log_limit`] (one line per interval for failures that repeat per publish),
-//!   [`admin`] (the optional HTTP `/metrics` and `/health`), [`maintenance`]
-//!   (`keygen`, `stats`, `export`, `import`, `delete` on a stopped knock's store), [`shutdown`]
-//!   (graceful stop as a value), [`xep0050`] (the ad-hoc command element).
+//! - [`handlers`]: one module per protocol: [`handlers::disco`], [`handlers::commands`] (XEP-0050
+//!   registration, p2's dialect), [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`]
+//!   (XEP-0357 publishes). Each maps its failures to a [`handlers::HandlerError`], one XMPP error each.
+//! - [`store`]: the [`store::Store`] trait, the [`store::Registration`] it keeps and [`store::open`]; the
+//!   sled engine with its in-memory publish index, tokens sealed at rest, a registration acknowledged only
+//!   once durable. [`store::secrets`] makes the keyed hashes stored instead of JIDs.
+//! - [`push`]: the provider seam ([`push::Provider`], [`push::Wakeup`], [`push::PushOutcome`], tokens as
+//!   opaque bytes) and the APNs client. Knows tokens and HTTP/2, not XMPP.
 //!
-//! Data flows one way: link -> router -> handler -> store / push -> reply.
+//! Around them: [`app`] (the state handlers share, built once), [`config`] (the TOML file), [`limits`]
+//! (per-node coalescing and registration flood caps), [`stats`] (counters, and log lines limited per
+//! interval), [`http`] (the optional `/metrics` and `/health` listener), [`admin`] (`keygen`, `stats`,
+//! `export`, `import`, `delete` on a stopped knock's store), [`shutdown`] (graceful stop as a value).
+//!
+//! Data flows one way: link -> stanza -> router -> handler -> store / push -> reply. Handlers do not know
+//! sockets, providers do not know XMPP, nothing above [`push`] knows a provider's token format, and nothing
+//! above [`store`] knows sled.
 
 pub mod admin;
 pub mod app;

@@ -1,8 +1,8 @@
 //! `/metrics`: a [`Snapshot`] in the Prometheus text exposition format (version 0.0.4).
 //!
 //! Every label value comes from a fixed table in [`crate::stats`] (outcomes, APNs statuses and reasons), never
-//! from what a peer or user sent, so no node, token, secret or JID can appear here; values are escaped all
-//! the same, for the labels that config-given names (app names) will add. Families are always listed with
+//! from what a peer or user sent, so no node, token, secret or JID can appear here; the one label from the
+//! configuration, an app's name on `knock_stored_registrations_by_app`, is escaped all the same. Families are always listed with
 //! their `# HELP` and `# TYPE`, and fixed-outcome series from zero, so `rate()` sees the first event.
 
 use std::fmt::Write;

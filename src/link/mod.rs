@@ -1,8 +1,8 @@
 //! The XEP-0114 component link: connect, handshake, keepalive, reconnect, backpressure, shutdown.
 //!
 //! Knows sockets and stanzas, not XEPs: every IQ request goes to [`router::handle_frame`], whose reply is
-//! written back. [`connection`] speaks the stream (headers, handshake, frames in, stanzas out) and
-//! [`frame`] cuts it into stanzas. Stanzas are handled concurrently (a slow APNs answer never stalls the
+//! written back. [`connection`] speaks the stream (headers, handshake, frames in, stanzas out), and
+//! [`crate::stanza::frame`] cuts the bytes read into stanzas. Stanzas are handled concurrently (a slow APNs answer never stalls the
 //! stream) but at most `max_in_flight` at once; beyond that knock stops reading and TCP pushes back on the
 //! server. Every stanza already read is taken before the socket is read again, and every reply already
 //! finished leaves in the same write, so a burst of publishes costs a few system calls, not a few per
@@ -10,7 +10,7 @@
 //!
 //! When the link is lost, the stanzas in flight are not answered on the next link (their IQs belonged to
 //! the lost stream, and the server has given up on them), but their work is finished while knock
-//! reconnects: a push already under way still goes out, so the device is woken and the node's rate-limit
+//! reconnects: a push already under way still goes out, so the device is woken and the node's coalescing
 //! slot is not held by a wake-up that was never sent. They still count against `max_in_flight`.
 //!
 //! A stanza that does not parse gets a `bad-request` and the link stays up (any user on the network can

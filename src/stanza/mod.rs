@@ -31,7 +31,8 @@ pub const MAX_FORM_FIELDS: usize = 32;
 pub const MAX_FIELD_LEN: usize = 1024;
 
 /// Deepest nesting parsed into a tree; deeper stanzas are refused unread (a tree that deep costs stack to
-/// build and drop, and no XEP knock speaks nests past 6).
+/// build and drop). The deepest stanza knock is sent is 8 levels: a publish's summary form value (iq,
+/// pubsub, publish, item, notification, x, field, value).
 pub const MAX_DEPTH: usize = 32;
 
 /// What a top-level element is, from its first tag.

@@ -151,7 +151,7 @@ impl<'a> Tag<'a> {
     }
 
     /// Call `each(name, raw_value)` for every attribute, in order. `None` when the attribute syntax is
-    /// broken (an attribute name outside [`is_name`]'s ASCII included) or `each` says so.
+    /// broken (an attribute name outside `is_name`'s ASCII included) or `each` says so.
     pub fn for_each_attr(&self, each: impl FnMut(&'a [u8], &'a [u8]) -> Option<()>) -> Option<()> {
         self.scan_attrs(is_name, each)
     }

@@ -3,9 +3,10 @@
 //! Nodes are 128 random bits. Device and owner identities are HMAC-SHA-256 of the JID under the store's
 //! instance key, so the registration records alone do not say which JID registered what. Publish secrets
 //! for command registrations are derived from the node under that key, so a re-registration can hand the
-//! same secret back while the records keep only its hash. The instance key itself lives in the same
-//! database today, so a full copy of the database can still test guessed JIDs against the hashes; moving
-//! the key out of the database is tracked with the at-rest encryption work.
+//! same secret back while the records keep only its hash. The instance key lives in the store too, sealed
+//! under the store key (`[store] key_file`, kept outside the database), so a copy of the database alone
+//! cannot test guessed JIDs against the hashes; a store created in the clear (`plaintext_tokens`) keeps it
+//! in the clear and offers no such protection.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
