@@ -12,7 +12,7 @@ use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_
 use xmpp_parsers::jid::Jid;
 
 use super::{
-    delete, device_id, form_values, optional, push_app, required, save, token, HandlerError,
+    delete, device_id, device_token, form_values, optional, push_app, required, save, HandlerError,
 };
 use crate::app::App;
 use crate::push::ProviderKind;
@@ -105,7 +105,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         return Ok(Command::reply(&command, Status::Completed, None, random_id));
     }
 
-    let token = token(&push_app, required(&values, "token")?)?;
+    let token = device_token(&push_app, required(&values, "token")?)?;
     // A device keeps its node for life, so the client's <enable/> at its server stays valid.
     let node = match app.store.node_for_device(&device_key)? {
         Some(node) => node,

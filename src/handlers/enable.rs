@@ -9,7 +9,7 @@ use xmpp_parsers::jid::Jid;
 use xmpp_parsers::push::{Disable, Enable};
 
 use super::{
-    delete, device_id, form_values, optional, push_app, required, save, token, HandlerError,
+    delete, device_id, device_token, form_values, optional, push_app, required, save, HandlerError,
 };
 use crate::app::App;
 use crate::store::secrets::secret_hash;
@@ -64,7 +64,7 @@ pub async fn enable(app: &App, from: &Jid, enable: Enable) -> Result<(), Handler
         )));
     }
     let push_app = push_app(app, optional(&values, "app"), None)?;
-    let token = token(&push_app, required(&values, "token")?)?;
+    let token = device_token(&push_app, required(&values, "token")?)?;
     let bare = from.to_bare();
     // Shorthand devices live in their own namespace, so a command registration for the same device id never
     // hands out a derived secret for a node whose secret the client chose. Without a device id, the node

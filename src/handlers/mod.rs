@@ -149,7 +149,7 @@ pub fn optional<'a>(values: &HashMap<&str, &'a str>, var: &str) -> Option<&'a st
 }
 
 /// A device token as the app's provider takes it (checked and compacted by the provider's own rules).
-pub fn token(push_app: &PushApp, text: &str) -> Result<Token, HandlerError> {
+pub fn device_token(push_app: &PushApp, text: &str) -> Result<Token, HandlerError> {
     push_app
         .provider
         .kind()
@@ -183,7 +183,7 @@ pub fn push_app(
     let mut of_kind = apps.iter().filter(|a| a.provider.kind() == kind);
     match name {
         None => of_kind.next().cloned().ok_or_else(|| {
-            HandlerError::bad_request(format!("this push service has no {kind} app"))
+            HandlerError::service_unavailable(format!("this push service has no {kind} app"))
         }),
         Some(name) => match of_kind.find(|a| a.name == name) {
             Some(found) => Ok(found.clone()),
