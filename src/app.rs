@@ -8,13 +8,13 @@ use std::time::Duration;
 use xmpp_parsers::jid::BareJid;
 
 use crate::config::Config;
-use crate::config::PushType;
+use crate::config::{AppConfig, PushType};
 use crate::limits::Coalescer;
 use crate::limits::RegistrationLimiter;
 use crate::push::{ApnsClient, DryRun, Provider, ProviderKind, WakeKind};
 use crate::stats::Stats;
 use crate::store::secrets::Keyring;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{KeyFileError, Store, StoreError, StoreKey, StoreOptions};
 
 /// Why knock could not be assembled from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +28,8 @@ pub enum SetupError {
         source: StoreError,
     },
     /// The store key could not be read.
-    #[error(transparent)]
-    StoreKey(#[from] crate::config::ConfigError),
+    #[error("store.key_file: {0}")]
+    StoreKey(#[from] KeyFileError),
     /// An app's APNs client could not be built.
     #[error("apns app {app:?}: {source}")]
     Apns {
@@ -171,28 +171,37 @@ impl App {
         // The provider's own deadline leaves room to send the reply before the publish deadline.
         let push_deadline = config.publish_deadline().mul_f64(0.9);
         config
-            .apns
+            .apps
             .iter()
             .map(|app| {
-                let provider: Arc<dyn Provider> = if app.dry_run {
+                let (kind, wake_kind) = match app {
+                    AppConfig::Apns(apns) => (
+                        ProviderKind::Apns,
+                        match apns.push_type {
+                            PushType::Background => WakeKind::Background,
+                            PushType::Alert => WakeKind::Alert,
+                        },
+                    ),
+                };
+                let provider: Arc<dyn Provider> = if app.dry_run() {
                     Arc::new(DryRun {
-                        kind: ProviderKind::Apns,
-                        app: app.name.clone(),
+                        kind,
+                        app: app.name().to_owned(),
                     })
                 } else {
-                    Arc::new(ApnsClient::new(app, push_deadline, stats.clone()).map_err(
-                        |source| SetupError::Apns {
-                            app: app.name.clone(),
-                            source,
-                        },
-                    )?)
-                };
-                let wake_kind = match app.push_type {
-                    PushType::Background => WakeKind::Background,
-                    PushType::Alert => WakeKind::Alert,
+                    match app {
+                        AppConfig::Apns(apns) => {
+                            Arc::new(ApnsClient::new(apns, push_deadline, stats.clone()).map_err(
+                                |source| SetupError::Apns {
+                                    app: apns.name.clone(),
+                                    source,
+                                },
+                            )?)
+                        }
+                    }
                 };
                 Ok(PushApp {
-                    name: app.name.clone(),
+                    name: app.name().to_owned(),
                     provider,
                     wake_kind,
                 })
@@ -200,12 +209,22 @@ impl App {
             .collect()
     }
 
+    /// The store key `store.key_file` names, read, if it names one.
+    pub fn store_key(config: &Config) -> Result<Option<StoreKey>, SetupError> {
+        Ok(config
+            .store
+            .key_file
+            .as_deref()
+            .map(StoreKey::load)
+            .transpose()?)
+    }
+
     /// What `[store]` says, with the store key read.
     pub fn store_options(config: &Config) -> Result<StoreOptions, SetupError> {
         Ok(StoreOptions {
             path: config.store.path.clone(),
-            key: config.store.key()?,
-            plaintext_tokens: true,
+            key: App::store_key(config)?,
+            plaintext_tokens: config.store.plaintext_tokens,
         })
     }
 
@@ -221,10 +240,10 @@ impl App {
     pub fn from_config(config: &Config) -> Result<App, SetupError> {
         let stats = Arc::new(Stats::default());
         let apps = App::apps_from_config(config, &stats)?;
-        if config.store.key_file.is_none() {
-            tracing::warn!("store.key_file is not set: device tokens are stored in the clear (`knock keygen` writes a key)");
-        }
         let store = App::open_store(config)?;
+        if !store.is_sealed() {
+            tracing::warn!("device tokens are stored in the clear: seal the store with a store key (README: Sealing a store kept in the clear)");
+        }
         App::builder(config.component_jid(), store)
             .apps(apps)
             .push_interval(config.push_interval())

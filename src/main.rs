@@ -181,7 +181,7 @@ fn delete(path: &std::path::Path, node: &str) -> anyhow::Result<()> {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let (config, _secret) = load(path)?;
-    let store_key = config.store.key()?;
+    let store_key = App::store_key(&config)?;
     // Building the providers reads every key and certificate, so a bad file fails here, not at the first
     // push. hyper's client wants a runtime to exist while it is built; it connects nowhere yet.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -193,17 +193,17 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         path.display(),
         config.component.jid,
         config.component.server,
-        config.apns.len(),
+        config.apps.len(),
         config
-            .apns
+            .apps
             .iter()
-            .map(|a| a.name.as_str())
+            .map(|a| format!("{} ({})", a.name(), a.provider()))
             .collect::<Vec<_>>()
             .join(", "),
-        if store_key.is_some() {
-            "sealed at rest (store.key_file)"
-        } else {
-            "stored in the clear (no store.key_file)"
+        match (&store_key, config.store.plaintext_tokens) {
+            (Some(_), _) => "sealed at rest (store.key_file)",
+            (None, true) => "stored in the clear (no store.key_file; plaintext_tokens allows a new store so)",
+            (None, false) => "stored in the clear by an existing store only (no store.key_file: a new store is refused)",
         }
     );
     Ok(())
@@ -289,7 +289,7 @@ async fn wait_for_signal() {
     }
 }
 
-/// SIGHUP re-reads the config file and puts its `[[apns]]` apps (keys, certificates, topics, endpoints) in
+/// SIGHUP re-reads the config file and puts its apps (`[[app]]`, or `[[apns]]`) (keys, certificates, topics, endpoints) in
 /// force; a file that does not load, or a key that does not, is refused and the running apps stay. The
 /// other sections need a restart: the link, the store and the listener are not rebuilt under load.
 async fn reload_on_sighup(app: Arc<App>, path: PathBuf, mut shutdown: knock::shutdown::Shutdown) {
@@ -311,7 +311,7 @@ async fn reload_on_sighup(app: Arc<App>, path: PathBuf, mut shutdown: knock::shu
             match reloaded {
                 Ok(apps) => tracing::info!(
                     apps,
-                    "SIGHUP: [[apns]] reloaded; changes to other sections take effect at the next restart"
+                    "SIGHUP: [[app]] and [[apns]] reloaded; changes to other sections take effect at the next restart"
                 ),
                 Err(e) => tracing::error!(
                     error = %describe(&e),

@@ -66,6 +66,102 @@ fn check_names_what_is_wrong() {
     }
 }
 
+/// The config `write_config` writes, with `from` replaced by `to`, and where `needle` stands in it (1-based
+/// line).
+fn config_with(dir: &std::path::Path, from: &str, to: &str, needle: &str) -> (String, usize) {
+    let path = write_config(dir, "dry_run = true\n");
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace(from, to);
+    std::fs::write(&path, &text).expect("write");
+    let line = text[..text.find(needle).expect("needle")]
+        .matches('\n')
+        .count()
+        + 1;
+    (path, line)
+}
+
+#[test]
+fn check_names_the_key_and_the_line_of_every_kind_of_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = "server = \"127.0.0.1:5347\"\n";
+    let cases = [
+        // (replace, with, the line's text, what the first line of the error says after `path:line: `)
+        (
+            server,
+            "server = \"127.0.0.1:5347\"\nfoo = 1\n",
+            "foo = 1",
+            "component.foo: unknown field `foo`, expected one of",
+        ),
+        (
+            server,
+            "server = \"127.0.0.1:5347\"\nping_interval_secs = \"thirty\"\n",
+            "ping_interval_secs",
+            "component.ping_interval_secs: invalid type: string \"thirty\", expected u64",
+        ),
+        (
+            "path = \"data\"\n",
+            "",
+            "[store]",
+            "store: missing field `path`",
+        ),
+        (
+            server,
+            "server = \"nowhere\"\n",
+            "server = ",
+            "component.server: expected host:port",
+        ),
+        (
+            "dry_run = true\n",
+            "dry_run = true\n[[apns]]\nname = \"chat\"\ntopic = \"t\"\ndry_run = true\n",
+            "name = \"chat\"\ntopic = \"t\"",
+            "apns[1].name: duplicate app name",
+        ),
+        ("[store]", "[store", "[store", "TOML parse error"),
+    ];
+    for (from, to, needle, expected) in cases {
+        let (config, line) = config_with(dir.path(), from, to, needle);
+        let (ok, text) = knock(&["check", "--config", &config]);
+        assert!(!ok, "{to}: {text}");
+        let at = format!("{config}:{line}: ");
+        assert!(text.contains(&at), "expected {at:?} in: {text}");
+        if expected != "TOML parse error" {
+            assert!(
+                text.contains(&format!("{at}{expected}")),
+                "expected {at}{expected:?} in: {text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_new_store_needs_a_key_unless_plaintext_is_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "dry_run = true\n");
+    let (ok, text) = knock(&["stats", "--config", &config]);
+    assert!(!ok && text.contains("knock keygen --out"), "{text}");
+    assert!(
+        !dir.path().join("data").join("db").exists(),
+        "no store was made"
+    );
+    let (ok, text) = knock(&["check", "--config", &config]);
+    assert!(ok && text.contains("a new store is refused"), "{text}");
+    let clear = std::fs::read_to_string(&config).expect("read").replace(
+        "path = \"data\"\n",
+        "path = \"data\"\nplaintext_tokens = true\n",
+    );
+    std::fs::write(&config, clear).expect("write");
+    let (ok, text) = knock(&["stats", "--config", &config]);
+    assert!(
+        ok && text.contains("0 registrations") && text.contains("in the clear"),
+        "{text}"
+    );
+    // Once made, a store in the clear opens without the option too.
+    let (config_without, _) = config_with(dir.path(), "plaintext_tokens = true\n", "", "[store]");
+    let (ok, text) = knock(&["stats", "--config", &config_without]);
+    assert!(ok && text.contains("0 registrations"), "{text}");
+}
+
 #[test]
 fn version_answers() {
     let (ok, text) = knock(&["--version"]);

@@ -68,7 +68,7 @@ pub fn stats(config: &Config, say: &mut dyn Write) -> Result<(), MaintenanceErro
         }
     )?;
     for (app, n) in &by_app {
-        let configured = config.apns.iter().any(|a| &a.name == app);
+        let configured = config.apps.iter().any(|a| a.name() == app);
         let note = if configured {
             ""
         } else {

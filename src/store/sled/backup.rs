@@ -100,8 +100,14 @@ impl SledStore {
     /// holds after. The file is read twice: every line is checked before anything is written.
     pub fn import(options: &StoreOptions, file: &Path) -> Result<usize, BackupError> {
         let codec = Codec::new(options.key.clone());
+        let existed = options.path.exists();
         let db = open_db(&options.path)?;
         if codec.key().is_none() && !options.plaintext_tokens && keys::is_new(&db)? {
+            // Refused before anything was stored: leave no empty database behind either.
+            drop(db);
+            if !existed {
+                let _ = std::fs::remove_dir_all(&options.path);
+            }
             return Err(StoreError::KeyNeeded.into());
         }
         let registrations = db.open_tree("registrations")?;

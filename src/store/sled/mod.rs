@@ -213,8 +213,19 @@ impl SledStore {
     /// one is not created without one unless `plaintext_tokens` says so ([`StoreError::KeyNeeded`]).
     pub fn open_as(options: &StoreOptions) -> Result<SledStore, StoreError> {
         let (path, key) = (&options.path, options.key.clone());
+        let existed = path.exists();
         let db = open_db(path)?;
-        let instance_key = keys::instance_key(&db, key.as_ref(), options.plaintext_tokens)?;
+        let instance_key = match keys::instance_key(&db, key.as_ref(), options.plaintext_tokens) {
+            Err(StoreError::KeyNeeded) => {
+                // Refused before anything was stored: leave no empty database behind either.
+                drop(db);
+                if !existed {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+                return Err(StoreError::KeyNeeded);
+            }
+            other => other?,
+        };
         let codec = Codec::new(key);
         let writes = Arc::default();
         let open = Open::start(db, &codec, &writes)?;

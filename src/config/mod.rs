@@ -1,7 +1,13 @@
 //! The typed TOML configuration: what an admin writes, checked before anything starts.
 //!
 //! Every field is documented here and in `config/knock.example.toml`. Unknown keys are errors, and every
-//! validation failure names the key at fault, so `knock check` can tell an admin exactly what to fix.
+//! error, from the parser or from validation, names the dotted key at fault and its line ([`locate`]), so
+//! `knock check` can tell an admin exactly what to fix. The file is read as written ([`RawConfig`]), then
+//! turned into the [`Config`] the rest of knock reads, each app typed by its provider.
+//!
+//! This module names no other part of knock: everything else depends on it, never the reverse.
+
+mod locate;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -10,6 +16,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use xmpp_parsers::jid::BareJid;
+
+use self::locate::Locator;
+
+/// The push services an `[[app]]` may name in `provider`.
+pub const PROVIDERS: &[&str] = &["apns"];
 
 /// Anything that makes a configuration unusable, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -22,18 +33,22 @@ pub enum ConfigError {
         /// Why it could not be read.
         source: std::io::Error,
     },
-    /// The TOML did not parse or did not match the schema (unknown key, wrong type, missing key).
-    #[error("{path}: {message}")]
-    Parse {
+    /// The file is not a usable configuration: the TOML did not parse, did not match the schema (unknown
+    /// key, wrong type, missing key), or a value makes no sense. Says where: `path:line: key: message`.
+    #[error("{}", where_and_what(path, *line, key.as_deref(), message))]
+    At {
         /// The configuration file.
         path: PathBuf,
-        /// The parser's message, which names the key and line.
+        /// The 1-based line at fault, when the file has one for it (a missing key has none of its own: the
+        /// line of its table, if the table is written).
+        line: Option<usize>,
+        /// The dotted key at fault, e.g. `apns[0].auth.key_id`.
+        key: Option<String>,
+        /// What is wrong.
         message: String,
     },
-    /// The store key file could not be read.
-    #[error("store.key_file: {0}")]
-    StoreKey(#[from] crate::store::KeyFileError),
-    /// A value parsed but makes no sense.
+    /// A value parsed but makes no sense (before it is placed in a file: [`Config::parse`] turns it into
+    /// [`ConfigError::At`]; reading `secret_file` at start reports it as it is).
     #[error("invalid `{key}`: {reason}")]
     Invalid {
         /// The dotted key at fault, e.g. `apns[0].topic`.
@@ -50,25 +65,178 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+
+    /// The same error, said of the file at `path`.
+    fn in_file(self, path: &Path) -> ConfigError {
+        match self {
+            ConfigError::At {
+                line, key, message, ..
+            } => ConfigError::At {
+                path: path.to_owned(),
+                line,
+                key,
+                message,
+            },
+            other => other,
+        }
+    }
 }
 
-/// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `path:line: key: message`, leaving out what is not known.
+fn where_and_what(path: &Path, line: Option<usize>, key: Option<&str>, message: &str) -> String {
+    let mut out = path.display().to_string();
+    if let Some(line) = line {
+        out.push_str(&format!(":{line}"));
+    }
+    if let Some(key) = key {
+        out.push_str(&format!(": {key}"));
+    }
+    out.push_str(&format!(": {message}"));
+    out
+}
+
+/// The whole configuration, checked.
+#[derive(Debug, Clone)]
 pub struct Config {
     /// How knock attaches to the XMPP server (XEP-0114).
     pub component: ComponentConfig,
     /// Where registrations live.
     pub store: StoreConfig,
-    /// Limits that protect APNs, the server and knock itself.
-    #[serde(default)]
+    /// Limits that protect the push services, the server and knock itself.
     pub limits: LimitsConfig,
-    /// The iOS apps knock can wake; the first is the default for registrations that name none.
-    #[serde(default)]
-    pub apns: Vec<ApnsConfig>,
+    /// The apps knock can wake, in file order; the first is the default for registrations that name none.
+    pub apps: Vec<AppConfig>,
     /// The HTTP admin listener (`/metrics`, `/health`); off unless `listen` is set.
-    #[serde(default)]
     pub admin: AdminConfig,
+    /// Which table the apps were written in (`app` or its alias `apns`), to name their keys as written.
+    apps_table: &'static str,
+}
+
+/// The file as written: [`Config`] before its apps are typed by provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    component: ComponentConfig,
+    store: StoreConfig,
+    #[serde(default)]
+    limits: LimitsConfig,
+    /// `[[app]]` tables.
+    #[serde(default)]
+    app: Vec<AppTable>,
+    /// `[[apns]]` tables: the older spelling of an `[[app]]` with `provider = "apns"`.
+    #[serde(default)]
+    apns: Vec<AppTable>,
+    #[serde(default)]
+    admin: AdminConfig,
+}
+
+/// One `[[app]]` (or `[[apns]]`) table as written: the keys every app has, and each provider's own, which
+/// are checked against `provider` when the table becomes an [`AppConfig`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppTable {
+    name: String,
+    /// Required in `[[app]]`; `[[apns]]` implies `apns`.
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    // APNs: see [`ApnsConfig`] for each.
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    push_type: Option<PushType>,
+    #[serde(default)]
+    alert_title: Option<String>,
+    #[serde(default)]
+    include_node: Option<bool>,
+    #[serde(default)]
+    expiration_secs: Option<u64>,
+    #[serde(default)]
+    auth: Option<ApnsAuthConfig>,
+}
+
+impl AppTable {
+    /// The app this table configures; `key` is how its keys are named in errors (`app[1]`).
+    fn into_app(self, key: &str, implied: Option<&str>) -> Result<AppConfig, ConfigError> {
+        let provider = match (self.provider.as_deref(), implied) {
+            (Some(p), Some(implied)) if p != implied => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.provider"),
+                    format!(
+                    "an [[{implied}]] table is an {implied} app; use [[app]] for another provider"
+                ),
+                ))
+            }
+            (Some(p), _) | (None, Some(p)) => p.to_owned(),
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.provider"),
+                    format!(
+                        "missing: which push service, one of {}",
+                        PROVIDERS.join(", ")
+                    ),
+                ))
+            }
+        };
+        match provider.as_str() {
+            "apns" => Ok(AppConfig::Apns(ApnsConfig {
+                topic: self.topic.ok_or_else(|| {
+                    ConfigError::invalid(format!("{key}.topic"), "missing: the app's bundle id")
+                })?,
+                name: self.name,
+                endpoint: self.endpoint.unwrap_or_else(default_endpoint),
+                ca_file: self.ca_file,
+                push_type: self.push_type.unwrap_or_default(),
+                alert_title: self.alert_title.unwrap_or_else(default_alert_title),
+                include_node: self.include_node.unwrap_or(true),
+                expiration_secs: self.expiration_secs.unwrap_or_else(default_expiration),
+                dry_run: self.dry_run,
+                auth: self.auth,
+            })),
+            other => Err(ConfigError::invalid(
+                format!("{key}.provider"),
+                format!(
+                    "unknown push service {other:?}; knock has {}",
+                    PROVIDERS.join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+/// One app knock can wake, typed by its push service.
+#[derive(Debug, Clone)]
+pub enum AppConfig {
+    /// An iOS app, woken through APNs.
+    Apns(ApnsConfig),
+}
+
+impl AppConfig {
+    /// The name clients use in the `app` field.
+    pub fn name(&self) -> &str {
+        match self {
+            AppConfig::Apns(app) => &app.name,
+        }
+    }
+
+    /// Whether pushes are only logged.
+    pub fn dry_run(&self) -> bool {
+        match self {
+            AppConfig::Apns(app) => app.dry_run,
+        }
+    }
+
+    /// The push service's name, as `provider` says it.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            AppConfig::Apns(_) => "apns",
+        }
+    }
 }
 
 /// The `[admin]` table: the HTTP listener for `/metrics` (Prometheus) and `/health`.
@@ -113,6 +281,11 @@ pub struct StoreConfig {
     /// so a copy of the database alone reveals no token. Kept outside the database and its backups.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Allow creating a store whose device tokens are kept in the clear, without `key_file`: for tests and
+    /// throwaway setups only. Without it, knock refuses to create a new store unless `key_file` is set; a
+    /// store already in the clear opens either way.
+    #[serde(default)]
+    pub plaintext_tokens: bool,
 }
 
 /// The `[limits]` table.
@@ -155,38 +328,29 @@ impl Default for LimitsConfig {
     }
 }
 
-/// One `[[apns]]` table: an iOS app knock can wake.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// An `[[app]]` with `provider = "apns"` (or an `[[apns]]` table): an iOS app knock can wake.
+#[derive(Debug, Clone)]
 pub struct ApnsConfig {
     /// The name clients use in the `app` field; unique.
     pub name: String,
     /// The app's bundle id, sent as `apns-topic`.
     pub topic: String,
     /// `production`, `sandbox`, or any `https://` base URL (a test server).
-    #[serde(default = "default_endpoint")]
     pub endpoint: String,
     /// Extra PEM CA certificates to trust for the endpoint, besides the public roots.
-    #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// `background` (silent `content-available` wake-up, priority 5) or `alert` (for apps with a Notification
     /// Service Extension: a generic title, `mutable-content`, priority 10).
-    #[serde(default)]
     pub push_type: PushType,
     /// The title of alert pushes. It is the same for every push: knock never forwards content.
-    #[serde(default = "default_alert_title")]
     pub alert_title: String,
     /// Put the pubsub node in the payload (key `node`), so an app with several accounts wakes only the one with mail.
-    #[serde(default = "default_true")]
     pub include_node: bool,
     /// How long Apple may hold an undelivered push, in seconds (0: try once, do not store).
-    #[serde(default = "default_expiration")]
     pub expiration_secs: u64,
     /// Log pushes instead of sending them (for staging and benchmarks). Auth is then optional.
-    #[serde(default)]
     pub dry_run: bool,
     /// How knock authenticates to APNs.
-    #[serde(default)]
     pub auth: Option<ApnsAuthConfig>,
 }
 
@@ -309,22 +473,8 @@ fn default_endpoint() -> String {
 fn default_alert_title() -> String {
     "New message".to_owned()
 }
-fn default_true() -> bool {
-    true
-}
 fn default_expiration() -> u64 {
     3600
-}
-
-impl StoreConfig {
-    /// The store key named by `key_file`, if any.
-    pub fn key(&self) -> Result<Option<crate::store::StoreKey>, ConfigError> {
-        self.key_file
-            .as_deref()
-            .map(crate::store::StoreKey::load)
-            .transpose()
-            .map_err(ConfigError::from)
-    }
 }
 
 /// Apple's production and sandbox hosts.
@@ -340,27 +490,63 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut config = Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
-        })?;
+        let mut config = Config::parse(&text).map_err(|e| e.in_file(path))?;
         if let Some(dir) = path.parent() {
             config.resolve_paths(dir);
         }
         Ok(config)
     }
 
-    /// Parse and validate configuration text; paths stay as written.
+    /// Parse and validate configuration text; paths stay as written. Errors are said of `<config>`
+    /// ([`Config::load`] names the file).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
+        let here = PathBuf::from("<config>");
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = Locator::new(text);
+            let offset = e.span().map(|span| span.start);
+            ConfigError::At {
+                path: here.clone(),
+                line: offset.map(|o| at.line_of(o)),
+                key: offset.and_then(|o| at.key_at(o)),
+                message: e.message().trim().to_owned(),
+            }
         })?;
-        config.validate()?;
-        Ok(config)
+        Config::from_raw(raw)
+            .and_then(|config| config.validate().map(|()| config))
+            .map_err(|e| match e {
+                ConfigError::Invalid { key, reason } => ConfigError::At {
+                    path: here.clone(),
+                    line: Locator::new(text).line_of_key(&key),
+                    key: Some(key),
+                    message: reason,
+                },
+                other => other,
+            })
+    }
+
+    /// Type the apps of a file as written.
+    fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let (tables, apps_table, implied) = match (raw.app.is_empty(), raw.apns.is_empty()) {
+            (false, false) => return Err(ConfigError::invalid(
+                "apns",
+                "write apps as [[app]] tables or as [[apns]] tables (the older spelling), not both",
+            )),
+            (true, false) => (raw.apns, "apns", Some("apns")),
+            _ => (raw.app, "app", None),
+        };
+        let apps = tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, table)| table.into_app(&format!("{apps_table}[{i}]"), implied))
+            .collect::<Result<_, _>>()?;
+        Ok(Config {
+            component: raw.component,
+            store: raw.store,
+            limits: raw.limits,
+            apps,
+            admin: raw.admin,
+            apps_table,
+        })
     }
 
     fn resolve_paths(&mut self, dir: &Path) {
@@ -376,7 +562,7 @@ impl Config {
         if let Some(p) = self.store.key_file.as_mut() {
             fix(p);
         }
-        for app in &mut self.apns {
+        for AppConfig::Apns(app) in &mut self.apps {
             if let Some(p) = app.ca_file.as_mut() {
                 fix(p);
             }
@@ -480,27 +666,35 @@ impl Config {
                 ));
             }
         }
-        if self.apns.is_empty() {
+        if self.store.plaintext_tokens && self.store.key_file.is_some() {
             return Err(ConfigError::invalid(
-                "apns",
-                "at least one [[apns]] app is needed",
+                "store.plaintext_tokens",
+                "contradicts store.key_file: with a store key, tokens are sealed; remove one of the two",
+            ));
+        }
+        if self.apps.is_empty() {
+            return Err(ConfigError::invalid(
+                self.apps_table,
+                "at least one [[app]] is needed",
             ));
         }
         let mut names = HashSet::new();
-        for (i, app) in self.apns.iter().enumerate() {
-            let key = format!("apns[{i}]");
-            if app.name.is_empty() || app.name.len() > 64 {
+        for (i, app) in self.apps.iter().enumerate() {
+            let key = format!("{}[{i}]", self.apps_table);
+            let name = app.name();
+            if name.is_empty() || name.len() > 64 {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
                     "must be 1 to 64 characters",
                 ));
             }
-            if !names.insert(app.name.as_str()) {
+            if !names.insert(name) {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
-                    format!("duplicate app name {:?}", app.name),
+                    format!("duplicate app name {name:?}"),
                 ));
             }
+            let AppConfig::Apns(app) = app;
             if app.topic.is_empty() || app.topic.contains(char::is_whitespace) {
                 return Err(ConfigError::invalid(
                     format!("{key}.topic"),
@@ -516,7 +710,10 @@ impl Config {
                 None if !app.dry_run => {
                     return Err(ConfigError::invalid(
                         format!("{key}.auth"),
-                        "missing [apns.auth] (only dry_run apps may omit it)",
+                        format!(
+                            "missing [{}.auth] (only dry_run apps may omit it)",
+                            self.apps_table
+                        ),
                     ))
                 }
                 None => {}
@@ -611,6 +808,13 @@ key_id = "ABC123DEFG"
 team_id = "TEAM123456"
 "#;
 
+    /// The first app, which these tests configure for APNs.
+    fn apns(c: &Config) -> &ApnsConfig {
+        match &c.apps[0] {
+            AppConfig::Apns(app) => app,
+        }
+    }
+
     fn err(text: &str) -> String {
         Config::parse(text)
             .expect_err("config should be rejected")
@@ -621,11 +825,11 @@ team_id = "TEAM123456"
     fn example_parses_with_defaults() {
         let c = Config::parse(GOOD).expect("valid");
         assert_eq!(c.limits.push_interval_ms, 1000);
-        assert_eq!(c.apns[0].push_type, PushType::Background);
-        assert!(c.apns[0].include_node);
-        assert_eq!(c.apns[0].endpoint_url().as_deref(), Ok(APNS_PRODUCTION));
+        assert_eq!(apns(&c).push_type, PushType::Background);
+        assert!(apns(&c).include_node);
+        assert_eq!(apns(&c).endpoint_url().as_deref(), Ok(APNS_PRODUCTION));
         assert!(matches!(
-            c.apns[0].auth.as_ref().map(|a| a.kind("x")),
+            apns(&c).auth.as_ref().map(|a| a.kind("x")),
             Some(Ok(ApnsAuth::Token { .. }))
         ));
     }
@@ -721,8 +925,151 @@ team_id = "TEAM123456"
         let c = Config::load(&path).expect("valid");
         assert_eq!(c.store.path, dir.path().join("data"));
         assert_eq!(
-            c.apns[0].auth.as_ref().map(|a| a.key_file.clone()),
+            apns(&c).auth.as_ref().map(|a| a.key_file.clone()),
             Some(dir.path().join("AuthKey.p8"))
         );
+    }
+
+    /// The line, key and message of a refused configuration.
+    fn at(text: &str) -> (Option<usize>, Option<String>, String) {
+        match Config::parse(text).expect_err("config should be rejected") {
+            ConfigError::At {
+                line, key, message, ..
+            } => (line, key, message),
+            other => panic!("not located: {other}"),
+        }
+    }
+
+    fn line_of(text: &str, needle: &str) -> usize {
+        text[..text.find(needle).expect("needle in text")]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    #[test]
+    fn every_kind_of_error_names_its_key_and_line() {
+        // Unknown key.
+        let text = GOOD.replace("secret = \"s\"", "secret = \"s\"\nfoo = 1");
+        let (line, key, message) = at(&text);
+        assert_eq!(line, Some(line_of(&text, "foo")));
+        assert_eq!(key.as_deref(), Some("component.foo"));
+        assert!(
+            message.contains("unknown field `foo`, expected one of"),
+            "{message}"
+        );
+        // Wrong type.
+        let text = GOOD.replace(
+            "secret = \"s\"",
+            "secret = \"s\"\nping_interval_secs = \"thirty\"",
+        );
+        let (line, key, message) = at(&text);
+        assert_eq!(line, Some(line_of(&text, "ping_interval_secs")));
+        assert_eq!(key.as_deref(), Some("component.ping_interval_secs"));
+        assert!(
+            message.contains("invalid type: string \"thirty\", expected u64"),
+            "{message}"
+        );
+        // Missing key: the table it belongs in.
+        let text = GOOD.replace("path = \"/tmp/knock\"\n", "key_file = \"k\"\n");
+        let (line, key, message) = at(&text);
+        assert_eq!(key.as_deref(), Some("store"), "{message}");
+        assert_eq!(line, Some(line_of(&text, "[store]")));
+        assert!(message.contains("missing field `path`"), "{message}");
+        // A value that makes no sense.
+        let text = GOOD.replace("127.0.0.1:5347", "nowhere");
+        let (line, key, _) = at(&text);
+        assert_eq!(
+            (line, key.as_deref()),
+            (Some(line_of(&text, "server")), Some("component.server"))
+        );
+        // Inside the second table of an array of tables.
+        let text = format!("{GOOD}\n[[apns]]\nname = \"two\"\ntopic = \"t\"\ndry_run = true\nexpiration_secs = -1\n");
+        let (line, key, _) = at(&text);
+        assert_eq!(
+            (line, key.as_deref()),
+            (
+                Some(line_of(&text, "expiration_secs")),
+                Some("apns[1].expiration_secs")
+            )
+        );
+        let text = format!("{GOOD}\n[[apns]]\nname = \"chat\"\ntopic = \"t\"\ndry_run = true\n");
+        let (line, key, _) = at(&text);
+        assert_eq!(
+            (line, key.as_deref()),
+            (
+                Some(line_of(&text, "name = \"chat\"\ntopic = \"t\"\ndry")),
+                Some("apns[1].name")
+            )
+        );
+        // Not TOML at all: the line, and no key to name.
+        let text = GOOD.replace("[store]", "[store");
+        let (line, _, _) = at(&text);
+        assert_eq!(line, Some(line_of(&text, "[store")));
+        // Said as path:line: key: message.
+        let shown = err(&GOOD.replace("127.0.0.1:5347", "nowhere"));
+        assert!(
+            shown.starts_with(&format!(
+                "<config>:{}: component.server: expected host:port",
+                line_of(GOOD, "server")
+            )),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn apps_are_app_tables_with_a_provider_and_apns_tables_are_their_alias() {
+        let app = GOOD
+            .replace("[[apns]]", "[[app]]\nprovider = \"apns\"")
+            .replace("[apns.auth]", "[app.auth]");
+        let c = Config::parse(&app).expect("valid");
+        assert_eq!((c.apps[0].name(), c.apps[0].provider()), ("chat", "apns"));
+        assert_eq!(apns(&c).topic, "org.example.chat");
+        assert!(apns(&c).include_node, "defaults as in [[apns]]");
+        let alias = Config::parse(GOOD).expect("valid");
+        assert_eq!(alias.apps[0].provider(), "apns");
+
+        let no_provider = GOOD
+            .replace("[[apns]]", "[[app]]")
+            .replace("[apns.auth]", "[app.auth]");
+        let (line, key, message) = at(&no_provider);
+        assert_eq!(key.as_deref(), Some("app[0].provider"));
+        assert_eq!(line, Some(line_of(&no_provider, "[[app]]")));
+        assert!(message.contains("apns"), "{message}");
+
+        let unknown = app.replace("provider = \"apns\"", "provider = \"gcm\"");
+        let (line, key, message) = at(&unknown);
+        assert_eq!(key.as_deref(), Some("app[0].provider"));
+        assert_eq!(line, Some(line_of(&unknown, "provider")));
+        assert!(
+            message.contains("\"gcm\"") && message.contains("apns"),
+            "{message}"
+        );
+
+        let both = format!("{app}\n[[apns]]\nname = \"old\"\ntopic = \"t\"\ndry_run = true\n");
+        let (_, key, message) = at(&both);
+        assert_eq!(key.as_deref(), Some("apns"));
+        assert!(message.contains("not both"), "{message}");
+
+        let missing_topic = app.replace("topic = \"org.example.chat\"\n", "");
+        let (_, key, _) = at(&missing_topic);
+        assert_eq!(key.as_deref(), Some("app[0].topic"));
+    }
+
+    #[test]
+    fn plaintext_tokens_is_off_by_default_and_contradicts_a_key() {
+        assert!(!Config::parse(GOOD).expect("valid").store.plaintext_tokens);
+        let clear = GOOD.replace(
+            "path = \"/tmp/knock\"",
+            "path = \"/tmp/knock\"\nplaintext_tokens = true",
+        );
+        assert!(Config::parse(&clear).expect("valid").store.plaintext_tokens);
+        let both = clear.replace(
+            "plaintext_tokens = true",
+            "plaintext_tokens = true\nkey_file = \"k\"",
+        );
+        let (line, key, _) = at(&both);
+        assert_eq!(key.as_deref(), Some("store.plaintext_tokens"));
+        assert_eq!(line, Some(line_of(&both, "plaintext_tokens")));
     }
 }
