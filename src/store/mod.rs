@@ -7,6 +7,8 @@
 //! see [`secrets`]), no secret (only its hash), no timestamps, and the token as opaque bytes, sealed at rest
 //! under the store key ([`StoreKey`]).
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod seal;
 pub mod secrets;
 mod sled;

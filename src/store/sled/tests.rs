@@ -798,3 +798,43 @@ fn a_new_store_is_not_created_in_the_clear_unless_asked() {
         Err(BackupError::Store(StoreError::KeyNeeded))
     ));
 }
+
+/// The sled engine, as the store conformance suite drives it.
+struct Sled;
+
+impl crate::store::conformance::Engine for Sled {
+    fn fresh(&self, key: Option<StoreKey>) -> (Box<dyn std::any::Any>, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SledStore::open_with_key(dir.path(), key).expect("open");
+        (Box::new(dir), Arc::new(store))
+    }
+
+    fn reopen(
+        &self,
+        place: &dyn std::any::Any,
+        key: Option<StoreKey>,
+        store: Arc<dyn Store>,
+    ) -> Arc<dyn Store> {
+        let dir = place
+            .downcast_ref::<tempfile::TempDir>()
+            .expect("fresh gives a TempDir");
+        drop(store);
+        Arc::new(SledStore::open_with_key(dir.path(), key).expect("reopen"))
+    }
+
+    fn import(
+        &self,
+        key: Option<StoreKey>,
+        file: &Path,
+    ) -> (Box<dyn std::any::Any>, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().expect("dir");
+        import_into(dir.path(), key.clone(), file).expect("import");
+        let store = SledStore::open_with_key(dir.path(), key).expect("open");
+        (Box::new(dir), Arc::new(store))
+    }
+}
+
+#[test]
+fn sled_passes_the_store_conformance_suite() {
+    crate::store::conformance::run_all(&Sled);
+}
