@@ -1,5 +1,7 @@
-//! The `knock` command line as an admin meets it: `check` accepts a good config and names the key at fault
-//! in a bad one; `--version` answers.
+//! The `knock` command line as an admin meets it: `check` accepts a good config and names the key and line
+//! of every kind of error; `keygen` writes a private key once; `stats`, `export`, `delete` and `import` work
+//! on a stopped store and refuse a running one; a new store needs a store key unless `plaintext_tokens`
+//! says otherwise; `--version` answers.
 
 use std::process::Command;
 
