@@ -103,7 +103,7 @@ pub fn node_and_secret(reply: &Element) -> (String, String) {
     )
 }
 
-/// A push backend that delivers every wake-up and counts them.
+/// A push provider that delivers every wake-up and counts them.
 #[derive(Default)]
 pub struct Counting {
     woken: AtomicUsize,
