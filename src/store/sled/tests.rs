@@ -9,6 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use crate::push::ProviderKind;
+use crate::store::conformance::{self, Opened};
 
 /// Import into the store at `path`, as `knock import` does (a store in the clear allowed).
 fn import_into(path: &Path, key: Option<StoreKey>, file: &Path) -> Result<usize, BackupError> {
@@ -799,42 +800,43 @@ fn a_new_store_is_not_created_in_the_clear_unless_asked() {
     ));
 }
 
-/// The sled engine, as the store conformance suite drives it.
-struct Sled;
+/// The sled engine as the store conformance suite drives it: every store in a directory of its own.
+struct SledEngine;
 
-impl crate::store::conformance::Engine for Sled {
-    fn fresh(&self, key: Option<StoreKey>) -> (Box<dyn std::any::Any>, Arc<dyn Store>) {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SledStore::open_with_key(dir.path(), key).expect("open");
-        (Box::new(dir), Arc::new(store))
+/// A sled store's directory, and the key it is opened with.
+struct SledPlace {
+    dir: tempfile::TempDir,
+    key: Option<StoreKey>,
+}
+
+impl conformance::Engine for SledEngine {
+    type Place = SledPlace;
+
+    fn fresh(&self, key: Option<StoreKey>) -> Opened<SledPlace> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open_with_key(dir.path(), key.clone()).expect("open");
+        (SledPlace { dir, key }, Arc::new(store))
     }
 
-    fn reopen(
-        &self,
-        place: &dyn std::any::Any,
-        key: Option<StoreKey>,
-        store: Arc<dyn Store>,
-    ) -> Arc<dyn Store> {
-        let dir = place
-            .downcast_ref::<tempfile::TempDir>()
-            .expect("fresh gives a TempDir");
+    fn reopen(&self, place: &SledPlace, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        // Dropping the last handle closes the database and releases its lock for the open below.
         drop(store);
-        Arc::new(SledStore::open_with_key(dir.path(), key).expect("reopen"))
+        Arc::new(SledStore::open_with_key(place.dir.path(), place.key.clone()).expect("reopen"))
     }
 
     fn import(
         &self,
-        key: Option<StoreKey>,
         file: &Path,
-    ) -> (Box<dyn std::any::Any>, Arc<dyn Store>) {
-        let dir = tempfile::tempdir().expect("dir");
-        import_into(dir.path(), key.clone(), file).expect("import");
-        let store = SledStore::open_with_key(dir.path(), key).expect("open");
-        (Box::new(dir), Arc::new(store))
+        key: Option<StoreKey>,
+    ) -> Result<(usize, Opened<SledPlace>), BackupError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let count = import_into(dir.path(), key.clone(), file)?;
+        let store = SledStore::open_with_key(dir.path(), key.clone())?;
+        Ok((count, (SledPlace { dir, key }, Arc::new(store))))
     }
 }
 
 #[test]
 fn sled_passes_the_store_conformance_suite() {
-    crate::store::conformance::run_all(&Sled);
+    conformance::run_all(&SledEngine);
 }
