@@ -89,8 +89,8 @@ impl From<&Registration> for PublishTarget {
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The node is already held by another device.
-    #[error("node is held by another device")]
+    /// The node is already held by another owner (the same owner may move it to another device).
+    #[error("the node belongs to another user")]
     Conflict,
     /// The backing database failed (I/O error, corruption, full disk).
     #[error("store I/O: {0}")]
@@ -182,8 +182,9 @@ pub trait Store: Send + Sync + 'static {
     fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError>;
 
     /// Insert or update a registration atomically. The node must be free or already held by the same owner
-    /// ([`StoreError::Conflict`] otherwise); a device's previous node, if different, is removed.
-    /// Not durable until [`Store::flush`] completes.
+    /// ([`StoreError::Conflict`] otherwise, and nothing changes). The device's previous node, if different,
+    /// is removed; a device that held this node before and is not the registration's any more lets go of
+    /// it (so [`Store::node_for_device`] no longer finds it). Not durable until [`Store::flush`] completes.
     fn put(&self, registration: &Registration) -> Result<(), StoreError>;
 
     /// Remove a node's registration; returns what was removed.

@@ -80,7 +80,15 @@ impl SledStore {
         let mut count = 0;
         for item in open.registrations.iter() {
             let (node, record) = item.map_err(StoreError::from)?;
-            let registration = self.shared.codec.decode(&node, &record)?;
+            let codec = &self.shared.codec;
+            let registration = codec.decode(&node, &record)?;
+            // A record the index rebuild has not rewritten yet (a store just given its key, or one from an
+            // older knock) is exported as the rebuild would write it: sealed, if the store has a key.
+            let record = if codec.is_current(&record) {
+                record.to_vec()
+            } else {
+                codec.encode(&registration)?
+            };
             write_json(
                 out,
                 &Line {
