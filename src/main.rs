@@ -203,7 +203,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         match (&store_key, config.store.plaintext_tokens) {
             (Some(_), _) => "sealed at rest (store.key_file)",
             (None, true) => "stored in the clear (no store.key_file; plaintext_tokens allows a new store so)",
-            (None, false) => "stored in the clear by an existing store only (no store.key_file: a new store is refused)",
+            (None, false) => "not sealed: no store.key_file, so a new store is refused (knock keygen writes a key); one already in the clear still opens",
         }
     );
     Ok(())
