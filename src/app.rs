@@ -174,30 +174,30 @@ impl App {
             .apps
             .iter()
             .map(|app| {
-                let (kind, wake_kind) = match app {
-                    AppConfig::Apns(apns) => (
-                        ProviderKind::Apns,
-                        match apns.push_type {
-                            PushType::Background => WakeKind::Background,
-                            PushType::Alert => WakeKind::Alert,
-                        },
-                    ),
-                };
-                let provider: Arc<dyn Provider> = if app.dry_run() {
+                let dry_run = |kind| -> Arc<dyn Provider> {
                     Arc::new(DryRun {
                         kind,
                         app: app.name().to_owned(),
                     })
-                } else {
-                    match app {
-                        AppConfig::Apns(apns) => {
+                };
+                // One arm per provider: its client, and how the app's wake-ups show.
+                let (provider, wake_kind) = match app {
+                    AppConfig::Apns(apns) => {
+                        let provider = if apns.dry_run {
+                            dry_run(ProviderKind::Apns)
+                        } else {
                             Arc::new(ApnsClient::new(apns, push_deadline, stats.clone()).map_err(
                                 |source| SetupError::Apns {
                                     app: apns.name.clone(),
                                     source,
                                 },
                             )?)
-                        }
+                        };
+                        let wake_kind = match apns.push_type {
+                            PushType::Background => WakeKind::Background,
+                            PushType::Alert => WakeKind::Alert,
+                        };
+                        (provider, wake_kind)
                     }
                 };
                 Ok(PushApp {
