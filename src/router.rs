@@ -90,7 +90,9 @@ pub async fn dispatch(
         Request::DiscoInfo(query) => Some(disco::info(query)?.into()),
         Request::DiscoItems(query) => Some(disco::items(app, query)?.into()),
         Request::Ping => None,
-        Request::Command(command) => Some(commands::execute(app, from, command).await?.into()),
+        Request::Command(command) => {
+            Some(commands::execute(app, from, command).await?.into_element())
+        }
         Request::Enable(e) => {
             enable::enable(app, from, e).await?;
             None

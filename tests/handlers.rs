@@ -186,6 +186,52 @@ async fn two_step_register_offers_the_form_first() {
 }
 
 #[tokio::test]
+async fn every_form_field_names_its_type_and_the_form_says_what_to_enter() {
+    // Some ad-hoc clients (libstrophe's) edit only the fields whose type they are told, though XEP-0004
+    // makes text-single the default.
+    let f = fixture();
+    for command in ["register-push-apns", "unregister-push-apns"] {
+        let reply = ask(&f, &format!("<iq xmlns='jabber:component:accept' type='set' id='a' from='alice@localhost/x' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='{command}' action='execute'/></iq>")).await;
+        let form = reply
+            .get_child("command", "http://jabber.org/protocol/commands")
+            .and_then(|c| c.get_child("x", "jabber:x:data"))
+            .expect("a form");
+        let fields: Vec<_> = form.children().filter(|c| c.name() == "field").collect();
+        assert!(!fields.is_empty());
+        for field in fields {
+            assert!(field.attr("type").is_some(), "{command}: {field:?}");
+        }
+        let instructions = form
+            .get_child("instructions", "jabber:x:data")
+            .map(|i| i.text())
+            .unwrap_or_default();
+        assert!(
+            instructions.contains("Device id"),
+            "{command}: {instructions:?}"
+        );
+    }
+    // The result form too.
+    let reply = ask(&f, &register_xml("r1", "alice@localhost/x", "d", TOKEN, "")).await;
+    let form = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .and_then(|c| c.get_child("x", "jabber:x:data"))
+        .expect("a result form");
+    let types: Vec<_> = form
+        .children()
+        .filter(|c| c.name() == "field")
+        .map(|c| (c.attr("var"), c.attr("type")))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            (Some("jid"), Some("jid-single")),
+            (Some("node"), Some("text-single")),
+            (Some("secret"), Some("text-private"))
+        ]
+    );
+}
+
+#[tokio::test]
 async fn android_id_is_accepted_as_device_id() {
     let f = fixture();
     let xml = register_xml("r1", "a@localhost", "ignored", TOKEN, "")

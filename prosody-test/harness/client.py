@@ -141,6 +141,45 @@ class Client(ClientXMPP):
         except KeyError as e:
             raise StepFailed(f"{REGISTER} result form lacks {e}: {values}")
 
+    async def register_device_as_a_person_would(self, app_server: str, device_id: str, token: str,
+                                                timeout: float = 10.0):
+        """`register-push-apns` the way a generic ad-hoc UI runs it: execute without a form, show the form knock
+        sends (every field must say its type, and the form what to enter), fill it in, and submit it with the
+        session id. Returns (jid, node, secret) from the completed command's form."""
+        try:
+            first = await self["xep_0050"].send_command(app_server, REGISTER, action="execute", timeout=timeout)
+        except (IqError, IqTimeout) as e:
+            raise StepFailed(f"{REGISTER} without a form failed: {e}")
+        command = first["command"]
+        if command["status"] != "executing":
+            raise StepFailed(f"{REGISTER} without a form: status={command['status']!r}, expected 'executing'")
+        session = command["sessionid"]
+        shown = command["form"]
+        untyped = [var for var, field in shown.get_fields().items() if not field._get_attr("type")]
+        if untyped:
+            raise StepFailed(f"the form's fields {untyped} do not say their type: a UI cannot edit them")
+        if not shown["instructions"]:
+            raise StepFailed("the form has no instructions")
+        filled = self["xep_0004"].make_form(ftype="submit")
+        for var in shown.get_fields():
+            if var == "token":
+                filled.add_field(var=var, value=token)
+            elif var == "device-id":
+                filled.add_field(var=var, value=device_id)
+        try:
+            reply = await self["xep_0050"].send_command(
+                app_server, REGISTER, action="complete", payload=filled, sessionid=session, timeout=timeout)
+        except IqError as e:
+            raise StepFailed(f"{REGISTER} with the filled form failed: {e.iq['error']['condition']} "
+                             f"{e.iq['error']['text']}")
+        except IqTimeout:
+            raise StepFailed(f"{REGISTER}: no answer from {app_server} within {timeout:g} s")
+        command = reply["command"]
+        if command["status"] != "completed":
+            raise StepFailed(f"{REGISTER} not completed: status={command['status']!r}")
+        values = command["form"].get_values()
+        return values.get("jid"), values.get("node"), values.get("secret")
+
     async def unregister_device(self, app_server: str, device_id: str, timeout: float = 10.0):
         form = self["xep_0004"].make_form(ftype="submit")
         form.add_field(var="device-id", value=device_id)

@@ -196,6 +196,23 @@ async def register_and_push(ctx: Ctx):
         check(leak not in log, f"knock's log (knock=debug) contains a token, secret, node, JID or text: {leak!r}")
 
 
+async def two_step_register_and_push(ctx: Ctx):
+    """register-push-apns as a generic ad-hoc client runs it (execute, the form, submit with the session id),
+    then <enable/> -> offline -> message -> one push to the token entered in the form."""
+    user, token = "u11", new_token()
+    c = await ctx.login(user)
+    jid, node, secret = await c.register_device_as_a_person_would(COMPONENT, "phone", token)
+    check(jid == COMPONENT and node and secret, f"the completed form gave jid={jid!r} and an empty node or secret")
+    await c.enable_push(COMPONENT, node, secret)
+    await ctx.go_offline(c)
+    since = time.monotonic()
+    await ctx.send(user, text_for("s11"))
+    pubs = await ctx.expect_publish(node, since)
+    check(pubs[0].reply == "result", f"knock answered the publish with {pubs[0].reply}")
+    reqs = await ctx.expect_pushes(token, 0, 1)
+    check(reqs[0]["status"] == 200, f"mock APNs answered {reqs[0]['status']} {reqs[0].get('reason')}")
+
+
 async def reregister_new_token(ctx: Ctx):
     """Re-registering the device with a new token keeps node and secret; pushes go to the new token."""
     user, old, new = "u2", new_token(), new_token()
@@ -600,5 +617,6 @@ SCENARIOS = [
     ("8-server-restart", server_restart),
     ("9-knock-sigterm-gap", knock_sigterm_gap),
     ("10-remote-disable", remote_disable_ignored),
+    ("11-two-step-register", two_step_register_and_push),
 ]
-USERS = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8", "u9", "v9", "u10"]
+USERS = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8", "u9", "v9", "u10", "u11"]

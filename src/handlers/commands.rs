@@ -176,10 +176,22 @@ fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
         }
         fields.push(choice);
     }
+    // What a person filling the form in by hand needs to know: the fields alone do not say it.
+    let instructions = match info.verb {
+        Verb::Register => format!(
+            "Token: the {} your app got for this device. Device id: any name that stays the same for \
+             this installation. The reply gives the node and secret your client then enables at your own \
+             server (XEP-0357).",
+            info.provider.token_label()
+        ),
+        Verb::Unregister => {
+            "Device id: the one this device was registered with.".to_owned()
+        }
+    };
     let form = DataForm {
         type_: DataFormType::Form,
         title: Some(info.name.to_owned()),
-        instructions: None,
+        instructions: Some(instructions),
         fields,
     };
     let mut reply = Command::reply(request, Status::Executing, Some(form), random_id);

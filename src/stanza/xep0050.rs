@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 
+use rxml::{xml_ncname, Namespace};
 use xmpp_parsers::data_forms::DataForm;
 use xso::{error::Error, AsXml, AsXmlText, FromXml, FromXmlText};
 
@@ -130,6 +131,30 @@ pub struct Command {
     /// The form to fill in, the submitted form, or the result form.
     #[xml(child(default))]
     pub form: Option<DataForm>,
+}
+
+impl Command {
+    /// The element sent on the wire. Every field of its form names its `type`, the text-single ones too:
+    /// XEP-0004 makes text-single the default, and xmpp-parsers leaves the default out, but some ad-hoc
+    /// clients (libstrophe's) let a user edit only the fields whose type they are told.
+    pub fn into_element(self) -> minidom::Element {
+        let mut element = minidom::Element::from(self);
+        for form in element
+            .children_mut()
+            .filter(|c| c.is("x", xmpp_parsers::ns::DATA_FORMS))
+        {
+            for field in form.children_mut().filter(|c| c.name() == "field") {
+                if field.attr("type").is_none() {
+                    field.set_attr(
+                        Namespace::NONE,
+                        xml_ncname!("type").to_owned(),
+                        "text-single",
+                    );
+                }
+            }
+        }
+        element
+    }
 }
 
 impl xmpp_parsers::iq::IqSetPayload for Command {}
