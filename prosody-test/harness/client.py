@@ -124,9 +124,13 @@ class Client(ClientXMPP):
         form = self["xep_0004"].make_form(ftype="submit")
         form.add_field(var="token", value=token)
         form.add_field(var="device-id", value=device_id)
+        return await self._register_with(app_server, form, "execute", None, timeout)
+
+    async def _register_with(self, app_server: str, form, action: str, session, timeout: float):
+        """Submit a filled-in `register-push-apns` form; (jid, node, secret) from the completed reply."""
         try:
             reply = await self["xep_0050"].send_command(
-                app_server, REGISTER, action="execute", payload=form, timeout=timeout)
+                app_server, REGISTER, action=action, payload=form, sessionid=session, timeout=timeout)
         except IqError as e:
             raise StepFailed(f"{REGISTER} failed: {e.iq['error']['type']}/{e.iq['error']['condition']} "
                              f"{e.iq['error']['text']}")
@@ -166,19 +170,7 @@ class Client(ClientXMPP):
                 filled.add_field(var=var, value=token)
             elif var == "device-id":
                 filled.add_field(var=var, value=device_id)
-        try:
-            reply = await self["xep_0050"].send_command(
-                app_server, REGISTER, action="complete", payload=filled, sessionid=session, timeout=timeout)
-        except IqError as e:
-            raise StepFailed(f"{REGISTER} with the filled form failed: {e.iq['error']['condition']} "
-                             f"{e.iq['error']['text']}")
-        except IqTimeout:
-            raise StepFailed(f"{REGISTER}: no answer from {app_server} within {timeout:g} s")
-        command = reply["command"]
-        if command["status"] != "completed":
-            raise StepFailed(f"{REGISTER} not completed: status={command['status']!r}")
-        values = command["form"].get_values()
-        return values.get("jid"), values.get("node"), values.get("secret")
+        return await self._register_with(app_server, filled, "complete", session, timeout)
 
     async def unregister_device(self, app_server: str, device_id: str, timeout: float = 10.0):
         form = self["xep_0004"].make_form(ftype="submit")
