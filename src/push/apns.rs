@@ -596,6 +596,7 @@ impl Provider for ApnsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::push::Encrypted;
 
     /// A P-256 key in PKCS#8 PEM, as Apple's .p8 files are (generated for these tests only).
     fn signer() -> JwtSigner {
@@ -624,6 +625,138 @@ mod tests {
         assert!(parse_token(&"zz".repeat(32)).is_err());
         assert!(parse_token(&"a".repeat(65)).is_err());
         assert!(parse_token(&"ab".repeat(101)).is_err());
+    }
+
+    /// A client for `org.example.chat` with no auth (nothing is sent: only requests are built).
+    fn client(include_node: bool) -> ApnsClient {
+        let config = ApnsConfig {
+            name: "chat".into(),
+            topic: "org.example.chat".into(),
+            voip_topic: None,
+            endpoint: "https://apns.test".into(),
+            ca_file: None,
+            push_type: crate::config::PushType::Auto,
+            alert_title: "New message".into(),
+            include_node,
+            expiration_secs: 3600,
+            dry_run: false,
+            auth: None,
+            sandbox_endpoint: None,
+            background_per_hour: 3,
+            push_modules: Vec::new(),
+            tigase_providers: Vec::new(),
+            max_payload_size: 3072,
+        };
+        ApnsClient::new(&config, Duration::from_secs(5), Arc::default()).expect("client")
+    }
+
+    fn sent(
+        client: &ApnsClient,
+        wakeup: Wakeup<'_>,
+    ) -> (hyper::HeaderMap, serde_json::Value, String) {
+        let request = client.request(wakeup, None).expect("request");
+        let uri = request.uri().to_string();
+        let headers = request.headers().clone();
+        let body = futures::executor::block_on(request.into_body().collect())
+            .expect("body")
+            .to_bytes();
+        (headers, serde_json::from_slice(&body).expect("JSON"), uri)
+    }
+
+    #[test]
+    fn each_kind_of_wake_up_is_the_push_apple_expects() {
+        let client = client(true);
+        let token = [0xab; 32];
+        let header = |h: &hyper::HeaderMap, name: &str| {
+            h.get(name).map(|v| v.to_str().expect("ascii").to_owned())
+        };
+
+        let (h, body, uri) = sent(&client, Wakeup::new(&token, "node1", WakeKind::Background));
+        assert_eq!(
+            uri,
+            format!("https://apns.test/3/device/{}", "ab".repeat(32))
+        );
+        assert_eq!(header(&h, "apns-push-type").as_deref(), Some("background"));
+        assert_eq!(header(&h, "apns-priority").as_deref(), Some("5"));
+        assert_eq!(
+            header(&h, "apns-topic").as_deref(),
+            Some("org.example.chat")
+        );
+        let collapse = header(&h, "apns-collapse-id").expect("collapse id");
+        assert_eq!(
+            collapse.len(),
+            32,
+            "within Apple's 64 bytes, and not the node"
+        );
+        assert_ne!(collapse, "node1");
+        let (again, _, _) = sent(&client, Wakeup::new(&token, "node1", WakeKind::Background));
+        assert_eq!(
+            header(&again, "apns-collapse-id"),
+            Some(collapse),
+            "one per node"
+        );
+        assert!(
+            header(&h, "apns-expiration")
+                .expect("expiration")
+                .parse::<u64>()
+                .expect("a time")
+                > 0
+        );
+        assert_eq!(
+            body,
+            serde_json::json!({ "aps": { "content-available": 1 }, "node": "node1" })
+        );
+
+        let (h, body, _) = sent(&client, Wakeup::new(&token, "node1", WakeKind::Alert));
+        assert_eq!(header(&h, "apns-push-type").as_deref(), Some("alert"));
+        assert_eq!(header(&h, "apns-priority").as_deref(), Some("10"));
+        assert_eq!(header(&h, "apns-collapse-id"), None, "every message shows");
+        assert_eq!(
+            body,
+            serde_json::json!({ "aps": { "alert": { "title": "New message" }, "mutable-content": 1 }, "node": "node1" })
+        );
+
+        // A Tigase-dialect message: the account and the client's payload, untouched, beside aps.
+        let encrypted = Encrypted {
+            data: "aqJJ+/==",
+            iv: "tyNBXvy5//xf9ckN",
+        };
+        let wakeup = Wakeup {
+            account: Some("alice@example.org"),
+            encrypted: Some(encrypted),
+            ..Wakeup::new(&token, "node1", WakeKind::Alert)
+        };
+        let (_, body, _) = sent(&client, wakeup);
+        assert_eq!(body["account"], "alice@example.org");
+        assert_eq!(body["encrypted"], "aqJJ+/==");
+        assert_eq!(body["iv"], "tyNBXvy5//xf9ckN");
+        assert_eq!(body["aps"]["mutable-content"], 1);
+
+        // A call: PushKit's push type and topic, now or never.
+        let call = Wakeup {
+            account: Some("alice@example.org"),
+            encrypted: Some(encrypted),
+            ..Wakeup::new(&token, "node1", WakeKind::Call)
+        };
+        let (h, body, _) = sent(&client, call);
+        assert_eq!(header(&h, "apns-push-type").as_deref(), Some("voip"));
+        assert_eq!(
+            header(&h, "apns-topic").as_deref(),
+            Some("org.example.chat.voip")
+        );
+        assert_eq!(header(&h, "apns-priority").as_deref(), Some("10"));
+        assert_eq!(header(&h, "apns-expiration").as_deref(), Some("0"));
+        assert_eq!(
+            body,
+            serde_json::json!({ "node": "node1", "account": "alice@example.org", "encrypted": "aqJJ+/==", "iv": "tyNBXvy5//xf9ckN" })
+        );
+
+        // Without the node, a bare call payload is still an object.
+        let (_, body, _) = sent(
+            &self::client(false),
+            Wakeup::new(&token, "n", WakeKind::Call),
+        );
+        assert_eq!(body, serde_json::json!({}));
     }
 
     #[test]

@@ -530,6 +530,55 @@ mod tests {
     }
 
     #[test]
+    fn reads_what_delivery_needs_and_leaves_encrypted_payloads_to_the_full_path() {
+        let important = |xml: &str| FastPublish::read_lexed(&frame(xml)).map(|p| p.important);
+        assert_eq!(important(PROSODY), Some(true));
+        let quiet = PROSODY.replace(">New Message!<", "><");
+        assert_eq!(important(&quiet), Some(false));
+        let high = quiet.replace(
+            "</notification>",
+            "<priority xmlns='tigase:push:priority:0'>high</priority></notification>",
+        );
+        assert_eq!(important(&high), Some(true));
+        // The same names in another namespace say nothing, as the full path reads them.
+        for foreign in [
+            quiet.replace(
+                "</notification>",
+                "<priority xmlns='urn:other'>high</priority></notification>",
+            ),
+            PROSODY.replace(
+                "<x xmlns='jabber:x:data' type='form'>",
+                "<x xmlns='urn:other' type='form'>",
+            ),
+            PROSODY.replace(
+                "<notification xmlns='urn:xmpp:push:0'>",
+                "<notification xmlns='urn:other'>",
+            ),
+        ] {
+            assert_eq!(important(&foreign), Some(false), "{foreign}");
+        }
+        // What only the full path reads: an encrypted payload, a value with elements inside.
+        let encrypted = quiet.replace(
+            "</notification>",
+            "<encrypted xmlns='tigase:push:encrypt:0' iv='aa'>bb</encrypted></notification>",
+        );
+        assert_eq!(important(&encrypted), None);
+        let nested = PROSODY.replace(
+            "<value>New Message!</value>",
+            "<value>New <b/>Message!</value>",
+        );
+        assert_eq!(important(&nested), None);
+        let module = PROSODY.replace(
+            "<field var='secret'>",
+            "<field var='pushModule'><value>monalProdiOS</value></field><field var='secret'>",
+        );
+        let module = frame(&module);
+        let read = FastPublish::read_lexed(&module).expect("fast path");
+        assert_eq!(read.push_module.as_deref(), Some("monalProdiOS"));
+        assert_eq!(read.secret.as_deref(), Some("s3cr3t"));
+    }
+
+    #[test]
     fn anything_unusual_takes_the_full_path() {
         let odd = [
             ("type='set'", "type='get'"),

@@ -243,6 +243,20 @@ mod tests {
     }
 
     #[test]
+    fn a_shape_keeps_whether_its_stanza_is_important() {
+        let loud = publish("a1", "n1", "s1", "New Message!");
+        let quiet = publish("a1", "n1", "s1", "");
+        assert!(FastPublish::read(&loud).expect("lexed").important);
+        assert!(!FastPublish::read(&quiet).expect("lexed").important);
+        for (frame, important) in [
+            (publish("b2", "n2", "s2", "New Message!"), true),
+            (publish("b2", "n2", "s2", ""), false),
+        ] {
+            assert_eq!(read(&frame.bytes).expect("by shape").important, important);
+        }
+    }
+
+    #[test]
     fn anything_but_plain_parts_is_lexed_again() {
         FastPublish::read(&publish("a1", "node1", "secret1", "New Message!")).expect("learnt");
         for frame in [
