@@ -152,6 +152,8 @@ pub struct App {
     pub background_budget: Budget<String>,
     /// Wake-ups left per device token this hour in registration-free mode, by the token's keyed hash.
     pub token_budget: Budget<Digest>,
+    /// Self-tests left per owner this hour.
+    pub self_test_budget: Budget<Digest>,
     /// The per-token cap of registration-free wake-ups per hour (0: none).
     pub registration_free_per_hour: u32,
     /// How long a token a push service called dead is refused without asking it again (registration-free).
@@ -229,6 +231,7 @@ impl AppBuilder {
             registration_limit: self.registration_limit,
             background_budget: Budget::default(),
             token_budget: Budget::default(),
+            self_test_budget: Budget::default(),
             registration_free_per_hour: self.registration_free_per_hour,
             dead_token_memory: self.dead_token_memory,
         })

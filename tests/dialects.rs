@@ -625,3 +625,90 @@ async fn a_generic_client_gets_the_register_device_form() {
     );
     assert_eq!(values(&reply, "provider"), [SISKIN]);
 }
+
+// --- push-self-test ---
+
+fn self_test_xml(from: &str) -> String {
+    format!("<iq xmlns='{NS}' type='set' id='st' from='{from}' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='push-self-test' action='execute'/></iq>")
+}
+
+/// The (type, text) of each note of a command reply.
+fn notes(reply: &Element) -> Vec<(String, String)> {
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .expect("command");
+    assert_eq!(command.attr("status"), Some("completed"));
+    command
+        .children()
+        .filter(|c| c.name() == "note")
+        .map(|n| (n.attr("type").unwrap_or("info").to_owned(), n.text()))
+        .collect()
+}
+
+#[tokio::test]
+async fn self_test_pushes_once_to_each_of_the_callers_devices_and_says_how_it_went() {
+    let f = tigase_fixture();
+    register(&f, "alice@localhost/phone", "phone", TOKEN).await;
+    register_device(&f, "alice@localhost/tablet", None).await;
+    let (bobs, _) = register(&f, "bob@localhost/phone", "phone", TOKEN2).await;
+    const DEAD: &str = "dead0000dead0000dead0000dead0000dead0000dead0000dead0000dead0000";
+    let (dead_node, _) = register(&f, "alice@localhost/old", "old", DEAD).await;
+    f.backend.set(
+        DEAD,
+        PushOutcome::DeadToken {
+            reason: "Unregistered".into(),
+        },
+    );
+
+    let reply = ask(&f, &self_test_xml("alice@localhost/anywhere")).await;
+    assert_eq!(error_of(&reply), None, "{}", String::from(&reply));
+    let notes = notes(&reply);
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert_eq!(
+        notes.iter().filter(|(t, _)| t == "info").count(),
+        2,
+        "{notes:?}"
+    );
+    let dead: Vec<_> = notes.iter().filter(|(t, _)| t == "error").collect();
+    assert_eq!(dead.len(), 1, "{notes:?}");
+    assert!(dead[0].1.contains("no longer valid"), "{notes:?}");
+    // Each of alice's devices got one visible push; bob's none; the dead one is gone.
+    let woken = f.backend.wakeups();
+    assert_eq!(woken.len(), 3);
+    assert!(woken
+        .iter()
+        .all(|w| w.kind == WakeKind::Alert && w.node != bobs));
+    assert!(
+        woken
+            .iter()
+            .any(|w| w.account.as_deref() == Some("alice@localhost")),
+        "the Tigase device is named"
+    );
+    assert!(f.app.store.get(&dead_node).unwrap().is_none());
+    for text in notes.iter().map(|(_, t)| t) {
+        assert!(!text.contains(TOKEN) && !text.contains("alice"), "{text}");
+    }
+
+    // Someone with nothing registered is told so.
+    let reply = ask(&f, &self_test_xml("carol@localhost/x")).await;
+    assert_eq!(notes(&reply)[0].0, "warn");
+}
+
+#[tokio::test]
+async fn self_tests_are_limited_per_user() {
+    let f = fixture();
+    register(&f, "alice@localhost/phone", "phone", TOKEN).await;
+    for _ in 0..6 {
+        assert_eq!(
+            error_of(&ask(&f, &self_test_xml("alice@localhost/p")).await),
+            None
+        );
+    }
+    let reply = ask(&f, &self_test_xml("alice@localhost/p")).await;
+    assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
+    assert_eq!(f.backend.woken().len(), 6);
+    assert_eq!(
+        error_of(&ask(&f, &self_test_xml("bob@localhost/p")).await),
+        None
+    );
+}

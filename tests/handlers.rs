@@ -492,7 +492,14 @@ async fn disco_items_lists_the_commands() {
         .get_child("query", "http://jabber.org/protocol/disco#items")
         .unwrap();
     let nodes: Vec<_> = query.children().filter_map(|c| c.attr("node")).collect();
-    assert_eq!(nodes, ["register-push-apns", "unregister-push-apns"]);
+    assert_eq!(
+        nodes,
+        [
+            "register-push-apns",
+            "unregister-push-apns",
+            "push-self-test"
+        ]
+    );
     assert!(query
         .children()
         .all(|c| c.attr("jid") == Some("push.localhost")));
@@ -704,6 +711,9 @@ impl Store for Failing {
     }
     fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError> {
         self.inner.node_for_device(device)
+    }
+    fn nodes_of(&self, owner: &Digest) -> Result<Vec<String>, StoreError> {
+        self.inner.nodes_of(owner)
     }
     fn put(&self, registration: &Registration) -> Result<(), StoreError> {
         if self.fail_put {

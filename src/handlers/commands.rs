@@ -27,19 +27,20 @@ pub struct CommandInfo {
     pub node: &'static str,
     /// Its human-readable name, shown in disco#items.
     pub name: &'static str,
-    /// What it does.
-    pub verb: Verb,
-    /// Whose dialect it speaks.
-    pub dialect: Dialect,
+    /// What it does, in whose dialect.
+    pub kind: CommandKind,
 }
 
-/// The registration dialects knock speaks.
+/// The commands knock speaks, by dialect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
+pub enum CommandKind {
     /// p2's (Conversations' App Server): one command pair per push service, device ids, node + secret back.
-    P2(ProviderKind),
+    P2(ProviderKind, Verb),
     /// Tigase's (Siskin, Snikket iOS): `provider` ids configured per app, no secret ([`super::tigase`]).
-    Tigase,
+    Tigase(Verb),
+    /// knock's own: a test push to each of the caller's devices, whatever their dialect
+    /// ([`super::selftest`]).
+    SelfTest,
 }
 
 /// What a command does with a device.
@@ -61,26 +62,27 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         node: REGISTER_APNS,
         name: "Register an iOS device for push",
-        verb: Verb::Register,
-        dialect: Dialect::P2(ProviderKind::Apns),
+        kind: CommandKind::P2(ProviderKind::Apns, Verb::Register),
     },
     CommandInfo {
         node: UNREGISTER_APNS,
         name: "Unregister an iOS device",
-        verb: Verb::Unregister,
-        dialect: Dialect::P2(ProviderKind::Apns),
+        kind: CommandKind::P2(ProviderKind::Apns, Verb::Unregister),
     },
     CommandInfo {
         node: super::tigase::REGISTER,
         name: "Register a device (Tigase push)",
-        verb: Verb::Register,
-        dialect: Dialect::Tigase,
+        kind: CommandKind::Tigase(Verb::Register),
     },
     CommandInfo {
         node: super::tigase::UNREGISTER,
         name: "Unregister a device (Tigase push)",
-        verb: Verb::Unregister,
-        dialect: Dialect::Tigase,
+        kind: CommandKind::Tigase(Verb::Unregister),
+    },
+    CommandInfo {
+        node: super::selftest::NODE,
+        name: "Send a test push to each of my devices",
+        kind: CommandKind::SelfTest,
     },
 ];
 
@@ -103,17 +105,19 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         .form
         .as_ref()
         .filter(|f| f.type_ != DataFormType::Cancel && !f.fields.is_empty());
-    let provider = match info.dialect {
-        Dialect::P2(provider) => provider,
-        Dialect::Tigase => {
+    let (provider, verb) = match info.kind {
+        CommandKind::P2(provider, verb) => (provider, verb),
+        // Nothing to fill in.
+        CommandKind::SelfTest => return super::selftest::execute(app, from, &command).await,
+        CommandKind::Tigase(verb) => {
             return match submitted {
-                Some(form) => super::tigase::execute(app, from, &command, info.verb, form).await,
-                None => Ok(super::tigase::ask_for_form(app, &command, info)),
+                Some(form) => super::tigase::execute(app, from, &command, verb, form).await,
+                None => Ok(super::tigase::ask_for_form(app, &command, info, verb)),
             }
         }
     };
     let Some(form) = submitted else {
-        return Ok(ask_for_form(app, &command, info, provider));
+        return Ok(ask_for_form(app, &command, info, provider, verb));
     };
     let values = form_values(form)?;
     let device = required(&values, "device-id")
@@ -124,7 +128,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
     let bare = from.to_bare();
     let device_key = app.keys.device(bare.as_str(), device, &push_app.name);
 
-    if info.verb == Verb::Unregister {
+    if verb == Verb::Unregister {
         let Some(node) = app.store.node_for_device(&device_key)? else {
             return Err(HandlerError::item_not_found(
                 "this device is not registered",
@@ -180,9 +184,10 @@ fn ask_for_form(
     request: &Command,
     info: &CommandInfo,
     provider: ProviderKind,
+    verb: Verb,
 ) -> Command {
     let mut fields = Vec::new();
-    if info.verb == Verb::Register {
+    if verb == Verb::Register {
         let mut token = Field::new("token", FieldType::TextSingle);
         token.label = Some(provider.token_label().into());
         token.required = true;
@@ -214,7 +219,7 @@ fn ask_for_form(
         fields.push(choice);
     }
     // What a person filling the form in by hand needs to know: the fields alone do not say it.
-    let instructions = match info.verb {
+    let instructions = match verb {
         Verb::Register => format!(
             "Token: the {} your app got for this device. Device id: any name that stays the same for \
              this installation. The reply gives the node and secret your client then enables at your own \

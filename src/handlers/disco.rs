@@ -75,9 +75,11 @@ pub fn info(app: &App, query: DiscoInfoQuery) -> Result<DiscoInfoResult, Handler
 
 /// Whether a command is offered: Tigase's only when an app serves a Tigase provider id.
 fn offered(app: &App, command: &commands::CommandInfo) -> bool {
-    match command.dialect {
-        commands::Dialect::P2(_) => true,
-        commands::Dialect::Tigase => app.apps().iter().any(|a| !a.tigase_providers.is_empty()),
+    match command.kind {
+        commands::CommandKind::P2(..) | commands::CommandKind::SelfTest => true,
+        commands::CommandKind::Tigase(_) => {
+            app.apps().iter().any(|a| !a.tigase_providers.is_empty())
+        }
     }
 }
 

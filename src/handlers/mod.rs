@@ -10,6 +10,7 @@ pub mod commands;
 pub mod disco;
 pub mod enable;
 pub mod publish;
+pub mod selftest;
 pub mod tigase;
 
 use std::collections::HashMap;

@@ -121,7 +121,7 @@ async fn register(
 }
 
 /// The first stage of a two-step execution, for generic ad-hoc clients.
-pub fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
+pub fn ask_for_form(app: &App, request: &Command, info: &CommandInfo, verb: Verb) -> Command {
     let ids: Vec<String> = app
         .apps()
         .iter()
@@ -139,12 +139,12 @@ pub fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command
     token.label = Some("Device token".into());
     token.required = true;
     let mut fields = vec![provider, token];
-    if info.verb == Verb::Register {
+    if verb == Verb::Register {
         let mut second = Field::new("device-second-token", FieldType::TextSingle);
         second.label = Some("Call (VoIP) token, if any".into());
         fields.push(second);
     }
-    let instructions = match info.verb {
+    let instructions = match verb {
         Verb::Register => "Provider: your app's push provider. Device token: the token your app got for this \
                            device; the call token is the app's VoIP token, if it takes calls. The reply gives \
                            the node your client then enables at your own server (XEP-0357), with no secret."

@@ -83,6 +83,7 @@ pub(crate) fn run_all<E: Engine>(engine: &E) {
         a_sealed_export_reveals_no_token,
         puts_from_many_threads_stay_consistent,
         dead_tokens_are_remembered_until_they_expire,
+        nodes_of_lists_exactly_an_owners_nodes,
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -560,6 +561,40 @@ fn remove_if_token_spares_a_fresh_token<E: Engine>(engine: &E) {
 }
 
 /// `flush` resolves, concurrent flushes too, and every kind of change made before it survives a restart.
+fn nodes_of_lists_exactly_an_owners_nodes<E: Engine>(engine: &E) {
+    let (place, store) = engine.fresh(None);
+    let owner = digest(0x0e, 900);
+    let mine = |n: u32| Registration {
+        owner,
+        ..registration(n)
+    };
+    put_all(&*store, &[mine(0), mine(1), mine(2), registration(3)]);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let nodes = |store: &dyn Store| sorted(store.nodes_of(&owner).expect("nodes_of"));
+    assert_eq!(nodes(&*store), [mine(0).node, mine(1).node, mine(2).node]);
+    // A device moving to a new node takes the owner's entry along; a removal drops it.
+    let moved = Registration {
+        node: "conformance-moved".into(),
+        ..mine(1)
+    };
+    store.put(&moved).expect("move");
+    store.remove(&mine(0).node).expect("remove");
+    assert_eq!(
+        nodes(&*store),
+        sorted(vec![mine(2).node, moved.node.clone()])
+    );
+    assert_eq!(
+        store.nodes_of(&digest(0x0e, 901)).expect("nodes_of"),
+        Vec::<String>::new()
+    );
+    flush(&*store, 1);
+    let store = engine.reopen(&place, store);
+    assert_eq!(nodes(&*store), sorted(vec![mine(2).node, moved.node]));
+}
+
 fn dead_tokens_are_remembered_until_they_expire<E: Engine>(engine: &E) {
     let (place, store) = engine.fresh(None);
     let (a, b) = (digest(0xdd, 1), digest(0xdd, 2));

@@ -201,6 +201,10 @@ pub trait Store: Send + Sync + 'static {
     /// The node a device is registered under, if any.
     fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError>;
 
+    /// Every node registered by one owner (the keyed hash of a bare JID), for commands a user runs on
+    /// all of their devices at once. Reads only that owner's entries.
+    fn nodes_of(&self, owner: &Digest) -> Result<Vec<String>, StoreError>;
+
     /// Insert or update a registration atomically. The node must be free or already held by the same owner
     /// ([`StoreError::Conflict`] otherwise, and nothing changes). The device's previous node, if different,
     /// is removed; a device that held this node before and is not the registration's any more lets go of

@@ -120,6 +120,7 @@ impl SledStore {
         }
         let registrations = db.open_tree("registrations")?;
         let devices = db.open_tree("devices")?;
+        let owners = db.open_tree("owners")?;
         if !registrations.is_empty() {
             return Err(BackupError::NotEmpty(registrations.len()));
         }
@@ -148,6 +149,7 @@ impl SledStore {
         })?;
         registrations.apply_batch(regs)?;
         devices.apply_batch(devs)?;
+        super::owners::build(&registrations, &owners, &codec)?;
         db.flush().map_err(StoreError::from)?;
         Ok(registrations.len())
     }

@@ -22,6 +22,7 @@ mod backup;
 mod huge_pages;
 mod index;
 mod keys;
+mod owners;
 mod rebuild;
 mod record;
 #[cfg(test)]
@@ -101,6 +102,8 @@ struct Open {
     registrations: sled::Tree,
     /// device hash -> node.
     devices: sled::Tree,
+    /// owner hash ++ node -> nothing: every owner's nodes, in one prefix scan.
+    owners: sled::Tree,
     /// keyed token hash -> until when (seconds since the epoch, big-endian) it is remembered dead.
     dead_tokens: sled::Tree,
     /// What publishes read: every registration's token, secret hash, domain and app.
@@ -123,8 +126,13 @@ impl Open {
             writes: writes.clone(),
         })
         .map_err(|e| StoreError::Io(format!("starting the index rebuild: {e}")))?;
+        let owners = db.open_tree("owners")?;
+        if owners.is_empty() && !registrations.is_empty() {
+            owners::build(&registrations, &owners, codec)?;
+        }
         Ok(Open {
             devices: db.open_tree("devices")?,
+            owners,
             dead_tokens: db.open_tree("dead_tokens")?,
             db,
             registrations,
@@ -329,8 +337,8 @@ impl SledStore {
         let record = codec.encode(registration)?;
         let fields = PublishFields::of(registration);
         let _writes = lock(&self.shared.writes);
-        let dropped = (&open.registrations, &open.devices)
-            .transaction(|(regs, devices)| {
+        let dropped = (&open.registrations, &open.devices, &open.owners)
+            .transaction(|(regs, devices, owners)| {
                 let node = registration.node.as_bytes();
                 if let Some(existing) = regs.get(node)? {
                     let existing = codec
@@ -350,10 +358,13 @@ impl SledStore {
                 if let Some(previous) = devices.insert(&registration.device, node)? {
                     if previous.as_ref() != node {
                         regs.remove(&previous)?;
+                        // A device is one owner's: its previous node was theirs too.
+                        owners.remove(owners::key(&registration.owner, &previous))?;
                         dropped = Some(previous);
                     }
                 }
                 regs.insert(node, record.as_slice())?;
+                owners.insert(owners::key(&registration.owner, node), &[])?;
                 Ok(dropped)
             })
             .map_err(StoreError::from)?;
@@ -373,8 +384,8 @@ impl SledStore {
     ) -> Result<Option<Registration>, StoreError> {
         let codec = &self.shared.codec;
         let _writes = lock(&self.shared.writes);
-        let removed = (&open.registrations, &open.devices)
-            .transaction(|(regs, devices)| {
+        let removed = (&open.registrations, &open.devices, &open.owners)
+            .transaction(|(regs, devices, owners)| {
                 let Some(bytes) = regs.get(node.as_bytes())? else {
                     return Ok(None);
                 };
@@ -385,6 +396,7 @@ impl SledStore {
                     return Ok(None);
                 }
                 regs.remove(node.as_bytes())?;
+                owners.remove(owners::key(&registration.owner, node.as_bytes()))?;
                 if devices.get(registration.device)?.as_deref() == Some(node.as_bytes()) {
                     devices.remove(&registration.device)?;
                 }
@@ -474,6 +486,11 @@ impl Store for SledStore {
         let open = self.database()?;
         self.watch(open.devices.get(device).map_err(StoreError::from))
             .map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn nodes_of(&self, owner: &Digest) -> Result<Vec<String>, StoreError> {
+        let open = self.database()?;
+        self.watch(owners::nodes(&open.owners, owner))
     }
 
     fn publish_target(&self, node: &str) -> Result<Option<PublishTarget>, StoreError> {

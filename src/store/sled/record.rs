@@ -366,6 +366,14 @@ impl Codec {
         Ok(parsed)
     }
 
+    /// The owner of the record stored under `node`, read without opening anything sealed.
+    pub fn owner(&self, node: &[u8], bytes: &[u8]) -> Result<Digest, StoreError> {
+        match bytes.first() {
+            Some(b'{') => Ok(self.decode(node, bytes)?.owner),
+            _ => Ok(parse(bytes)?.owner),
+        }
+    }
+
     /// Decode the record stored under `node`.
     pub fn decode(&self, node: &[u8], bytes: &[u8]) -> Result<Registration, StoreError> {
         let corrupt = |why: &str| StoreError::Corrupt(why.to_string());

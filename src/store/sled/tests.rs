@@ -866,3 +866,25 @@ impl conformance::Engine for SledEngine {
 fn sled_passes_the_store_conformance_suite() {
     conformance::run_all(&SledEngine);
 }
+
+#[test]
+fn a_store_from_before_the_owner_index_gets_it_at_its_first_open() {
+    for key in [None, Some(StoreKey::generate())] {
+        let dir = tempfile::tempdir().expect("dir");
+        drop(filled(dir.path(), key.clone(), 40));
+        {
+            let db = open_db(dir.path()).expect("open sled");
+            db.drop_tree("owners").expect("drop the owner index");
+            db.flush().expect("flush");
+        }
+        let store = SledStore::open_with_key(dir.path(), key).expect("reopen");
+        let mut nodes = store.nodes_of(&[0; 32]).expect("nodes_of");
+        nodes.sort();
+        let mut expected: Vec<String> = (0..40)
+            .filter(|&i| i != 3)
+            .map(|i| numbered(i).node)
+            .collect();
+        expected.sort();
+        assert_eq!(nodes, expected);
+    }
+}
