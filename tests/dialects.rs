@@ -591,7 +591,7 @@ async fn disco_shows_the_tigase_provider_ids_and_features_only_when_configured()
     );
     assert_eq!(
         nodes(&ask(&plain, items).await),
-        ["register-push-apns", "unregister-push-apns"]
+        ["register-push-apns", "unregister-push-apns", "push-self-test"]
     );
 }
 
@@ -662,16 +662,16 @@ async fn self_test_pushes_once_to_each_of_the_callers_devices_and_says_how_it_we
 
     let reply = ask(&f, &self_test_xml("alice@localhost/anywhere")).await;
     assert_eq!(error_of(&reply), None, "{}", String::from(&reply));
-    let notes = notes(&reply);
-    assert_eq!(notes.len(), 3, "{notes:?}");
+    let said = notes(&reply);
+    assert_eq!(said.len(), 3, "{said:?}");
     assert_eq!(
-        notes.iter().filter(|(t, _)| t == "info").count(),
+        said.iter().filter(|(t, _)| t == "info").count(),
         2,
-        "{notes:?}"
+        "{said:?}"
     );
-    let dead: Vec<_> = notes.iter().filter(|(t, _)| t == "error").collect();
-    assert_eq!(dead.len(), 1, "{notes:?}");
-    assert!(dead[0].1.contains("no longer valid"), "{notes:?}");
+    let dead: Vec<_> = said.iter().filter(|(t, _)| t == "error").collect();
+    assert_eq!(dead.len(), 1, "{said:?}");
+    assert!(dead[0].1.contains("no longer valid"), "{said:?}");
     // Each of alice's devices got one visible push; bob's none; the dead one is gone.
     let woken = f.backend.wakeups();
     assert_eq!(woken.len(), 3);
@@ -685,7 +685,7 @@ async fn self_test_pushes_once_to_each_of_the_callers_devices_and_says_how_it_we
         "the Tigase device is named"
     );
     assert!(f.app.store.get(&dead_node).unwrap().is_none());
-    for text in notes.iter().map(|(_, t)| t) {
+    for text in said.iter().map(|(_, t)| t) {
         assert!(!text.contains(TOKEN) && !text.contains("alice"), "{text}");
     }
 
