@@ -591,7 +591,11 @@ async fn disco_shows_the_tigase_provider_ids_and_features_only_when_configured()
     );
     assert_eq!(
         nodes(&ask(&plain, items).await),
-        ["register-push-apns", "unregister-push-apns", "push-self-test"]
+        [
+            "register-push-apns",
+            "unregister-push-apns",
+            "push-self-test"
+        ]
     );
 }
 

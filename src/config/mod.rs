@@ -1206,6 +1206,72 @@ team_id = "TEAM123456"
     }
 
     #[test]
+    fn delivery_and_dialect_keys_default_and_are_checked() {
+        let c = Config::parse(GOOD).expect("valid");
+        let app = apns(&c);
+        assert_eq!(app.push_type, PushType::Auto);
+        assert_eq!(app.background_per_hour, 3);
+        assert!(app.push_modules.is_empty() && app.tigase_providers.is_empty());
+        assert_eq!(app.voip_topic(), "org.example.chat.voip");
+        assert_eq!(
+            app.sandbox(),
+            Some("sandbox"),
+            "production's sandbox is Apple's"
+        );
+        assert_eq!(app.max_payload_size, 3072);
+        assert_eq!(c.limits.registration_free_per_token_per_hour, 120);
+        assert_eq!(c.limits.dead_token_days, 30);
+
+        let with = |keys: &str| GOOD.replace("[apns.auth]", &format!("{keys}\n[apns.auth]"));
+        let c = Config::parse(&with(
+            "push_module = \"monalProdiOS\"\ntigase_provider = [\"tigase:messenger:apns:1\", \"snikket:apns:1\"]\n\
+             voip_topic = \"org.example.calls\"\npush_type = \"alert\"\nendpoint = \"https://mock.test\"",
+        ))
+        .expect("valid");
+        let app = apns(&c);
+        assert_eq!(app.push_modules, ["monalProdiOS"], "one name or a list");
+        assert_eq!(app.tigase_providers.len(), 2);
+        assert_eq!(app.voip_topic(), "org.example.calls");
+        assert_eq!(app.push_type, PushType::Alert);
+        assert_eq!(
+            app.sandbox(),
+            None,
+            "a test endpoint has no implied sandbox"
+        );
+
+        for (keys, key) in [
+            ("max_payload_size = 10", "apns[0].max_payload_size"),
+            (
+                "sandbox_endpoint = \"http://x\"",
+                "apns[0].sandbox_endpoint",
+            ),
+            ("push_module = [\"ok\", \"\"]", "apns[0].push_module[1]"),
+            (
+                "tigase_provider = \"has space\"",
+                "apns[0].tigase_provider[0]",
+            ),
+            ("voip_topic = \"\"", "apns[0].voip_topic"),
+            ("push_type = \"loud\"", "push_type"),
+        ] {
+            assert!(
+                err(&with(keys)).contains(key),
+                "{keys}: {}",
+                err(&with(keys))
+            );
+        }
+        // A module or provider id selects one app: two apps claiming it is a mistake.
+        let twice = format!(
+            "{}\n[[apns]]\nname = \"other\"\ntopic = \"t\"\ndry_run = true\npush_module = \"monalProdiOS\"\n",
+            with("push_module = \"monalProdiOS\"")
+        );
+        assert!(
+            err(&twice).contains("apns[1].push_module[0]"),
+            "{}",
+            err(&twice)
+        );
+    }
+
+    #[test]
     fn plaintext_tokens_is_off_by_default_and_contradicts_a_key() {
         assert!(!Config::parse(GOOD).expect("valid").store.plaintext_tokens);
         let clear = GOOD.replace(
