@@ -11,11 +11,16 @@
 //!   them; a server's publish is read straight from its bytes ([`stanza::FastPublish`], lexed by the narrow
 //!   [`stanza::xml`], or only compared with a [`stanza::shape`] already read); everything else goes through
 //!   minidom and xmpp-parsers, with [`stanza::xep0050`] for the ad-hoc command element.
+//!   [`stanza::notification`] says what a publish's notification means for delivery (important or not, a
+//!   client-encrypted payload to pass through), never what it says.
 //! - [`router`]: turns each IQ into one [`router::Request`], hands it to its handler, and turns the answer
 //!   into exactly one reply.
-//! - [`handlers`]: one module per protocol: [`handlers::disco`], [`handlers::commands`] (XEP-0050
-//!   registration, p2's dialect), [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`]
-//!   (XEP-0357 publishes). Each maps its failures to a [`handlers::HandlerError`], one XMPP error each.
+//! - [`handlers`]: one module per protocol or client dialect: [`handlers::disco`], [`handlers::commands`]
+//!   (XEP-0050 registration, p2's dialect, and the table of every command), [`handlers::tigase`] (Siskin's
+//!   `register-device`), [`handlers::selftest`] (a test push to each of a user's devices),
+//!   [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`] (XEP-0357 publishes, to a
+//!   registered node or, for Monal, registration-free; the kind of wake-up each gets). Each maps its
+//!   failures to a [`handlers::HandlerError`], one XMPP error each.
 //! - [`store`]: the [`store::Store`] trait, the [`store::Registration`] it keeps and [`store::open`]; the
 //!   sled engine with its in-memory publish index, tokens sealed at rest, a registration acknowledged only
 //!   once durable. [`store::secrets`] makes the keyed hashes stored instead of JIDs.
@@ -23,7 +28,7 @@
 //!   opaque bytes) and the APNs client. Knows tokens and HTTP/2, not XMPP.
 //!
 //! Around them: [`app`] (the state handlers share, built once), [`config`] (the TOML file), [`limits`]
-//! (per-node coalescing and registration flood caps), [`stats`] (counters, and log lines limited per
+//! (per-node coalescing, registration flood caps, hourly budgets of silent and registration-free pushes), [`stats`] (counters, and log lines limited per
 //! interval), [`http`] (the optional `/metrics` and `/health` listener), [`admin`] (`keygen`, `stats`,
 //! `export`, `import`, `delete` on a stopped knock's store), [`shutdown`] (graceful stop as a value).
 //!
