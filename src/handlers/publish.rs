@@ -264,7 +264,7 @@ async fn check_and_push(
     match outcome {
         PushOutcome::Delivered => Ok(Published::Pushed),
         PushOutcome::DeadToken { reason } => {
-            match &target.unregistered {
+            let forgotten = match &target.unregistered {
                 // Only this token is dead: a re-registration that raced us keeps its fresh token. (A dead
                 // call token means the app is gone too: both die with it.)
                 None => {
@@ -274,13 +274,16 @@ async fn check_and_push(
                             "the device token changed; try again",
                         )));
                     }
+                    "registration deleted"
                 }
-                Some(key) => app
-                    .store
-                    .remember_dead(key, unix_now() + app.dead_token_memory.as_secs())?,
-            }
+                Some(key) => {
+                    let until = unix_now() + app.dead_token_memory.as_secs();
+                    app.store.remember_dead(key, until)?;
+                    "token remembered as dead"
+                }
+            };
             app.store.flush().await?;
-            tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; registration deleted");
+            tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; {forgotten}");
             Err(Refused::DeadToken.with(HandlerError::item_not_found(
                 "the device token is no longer valid",
             )))
