@@ -17,6 +17,7 @@ from bed import Bed, find_bins, say  # noqa: E402
 from procs import Registry  # noqa: E402
 from scenarios import SCENARIOS, USERS, Ctx, Failure  # noqa: E402
 from client import StepFailed  # noqa: E402
+import tigase_crypto  # noqa: E402
 
 SCENARIO_TIMEOUT = 90
 
@@ -101,6 +102,8 @@ async def main():
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    # the decryption the Tigase-dialect scenario relies on, checked against captured publishes first
+    tigase_crypto.self_check()
     bins = find_bins(args.repo)
     registry = Registry(args.run_dir)
     servers = ["prosody", "ejabberd"] if args.server == "all" else [args.server]
