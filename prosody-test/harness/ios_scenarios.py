@@ -471,7 +471,10 @@ async def siskin(ctx: Ctx):
           f"call: {r['push_type']} to {r['topic']!r}, priority {r['priority']!r}, expiration "
           f"{r.get('expiration')!r}; expected voip to {SISKIN_VOIP_TOPIC!r}, 10, 0")
     data = check_tigase_payload(r, pub, key, account)
-    check(data.get("type") == "call" and data.get("sid") == sid, f"decrypted call payload {data}")
+    # Siskin's PushKit handler (CallManager, VoIPPayload) needs sid, the caller's full JID and media (a push
+    # without media means "hang up")
+    check(data.get("type") == "call" and data.get("sid") == sid and data.get("media") == ["audio"]
+          and str(data.get("sender", "")).startswith(f"bob@{DOMAIN}/"), f"decrypted call payload {data}")
     check(len(requests_for(ctx, token)) == 2, "the call also went to the APNs (non-VoIP) token")
     ctx.note(f"call: voip push to the PushKit token at {SISKIN_VOIP_TOPIC}, decrypts to type=call sid={sid}")
 
