@@ -553,11 +553,15 @@ class Bed:
              "alert_title": AUTO_ALERT_TITLE},
             {"#": "Monal's registration-free dialect (pushModule in the publish-options, node = token): scenario 13",
              "name": "monal", "topic": "im.knock.wrongtopic" if self.sabotage == "topic" else MONAL_TOPIC,
-             "endpoint": url, "sandbox_endpoint": sandbox_url, "ca_file": self.apns.ca_file,
+             "endpoint": url, "ca_file": self.apns.ca_file,
+             # sabotage: the sandbox endpoint is the production one (13 must notice)
+             "sandbox_endpoint": url if self.sabotage == "sandbox" else sandbox_url,
              "push_module": [MONAL_MODULE]},
             {"#": "the Tigase dialect (Siskin: register-device, encrypted payloads, VoIP): scenario 14",
              "name": "siskin", "topic": "im.knock.wrongtopic" if self.sabotage == "topic" else SISKIN_TOPIC,
-             "endpoint": url, "ca_file": self.apns.ca_file, "tigase_provider": [SISKIN_PROVIDER]},
+             "endpoint": url, "ca_file": self.apns.ca_file, "tigase_provider": [SISKIN_PROVIDER],
+             # sabotage: calls to the bundle id instead of its .voip topic (the mock refuses them)
+             "voip_topic": SISKIN_TOPIC if self.sabotage == "voip-topic" else None},
         ]
         return base, optional
 
