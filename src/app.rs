@@ -9,12 +9,12 @@ use xmpp_parsers::jid::BareJid;
 
 use crate::config::Config;
 use crate::config::{AppConfig, PushType};
-use crate::limits::Coalescer;
 use crate::limits::RegistrationLimiter;
+use crate::limits::{Budget, Coalescer};
 use crate::push::{ApnsClient, DryRun, Provider, ProviderKind, WakeKind};
 use crate::stats::Stats;
 use crate::store::secrets::Keyring;
-use crate::store::{KeyFileError, Store, StoreError, StoreKey, StoreOptions};
+use crate::store::{Digest, KeyFileError, Store, StoreError, StoreKey, StoreOptions};
 
 /// Why knock could not be assembled from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,27 @@ pub enum SetupError {
     },
 }
 
+/// How an app's wake-ups show (its `push_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Always this kind (calls excepted: a call is always a call).
+    Fixed(WakeKind),
+    /// Visible for what the user's server marks important, silent for the rest, at most this many silent
+    /// ones per device per hour (0: no limit).
+    Auto {
+        /// Silent wake-ups per device per hour.
+        background_per_hour: u32,
+    },
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery::Auto {
+            background_per_hour: crate::config::DEFAULT_BACKGROUND_PER_HOUR,
+        }
+    }
+}
+
 /// One configured app and the provider that wakes it.
 #[derive(Clone)]
 pub struct PushApp {
@@ -47,19 +68,61 @@ pub struct PushApp {
     pub name: String,
     /// How its wake-ups are sent, and whose token rules its registrations follow.
     pub provider: Arc<dyn Provider>,
-    /// How its wake-ups show on the device (the app's `push_type`).
-    pub wake_kind: WakeKind,
+    /// How its wake-ups show on the device.
+    pub delivery: Delivery,
+    /// Registration-free mode: the publish-options `pushModule` values that select this app (Monal's
+    /// dialect). Empty: off.
+    pub push_modules: Vec<String>,
+    /// Where push modules named with a `-sandbox` suffix push (the provider's development environment).
+    pub sandbox: Option<Arc<dyn Provider>>,
+    /// Tigase dialect: the `register-device` provider ids that register for this app. Empty: off.
+    pub tigase_providers: Vec<String>,
+    /// Largest client-encrypted payload passed through (base64 characters).
+    pub max_payload_size: usize,
 }
 
 impl PushApp {
-    /// An app whose wake-ups are silent (the default `push_type`).
+    /// An app with the defaults of an `[[app]]` table that sets only its name and provider: `auto`
+    /// delivery, no registration-free mode, no Tigase dialect.
     pub fn new(name: impl Into<String>, provider: Arc<dyn Provider>) -> PushApp {
         PushApp {
             name: name.into(),
             provider,
-            wake_kind: WakeKind::default(),
+            delivery: Delivery::default(),
+            push_modules: Vec::new(),
+            sandbox: None,
+            tigase_providers: Vec::new(),
+            max_payload_size: crate::config::DEFAULT_MAX_PAYLOAD_SIZE,
         }
     }
+
+    /// The same app with wake-ups of one fixed kind.
+    pub fn with_kind(mut self, kind: WakeKind) -> PushApp {
+        self.delivery = Delivery::Fixed(kind);
+        self
+    }
+
+    /// Which provider a publish naming push module `module` goes to, if the module names this app: the
+    /// app's own, or its sandbox for the module's `-sandbox` variant (`Some(None)`: the app has none).
+    pub fn module_provider(&self, module: &str) -> Option<Option<&Arc<dyn Provider>>> {
+        if self.push_modules.iter().any(|m| m == module) {
+            return Some(Some(&self.provider));
+        }
+        let base = module.strip_suffix("-sandbox")?;
+        self.push_modules
+            .iter()
+            .any(|m| m == base)
+            .then_some(self.sandbox.as_ref())
+    }
+}
+
+/// Where a registration-free publish naming a push module goes.
+pub struct ModuleRoute {
+    /// The app the module names.
+    pub app: Arc<PushApp>,
+    /// The provider to push with; `None` for the module's `-sandbox` variant when the app has no sandbox
+    /// endpoint.
+    pub provider: Option<Arc<dyn Provider>>,
 }
 
 /// Everything the handlers need. Built whole by [`App::from_config`] or an [`AppBuilder`], then shared
@@ -85,6 +148,14 @@ pub struct App {
     pub allowed_domains: Vec<String>,
     /// Registration flood caps per owner and per domain.
     pub registration_limit: RegistrationLimiter,
+    /// Silent wake-ups left per node this hour (`auto` delivery).
+    pub background_budget: Budget<String>,
+    /// Wake-ups left per device token this hour in registration-free mode, by the token's keyed hash.
+    pub token_budget: Budget<Digest>,
+    /// The per-token cap of registration-free wake-ups per hour (0: none).
+    pub registration_free_per_hour: u32,
+    /// How long a token a push service called dead is refused without asking it again (registration-free).
+    pub dead_token_memory: Duration,
 }
 
 /// Assembles an [`App`] from parts: tests plug in their own store and providers. Starts with no app, no
@@ -99,9 +170,21 @@ pub struct AppBuilder {
     stats: Arc<Stats>,
     allowed_domains: Vec<String>,
     registration_limit: RegistrationLimiter,
+    registration_free_per_hour: u32,
+    dead_token_memory: Duration,
 }
 
 impl AppBuilder {
+    /// Registration-free wake-ups per token per hour (0: no cap).
+    pub fn registration_free_per_hour(mut self, per_hour: u32) -> Self {
+        self.registration_free_per_hour = per_hour;
+        self
+    }
+    /// How long a dead token is remembered in registration-free mode.
+    pub fn dead_token_memory(mut self, memory: Duration) -> Self {
+        self.dead_token_memory = memory;
+        self
+    }
     /// The apps; the first is the default.
     pub fn apps(mut self, apps: Vec<PushApp>) -> Self {
         self.apps = apps;
@@ -144,6 +227,10 @@ impl AppBuilder {
             stats: self.stats,
             allowed_domains: self.allowed_domains,
             registration_limit: self.registration_limit,
+            background_budget: Budget::default(),
+            token_budget: Budget::default(),
+            registration_free_per_hour: self.registration_free_per_hour,
+            dead_token_memory: self.dead_token_memory,
         })
     }
 }
@@ -160,6 +247,8 @@ impl App {
             stats: Arc::default(),
             allowed_domains: Vec::new(),
             registration_limit: RegistrationLimiter::unlimited(),
+            registration_free_per_hour: 0,
+            dead_token_memory: Duration::from_secs(crate::config::DEFAULT_DEAD_TOKEN_DAYS * 86_400),
         }
     }
 
@@ -180,31 +269,47 @@ impl App {
                         app: app.name().to_owned(),
                     })
                 };
-                // One arm per provider: its client, and how the app's wake-ups show.
-                let (provider, wake_kind) = match app {
+                // One arm per provider: its clients, and what the app's table says of delivery and dialects.
+                match app {
                     AppConfig::Apns(apns) => {
-                        let provider = if apns.dry_run {
-                            dry_run(ProviderKind::Apns)
-                        } else {
-                            Arc::new(ApnsClient::new(apns, push_deadline, stats.clone()).map_err(
-                                |source| SetupError::Apns {
+                        let client = |endpoint: &str| -> Result<Arc<dyn Provider>, SetupError> {
+                            if apns.dry_run {
+                                return Ok(dry_run(ProviderKind::Apns));
+                            }
+                            let config = crate::config::ApnsConfig {
+                                endpoint: endpoint.to_owned(),
+                                ..apns.clone()
+                            };
+                            let client = ApnsClient::new(&config, push_deadline, stats.clone())
+                                .map_err(|source| SetupError::Apns {
                                     app: apns.name.clone(),
                                     source,
+                                })?;
+                            Ok(Arc::new(client))
+                        };
+                        let sandbox = match apns.sandbox() {
+                            Some(endpoint) if !apns.push_modules.is_empty() => {
+                                Some(client(endpoint)?)
+                            }
+                            _ => None,
+                        };
+                        Ok(PushApp {
+                            name: app.name().to_owned(),
+                            provider: client(&apns.endpoint)?,
+                            delivery: match apns.push_type {
+                                PushType::Auto => Delivery::Auto {
+                                    background_per_hour: apns.background_per_hour,
                                 },
-                            )?)
-                        };
-                        let wake_kind = match apns.push_type {
-                            PushType::Background => WakeKind::Background,
-                            PushType::Alert => WakeKind::Alert,
-                        };
-                        (provider, wake_kind)
+                                PushType::Background => Delivery::Fixed(WakeKind::Background),
+                                PushType::Alert => Delivery::Fixed(WakeKind::Alert),
+                            },
+                            push_modules: apns.push_modules.clone(),
+                            sandbox,
+                            tigase_providers: apns.tigase_providers.clone(),
+                            max_payload_size: apns.max_payload_size,
+                        })
                     }
-                };
-                Ok(PushApp {
-                    name: app.name().to_owned(),
-                    provider,
-                    wake_kind,
-                })
+                }
             })
             .collect()
     }
@@ -262,6 +367,10 @@ impl App {
                 config.limits.registrations_per_user_per_hour,
                 config.limits.registrations_per_domain_per_hour,
             ))
+            .registration_free_per_hour(config.limits.registration_free_per_token_per_hour)
+            .dead_token_memory(Duration::from_secs(
+                u64::from(config.limits.dead_token_days) * 86_400,
+            ))
             .build()
             .map_err(|source| SetupError::Store {
                 path: config.store.path.display().to_string(),
@@ -272,6 +381,26 @@ impl App {
     /// The configured apps, as they are now; the first is the default.
     pub fn apps(&self) -> Arc<[Arc<PushApp>]> {
         self.apps.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The app and provider a registration-free publish naming push module `module` goes to.
+    pub fn app_for_module(&self, module: &str) -> Option<ModuleRoute> {
+        let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
+        apps.iter().find_map(|app| {
+            let provider = app.module_provider(module)?.cloned();
+            Some(ModuleRoute {
+                app: app.clone(),
+                provider,
+            })
+        })
+    }
+
+    /// The app a Tigase-dialect `provider` id registers for.
+    pub fn app_for_tigase_provider(&self, provider: &str) -> Option<Arc<PushApp>> {
+        let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
+        apps.iter()
+            .find(|app| app.tigase_providers.iter().any(|p| p == provider))
+            .cloned()
     }
 
     /// The app with this name, or the default app when `name` is `None`.

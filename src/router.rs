@@ -20,6 +20,7 @@ use crate::app::App;
 use crate::handlers::publish::PublishRequest;
 use crate::handlers::{commands, disco, enable, publish, HandlerError};
 use crate::stanza::frame::Frame;
+use crate::stanza::notification::Notification;
 use crate::stanza::xep0050::{self, Command};
 use crate::stanza::{self, FastPublish};
 use crate::stats::Stats;
@@ -87,7 +88,7 @@ pub async fn dispatch(
     request: Request,
 ) -> Result<Option<Element>, HandlerError> {
     Ok(match request {
-        Request::DiscoInfo(query) => Some(disco::info(query)?.into()),
+        Request::DiscoInfo(query) => Some(disco::info(app, query)?.into()),
         Request::DiscoItems(query) => Some(disco::items(app, query)?.into()),
         Request::Ping => None,
         Request::Command(command) => {
@@ -120,6 +121,11 @@ pub async fn handle_frame(app: &App, frame: Frame) -> Option<Iq> {
             let request = PublishRequest {
                 node: fast.node,
                 secret: fast.secret,
+                push_module: fast.push_module,
+                notification: Notification {
+                    important: fast.important,
+                    encrypted: None,
+                },
             };
             let answer = publish::publish(app, &from, request).await.map(|_| None);
             return Some(reply(app, from, to, fast.id.into_owned(), answer));

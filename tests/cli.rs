@@ -181,7 +181,9 @@ fn registration(i: u8, app: &str, domain: &str) -> knock::store::Registration {
         app: app.into(),
         provider: knock::push::ProviderKind::Apns,
         token: knock::push::Token::from_bytes(vec![i; 32]),
-        secret_hash: [7; 32],
+        secret_hash: Some([7; 32]),
+        call_token: None,
+        account: None,
     }
 }
 

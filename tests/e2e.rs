@@ -32,7 +32,7 @@ async fn handshake_with_a_wrong_secret_is_refused_and_retried() {
 }
 
 #[tokio::test]
-async fn register_then_publish_wakes_the_device_with_an_empty_push() {
+async fn register_then_publish_wakes_the_device_with_a_contentless_push() {
     let h = Harness::start().await;
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
@@ -45,11 +45,17 @@ async fn register_then_publish_wakes_the_device_with_an_empty_push() {
     assert_eq!(push.token, TOKEN);
     assert_eq!(push.status, 200, "{:?}", push.reason);
     assert_eq!(push.topic.as_deref(), Some(TOPIC));
-    assert_eq!(push.push_type.as_deref(), Some("background"));
-    assert_eq!(push.priority.as_deref(), Some("5"));
+    // Prosody marks a message with a body important ("New Message!"): in `auto`, a visible push with the
+    // app's fixed title, for the app's notification extension to replace.
+    assert_eq!(push.push_type.as_deref(), Some("alert"));
+    assert_eq!(push.priority.as_deref(), Some("10"));
+    assert_eq!(push.collapse_id, None);
     assert_eq!(push.kid.as_deref(), Some(KEY_ID));
     let body = push.json().expect("JSON payload");
-    assert_eq!(body["aps"], serde_json::json!({ "content-available": 1 }));
+    assert_eq!(
+        body["aps"],
+        serde_json::json!({ "alert": { "title": "New message" }, "mutable-content": 1 })
+    );
     assert_eq!(body["node"], serde_json::json!(node));
     let everything = format!("{:?}{}", push.headers, push.body);
     for leak in ["New Message!", "alice", "localhost/phone"] {

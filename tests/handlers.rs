@@ -1,119 +1,20 @@
 //! The router and handlers end to end, below the socket: real stanzas in, reply stanzas out, a real sled
 //! store, and a scripted push backend. One test per row of the publish table, plus registration and disco.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use knock::app::{App, AppBuilder, PushApp};
+use knock::app::{App, Delivery, PushApp};
 use knock::limits::RegistrationLimiter;
-use knock::push::{Provider, ProviderKind, PushOutcome, Token, Wakeup};
+use knock::push::{PushOutcome, Token};
 use knock::router;
-use knock::stanza::frame::Frame;
 use knock::store::{BackupError, Digest, Registration, SledStore, Store, StoreError};
 use minidom::Element;
-use xmpp_parsers::iq::Iq;
 
 mod common;
+use common::fixture::*;
 use common::*;
-
-/// A backend that answers what the test scripted per token and records every wake-up.
-#[derive(Default)]
-struct Scripted {
-    outcomes: Mutex<HashMap<String, PushOutcome>>,
-    woken: Mutex<Vec<(String, String)>>,
-}
-
-impl Scripted {
-    fn set(&self, token: &str, outcome: PushOutcome) {
-        self.outcomes.lock().unwrap().insert(token.into(), outcome);
-    }
-    fn woken(&self) -> Vec<(String, String)> {
-        self.woken.lock().unwrap().clone()
-    }
-}
-
-impl Provider for Scripted {
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Apns
-    }
-
-    fn wake<'a>(&'a self, w: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
-        let token = hex::encode(w.token);
-        self.woken
-            .lock()
-            .unwrap()
-            .push((token.clone(), w.node.into()));
-        let outcome = self
-            .outcomes
-            .lock()
-            .unwrap()
-            .get(&token)
-            .cloned()
-            .unwrap_or(PushOutcome::Delivered);
-        Box::pin(async move { outcome })
-    }
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    app: App,
-    backend: Arc<Scripted>,
-}
-
-fn fixture_with(interval: Duration) -> Fixture {
-    fixture_built(|b| b.push_interval(interval))
-}
-
-/// The fixture with its app assembled by `build` beyond the two apps and the 2 s deadline.
-fn fixture_built(build: impl FnOnce(AppBuilder) -> AppBuilder) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
-    let backend = Arc::new(Scripted::default());
-    let apps = vec![
-        PushApp::new("chat", backend.clone()),
-        PushApp::new("beta", backend.clone()),
-    ];
-    let builder = App::builder("push.localhost".parse().unwrap(), Arc::new(store))
-        .apps(apps)
-        .publish_deadline(Duration::from_secs(2));
-    let app = build(builder).build().unwrap();
-    Fixture {
-        _dir: dir,
-        app,
-        backend,
-    }
-}
-
-fn fixture() -> Fixture {
-    fixture_with(Duration::ZERO)
-}
-
-fn iq(xml: &str) -> Iq {
-    let elem: Element = xml.parse().expect("test XML parses");
-    Iq::try_from(elem).expect("test IQ parses")
-}
-
-/// The stanza as the link hands it over: raw bytes (publishes take the fast path).
-fn frame(xml: &str) -> Frame {
-    Frame {
-        bytes: xml.as_bytes().to_vec().into(),
-        depth: 1,
-    }
-}
-
-async fn ask(f: &Fixture, xml: &str) -> Element {
-    let reply = router::handle_frame(&f.app, frame(xml))
-        .await
-        .expect("every IQ gets a reply");
-    Element::from(reply)
-}
-
-/// Register and return (node, secret).
-async fn register(f: &Fixture, from: &str, device: &str, token: &str) -> (String, String) {
-    node_and_secret(&ask(f, &register_xml("r1", from, device, token, "")).await)
-}
 
 // --- registration ---
 
@@ -700,6 +601,16 @@ async fn same_on_both_paths(f: &Fixture, xml: &str) {
             let full_pushes = f.backend.woken().len() - pushes - fast_pushes;
             assert_eq!(fast, full, "replies differ for {xml}");
             assert_eq!(fast_pushes, full_pushes, "pushes differ for {xml}");
+            // And the same kind of push: both read importance alike.
+            let woken = f.backend.wakeups();
+            let kinds = |range: std::ops::Range<usize>| -> Vec<_> {
+                woken[range].iter().map(|w| w.kind).collect()
+            };
+            assert_eq!(
+                kinds(pushes..pushes + fast_pushes),
+                kinds(pushes + fast_pushes..woken.len()),
+                "wake-up kinds differ for {xml}"
+            );
         }
         None => {
             assert_eq!(fast_pushes, 0, "pushed an unreadable stanza: {xml}");
@@ -715,7 +626,18 @@ async fn same_on_both_paths(f: &Fixture, xml: &str) {
 
 #[tokio::test]
 async fn fast_and_full_publish_paths_agree() {
-    let f = fixture();
+    // No hourly budget: every silent push is sent, so the two paths are compared push for push.
+    let f = fixture_of(
+        |backend| {
+            vec![PushApp {
+                delivery: Delivery::Auto {
+                    background_per_hour: 0,
+                },
+                ..PushApp::new("chat", backend)
+            }]
+        },
+        |b| b,
+    );
     let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
     let mut cases = Vec::new();
     for publish in [prosody_publish, ejabberd_publish] {
@@ -819,6 +741,17 @@ impl Store for Failing {
     }
     fn export(&self, out: &mut dyn std::io::Write) -> Result<usize, BackupError> {
         self.inner.export(out)
+    }
+    fn remember_dead(&self, token: &Digest, until: u64) -> Result<(), StoreError> {
+        if self.fail_put {
+            return Err(StoreError::Io(
+                "No space left on device (os error 28)".into(),
+            ));
+        }
+        self.inner.remember_dead(token, until)
+    }
+    fn is_dead(&self, token: &Digest, now: u64) -> Result<bool, StoreError> {
+        self.inner.is_dead(token, now)
     }
 }
 

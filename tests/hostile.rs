@@ -1010,13 +1010,31 @@ fn plain_publish() -> impl Strategy<Value = String> {
         "[a-zA-Z0-9-]{1,12}",
         "[a-zA-Z0-9_-]{1,24}",
         "[a-zA-Z0-9+/=]{0,32}",
+        (any::<bool>(), any::<bool>(), any::<bool>()),
     )
-        .prop_map(|(prosody, id, node, secret)| {
-            if prosody {
+        .prop_map(|(prosody, id, node, secret, (quiet, priority, module))| {
+            let mut xml = if prosody {
                 prosody_publish(&id, "localhost", &node, &secret)
             } else {
                 ejabberd_publish(&id, "localhost", &node, &secret)
+            };
+            // What delivery reads: an empty body (unimportant), Tigase's priority tag, Monal's push module.
+            if quiet {
+                xml = xml.replace(">New Message!<", "><").replace(">New message<", "><");
             }
+            if priority {
+                xml = xml.replace(
+                    "</notification>",
+                    "<priority xmlns='tigase:push:priority:0'>high</priority></notification>",
+                );
+            }
+            if module {
+                xml = xml.replace(
+                    "<field var='secret'>",
+                    "<field var='pushModule'><value>monalProdiOS</value></field><field var='secret'>",
+                );
+            }
+            xml
         })
 }
 
@@ -1049,9 +1067,26 @@ fn no_more_lenient(frame: &Frame) -> Result<(), TestCaseError> {
     prop_assert_eq!(full_to, to, "{:?}", shown);
     prop_assert_eq!(&id, &*fast.id, "{:?}", shown);
     match Request::parse(false, payload) {
-        Ok(Request::Publish(PublishRequest { node, secret })) => {
+        Ok(Request::Publish(PublishRequest {
+            node,
+            secret,
+            push_module,
+            notification,
+        })) => {
             prop_assert_eq!(&*node, &*fast.node, "{:?}", shown);
             prop_assert_eq!(secret.as_deref(), fast.secret.as_deref(), "{:?}", shown);
+            prop_assert_eq!(
+                push_module.as_deref(),
+                fast.push_module.as_deref(),
+                "{:?}",
+                shown
+            );
+            prop_assert_eq!(notification.important, fast.important, "{:?}", shown);
+            prop_assert!(
+                notification.encrypted.is_none(),
+                "the fast reader leaves encrypted payloads to the full path: {:?}",
+                shown
+            );
         }
         other => {
             return Err(TestCaseError::fail(format!(

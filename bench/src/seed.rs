@@ -56,7 +56,9 @@ pub async fn seed(path: &Path, count: usize, sample: usize) -> anyhow::Result<Se
                         app: APP.into(),
                         provider: ProviderKind::Apns,
                         token: Token::from_bytes(token),
-                        secret_hash: secret_hash(&secret),
+                        secret_hash: Some(secret_hash(&secret)),
+                        call_token: None,
+                        account: None,
                         node: node.clone(),
                     })?;
                     if i % every == 0 {

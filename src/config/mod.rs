@@ -158,6 +158,35 @@ struct AppTable {
     expiration_secs: Option<u64>,
     #[serde(default)]
     auth: Option<ApnsAuthConfig>,
+    #[serde(default)]
+    voip_topic: Option<String>,
+    #[serde(default)]
+    sandbox_endpoint: Option<String>,
+    #[serde(default)]
+    background_per_hour: Option<u32>,
+    #[serde(default)]
+    push_module: Option<OneOrMany>,
+    #[serde(default)]
+    tigase_provider: Option<OneOrMany>,
+    #[serde(default)]
+    max_payload_size: Option<usize>,
+}
+
+/// A key that takes one string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 impl AppTable {
@@ -197,6 +226,20 @@ impl AppTable {
                 expiration_secs: self.expiration_secs.unwrap_or_else(default_expiration),
                 dry_run: self.dry_run,
                 auth: self.auth,
+                voip_topic: self.voip_topic,
+                sandbox_endpoint: self.sandbox_endpoint,
+                background_per_hour: self
+                    .background_per_hour
+                    .unwrap_or(DEFAULT_BACKGROUND_PER_HOUR),
+                push_modules: self
+                    .push_module
+                    .map(OneOrMany::into_vec)
+                    .unwrap_or_default(),
+                tigase_providers: self
+                    .tigase_provider
+                    .map(OneOrMany::into_vec)
+                    .unwrap_or_default(),
+                max_payload_size: self.max_payload_size.unwrap_or(DEFAULT_MAX_PAYLOAD_SIZE),
             })),
             other => Err(ConfigError::invalid(
                 format!("{key}.provider"),
@@ -314,6 +357,15 @@ pub struct LimitsConfig {
     /// invent users at will, adds to the store. Lower it, or set `allowed_domains`, on a private service.
     #[serde(default = "default_registrations_per_domain_per_hour")]
     pub registrations_per_domain_per_hour: u32,
+    /// Registration-free mode: wake-ups per device token per hour, a bucket refilled continuously; 0 is
+    /// unlimited. Anyone who knows a token and a push module can publish to it, so this is what bounds how
+    /// often a stranger can wake that phone.
+    #[serde(default = "default_registration_free_per_token_per_hour")]
+    pub registration_free_per_token_per_hour: u32,
+    /// Registration-free mode: days a token the push service called dead is refused without asking it
+    /// again (kept in the store, as a keyed hash).
+    #[serde(default = "default_dead_token_days")]
+    pub dead_token_days: u32,
 }
 
 impl Default for LimitsConfig {
@@ -324,6 +376,8 @@ impl Default for LimitsConfig {
             allowed_domains: Vec::new(),
             registrations_per_user_per_hour: default_registrations_per_user_per_hour(),
             registrations_per_domain_per_hour: default_registrations_per_domain_per_hour(),
+            registration_free_per_token_per_hour: default_registration_free_per_token_per_hour(),
+            dead_token_days: default_dead_token_days(),
         }
     }
 }
@@ -335,13 +389,33 @@ pub struct ApnsConfig {
     pub name: String,
     /// The app's bundle id, sent as `apns-topic`.
     pub topic: String,
+    /// The `apns-topic` of call (PushKit VoIP) pushes; `None`: the bundle id with `.voip` appended, as Apple
+    /// names it.
+    pub voip_topic: Option<String>,
     /// `production`, `sandbox`, or any `https://` base URL (a test server).
     pub endpoint: String,
     /// Extra PEM CA certificates to trust for the endpoint, besides the public roots.
     pub ca_file: Option<PathBuf>,
-    /// `background` (silent `content-available` wake-up, priority 5) or `alert` (for apps with a Notification
-    /// Service Extension: a generic title, `mutable-content`, priority 10).
+    /// `auto` (visible for what the user's server marks important, silent otherwise, within
+    /// `background_per_hour`), `background` (always silent `content-available`, priority 5) or `alert`
+    /// (always visible, for apps with a Notification Service Extension: a generic title, `mutable-content`,
+    /// priority 10).
     pub push_type: PushType,
+    /// In `auto`: how many silent wake-ups one device gets per hour; further unimportant publishes are
+    /// answered without a push. Apple delivers two or three an hour and throttles the rest. 0: no limit.
+    pub background_per_hour: u32,
+    /// Registration-free mode (Monal's dialect, as fpush serves it): publish-options `pushModule` values
+    /// that select this app, with the node being the device token. Empty: off.
+    pub push_modules: Vec<String>,
+    /// Where a push module named with a `-sandbox` suffix pushes: `sandbox` by default when `endpoint` is
+    /// `production`; otherwise such modules are not served unless this is set.
+    pub sandbox_endpoint: Option<String>,
+    /// Tigase dialect: the `provider` ids of `register-device` that register for this app
+    /// (e.g. `tigase:messenger:apns:1`, Siskin's). Empty: the dialect is off for this app.
+    pub tigase_providers: Vec<String>,
+    /// Largest client-encrypted payload (base64 characters) passed through; said to Tigase-dialect clients
+    /// as `max-payload-size`.
+    pub max_payload_size: usize,
     /// The title of alert pushes. It is the same for every push: knock never forwards content.
     pub alert_title: String,
     /// Put the pubsub node in the payload (key `node`), so an app with several accounts wakes only the one with mail.
@@ -354,16 +428,24 @@ pub struct ApnsConfig {
     pub auth: Option<ApnsAuthConfig>,
 }
 
-/// Which kind of APNs push knock sends for an app.
+/// Which kind of push knock sends for an app.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PushType {
-    /// A silent `content-available` push.
+    /// Visible for important publishes, silent (and budgeted) for the rest.
     #[default]
+    Auto,
+    /// Always a silent `content-available` push.
     Background,
-    /// A visible push with a fixed title and `mutable-content`.
+    /// Always a visible push with a fixed title and `mutable-content`.
     Alert,
 }
+
+/// Silent wake-ups per device per hour in `auto`: what Apple says it delivers ("two or three per hour").
+pub const DEFAULT_BACKGROUND_PER_HOUR: u32 = 3;
+/// Largest encrypted payload passed through by default: Siskin asks for 3072, and with the rest of the
+/// payload it stays under APNs' 4096 bytes.
+pub const DEFAULT_MAX_PAYLOAD_SIZE: usize = 3072;
 
 /// The `[apns.auth]` table, as written. Either token auth (`key_file`, `key_id`, `team_id`) or certificate auth
 /// (`cert_file`, `key_file`); [`ApnsAuthConfig::kind`] tells which, with a clear error for mixtures.
@@ -467,6 +549,14 @@ fn default_registrations_per_user_per_hour() -> u32 {
 fn default_registrations_per_domain_per_hour() -> u32 {
     10_000
 }
+fn default_registration_free_per_token_per_hour() -> u32 {
+    120
+}
+fn default_dead_token_days() -> u32 {
+    DEFAULT_DEAD_TOKEN_DAYS as u32
+}
+/// Days a dead token is remembered in registration-free mode: Apple does not hand an old token out again.
+pub const DEFAULT_DEAD_TOKEN_DAYS: u64 = 30;
 fn default_endpoint() -> String {
     "production".to_owned()
 }
@@ -679,6 +769,8 @@ impl Config {
             ));
         }
         let mut names = HashSet::new();
+        // Push modules and Tigase provider ids each select one app.
+        let mut served = HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             let key = format!("{}[{i}]", self.apps_table);
             let name = app.name();
@@ -703,6 +795,42 @@ impl Config {
             }
             app.endpoint_url()
                 .map_err(|reason| ConfigError::invalid(format!("{key}.endpoint"), reason))?;
+            if let Some(sandbox) = &app.sandbox_endpoint {
+                endpoint_url(sandbox).map_err(|reason| {
+                    ConfigError::invalid(format!("{key}.sandbox_endpoint"), reason)
+                })?;
+            }
+            if app.voip_topic().is_empty() || app.voip_topic().contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.voip_topic"),
+                    "must be the app's PushKit topic, normally the bundle id with .voip appended",
+                ));
+            }
+            if !(256..=4096).contains(&app.max_payload_size) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.max_payload_size"),
+                    "must be between 256 and 4096 (bytes of base64; APNs payloads are at most 4096)",
+                ));
+            }
+            for (what, names) in [
+                ("push_module", &app.push_modules),
+                ("tigase_provider", &app.tigase_providers),
+            ] {
+                for (j, name) in names.iter().enumerate() {
+                    if name.is_empty() || name.len() > 128 || name.contains(char::is_whitespace) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.{what}[{j}]"),
+                            "must be 1 to 128 characters without spaces",
+                        ));
+                    }
+                    if !served.insert((what, name.as_str())) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.{what}[{j}]"),
+                            format!("{name:?} is already served by another app"),
+                        ));
+                    }
+                }
+            }
             match &app.auth {
                 Some(auth) => {
                     auth.kind(&format!("{key}.auth"))?;
@@ -777,14 +905,35 @@ impl Config {
 impl ApnsConfig {
     /// The base URL pushes go to, without a trailing slash.
     pub fn endpoint_url(&self) -> Result<String, String> {
-        match self.endpoint.as_str() {
-            "production" => Ok(APNS_PRODUCTION.to_owned()),
-            "sandbox" | "development" => Ok(APNS_SANDBOX.to_owned()),
-            url if url.starts_with("https://") && url.len() > "https://".len() => {
-                Ok(url.trim_end_matches('/').to_owned())
-            }
-            _ => Err("expected \"production\", \"sandbox\" or an https:// URL".to_owned()),
+        endpoint_url(&self.endpoint)
+    }
+
+    /// The endpoint `-sandbox` push modules go to, if there is one (see [`ApnsConfig::sandbox_endpoint`]).
+    pub fn sandbox(&self) -> Option<&str> {
+        match (&self.sandbox_endpoint, self.endpoint.as_str()) {
+            (Some(sandbox), _) => Some(sandbox),
+            (None, "production") => Some("sandbox"),
+            (None, _) => None,
         }
+    }
+
+    /// The `apns-topic` of call pushes.
+    pub fn voip_topic(&self) -> String {
+        self.voip_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.voip", self.topic))
+    }
+}
+
+/// The base URL an `endpoint` value names, without a trailing slash.
+fn endpoint_url(endpoint: &str) -> Result<String, String> {
+    match endpoint {
+        "production" => Ok(APNS_PRODUCTION.to_owned()),
+        "sandbox" | "development" => Ok(APNS_SANDBOX.to_owned()),
+        url if url.starts_with("https://") && url.len() > "https://".len() => {
+            Ok(url.trim_end_matches('/').to_owned())
+        }
+        _ => Err("expected \"production\", \"sandbox\" or an https:// URL".to_owned()),
     }
 }
 
@@ -825,7 +974,7 @@ team_id = "TEAM123456"
     fn example_parses_with_defaults() {
         let c = Config::parse(GOOD).expect("valid");
         assert_eq!(c.limits.push_interval_ms, 1000);
-        assert_eq!(apns(&c).push_type, PushType::Background);
+        assert_eq!(apns(&c).push_type, PushType::Auto);
         assert!(apns(&c).include_node);
         assert_eq!(apns(&c).endpoint_url().as_deref(), Ok(APNS_PRODUCTION));
         assert!(matches!(

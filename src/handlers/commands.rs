@@ -29,8 +29,17 @@ pub struct CommandInfo {
     pub name: &'static str,
     /// What it does.
     pub verb: Verb,
-    /// The push service whose devices it registers.
-    pub provider: ProviderKind,
+    /// Whose dialect it speaks.
+    pub dialect: Dialect,
+}
+
+/// The registration dialects knock speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// p2's (Conversations' App Server): one command pair per push service, device ids, node + secret back.
+    P2(ProviderKind),
+    /// Tigase's (Siskin, Snikket iOS): `provider` ids configured per app, no secret ([`super::tigase`]).
+    Tigase,
 }
 
 /// What a command does with a device.
@@ -53,13 +62,25 @@ pub const COMMANDS: &[CommandInfo] = &[
         node: REGISTER_APNS,
         name: "Register an iOS device for push",
         verb: Verb::Register,
-        provider: ProviderKind::Apns,
+        dialect: Dialect::P2(ProviderKind::Apns),
     },
     CommandInfo {
         node: UNREGISTER_APNS,
         name: "Unregister an iOS device",
         verb: Verb::Unregister,
-        provider: ProviderKind::Apns,
+        dialect: Dialect::P2(ProviderKind::Apns),
+    },
+    CommandInfo {
+        node: super::tigase::REGISTER,
+        name: "Register a device (Tigase push)",
+        verb: Verb::Register,
+        dialect: Dialect::Tigase,
+    },
+    CommandInfo {
+        node: super::tigase::UNREGISTER,
+        name: "Unregister a device (Tigase push)",
+        verb: Verb::Unregister,
+        dialect: Dialect::Tigase,
     },
 ];
 
@@ -82,15 +103,24 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         .form
         .as_ref()
         .filter(|f| f.type_ != DataFormType::Cancel && !f.fields.is_empty());
+    let provider = match info.dialect {
+        Dialect::P2(provider) => provider,
+        Dialect::Tigase => {
+            return match submitted {
+                Some(form) => super::tigase::execute(app, from, &command, info.verb, form).await,
+                None => Ok(super::tigase::ask_for_form(app, &command, info)),
+            }
+        }
+    };
     let Some(form) = submitted else {
-        return Ok(ask_for_form(app, &command, info));
+        return Ok(ask_for_form(app, &command, info, provider));
     };
     let values = form_values(form)?;
     let device = required(&values, "device-id")
         .or_else(|_| required(&values, "android-id"))
         .map_err(|_| HandlerError::bad_request("missing field \"device-id\""))?;
     let device = device_id(device)?;
-    let push_app = push_app(app, optional(&values, "app"), Some(info.provider))?;
+    let push_app = push_app(app, optional(&values, "app"), Some(provider))?;
     let bare = from.to_bare();
     let device_key = app.keys.device(bare.as_str(), device, &push_app.name);
 
@@ -118,9 +148,11 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         owner: app.keys.owner(bare.as_str()),
         domain: from.domain().to_string(),
         app: push_app.name.clone(),
-        provider: info.provider,
+        provider,
         token,
-        secret_hash: secret_hash(&secret),
+        secret_hash: Some(secret_hash(&secret)),
+        call_token: None,
+        account: None,
     };
     save(app, &registration).await?;
     tracing::debug!(app = %push_app.name, "device registered");
@@ -143,11 +175,16 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
 }
 
 /// The first stage of a two-step execution: the form to fill in.
-fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
+fn ask_for_form(
+    app: &App,
+    request: &Command,
+    info: &CommandInfo,
+    provider: ProviderKind,
+) -> Command {
     let mut fields = Vec::new();
     if info.verb == Verb::Register {
         let mut token = Field::new("token", FieldType::TextSingle);
-        token.label = Some(info.provider.token_label().into());
+        token.label = Some(provider.token_label().into());
         token.required = true;
         fields.push(token);
     }
@@ -158,7 +195,7 @@ fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
     let apps: Vec<_> = app
         .apps()
         .iter()
-        .filter(|a| a.provider.kind() == info.provider)
+        .filter(|a| a.provider.kind() == provider)
         .cloned()
         .collect();
     if apps.len() > 1 {
@@ -182,12 +219,22 @@ fn ask_for_form(app: &App, request: &Command, info: &CommandInfo) -> Command {
             "Token: the {} your app got for this device. Device id: any name that stays the same for \
              this installation. The reply gives the node and secret your client then enables at your own \
              server (XEP-0357).",
-            info.provider.token_label()
+            provider.token_label()
         ),
         Verb::Unregister => {
             "Device id: the one this device was registered with.".to_owned()
         }
     };
+    form_stage(request, info, instructions, fields)
+}
+
+/// The first stage of a two-step execution: a form titled with the command's name, completed in one step.
+pub(super) fn form_stage(
+    request: &Command,
+    info: &CommandInfo,
+    instructions: String,
+    fields: Vec<Field>,
+) -> Command {
     let form = DataForm {
         type_: DataFormType::Form,
         title: Some(info.name.to_owned()),

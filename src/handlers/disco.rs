@@ -1,7 +1,9 @@
 //! Service discovery (XEP-0030): who knock is, what it supports, and which commands it offers.
 //!
 //! XEP-0357 §4 asks an App Server to show the identity `pubsub`/`push`; clients find the registration
-//! commands through disco#items on the commands node (XEP-0050 §2.2).
+//! commands through disco#items on the commands node (XEP-0050 §2.2). Tigase-dialect clients pick their
+//! App Server by its features: the `provider` ids it serves, and what it does with encrypted payloads and
+//! calls (Siskin looks for `urn:xmpp:push:0` and its provider id together).
 
 use std::collections::BTreeSet;
 
@@ -10,7 +12,7 @@ use xmpp_parsers::disco::{
 };
 use xmpp_parsers::ns;
 
-use super::{commands, HandlerError};
+use super::{commands, tigase, HandlerError};
 use crate::app::App;
 
 fn features(list: &[&str]) -> BTreeSet<String> {
@@ -18,19 +20,31 @@ fn features(list: &[&str]) -> BTreeSet<String> {
 }
 
 /// Answer disco#info on the component or on one of its command nodes.
-pub fn info(query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
+pub fn info(app: &App, query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
     match query.node.as_deref() {
-        None => Ok(DiscoInfoResult {
-            node: None,
-            identities: vec![Identity::new("pubsub", "push", "en", "knock push service")],
-            features: features(&[
+        None => {
+            let mut features = features(&[
                 ns::PUSH,
                 crate::stanza::xep0050::NS,
                 ns::DISCO_INFO,
                 ns::PING,
-            ]),
-            extensions: Vec::new(),
-        }),
+            ]);
+            let tigase: Vec<String> = app
+                .apps()
+                .iter()
+                .flat_map(|a| a.tigase_providers.iter().cloned())
+                .collect();
+            if !tigase.is_empty() {
+                features.extend(tigase);
+                features.extend(tigase::FEATURES.iter().map(|f| (*f).to_owned()));
+            }
+            Ok(DiscoInfoResult {
+                node: None,
+                identities: vec![Identity::new("pubsub", "push", "en", "knock push service")],
+                features,
+                extensions: Vec::new(),
+            })
+        }
         Some(node) if node == crate::stanza::xep0050::NS => Ok(DiscoInfoResult {
             node: Some(node.to_owned()),
             identities: vec![Identity::new(
@@ -59,11 +73,20 @@ pub fn info(query: DiscoInfoQuery) -> Result<DiscoInfoResult, HandlerError> {
     }
 }
 
+/// Whether a command is offered: Tigase's only when an app serves a Tigase provider id.
+fn offered(app: &App, command: &commands::CommandInfo) -> bool {
+    match command.dialect {
+        commands::Dialect::P2(_) => true,
+        commands::Dialect::Tigase => app.apps().iter().any(|a| !a.tigase_providers.is_empty()),
+    }
+}
+
 /// Answer disco#items: the command list on the commands node, nothing elsewhere.
 pub fn items(app: &App, query: DiscoItemsQuery) -> Result<DiscoItemsResult, HandlerError> {
     let items = match query.node.as_deref() {
         Some(node) if node == crate::stanza::xep0050::NS => commands::COMMANDS
             .iter()
+            .filter(|c| offered(app, c))
             .map(|c| Item {
                 jid: app.jid.clone().into(),
                 node: Some(c.node.to_owned()),

@@ -80,7 +80,9 @@ pub async fn enable(app: &App, from: &Jid, enable: Enable) -> Result<(), Handler
         app: push_app.name.clone(),
         provider: push_app.provider.kind(),
         token,
-        secret_hash: secret_hash(secret),
+        secret_hash: Some(secret_hash(secret)),
+        call_token: None,
+        account: None,
         node,
     };
     save(app, &registration).await?;

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod disco;
 pub mod enable;
 pub mod publish;
+pub mod tigase;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,6 +74,21 @@ impl HandlerError {
     /// wait / resource-constraint: try again later.
     pub fn resource_constraint(text: impl Into<String>) -> Self {
         Self::new(ErrorType::Wait, DefinedCondition::ResourceConstraint, text)
+    }
+    /// wait / feature-not-implemented: this registration cannot take this kind of push (a call, from a
+    /// device that gave no call token). Not `cancel`: the registration serves everything else, and a
+    /// server drops a registration on `cancel`.
+    pub fn not_for_this_device(text: impl Into<String>) -> Self {
+        Self::new(
+            ErrorType::Wait,
+            DefinedCondition::FeatureNotImplemented,
+            text,
+        )
+    }
+    /// wait / not-acceptable: this one push cannot be delivered as it is (a payload over the app's size);
+    /// the registration stays.
+    pub fn undeliverable(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Wait, DefinedCondition::NotAcceptable, text)
     }
     /// wait / internal-server-error: knock or its push service failed; nothing was lost, try again later.
     pub fn internal(text: impl Into<String>) -> Self {

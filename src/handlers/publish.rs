@@ -3,20 +3,30 @@
 //! The reply tells the server what to do with the registration: Prosody counts non-`wait` errors and drops
 //! it after 16, ejabberd drops it at the first; both keep it on `wait`. So a dead token or unknown node is a
 //! `cancel`, while anything that may heal (APNs down, throttled, our own misconfiguration) is a `wait`.
-//! The notification's content (sender, body, counts) is never read, logged or forwarded.
+//! The notification's content (sender, body, counts) is never read, logged or forwarded: only whether the
+//! server marked it important ([`Notification`]), and a payload the client encrypted for itself, which is
+//! passed on untouched.
+//!
+//! A publish wakes one of two kinds of target: a registered node, or, in registration-free mode (Monal's
+//! dialect, an app with `push_module`), a device token named by the node itself. Then the app's delivery
+//! picks the kind of wake-up (visible, silent within the device's hourly budget, or a call), and the
+//! provider sends it.
 
 use std::borrow::Cow;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::pubsub::pubsub::{Publish, PublishOptions};
 
 use super::{form_values, HandlerError};
-use crate::app::App;
-use crate::push::{PushOutcome, Wakeup};
+use crate::app::{App, Delivery, ModuleRoute, PushApp};
+use crate::push::{self, Provider, PushOutcome, Token, WakeKind, Wakeup};
+use crate::stanza::notification::Notification;
 use crate::stats::log_limit::LogLimit;
 use crate::stats::Stats;
 use crate::store::secrets::secret_matches;
+use crate::store::{Digest, PublishTarget};
 
 /// Failures that repeat on every publish while they last are logged once per interval (see
 /// [`crate::stats::log_limit`]); `held` in the line says how many more it stands for.
@@ -24,13 +34,16 @@ static THROTTLED: LogLimit = LogLimit::new(Duration::from_secs(10));
 static UNAVAILABLE: LogLimit = LogLimit::new(Duration::from_secs(10));
 static MISCONFIGURED: LogLimit = LogLimit::new(Duration::from_secs(10));
 
-/// What knock did with an accepted publish (both are answered `result`).
+/// What knock did with an accepted publish (all are answered `result`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
     /// A wake-up went out.
     Pushed,
     /// A wake-up went out less than one interval ago; this one was folded into it.
     Coalesced,
+    /// The device had its silent wake-ups for the hour (or a registration-free token its wake-ups): none
+    /// was sent. The next important publish still shows.
+    OverBudget,
 }
 
 /// What a publish asks for, however it was read (straight from the bytes, or through xmpp-parsers).
@@ -40,6 +53,11 @@ pub struct PublishRequest<'a> {
     pub node: Cow<'a, str>,
     /// The `secret` field of the publish-options, if any.
     pub secret: Option<Cow<'a, str>>,
+    /// The `pushModule` field of the publish-options, if any: registration-free clients name their app
+    /// with it (Monal's dialect).
+    pub push_module: Option<Cow<'a, str>>,
+    /// What the notification says about delivery.
+    pub notification: Notification<'a>,
 }
 
 impl PublishRequest<'static> {
@@ -49,18 +67,26 @@ impl PublishRequest<'static> {
         publish: Publish,
         options: Option<PublishOptions>,
     ) -> Result<PublishRequest<'static>, HandlerError> {
-        if publish.items.is_empty() {
+        let Some(item) = publish.items.first() else {
             return Err(HandlerError::bad_request("publish has no item"));
-        }
-        let secret = options
+        };
+        let notification =
+            Notification::of_item(item.payload.as_ref()).map_err(HandlerError::bad_request)?;
+        let values = options
             .as_ref()
             .and_then(|o| o.form.as_ref())
             .map(form_values)
-            .transpose()?
-            .and_then(|values| values.get("secret").map(|s| Cow::Owned(s.to_string())));
+            .transpose()?;
+        let value = |var: &str| {
+            values
+                .as_ref()
+                .and_then(|values| values.get(var).map(|s| Cow::Owned(s.to_string())))
+        };
         Ok(PublishRequest {
+            secret: value("secret"),
+            push_module: value("pushModule"),
             node: Cow::Owned(publish.node.0),
-            secret,
+            notification,
         })
     }
 }
@@ -76,6 +102,7 @@ pub async fn publish(
     let counter = match &result {
         Ok(Published::Pushed) => &app.stats.pushed,
         Ok(Published::Coalesced) => &app.stats.coalesced,
+        Ok(Published::OverBudget) => &app.stats.over_budget,
         Err(Refusal { why, .. }) => match why {
             Refused::UnknownNode => &app.stats.unknown_node,
             Refused::Forbidden => &app.stats.forbidden,
@@ -116,77 +143,141 @@ impl From<crate::store::StoreError> for Refusal {
     }
 }
 
+/// Who a publish wakes, found and authorised.
+struct Target {
+    /// The app the token belongs to.
+    push_app: Arc<PushApp>,
+    /// The provider that sends (the app's own, or its sandbox in registration-free mode).
+    provider: Arc<dyn Provider>,
+    /// The device token.
+    token: Token,
+    /// The device's call token, if it gave one.
+    call_token: Option<Token>,
+    /// The account to name in the push, for dialects that need it.
+    account: Option<Arc<str>>,
+    /// Registration-free mode: the token's keyed hash, for its hourly budget and dead-token memory.
+    /// `None`: a registered node, whose registration goes when its token dies.
+    unregistered: Option<Digest>,
+}
+
 async fn check_and_push(
     app: &App,
     from: &Jid,
     request: PublishRequest<'_>,
 ) -> Result<Published, Refusal> {
-    // 1. The shape was checked when the request was read.
+    // 1. The shape was checked when the request was read. Find who the node wakes: a registration, or
+    //    in registration-free mode the token the node names. The registration comes first, so a node that
+    //    is registered is always served as registered.
     let node = &*request.node;
-
-    // 2. The node must exist. This comes before the secret check so that a server publishing to a
-    //    deleted node always learns to drop it.
-    let Some(registration) = app.store.publish_target(node)? else {
-        return Err(Refused::UnknownNode.with(HandlerError::item_not_found("no such node")));
+    let target = match app.store.publish_target(node)? {
+        Some(registration) => registered(app, from, &request, registration)?,
+        None => match request.push_module.as_deref() {
+            Some(module) => registration_free(app, node, module)?,
+            None => {
+                return Err(Refused::UnknownNode.with(HandlerError::item_not_found("no such node")))
+            }
+        },
     };
 
-    // 3. Only the registering user's server may publish, and only with the node's secret.
-    let from_server = from.node().is_none()
-        && from.resource().is_none()
-        && from.domain().as_str() == &*registration.domain;
-    match request.secret.as_deref() {
-        Some(secret) if from_server && secret_matches(&registration.secret_tag, secret) => {}
-        _ => {
-            return Err(
-                Refused::Forbidden.with(HandlerError::forbidden("wrong secret or publisher"))
-            )
+    // 2. Which wake-up: the app's delivery and what the server says of the stanza decide.
+    let notification = &request.notification;
+    let (kind, budgeted) = wake_kind(&target, notification)?;
+    let encrypted = match &notification.encrypted {
+        Some(e) if e.data.len() > target.push_app.max_payload_size => {
+            if kind == WakeKind::Call {
+                return Err(Refused::TransientFailure.with(HandlerError::undeliverable(
+                    "the call's encrypted payload is larger than this app's max-payload-size",
+                )));
+            }
+            // A message still wakes the device, only without the payload it could not carry: the app
+            // then shows its generic notification.
+            tracing::debug!(app = %target.push_app.name, "encrypted payload over max-payload-size: pushed without it");
+            None
+        }
+        Some(e) => Some(push::Encrypted {
+            data: &e.data,
+            iv: &e.iv,
+        }),
+        None => None,
+    };
+
+    // 3. Coalesce bursts (calls never), then spend the hourly budgets.
+    let coalesced = kind != WakeKind::Call;
+    if coalesced
+        && !app
+            .coalescer
+            .try_acquire_as(node, kind != WakeKind::Background)
+    {
+        return Ok(Published::Coalesced);
+    }
+    let release = || {
+        if coalesced {
+            app.coalescer.release(node);
+        }
+    };
+    if let (
+        true,
+        Delivery::Auto {
+            background_per_hour,
+        },
+    ) = (budgeted, target.push_app.delivery)
+    {
+        if !app.background_budget.try_take(node, background_per_hour) {
+            release();
+            return Ok(Published::OverBudget);
+        }
+    }
+    if let Some(key) = &target.unregistered {
+        if !app
+            .token_budget
+            .try_take(key, app.registration_free_per_hour)
+        {
+            release();
+            tracing::debug!(app = %target.push_app.name, "registration-free token over its hourly budget");
+            return Ok(Published::OverBudget);
         }
     }
 
-    // 4. Coalesce bursts.
-    if !app.coalescer.try_acquire(node) {
-        return Ok(Published::Coalesced);
-    }
-
-    // 5. Push.
-    let Some(push_app) = app.app(Some(&registration.app)) else {
-        app.coalescer.release(node);
-        tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
-        return Err(Refused::TransientFailure.with(HandlerError::internal(
-            "this node's app is not configured on the push service",
-        )));
+    // 4. Push.
+    let token = match kind {
+        WakeKind::Call => target.call_token.as_ref().unwrap_or(&target.token),
+        _ => &target.token,
     };
-    // An app reconfigured to another push service keeps its name: its old tokens must not go to the new one.
-    if push_app.provider.kind() != registration.provider {
-        app.coalescer.release(node);
-        tracing::error!(app = %registration.app, configured = %push_app.provider.kind(), registered = %registration.provider,
-            "registration's token belongs to another push service than its app is now configured for");
-        return Err(Refused::TransientFailure.with(HandlerError::internal(
-            "this node's app is configured for another push service",
-        )));
-    }
     let wakeup = Wakeup {
-        token: registration.token.as_bytes(),
+        token: token.as_bytes(),
         node,
-        kind: push_app.wake_kind,
+        kind,
+        account: target.account.as_deref(),
+        encrypted,
     };
+    let push_app = &target.push_app;
     let outcome =
-        match tokio::time::timeout(app.publish_deadline, push_app.provider.wake(wakeup)).await {
+        match tokio::time::timeout(app.publish_deadline, target.provider.wake(wakeup)).await {
             Ok(outcome) => outcome,
             Err(_) => PushOutcome::Unavailable {
                 reason: "push provider missed the publish deadline".into(),
             },
         };
+    if outcome != PushOutcome::Delivered {
+        release();
+    }
     match outcome {
         PushOutcome::Delivered => Ok(Published::Pushed),
         PushOutcome::DeadToken { reason } => {
-            // Only this token is dead: a re-registration that raced us keeps its fresh token.
-            app.coalescer.release(node);
-            if !app.store.remove_if_token(node, &registration.token)? {
-                // Re-registered with a fresh token meanwhile: the node lives, the next publish uses the new token.
-                return Err(Refused::TransientFailure.with(HandlerError::internal(
-                    "the device token changed; try again",
-                )));
+            match &target.unregistered {
+                // Only this token is dead: a re-registration that raced us keeps its fresh token. (A dead
+                // call token means the app is gone too: both die with it.)
+                None => {
+                    if !app.store.remove_if_token(node, &target.token)? {
+                        // Re-registered with a fresh token meanwhile: the node lives, the next publish uses it.
+                        return Err(Refused::TransientFailure.with(HandlerError::internal(
+                            "the device token changed; try again",
+                        )));
+                    }
+                }
+                Some(key) => app
+                    .store
+                    .remember_dead(key, unix_now() + app.dead_token_memory.as_secs())?,
             }
             app.store.flush().await?;
             tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; registration deleted");
@@ -195,7 +286,6 @@ async fn check_and_push(
             )))
         }
         PushOutcome::Throttled => {
-            app.coalescer.release(node);
             crate::log_limited!(THROTTLED, warn, app = %push_app.name, "push service is throttling knock");
             Err(
                 Refused::TransientFailure.with(HandlerError::resource_constraint(
@@ -204,18 +294,128 @@ async fn check_and_push(
             )
         }
         PushOutcome::Unavailable { reason } => {
-            app.coalescer.release(node);
             crate::log_limited!(UNAVAILABLE, warn, app = %push_app.name, %reason, "push failed; server told to wait");
             Err(Refused::TransientFailure.with(HandlerError::internal(
                 "the push service is unavailable; try later",
             )))
         }
         PushOutcome::Misconfigured { reason } => {
-            app.coalescer.release(node);
             crate::log_limited!(MISCONFIGURED, error, app = %push_app.name, %reason, "push service rejected knock's credentials or request: fix the app's configuration");
             Err(Refused::TransientFailure.with(HandlerError::internal(
                 "the push service is misconfigured; try later",
             )))
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// A registered node: only the registering user's server may publish, with the node's secret when it has
+/// one (Tigase's dialect has none).
+fn registered(
+    app: &App,
+    from: &Jid,
+    request: &PublishRequest<'_>,
+    registration: PublishTarget,
+) -> Result<Target, Refusal> {
+    let from_server = from.node().is_none()
+        && from.resource().is_none()
+        && from.domain().as_str() == &*registration.domain;
+    let authorised = from_server
+        && match (&registration.secret_tag, request.secret.as_deref()) {
+            (Some(tag), Some(secret)) => secret_matches(tag, secret),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+    if !authorised {
+        return Err(Refused::Forbidden.with(HandlerError::forbidden("wrong secret or publisher")));
+    }
+    let Some(push_app) = app.app(Some(&registration.app)) else {
+        tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
+        return Err(Refused::TransientFailure.with(HandlerError::internal(
+            "this node's app is not configured on the push service",
+        )));
+    };
+    // An app reconfigured to another push service keeps its name: its old tokens must not go to the new one.
+    if push_app.provider.kind() != registration.provider {
+        tracing::error!(app = %registration.app, configured = %push_app.provider.kind(), registered = %registration.provider,
+            "registration's token belongs to another push service than its app is now configured for");
+        return Err(Refused::TransientFailure.with(HandlerError::internal(
+            "this node's app is configured for another push service",
+        )));
+    }
+    Ok(Target {
+        provider: push_app.provider.clone(),
+        push_app,
+        token: registration.token,
+        call_token: registration.call_token,
+        account: registration.account,
+        unregistered: None,
+    })
+}
+
+/// Registration-free mode: the node is the device token and the push module names the app. Anyone may
+/// publish (there is no registration to hold a secret), so the token's hourly budget bounds how often.
+fn registration_free(app: &App, node: &str, module: &str) -> Result<Target, Refusal> {
+    let unknown = |text: &str| Refused::UnknownNode.with(HandlerError::item_not_found(text));
+    let Some(ModuleRoute {
+        app: push_app,
+        provider,
+    }) = app.app_for_module(module)
+    else {
+        return Err(unknown("no such node, and no app for this push module"));
+    };
+    let Some(provider) = provider else {
+        return Err(unknown(
+            "this push service has no sandbox endpoint for the push module's -sandbox variant",
+        ));
+    };
+    let kind = provider.kind();
+    let token = kind
+        .parse_token(node)
+        .map_err(|_| unknown("the node is not a device token of this push module's app"))?;
+    let key = app.keys.token(kind.byte(), token.as_bytes());
+    if app.store.is_dead(&key, unix_now())? {
+        return Err(Refused::DeadToken.with(HandlerError::item_not_found(
+            "the device token is no longer valid",
+        )));
+    }
+    Ok(Target {
+        push_app,
+        provider,
+        token,
+        call_token: None,
+        account: None,
+        unregistered: Some(key),
+    })
+}
+
+/// The kind of wake-up for a publish, and whether it is a silent one that the device's hourly budget
+/// must allow.
+fn wake_kind(
+    target: &Target,
+    notification: &Notification<'_>,
+) -> Result<(WakeKind, bool), Refusal> {
+    if notification.encrypted.as_ref().is_some_and(|e| e.call) {
+        if target.call_token.is_none() {
+            // Not `cancel`: the registration is fine for messages, and a server drops it on `cancel`.
+            return Err(
+                Refused::TransientFailure.with(HandlerError::not_for_this_device(
+                    "this device registered no call token (device-second-token): calls cannot be pushed to it",
+                )),
+            );
+        }
+        return Ok((WakeKind::Call, false));
+    }
+    Ok(match target.push_app.delivery {
+        Delivery::Fixed(kind) => (kind, false),
+        Delivery::Auto { .. } if notification.important => (WakeKind::Alert, false),
+        Delivery::Auto { .. } => (WakeKind::Background, true),
+    })
 }

@@ -32,12 +32,14 @@ pub fn render(
     out.family(
         "knock_publishes_total",
         "counter",
-        "XEP-0357 publishes answered, by outcome. transient_failure was answered wait (push service down, \
+        "XEP-0357 publishes answered, by outcome. over_budget was answered without a push (the device had \
+         its silent wake-ups for the hour); transient_failure was answered wait (push service down, \
          throttling, misconfigured, or the store failed).",
     );
     for (outcome, n) in [
         ("pushed", s.pushed),
         ("coalesced", s.coalesced),
+        ("over_budget", s.over_budget),
         ("unknown_node", s.unknown_node),
         ("forbidden", s.forbidden),
         ("dead_token", s.dead_token),
@@ -295,6 +297,7 @@ mod tests {
         for outcome in [
             "pushed",
             "coalesced",
+            "over_budget",
             "unknown_node",
             "forbidden",
             "dead_token",

@@ -2,6 +2,9 @@
 //!
 //! A device being woken will fetch everything when it reconnects, so further publishes inside the window are
 //! answered `result` without a push. A failed push releases its slot, so the next publish tries again.
+//!
+//! A silent wake-up may never arrive (Apple rations them), so it does not hold back a visible one: an
+//! important publish right after an unimportant one still shows. A visible one holds back both.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,13 +14,13 @@ use std::time::{Duration, Instant};
 pub struct Coalescer {
     /// Minimum time between two pushes to one node.
     interval: Duration,
-    /// node -> when its last push started. Pruned of expired entries as it grows, so memory tracks the number
+    /// node -> when its last push started, and whether it was visible. Pruned of expired entries as it grows, so memory tracks the number
     /// of nodes pushed within one interval, not all nodes ever seen.
     last: Mutex<Slots>,
 }
 
 struct Slots {
-    map: HashMap<String, Instant>,
+    map: HashMap<String, (Instant, bool)>,
     /// Prune when the map reaches this size; doubles with the live set so pruning stays amortised O(1).
     prune_at: usize,
 }
@@ -41,22 +44,32 @@ impl Coalescer {
         self.last.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claim the right to push `node` now. `false` means a push went out less than one interval ago.
+    /// Claim the right to push `node` now, visibly. `false` means a visible push went out less than one
+    /// interval ago.
     pub fn try_acquire(&self, node: &str) -> bool {
+        self.try_acquire_as(node, true)
+    }
+
+    /// Claim the right to push `node` now, visibly or silently. `false` means a push went out less than one
+    /// interval ago that this one would add nothing to: any push, for a silent one; a visible one, for a
+    /// visible one.
+    pub fn try_acquire_as(&self, node: &str, visible: bool) -> bool {
         if self.interval.is_zero() {
             return true;
         }
         let now = Instant::now();
         let mut slots = self.slots();
-        if let Some(last) = slots.map.get(node) {
-            if now.duration_since(*last) < self.interval {
+        if let Some(&(last, was_visible)) = slots.map.get(node) {
+            if now.duration_since(last) < self.interval && (was_visible || !visible) {
                 return false;
             }
         }
-        slots.map.insert(node.to_owned(), now);
+        slots.map.insert(node.to_owned(), (now, visible));
         if slots.map.len() >= slots.prune_at {
             let interval = self.interval;
-            slots.map.retain(|_, t| now.duration_since(*t) < interval);
+            slots
+                .map
+                .retain(|_, (t, _)| now.duration_since(*t) < interval);
             slots.prune_at = (slots.map.len() * 2).max(MIN_PRUNE_AT);
         }
         true
@@ -85,6 +98,16 @@ mod tests {
         assert!(rl.try_acquire("b"));
         rl.release("a");
         assert!(rl.try_acquire("a"));
+    }
+
+    #[test]
+    fn a_silent_push_does_not_hold_back_a_visible_one() {
+        let rl = Coalescer::new(Duration::from_secs(60));
+        assert!(rl.try_acquire_as("a", false));
+        assert!(!rl.try_acquire_as("a", false), "silent after silent");
+        assert!(rl.try_acquire_as("a", true), "visible after silent");
+        assert!(!rl.try_acquire_as("a", true), "visible after visible");
+        assert!(!rl.try_acquire_as("a", false), "silent after visible");
     }
 
     #[test]

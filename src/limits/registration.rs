@@ -10,11 +10,10 @@
 //! see [`MAX_OWNERS`] and [`MAX_DOMAINS`]. The state resets on restart, which at worst hands every user one
 //! fresh bucket.
 
-use std::borrow::Borrow;
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::bucket::{Buckets, Quota};
 
 use crate::store::Digest;
 
@@ -25,11 +24,6 @@ pub const MAX_OWNERS: usize = 100_000;
 /// Most domains remembered at once, evicted like owners. A domain is at most 1023 bytes, so the worst case is
 /// ~11 MB; in practice a few hundred servers register in any one hour.
 pub const MAX_DOMAINS: usize = 10_000;
-
-/// Prune a map when it reaches this size at the least, so small maps are not scanned on every insert.
-const MIN_PRUNE_AT: usize = 1024;
-
-const HOUR: Duration = Duration::from_secs(3600);
 
 /// Whose bucket ran dry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,88 +41,6 @@ pub struct Refused {
     pub scope: Scope,
     /// How long until both buckets hold a token again, if nobody else takes it first.
     pub retry_after: Duration,
-}
-
-/// A cap of `n` per hour, as time: each token takes `cost` to refill, a whole bucket `window` (= `n` x `cost`).
-#[derive(Debug, Clone, Copy)]
-struct Quota {
-    cost: Duration,
-    window: Duration,
-}
-
-impl Quota {
-    /// `None` for 0, which means unlimited.
-    fn per_hour(n: u32) -> Option<Quota> {
-        let cost = HOUR.checked_div(n)?;
-        Some(Quota {
-            cost,
-            // Not HOUR: `cost` was rounded down to whole nanoseconds, and the bucket must hold exactly `n`.
-            window: cost * n,
-        })
-    }
-}
-
-/// Buckets keyed by `K`. Each is stored as the instant it will be full again, which is a token bucket read in
-/// time: at `now` it lacks `(full_at - now) / cost` tokens. Exact (whole nanoseconds), one `Instant` per key,
-/// and a bucket is full, so forgettable, once `full_at <= now`.
-struct Buckets<K> {
-    full_at: HashMap<K, Instant>,
-    /// Prune when the map reaches this size; tracks twice the live set so pruning stays amortised O(1).
-    prune_at: usize,
-    /// The map never holds more than this.
-    max: usize,
-}
-
-impl<K: Hash + Eq> Buckets<K> {
-    fn new(max: usize) -> Self {
-        Buckets {
-            full_at: HashMap::new(),
-            prune_at: MIN_PRUNE_AT.min(max),
-            max,
-        }
-    }
-
-    /// How long until `key`'s bucket holds a token; `None` if it holds one now.
-    fn wait<Q>(&self, quota: Quota, key: &Q, now: Instant) -> Option<Duration>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        let lacking = self.full_at.get(key)?.saturating_duration_since(now);
-        (lacking + quota.cost)
-            .checked_sub(quota.window)
-            .filter(|wait| !wait.is_zero())
-    }
-
-    /// Take a token from `key`'s bucket; the caller has checked [`Buckets::wait`].
-    fn take<Q>(&mut self, quota: Quota, key: &Q, now: Instant)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
-    {
-        if let Some(full_at) = self.full_at.get_mut(key) {
-            *full_at = (*full_at).max(now) + quota.cost;
-            return;
-        }
-        self.full_at.insert(key.to_owned(), now + quota.cost);
-        if self.full_at.len() >= self.prune_at {
-            self.prune(now);
-        }
-    }
-
-    /// Forget full buckets; if more than half of `max` remain, keep only the emptiest half of `max`.
-    fn prune(&mut self, now: Instant) {
-        self.full_at.retain(|_, full_at| *full_at > now);
-        let keep = self.max / 2;
-        if self.full_at.len() > keep {
-            let mut entries: Vec<(K, Instant)> = self.full_at.drain().collect();
-            // Latest `full_at` first: the most drained buckets are the ones a flood would like forgotten.
-            entries.select_nth_unstable_by(keep, |a, b| b.1.cmp(&a.1));
-            entries.truncate(keep);
-            self.full_at.extend(entries);
-        }
-        self.prune_at = (self.full_at.len() * 2).max(MIN_PRUNE_AT).min(self.max);
-    }
 }
 
 /// The per-owner and per-domain registration caps.
@@ -216,7 +128,7 @@ impl RegistrationLimiter {
     /// (owners, domains) currently remembered, for tests and stats.
     pub fn tracked(&self) -> (usize, usize) {
         let state = self.state();
-        (state.owners.full_at.len(), state.domains.full_at.len())
+        (state.owners.len(), state.domains.len())
     }
 }
 
@@ -330,13 +242,13 @@ mod tests {
         for n in [7, 1_000_003, u32::MAX] {
             let quota = Quota::per_hour(n).expect("non-zero");
             let mut buckets = Buckets::<Digest>::new(10);
-            buckets.full_at.insert(owner(1), t0 + quota.cost * (n - 1));
+            buckets.set_full_at(owner(1), t0 + quota.cost * (n - 1));
             assert_eq!(
                 buckets.wait(quota, &owner(1), t0),
                 None,
                 "{n}: one of {n} left"
             );
-            buckets.full_at.insert(owner(1), t0 + quota.cost * n);
+            buckets.set_full_at(owner(1), t0 + quota.cost * n);
             assert!(
                 buckets.wait(quota, &owner(1), t0).is_some(),
                 "{n}: all {n} taken"
@@ -360,7 +272,10 @@ mod tests {
         }
         let (owners, _) = limiter.tracked();
         // Live: the 360 of the last six minutes; the map is pruned before it reaches twice MIN_PRUNE_AT.
-        assert!(owners < 2 * MIN_PRUNE_AT, "tracked {owners}");
+        assert!(
+            owners < 2 * super::super::bucket::MIN_PRUNE_AT,
+            "tracked {owners}"
+        );
     }
 
     #[test]

@@ -202,12 +202,16 @@ pub struct ApnsClient {
     app: String,
     /// `apns-topic`.
     topic: HeaderValue,
+    /// `apns-topic` of call pushes: the app's PushKit (VoIP) topic.
+    voip_topic: HeaderValue,
     /// Whether the payload carries the node.
     include_node: bool,
     /// The payload of a background push without the node, serialised once.
     background: Bytes,
     /// The payload of an alert push without the node, serialised once.
     alert: Bytes,
+    /// The payload of a call push without the node, serialised once.
+    call: Bytes,
     /// Seconds Apple may store an undelivered push.
     expiration: u64,
     /// Token auth signer, or `None` for certificate auth.
@@ -327,17 +331,23 @@ impl ApnsClient {
             .http2_keep_alive_timeout(keep_alive)
             .pool_idle_timeout(Duration::from_secs(600))
             .build(connector);
-        let topic = HeaderValue::from_str(&app.topic).map_err(|_| {
-            ApnsSetupError::Setup(format!("topic {:?} is not a valid header value", app.topic))
-        })?;
+        let header = |topic: &str| {
+            HeaderValue::from_str(topic).map_err(|_| {
+                ApnsSetupError::Setup(format!("topic {topic:?} is not a valid header value"))
+            })
+        };
+        let topic = header(&app.topic)?;
+        let voip_topic = header(&app.voip_topic())?;
         Ok(ApnsClient {
             http,
             base,
             app: app.name.clone(),
             topic,
+            voip_topic,
             include_node: app.include_node,
             background: fixed_payload(WakeKind::Background, &app.alert_title),
             alert: fixed_payload(WakeKind::Alert, &app.alert_title),
+            call: fixed_payload(WakeKind::Call, &app.alert_title),
             expiration: app.expiration_secs,
             jwt,
             deadline,
@@ -345,22 +355,39 @@ impl ApnsClient {
         })
     }
 
-    /// The JSON payload: a bare wake-up, never any message content.
-    fn payload(&self, kind: WakeKind, node: &str) -> Bytes {
-        let payload = match kind {
+    /// The JSON payload: a bare wake-up, never any message content; the node, the account and the
+    /// client's encrypted payload as top-level keys when the wake-up has them.
+    fn payload(&self, wakeup: &Wakeup<'_>) -> Bytes {
+        let fixed = match wakeup.kind {
             WakeKind::Background => &self.background,
             WakeKind::Alert => &self.alert,
+            WakeKind::Call => &self.call,
         };
-        if !self.include_node {
-            return payload.clone();
+        let node = self.include_node.then_some(wakeup.node);
+        let encrypted = wakeup.encrypted.as_ref();
+        let extra = [
+            ("node", node),
+            ("account", wakeup.account),
+            ("encrypted", encrypted.map(|e| e.data)),
+            ("iv", encrypted.map(|e| e.iv)),
+        ];
+        if extra.iter().all(|(_, value)| value.is_none()) {
+            return fixed.clone();
         }
-        // `{...,"node":"<node>"}`: the fixed part with the node spliced in before its closing brace.
-        let fixed = &payload[..payload.len() - 1];
-        let mut body = Vec::with_capacity(fixed.len() + node.len() + 12);
-        body.extend_from_slice(fixed);
-        body.extend_from_slice(b",\"node\":");
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut body, node);
+        // `{...,"key":"value"}`: the fixed part with each value spliced in before its closing brace.
+        let mut body = Vec::with_capacity(fixed.len() + 64);
+        body.extend_from_slice(&fixed[..fixed.len() - 1]);
+        for (key, value) in extra {
+            let Some(value) = value else { continue };
+            if body.len() > 1 {
+                body.push(b',');
+            }
+            body.push(b'"');
+            body.extend_from_slice(key.as_bytes());
+            body.extend_from_slice(b"\":");
+            // Writing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut body, value);
+        }
         body.push(b'}');
         Bytes::from(body)
     }
@@ -372,11 +399,13 @@ impl ApnsClient {
     ) -> Result<Request<Full<Bytes>>, String> {
         // Built in place rather than through `Request::builder`, which moves the whole request once per
         // header; constant values are static, the token's header is the signer's.
-        let (push_type, priority) = match wakeup.kind {
-            WakeKind::Background => ("background", "5"),
-            WakeKind::Alert => ("alert", "10"),
+        let (push_type, priority, topic) = match wakeup.kind {
+            WakeKind::Background => ("background", "5", &self.topic),
+            WakeKind::Alert => ("alert", "10", &self.topic),
+            WakeKind::Call => ("voip", "10", &self.voip_topic),
         };
-        let expiration = if self.expiration == 0 {
+        // A call is answered now or never: Apple must not deliver it late.
+        let expiration = if self.expiration == 0 || wakeup.kind == WakeKind::Call {
             HeaderValue::from_static("0")
         } else {
             let at = SystemTime::now()
@@ -386,14 +415,19 @@ impl ApnsClient {
                 + self.expiration;
             HeaderValue::from(at)
         };
-        let mut request = Request::new(Full::new(self.payload(wakeup.kind, wakeup.node)));
+        let mut request = Request::new(Full::new(self.payload(&wakeup)));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = format!("{}/3/device/{}", self.base, lower_hex(wakeup.token))
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| e.to_string())?;
         let headers = request.headers_mut();
-        headers.insert("apns-topic", self.topic.clone());
+        headers.insert("apns-topic", topic.clone());
         headers.insert("apns-push-type", HeaderValue::from_static(push_type));
+        if wakeup.kind == WakeKind::Background {
+            // Apple keeps only the newest of a device's undelivered pushes with one collapse id: a device
+            // off for a while gets one wake-up for its node, not a queue of them.
+            headers.insert("apns-collapse-id", collapse_id(wakeup.node));
+        }
         headers.insert("apns-priority", HeaderValue::from_static(priority));
         headers.insert("apns-expiration", expiration);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -496,8 +530,19 @@ fn fixed_payload(kind: WakeKind, alert_title: &str) -> Bytes {
         WakeKind::Alert => serde_json::json!({
             "aps": { "alert": { "title": alert_title }, "mutable-content": 1 }
         }),
+        // PushKit hands the whole payload to the app, which must report a call at once: nothing to show.
+        WakeKind::Call => serde_json::json!({}),
     };
     Bytes::from(body.to_string())
+}
+
+/// The `apns-collapse-id` of a node's background pushes: 32 hex digits of its SHA-256, so any node, however
+/// long, fits Apple's 64 bytes, and the node itself is not repeated in a header.
+fn collapse_id(node: &str) -> HeaderValue {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(node.as_bytes());
+    // Hex digits are always a valid header value.
+    HeaderValue::from_str(&lower_hex(&hash[..16])).expect("hex is a valid header value")
 }
 
 /// What one APNs answer means for the push.
@@ -551,6 +596,7 @@ impl Provider for ApnsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::push::Encrypted;
 
     /// A P-256 key in PKCS#8 PEM, as Apple's .p8 files are (generated for these tests only).
     fn signer() -> JwtSigner {
@@ -579,6 +625,138 @@ mod tests {
         assert!(parse_token(&"zz".repeat(32)).is_err());
         assert!(parse_token(&"a".repeat(65)).is_err());
         assert!(parse_token(&"ab".repeat(101)).is_err());
+    }
+
+    /// A client for `org.example.chat` with no auth (nothing is sent: only requests are built).
+    fn client(include_node: bool) -> ApnsClient {
+        let config = ApnsConfig {
+            name: "chat".into(),
+            topic: "org.example.chat".into(),
+            voip_topic: None,
+            endpoint: "https://apns.test".into(),
+            ca_file: None,
+            push_type: crate::config::PushType::Auto,
+            alert_title: "New message".into(),
+            include_node,
+            expiration_secs: 3600,
+            dry_run: false,
+            auth: None,
+            sandbox_endpoint: None,
+            background_per_hour: 3,
+            push_modules: Vec::new(),
+            tigase_providers: Vec::new(),
+            max_payload_size: 3072,
+        };
+        ApnsClient::new(&config, Duration::from_secs(5), Arc::default()).expect("client")
+    }
+
+    fn sent(
+        client: &ApnsClient,
+        wakeup: Wakeup<'_>,
+    ) -> (hyper::HeaderMap, serde_json::Value, String) {
+        let request = client.request(wakeup, None).expect("request");
+        let uri = request.uri().to_string();
+        let headers = request.headers().clone();
+        let body = futures::executor::block_on(request.into_body().collect())
+            .expect("body")
+            .to_bytes();
+        (headers, serde_json::from_slice(&body).expect("JSON"), uri)
+    }
+
+    #[test]
+    fn each_kind_of_wake_up_is_the_push_apple_expects() {
+        let client = client(true);
+        let token = [0xab; 32];
+        let header = |h: &hyper::HeaderMap, name: &str| {
+            h.get(name).map(|v| v.to_str().expect("ascii").to_owned())
+        };
+
+        let (h, body, uri) = sent(&client, Wakeup::new(&token, "node1", WakeKind::Background));
+        assert_eq!(
+            uri,
+            format!("https://apns.test/3/device/{}", "ab".repeat(32))
+        );
+        assert_eq!(header(&h, "apns-push-type").as_deref(), Some("background"));
+        assert_eq!(header(&h, "apns-priority").as_deref(), Some("5"));
+        assert_eq!(
+            header(&h, "apns-topic").as_deref(),
+            Some("org.example.chat")
+        );
+        let collapse = header(&h, "apns-collapse-id").expect("collapse id");
+        assert_eq!(
+            collapse.len(),
+            32,
+            "within Apple's 64 bytes, and not the node"
+        );
+        assert_ne!(collapse, "node1");
+        let (again, _, _) = sent(&client, Wakeup::new(&token, "node1", WakeKind::Background));
+        assert_eq!(
+            header(&again, "apns-collapse-id"),
+            Some(collapse),
+            "one per node"
+        );
+        assert!(
+            header(&h, "apns-expiration")
+                .expect("expiration")
+                .parse::<u64>()
+                .expect("a time")
+                > 0
+        );
+        assert_eq!(
+            body,
+            serde_json::json!({ "aps": { "content-available": 1 }, "node": "node1" })
+        );
+
+        let (h, body, _) = sent(&client, Wakeup::new(&token, "node1", WakeKind::Alert));
+        assert_eq!(header(&h, "apns-push-type").as_deref(), Some("alert"));
+        assert_eq!(header(&h, "apns-priority").as_deref(), Some("10"));
+        assert_eq!(header(&h, "apns-collapse-id"), None, "every message shows");
+        assert_eq!(
+            body,
+            serde_json::json!({ "aps": { "alert": { "title": "New message" }, "mutable-content": 1 }, "node": "node1" })
+        );
+
+        // A Tigase-dialect message: the account and the client's payload, untouched, beside aps.
+        let encrypted = Encrypted {
+            data: "aqJJ+/==",
+            iv: "tyNBXvy5//xf9ckN",
+        };
+        let wakeup = Wakeup {
+            account: Some("alice@example.org"),
+            encrypted: Some(encrypted),
+            ..Wakeup::new(&token, "node1", WakeKind::Alert)
+        };
+        let (_, body, _) = sent(&client, wakeup);
+        assert_eq!(body["account"], "alice@example.org");
+        assert_eq!(body["encrypted"], "aqJJ+/==");
+        assert_eq!(body["iv"], "tyNBXvy5//xf9ckN");
+        assert_eq!(body["aps"]["mutable-content"], 1);
+
+        // A call: PushKit's push type and topic, now or never.
+        let call = Wakeup {
+            account: Some("alice@example.org"),
+            encrypted: Some(encrypted),
+            ..Wakeup::new(&token, "node1", WakeKind::Call)
+        };
+        let (h, body, _) = sent(&client, call);
+        assert_eq!(header(&h, "apns-push-type").as_deref(), Some("voip"));
+        assert_eq!(
+            header(&h, "apns-topic").as_deref(),
+            Some("org.example.chat.voip")
+        );
+        assert_eq!(header(&h, "apns-priority").as_deref(), Some("10"));
+        assert_eq!(header(&h, "apns-expiration").as_deref(), Some("0"));
+        assert_eq!(
+            body,
+            serde_json::json!({ "node": "node1", "account": "alice@example.org", "encrypted": "aqJJ+/==", "iv": "tyNBXvy5//xf9ckN" })
+        );
+
+        // Without the node, a bare call payload is still an object.
+        let (_, body, _) = sent(
+            &self::client(false),
+            Wakeup::new(&token, "n", WakeKind::Call),
+        );
+        assert_eq!(body, serde_json::json!({}));
     }
 
     #[test]

@@ -104,26 +104,59 @@ impl fmt::Debug for Token {
 pub struct TokenError(pub &'static str);
 
 /// How a wake-up should show on the device. The publish handler decides per wake-up; each provider
-/// renders it its own way (APNs: push type and priority).
+/// renders it its own way (APNs: push type, topic and priority).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WakeKind {
     /// A silent wake-up: the app runs briefly in the background (APNs `content-available`, priority 5).
+    /// Rationed by the device's platform (Apple: two or three an hour), so it may never arrive.
     #[default]
     Background,
     /// A visible notification with a fixed, content-free title, which an app's notification extension may
     /// replace after fetching (APNs `alert` with `mutable-content`, priority 10).
     Alert,
+    /// An incoming call, for the device's call token: delivered at once or not at all (APNs: a PushKit
+    /// `voip` push to the app's `.voip` topic, expiration 0).
+    Call,
 }
 
-/// One wake-up to send. Carries no message content by construction.
+/// A payload the client encrypted for itself with a key knock never sees (Tigase's
+/// `tigase:push:encrypt:0`): handed to the device exactly as received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encrypted<'a> {
+    /// The ciphertext, base64, as the user's server sent it.
+    pub data: &'a str,
+    /// Its initialisation vector, base64, as sent.
+    pub iv: &'a str,
+}
+
+/// One wake-up to send. Carries no message content by construction: at most a payload encrypted by the
+/// client for itself, which knock cannot read.
 #[derive(Debug, Clone, Copy)]
 pub struct Wakeup<'a> {
     /// The device token, as [`ProviderKind::parse_token`] made it.
     pub token: &'a [u8],
     /// The pubsub node, which tells the app which registration (account) fired.
     pub node: &'a str,
-    /// Silent or visible.
+    /// Silent, visible, or a call.
     pub kind: WakeKind,
+    /// The account (bare JID) the wake-up is for, for apps that must be told in the push which of their
+    /// accounts to wake (Tigase's dialect); `None` for every other app.
+    pub account: Option<&'a str>,
+    /// The client's own encrypted payload, passed through.
+    pub encrypted: Option<Encrypted<'a>>,
+}
+
+impl<'a> Wakeup<'a> {
+    /// A bare wake-up: no account named, nothing passed through.
+    pub fn new(token: &'a [u8], node: &'a str, kind: WakeKind) -> Wakeup<'a> {
+        Wakeup {
+            token,
+            node,
+            kind,
+            account: None,
+            encrypted: None,
+        }
+    }
 }
 
 /// What became of a wake-up.

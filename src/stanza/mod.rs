@@ -21,6 +21,7 @@ use self::xml::{
 };
 
 pub mod frame;
+pub mod notification;
 pub mod shape;
 pub mod xep0050;
 pub mod xml;
@@ -169,6 +170,11 @@ pub struct FastPublish<'a> {
     pub node: Cow<'a, str>,
     /// The `secret` field of the publish-options, if any.
     pub secret: Option<Cow<'a, str>>,
+    /// The `pushModule` field of the publish-options, if any (registration-free clients: Monal).
+    pub push_module: Option<Cow<'a, str>>,
+    /// Whether the user's server marked the stanza important ([`notification`]). A publish with an
+    /// encrypted payload is never read here.
+    pub important: bool,
 }
 
 /// Tag names, text and attribute checks for the one shape the fast reader accepts.
@@ -274,15 +280,15 @@ impl<'a> FastPublish<'a> {
         })?;
         let item = r.open(b"item")?;
         attrs(&item, &[b"id"], |_, v| decode(v).map(drop))?;
-        skip_item(&mut r)?;
+        let important = read_item(&mut r)?;
         r.close(b"publish")?;
 
         // <publish-options><x xmlns=data type=submit><field var=..><value>..</value></field>...
-        let mut secret = None;
+        let mut options = Options::default();
         let next = r.tag()?;
         let end = if next.name == b"publish-options" && next.kind == TagKind::Start {
             attrs(&next, &[], |_, _| None)?;
-            secret = read_options(&mut r)?;
+            options = read_options(&mut r)?;
             r.close(b"publish-options")?;
             r.tag()?
         } else {
@@ -298,17 +304,70 @@ impl<'a> FastPublish<'a> {
             to,
             id: id?,
             node: node?,
-            secret,
+            secret: options.secret,
+            push_module: options.push_module,
+            important,
         })
     }
 }
 
-/// Skip an item's content unread: at most one child element (the notification), as XEP-0060 has it. The
-/// content is still checked for what a full parser would refuse: mismatched tags, repeated attributes,
-/// prefixes (whose declarations this reader does not track), names and values too long for it.
-fn skip_item(r: &mut Reader<'_>) -> Option<()> {
-    let mut open: Vec<&[u8]> = Vec::with_capacity(8);
+/// Where an open element of an item sits, as far as delivery cares (see [`notification`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// `<notification xmlns='urn:xmpp:push:0'>`, the item's child.
+    Notification,
+    /// Its summary form.
+    Summary,
+    /// The form's `last-message-body` field.
+    BodyField,
+    /// A value of that field: its text says whether the stanza is important.
+    BodyValue,
+    /// Tigase's priority tag: `high` says the stanza is important.
+    Priority,
+    /// Anything else: skipped unread.
+    Other,
+}
+
+impl Place {
+    /// The place of a child named `name` in namespace `ns` (with `var`, for a field) of an element at
+    /// `parent` (`None`: the item). `None` for what only [`notification`] reads: an encrypted payload, and
+    /// elements inside a value or priority (whose text the full path refuses to guess).
+    fn of_child(
+        parent: Option<Place>,
+        name: &[u8],
+        ns: &[u8],
+        var: Option<&[u8]>,
+    ) -> Option<Place> {
+        use notification::{BODY_FIELD, ENCRYPT_NS, PRIORITY_NS};
+        let is = |n: &str, namespace: &str| name == n.as_bytes() && ns == namespace.as_bytes();
+        Some(match parent {
+            None if is("notification", ns::PUSH) => Place::Notification,
+            Some(Place::Notification) if is("x", ns::DATA_FORMS) => Place::Summary,
+            Some(Place::Notification) if is("priority", PRIORITY_NS) => Place::Priority,
+            Some(Place::Notification) if is("encrypted", ENCRYPT_NS) => return None,
+            Some(Place::Summary)
+                if is("field", ns::DATA_FORMS)
+                    && var.and_then(decode).as_deref() == Some(BODY_FIELD) =>
+            {
+                Place::BodyField
+            }
+            Some(Place::BodyField) if is("value", ns::DATA_FORMS) => Place::BodyValue,
+            Some(Place::BodyValue | Place::Priority) => return None,
+            _ => Place::Other,
+        })
+    }
+}
+
+/// Read an item's content: at most one child element (the notification), as XEP-0060 has it, of which
+/// only what [`notification`] says about importance is read; the rest is skipped unread. Returns whether
+/// the stanza behind it is important. The content is still checked for what a full parser would refuse:
+/// mismatched tags, repeated attributes, prefixes (whose declarations this reader does not track), names
+/// and values too long for it.
+fn read_item(r: &mut Reader<'_>) -> Option<bool> {
+    // Each open element: its name, its namespace (declared or inherited) and its place.
+    let mut open: Vec<(&[u8], &[u8], Place)> = Vec::with_capacity(8);
     let mut children = 0;
+    let mut important = false;
     loop {
         let (text, tag) = r.tags.next_tag()?;
         if open.is_empty() && !is_blank(text) {
@@ -317,6 +376,7 @@ fn skip_item(r: &mut Reader<'_>) -> Option<()> {
         if tag.name.contains(&b':') || tag.name.len() > MAX_TOKEN {
             return None;
         }
+        let (mut xmlns, mut var) = (None, None);
         if tag.kind != TagKind::End {
             let mut names: [&[u8]; 8] = [&[]; 8];
             let mut count = 0;
@@ -330,39 +390,60 @@ fn skip_item(r: &mut Reader<'_>) -> Option<()> {
                 {
                     return None;
                 }
+                match name {
+                    // A namespace spelt with references is the full path's to read.
+                    b"xmlns" if value.contains(&b'&') => return None,
+                    b"xmlns" => xmlns = Some(value),
+                    b"var" => var = Some(value),
+                    _ => {}
+                }
                 names[count] = name;
                 count += 1;
                 Some(())
             })?;
         }
         match tag.kind {
-            TagKind::Start | TagKind::Empty if open.is_empty() => {
-                children += 1;
-                if children > 1 {
+            TagKind::Start | TagKind::Empty => {
+                if open.is_empty() {
+                    children += 1;
+                    if children > 1 {
+                        return None;
+                    }
+                } else if tag.kind == TagKind::Start && open.len() >= MAX_DEPTH {
                     return None;
                 }
+                let (parent_ns, parent) = match open.last() {
+                    Some(&(_, ns, place)) => (ns, Some(place)),
+                    None => (ns::PUBSUB.as_bytes(), None),
+                };
+                let ns = xmlns.unwrap_or(parent_ns);
+                let place = Place::of_child(parent, tag.name, ns, var)?;
                 if tag.kind == TagKind::Start {
-                    open.push(tag.name);
+                    open.push((tag.name, ns, place));
                 }
             }
-            TagKind::Start => {
-                if open.len() >= MAX_DEPTH {
-                    return None;
-                }
-                open.push(tag.name)
-            }
-            TagKind::Empty => {}
             TagKind::End => match open.pop() {
-                None => return (tag.name == b"item").then_some(()),
-                Some(name) if name == tag.name => {}
+                None => return (tag.name == b"item").then_some(important),
+                Some((name, _, place)) if name == tag.name => match place {
+                    Place::BodyValue => important |= notification::is_body(&decode(text)?),
+                    Place::Priority => important |= notification::is_high_text(&decode(text)?),
+                    _ => {}
+                },
                 Some(_) => return None,
             },
         }
     }
 }
 
-/// The publish-options form; `Some(secret)` where the form is plain, `None` to take the full path.
-fn read_options<'a>(r: &mut Reader<'a>) -> Option<Option<Cow<'a, str>>> {
+/// The publish-options fields knock reads.
+#[derive(Default)]
+struct Options<'a> {
+    secret: Option<Cow<'a, str>>,
+    push_module: Option<Cow<'a, str>>,
+}
+
+/// The publish-options form, where it is plain; `None` to take the full path.
+fn read_options<'a>(r: &mut Reader<'a>) -> Option<Options<'a>> {
     let x = r.open(b"x")?;
     let mut submit = false;
     attrs(&x, &[b"xmlns", b"type"], |i, v| {
@@ -376,12 +457,12 @@ fn read_options<'a>(r: &mut Reader<'a>) -> Option<Option<Cow<'a, str>>> {
     if !submit {
         return None;
     }
-    let mut secret = None;
+    let mut options = Options::default();
     let mut vars: Vec<Cow<'a, str>> = Vec::new();
     loop {
         let field = r.tag()?;
         if field.name == b"x" && field.kind == TagKind::End {
-            return Some(secret);
+            return Some(options);
         }
         if field.name != b"field" || vars.len() >= MAX_FORM_FIELDS {
             return None;
@@ -413,8 +494,10 @@ fn read_options<'a>(r: &mut Reader<'a>) -> Option<Option<Cow<'a, str>>> {
             }
             TagKind::End => return None,
         };
-        if var == "secret" {
-            secret = value;
+        match &*var {
+            "secret" => options.secret = value,
+            "pushModule" => options.push_module = value,
+            _ => {}
         }
         vars.push(var);
     }
@@ -444,6 +527,55 @@ mod tests {
         assert_eq!(p.node, "n1");
         assert_eq!(p.secret.as_deref(), Some("s3cr3t"));
         assert_eq!(kind(&f), Kind::Request);
+    }
+
+    #[test]
+    fn reads_what_delivery_needs_and_leaves_encrypted_payloads_to_the_full_path() {
+        let important = |xml: &str| FastPublish::read_lexed(&frame(xml)).map(|p| p.important);
+        assert_eq!(important(PROSODY), Some(true));
+        let quiet = PROSODY.replace(">New Message!<", "><");
+        assert_eq!(important(&quiet), Some(false));
+        let high = quiet.replace(
+            "</notification>",
+            "<priority xmlns='tigase:push:priority:0'>high</priority></notification>",
+        );
+        assert_eq!(important(&high), Some(true));
+        // The same names in another namespace say nothing, as the full path reads them.
+        for foreign in [
+            quiet.replace(
+                "</notification>",
+                "<priority xmlns='urn:other'>high</priority></notification>",
+            ),
+            PROSODY.replace(
+                "<x xmlns='jabber:x:data' type='form'>",
+                "<x xmlns='urn:other' type='form'>",
+            ),
+            PROSODY.replace(
+                "<notification xmlns='urn:xmpp:push:0'>",
+                "<notification xmlns='urn:other'>",
+            ),
+        ] {
+            assert_eq!(important(&foreign), Some(false), "{foreign}");
+        }
+        // What only the full path reads: an encrypted payload, a value with elements inside.
+        let encrypted = quiet.replace(
+            "</notification>",
+            "<encrypted xmlns='tigase:push:encrypt:0' iv='aa'>bb</encrypted></notification>",
+        );
+        assert_eq!(important(&encrypted), None);
+        let nested = PROSODY.replace(
+            "<value>New Message!</value>",
+            "<value>New <b/>Message!</value>",
+        );
+        assert_eq!(important(&nested), None);
+        let module = PROSODY.replace(
+            "<field var='secret'>",
+            "<field var='pushModule'><value>monalProdiOS</value></field><field var='secret'>",
+        );
+        let module = frame(&module);
+        let read = FastPublish::read_lexed(&module).expect("fast path");
+        assert_eq!(read.push_module.as_deref(), Some("monalProdiOS"));
+        assert_eq!(read.secret.as_deref(), Some("s3cr3t"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Publish shapes: a server sends the same publish again and again, with only its addressing, id, node
-//! and secret changed. Once a publish has been read in full, its bytes with those parts cut out are a
+//! and publish-options values (secret, push module) changed. Once a publish has been read in full, its bytes with those parts cut out are a
 //! *shape*; a later publish that matches a shape byte for byte around parts made only of plain
 //! characters reads exactly as the full read would, for a compare instead of a lexing pass.
 //!
@@ -33,7 +33,11 @@ enum Part {
     Id,
     Node,
     Secret,
+    PushModule,
 }
+
+/// How many kinds of [`Part`] there are.
+const PARTS: usize = 6;
 
 /// A publish with its parts cut out: `constants[0] part[0] constants[1] part[1] ... constants[n]`.
 #[derive(Debug)]
@@ -42,6 +46,8 @@ struct Shape {
     parts: Vec<Part>,
     /// The framer's nesting depth for the stanza.
     depth: usize,
+    /// Whether the notification marks its stanza important: read from bytes that are all constant.
+    important: bool,
 }
 
 thread_local! {
@@ -116,7 +122,7 @@ impl Shape {
     fn of(bytes: &[u8], depth: usize, publish: &FastPublish<'_>) -> Option<Shape> {
         let base = bytes.as_ptr() as usize;
         // Where each part lies in `bytes`; every one must be borrowed from it (not decoded) and plain.
-        let mut spans: Vec<(usize, usize, Part)> = Vec::with_capacity(5);
+        let mut spans: Vec<(usize, usize, Part)> = Vec::with_capacity(PARTS);
         let mut add = |value: Option<&Cow<'_, str>>, part: Part| -> Option<()> {
             let Some(value) = value else { return Some(()) };
             let Cow::Borrowed(text) = value else {
@@ -132,6 +138,7 @@ impl Shape {
         add(Some(&publish.id), Part::Id)?;
         add(Some(&publish.node), Part::Node)?;
         add(publish.secret.as_ref(), Part::Secret)?;
+        add(publish.push_module.as_ref(), Part::PushModule)?;
         spans.sort_unstable_by_key(|&(start, _, _)| start);
         let mut constants: Vec<Box<[u8]>> = Vec::with_capacity(spans.len() + 1);
         let mut at = 0;
@@ -154,17 +161,19 @@ impl Shape {
             constants,
             parts: spans.into_iter().map(|(_, _, part)| part).collect(),
             depth,
+            important: publish.important,
         })
     }
 
     /// If `buf` starts with a stanza of this shape: its length and its parts (indexed by [`Part`]).
-    fn matched<'a>(&self, buf: &'a [u8]) -> Option<(usize, [Option<&'a str>; 5])> {
+    fn matched<'a>(&self, buf: &'a [u8]) -> Option<(usize, [Option<&'a str>; PARTS])> {
         let mut rest = buf.strip_prefix(&*self.constants[0])?;
         let mut at = buf.len() - rest.len();
-        let mut fields: [Option<&'a str>; 5] = [None; 5];
+        let mut fields: [Option<&'a str>; PARTS] = [None; PARTS];
         for (part, constant) in self.parts.iter().zip(&self.constants[1..]) {
             let len = rest.iter().position(|&b| !plain(b)).unwrap_or(rest.len());
-            if len > MAX_TOKEN || (*part == Part::Secret && len > MAX_FIELD_LEN) {
+            let form_value = matches!(part, Part::Secret | Part::PushModule);
+            if len > MAX_TOKEN || (form_value && len > MAX_FIELD_LEN) {
                 return None;
             }
             // Plain bytes are ASCII, so this cannot fail; it only proves it to the type system.
@@ -176,7 +185,7 @@ impl Shape {
     }
 
     fn read<'a>(&self, bytes: &'a [u8]) -> Option<FastPublish<'a>> {
-        let (len, [from, to, id, node, secret]) = self.matched(bytes)?;
+        let (len, [from, to, id, node, secret, push_module]) = self.matched(bytes)?;
         if len != bytes.len() {
             return None;
         }
@@ -186,6 +195,8 @@ impl Shape {
             id: Cow::Borrowed(id?),
             node: Cow::Borrowed(node?),
             secret: secret.map(Cow::Borrowed),
+            push_module: push_module.map(Cow::Borrowed),
+            important: self.important,
         })
     }
 }
@@ -228,6 +239,20 @@ mod tests {
                 FastPublish::read_lexed(&frame),
                 "{id} {node} {secret}"
             );
+        }
+    }
+
+    #[test]
+    fn a_shape_keeps_whether_its_stanza_is_important() {
+        let loud = publish("a1", "n1", "s1", "New Message!");
+        let quiet = publish("a1", "n1", "s1", "");
+        assert!(FastPublish::read(&loud).expect("lexed").important);
+        assert!(!FastPublish::read(&quiet).expect("lexed").important);
+        for (frame, important) in [
+            (publish("b2", "n2", "s2", "New Message!"), true),
+            (publish("b2", "n2", "s2", ""), false),
+        ] {
+            assert_eq!(read(&frame.bytes).expect("by shape").important, important);
         }
     }
 

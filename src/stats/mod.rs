@@ -18,6 +18,9 @@ pub struct Stats {
     pub pushed: AtomicU64,
     /// Publishes coalesced by the per-node rate limit.
     pub coalesced: AtomicU64,
+    /// Unimportant publishes answered without a push: the device had its silent wake-ups for the hour
+    /// (`auto` delivery), or a registration-free token its wake-ups.
+    pub over_budget: AtomicU64,
     /// Publishes for nodes knock does not know (answered `item-not-found`).
     pub unknown_node: AtomicU64,
     /// Publishes with a wrong or missing secret, or from the wrong server.
@@ -188,6 +191,8 @@ pub struct Snapshot {
     pub pushed: u64,
     /// Publishes coalesced.
     pub coalesced: u64,
+    /// Publishes answered without a push for a used-up hourly budget.
+    pub over_budget: u64,
     /// Publishes to nodes knock does not know (dead tokens are counted apart, though both are answered
     /// `item-not-found`).
     pub unknown_node: u64,
@@ -315,6 +320,7 @@ impl Stats {
         Snapshot {
             pushed: g(&self.pushed),
             coalesced: g(&self.coalesced),
+            over_budget: g(&self.over_budget),
             unknown_node: g(&self.unknown_node),
             forbidden: g(&self.forbidden),
             dead_token,
@@ -344,9 +350,10 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "pushed={} coalesced={} unknown_node={} forbidden={} bad_request={} dead_token={} transient_failure={} registered={} unregistered={} registration_capped={}",
+            "pushed={} coalesced={} over_budget={} unknown_node={} forbidden={} bad_request={} dead_token={} transient_failure={} registered={} unregistered={} registration_capped={}",
             g(&self.pushed),
             g(&self.coalesced),
+            g(&self.over_budget),
             g(&self.unknown_node),
             g(&self.forbidden),
             g(&self.bad_request),

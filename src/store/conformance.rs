@@ -82,6 +82,7 @@ pub(crate) fn run_all<E: Engine>(engine: &E) {
         export_then_import_round_trips,
         a_sealed_export_reveals_no_token,
         puts_from_many_threads_stay_consistent,
+        dead_tokens_are_remembered_until_they_expire,
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -126,8 +127,10 @@ fn token(n: u32, len: usize) -> Token {
 }
 
 /// Registration `n`: every field its own; even ones carry a 32-byte token, odd ones a 150-byte token.
+/// Every third is a Tigase-dialect one: no secret, a call token (from even ones only) and the account.
 fn registration(n: u32) -> Registration {
     let providers = ProviderKind::ALL;
+    let extended = n % 3 == 2;
     Registration {
         node: format!("conformance-node-{n:04}"),
         device: digest(0xde, n),
@@ -136,7 +139,9 @@ fn registration(n: u32) -> Registration {
         app: APPS[n as usize % APPS.len()].to_string(),
         provider: providers[n as usize % providers.len()],
         token: token(n, if n % 2 == 0 { 32 } else { 150 }),
-        secret_hash: digest(0x5e, n),
+        secret_hash: (!extended).then(|| digest(0x5e, n)),
+        call_token: (extended && n % 2 == 0).then(|| token(n + 1000, 32)),
+        account: extended.then(|| format!("user{n}@server{}.example", n % 2)),
     }
 }
 
@@ -351,7 +356,7 @@ fn put_again_replaces_the_registration<E: Engine>(engine: &E) {
         domain: "moved.example".into(),
         app: "another-app".into(),
         token: token(200, 150),
-        secret_hash: digest(0x5e, 200),
+        secret_hash: Some(digest(0x5e, 200)),
         ..first.clone()
     };
     store.put(&updated).expect("update");
@@ -555,6 +560,34 @@ fn remove_if_token_spares_a_fresh_token<E: Engine>(engine: &E) {
 }
 
 /// `flush` resolves, concurrent flushes too, and every kind of change made before it survives a restart.
+fn dead_tokens_are_remembered_until_they_expire<E: Engine>(engine: &E) {
+    let (place, store) = engine.fresh(None);
+    let (a, b) = (digest(0xdd, 1), digest(0xdd, 2));
+    assert!(!store.is_dead(&a, 1000).expect("is_dead"));
+    store.remember_dead(&a, 2000).expect("remember");
+    store.remember_dead(&b, 5000).expect("remember");
+    assert!(store.is_dead(&a, 1999).expect("is_dead"));
+    assert!(
+        !store.is_dead(&a, 2000).expect("is_dead"),
+        "expired at its time"
+    );
+    assert!(
+        !store.is_dead(&a, 1000).expect("is_dead"),
+        "an expired memory is forgotten"
+    );
+    assert!(store.is_dead(&b, 2000).expect("is_dead"), "others are kept");
+    // Remembered again, it lasts to the new time; and it survives a restart once flushed.
+    store.remember_dead(&a, 9000).expect("remember");
+    flush(&*store, 1);
+    let store = engine.reopen(&place, store);
+    assert!(store.is_dead(&a, 8999).expect("is_dead"));
+    assert!(store.is_dead(&b, 4999).expect("is_dead"));
+    assert!(
+        store.is_empty().expect("len"),
+        "dead tokens are not registrations"
+    );
+}
+
 fn flushed_changes_survive_a_reopen<E: Engine>(engine: &E) {
     for key in keys() {
         let (place, store) = engine.fresh(key);

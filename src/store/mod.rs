@@ -55,8 +55,22 @@ pub struct Registration {
     pub provider: ProviderKind,
     /// The device token, as its provider made it: opaque to the store.
     pub token: Token,
-    /// SHA-256 of the publish secret; the secret itself is never stored.
-    pub secret_hash: Digest,
+    /// SHA-256 of the publish secret; the secret itself is never stored. `None` for dialects whose
+    /// publishes carry no secret (Tigase's): then the registering user's server alone may publish.
+    pub secret_hash: Option<Digest>,
+    /// A second token for call pushes (Apple's PushKit VoIP token), if the device gave one. Sealed at rest
+    /// like the token.
+    pub call_token: Option<Token>,
+    /// The registering user's bare JID, kept only for dialects whose pushes must name the account
+    /// (Tigase's); sealed at rest. `None` for every other registration.
+    pub account: Option<String>,
+}
+
+impl Registration {
+    /// Whether the registration carries anything beyond the usual: no secret, a call token or an account.
+    pub fn is_extended(&self) -> bool {
+        self.secret_hash.is_none() || self.call_token.is_some() || self.account.is_some()
+    }
 }
 
 /// What a publish needs to know of its node.
@@ -66,12 +80,16 @@ pub struct PublishTarget {
     pub provider: ProviderKind,
     /// The device token, opaque.
     pub token: Token,
-    /// The first 128 bits of the SHA-256 of the node's publish secret.
-    pub secret_tag: SecretTag,
+    /// The first 128 bits of the SHA-256 of the node's publish secret; `None`: publishes need none.
+    pub secret_tag: Option<SecretTag>,
     /// The only server allowed to publish to the node.
     pub domain: Arc<str>,
     /// The configured app the token belongs to.
     pub app: Arc<str>,
+    /// The device's token for call pushes, if any.
+    pub call_token: Option<Token>,
+    /// The account (bare JID) to name in the push, for the dialects that need it.
+    pub account: Option<Arc<str>>,
 }
 
 impl From<&Registration> for PublishTarget {
@@ -79,9 +97,11 @@ impl From<&Registration> for PublishTarget {
         PublishTarget {
             provider: r.provider,
             token: r.token.clone(),
-            secret_tag: secret_tag(&r.secret_hash),
+            secret_tag: r.secret_hash.as_ref().map(secret_tag),
             domain: r.domain.as_str().into(),
             app: r.app.as_str().into(),
+            call_token: r.call_token.clone(),
+            account: r.account.as_deref().map(Arc::from),
         }
     }
 }
@@ -226,6 +246,15 @@ pub trait Store: Send + Sync + 'static {
     fn is_warm(&self) -> bool {
         true
     }
+
+    /// Remember that a device token (by its keyed hash, [`crate::store::secrets::Keyring::token`]) was
+    /// declared dead by its push service, until `until` (seconds since the Unix epoch). Registration-free
+    /// publishes to it are then refused without asking the service again. Durable after [`Store::flush`].
+    fn remember_dead(&self, token: &Digest, until: u64) -> Result<(), StoreError>;
+
+    /// Whether a token (by keyed hash) is remembered dead at `now` (seconds since the Unix epoch). An
+    /// expired memory is forgotten.
+    fn is_dead(&self, token: &Digest, now: u64) -> Result<bool, StoreError>;
 
     /// Write every registration to `out` as an export (see [`import`]); returns how many. Sealed tokens
     /// stay sealed, so the file reveals no more than the database would.

@@ -68,9 +68,21 @@ impl Keyring {
         ])
     }
 
+    /// The identity of one device of one user for one app, where the dialect names devices by their token
+    /// (Tigase's), so a re-registration with the same token finds its node again.
+    pub fn device_by_token(&self, bare_jid: &str, token: &[u8], app: &str) -> Digest {
+        self.mac(&[b"device-token", bare_jid.as_bytes(), token, app.as_bytes()])
+    }
+
     /// The identity of a user, to check who may disable a node.
     pub fn owner(&self, bare_jid: &str) -> Digest {
         self.mac(&[b"owner", bare_jid.as_bytes()])
+    }
+
+    /// The identity of a device token (registration-free mode's dead-token memory and rate limit), so
+    /// neither keeps the token itself.
+    pub fn token(&self, provider: u8, token: &[u8]) -> Digest {
+        self.mac(&[b"token", &[provider], token])
     }
 
     /// The publish secret knock hands out for a node (256 bits, URL-safe base64).

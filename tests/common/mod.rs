@@ -12,6 +12,7 @@ use knock::push::{Provider, ProviderKind, PushOutcome, Wakeup};
 use knock::store::SledStore;
 use minidom::Element;
 
+pub mod fixture;
 pub mod harness;
 
 /// The stream namespace of a component link.

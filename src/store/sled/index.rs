@@ -49,7 +49,7 @@ struct Inner {
     /// Keyed, so nodes cannot be picked to collide.
     hasher: RandomState,
     /// Registrations of any other shape: nodes a client chose (the `<enable/>` shorthand), tokens that are
-    /// not 32 bytes. Rare, so kept as they are.
+    /// not 32 bytes, registrations of dialects that carry more (Tigase's). Rare, so kept as they are.
     others: HashMap<Box<str>, Other>,
     /// Domains, stored once each.
     names: Names,
@@ -73,6 +73,16 @@ struct Entry {
 struct Other {
     token: Box<[u8]>,
     meta: Meta,
+    /// What an extended registration carries besides ([`PublishFields::is_extended`]).
+    extra: Option<Box<Extra>>,
+}
+
+/// What an extended registration carries besides the usual.
+struct Extra {
+    /// Publishes need no secret (`Meta::secret_tag` is then unused).
+    no_secret: bool,
+    call_token: Option<Token>,
+    account: Option<Arc<str>>,
 }
 
 /// What every registration carries besides its node and token.
@@ -176,23 +186,28 @@ impl Inner {
             || self.others.contains_key(node)
     }
 
-    fn target(&self, token: &[u8], meta: &Meta) -> PublishTarget {
+    fn target(&self, token: &[u8], meta: &Meta, extra: Option<&Extra>) -> PublishTarget {
         PublishTarget {
             provider: meta.app.provider(),
             token: Token::from_bytes(token),
-            secret_tag: meta.secret_tag,
+            secret_tag: match extra {
+                Some(extra) if extra.no_secret => None,
+                _ => Some(meta.secret_tag),
+            },
             domain: self.names.get(meta.domain),
             app: self.apps.get(meta.app.app()),
+            call_token: extra.and_then(|e| e.call_token.clone()),
+            account: extra.and_then(|e| e.account.clone()),
         }
     }
 
     fn get(&self, node: &str) -> Option<PublishTarget> {
         if let Some(slot) = made_node(node).and_then(|raw| self.slot(&raw)) {
             let e = &self.entries[slot];
-            return Some(self.target(&e.token, &e.meta));
+            return Some(self.target(&e.token, &e.meta, None));
         }
         let other = self.others.get(node)?;
-        Some(self.target(&other.token, &other.meta))
+        Some(self.target(&other.token, &other.meta, other.extra.as_deref()))
     }
 
     fn upsert(&mut self, node: &str, fields: &PublishFields<'_>) {
@@ -205,7 +220,11 @@ impl Inner {
 
     fn meta(&mut self, fields: &PublishFields<'_>) -> Meta {
         Meta {
-            secret_tag: secret_tag(&fields.secret_hash),
+            secret_tag: fields
+                .secret_hash
+                .as_ref()
+                .map(secret_tag)
+                .unwrap_or_default(),
             domain: self.names.acquire(fields.domain),
             app: AppRef::new(self.apps.acquire(fields.app), fields.provider),
         }
@@ -213,9 +232,20 @@ impl Inner {
 
     /// Add a node the index does not hold.
     fn insert(&mut self, node: &str, fields: &PublishFields<'_>, meta: Meta) {
-        let (Some(raw), Ok(token)) = (made_node(node), <[u8; 32]>::try_from(&*fields.token)) else {
+        let usual = (!fields.is_extended()).then_some(());
+        let (Some(raw), Ok(token), Some(())) =
+            (made_node(node), <[u8; 32]>::try_from(&*fields.token), usual)
+        else {
             let token = fields.token.as_ref().into();
-            self.others.insert(node.into(), Other { token, meta });
+            let extra = fields.is_extended().then(|| {
+                Box::new(Extra {
+                    no_secret: fields.secret_hash.is_none(),
+                    call_token: fields.call_token.as_deref().map(Token::from_bytes),
+                    account: fields.account.as_deref().map(Arc::from),
+                })
+            });
+            self.others
+                .insert(node.into(), Other { token, meta, extra });
             return;
         };
         let slot = u32::try_from(self.entries.len()).expect("fewer than 2^32 registrations");
@@ -365,10 +395,12 @@ mod tests {
     fn fields<'a>(token: &'a [u8], domain: &'a str, app: &'a str) -> PublishFields<'a> {
         PublishFields {
             provider: ProviderKind::Apns,
-            secret_hash: [token[0]; 32],
+            secret_hash: Some([token[0]; 32]),
             domain,
             app,
             token: token.into(),
+            call_token: None,
+            account: None,
         }
     }
 
@@ -388,7 +420,7 @@ mod tests {
         assert_eq!(hex::encode(t.token.as_bytes()), "ab".repeat(32));
         assert_eq!(&*t.domain, "example.org");
         assert_eq!(&*t.app, "chat");
-        assert_eq!(t.secret_tag, [0xab; 16]);
+        assert_eq!(t.secret_tag, Some([0xab; 16]));
         assert_eq!(index.get("some-other-node-of-a-client"), Lookup::Unknown);
         index.finish_rebuild();
         assert_eq!(index.get("some-other-node-of-a-client"), Lookup::Absent);

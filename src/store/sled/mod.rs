@@ -101,6 +101,8 @@ struct Open {
     registrations: sled::Tree,
     /// device hash -> node.
     devices: sled::Tree,
+    /// keyed token hash -> until when (seconds since the epoch, big-endian) it is remembered dead.
+    dead_tokens: sled::Tree,
     /// What publishes read: every registration's token, secret hash, domain and app.
     index: Arc<PublishIndex>,
     /// The background rebuild of the index, stopped and joined when this is dropped (after the handles
@@ -123,6 +125,7 @@ impl Open {
         .map_err(|e| StoreError::Io(format!("starting the index rebuild: {e}")))?;
         Ok(Open {
             devices: db.open_tree("devices")?,
+            dead_tokens: db.open_tree("dead_tokens")?,
             db,
             registrations,
             index,
@@ -503,6 +506,35 @@ impl Store for SledStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.group_flush())
+    }
+
+    fn remember_dead(&self, token: &Digest, until: u64) -> Result<(), StoreError> {
+        let open = self.database()?;
+        self.watch(
+            open.dead_tokens
+                .insert(token, &until.to_be_bytes())
+                .map(drop)
+                .map_err(StoreError::from),
+        )
+    }
+
+    fn is_dead(&self, token: &Digest, now: u64) -> Result<bool, StoreError> {
+        let open = self.database()?;
+        let Some(until) = self.watch(open.dead_tokens.get(token).map_err(StoreError::from))? else {
+            return Ok(false);
+        };
+        let until = <[u8; 8]>::try_from(&*until)
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("a dead-token entry is not 8 bytes".into()))?;
+        if until > now {
+            return Ok(true);
+        }
+        // Expired: forget it, unless it was renewed meanwhile.
+        let expired = until.to_be_bytes();
+        let _ = open
+            .dead_tokens
+            .compare_and_swap(token, Some(&expired[..]), None::<&[u8]>);
+        Ok(false)
     }
 
     fn counts_by_app(&self) -> Result<Option<Vec<(String, usize)>>, StoreError> {

@@ -10,6 +10,13 @@
 //! [`ProviderKind::byte`]. Format 3 holds the token as it is; format 4, written when a store key is
 //! configured, holds it sealed (see [`crate::store::seal`]) and bound to the record's node.
 //!
+//! A registration of a client dialect that carries more (no secret, a call token, the account: Tigase's)
+//! is written in format 5 (clear) or 6 (sealed): `format | provider | flags | device[32] | owner[32] |
+//! [secret_hash[32]] | len domain | len app | len token | [len call_token] | [len account]`, where `flags`
+//! says which of the bracketed fields are present ([`HAS_SECRET`], [`HAS_CALL_TOKEN`], [`HAS_ACCOUNT`]).
+//! In format 6 the token, the call token and the account are each sealed, bound to the node and to which
+//! field they are. The usual registration stays in format 3 or 4, a byte shorter.
+//!
 //! Earlier formats, all from the days when every token was an APNs token: 1 and 2 are 3 and 4 without the
 //! provider byte; records written as JSON by knock 0.1 betas start with `{` and hold the token in hex.
 
@@ -29,20 +36,50 @@ const FORMAT_2: u8 = 2;
 const FORMAT_3: u8 = 3;
 /// The token sealed under the store key.
 const FORMAT_4: u8 = 4;
+/// An extended registration in the clear.
+const FORMAT_5: u8 = 5;
+/// An extended registration, its token, call token and account sealed.
+const FORMAT_6: u8 = 6;
+
+/// Format 5/6 flag: the record holds a secret hash.
+const HAS_SECRET: u8 = 1;
+/// Format 5/6 flag: the record holds a call token.
+const HAS_CALL_TOKEN: u8 = 2;
+/// Format 5/6 flag: the record holds the account.
+const HAS_ACCOUNT: u8 = 4;
+
+/// Which sealed field a sealed value is: each is bound to its node and its field, so none can be moved.
+#[derive(Clone, Copy)]
+enum Sealed {
+    Token,
+    CallToken,
+    Account,
+}
 
 /// The part of a record a publish needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishFields<'a> {
     /// The push service the token belongs to.
     pub provider: ProviderKind,
-    /// SHA-256 of the publish secret.
-    pub secret_hash: Digest,
+    /// SHA-256 of the publish secret, if publishes need one.
+    pub secret_hash: Option<Digest>,
     /// The registering user's server.
     pub domain: &'a str,
     /// The app the token belongs to.
     pub app: &'a str,
     /// The device token's bytes (opened, when the record holds it sealed).
     pub token: Cow<'a, [u8]>,
+    /// The call token's bytes, if any (opened).
+    pub call_token: Option<Cow<'a, [u8]>>,
+    /// The account, if kept (opened).
+    pub account: Option<Cow<'a, str>>,
+}
+
+impl PublishFields<'_> {
+    /// Whether the registration carries anything beyond the usual (see [`Registration::is_extended`]).
+    pub fn is_extended(&self) -> bool {
+        self.secret_hash.is_none() || self.call_token.is_some() || self.account.is_some()
+    }
 }
 
 impl PublishFields<'_> {
@@ -54,6 +91,11 @@ impl PublishFields<'_> {
             domain: &registration.domain,
             app: &registration.app,
             token: Cow::Borrowed(registration.token.as_bytes()),
+            call_token: registration
+                .call_token
+                .as_ref()
+                .map(|t| Cow::Borrowed(t.as_bytes())),
+            account: registration.account.as_deref().map(Cow::Borrowed),
         }
     }
 }
@@ -84,7 +126,9 @@ impl JsonRecord {
         Ok(Registration {
             device: digest("device", &self.device)?,
             owner: digest("owner", &self.owner)?,
-            secret_hash: digest("secret_hash", &self.secret_hash)?,
+            secret_hash: Some(digest("secret_hash", &self.secret_hash)?),
+            call_token: None,
+            account: None,
             node: self.node,
             domain: self.domain,
             app: self.app,
@@ -99,17 +143,20 @@ struct Parsed<'a> {
     format: u8,
     device: Digest,
     owner: Digest,
+    /// The account's bytes as stored (sealed in format 6); [`Codec::parse_open`] makes it `fields.account`.
+    account: Option<&'a [u8]>,
     fields: PublishFields<'a>,
 }
 
 fn parse(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
+    let short = || corrupt("short record");
     let (&format, rest) = bytes.split_first().ok_or_else(|| corrupt("empty record"))?;
     let mut r = Reader { rest };
     let provider = match format {
         FORMAT_1 | FORMAT_2 => ProviderKind::Apns,
-        FORMAT_3 | FORMAT_4 => {
-            let byte = r.take(1).ok_or_else(|| corrupt("short record"))?[0];
+        FORMAT_3..=FORMAT_6 => {
+            let byte = r.take(1).ok_or_else(short)?[0];
             ProviderKind::from_byte(byte)
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown push provider {byte}")))?
         }
@@ -119,12 +166,34 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
             )))
         }
     };
-    let device = r.digest().ok_or_else(|| corrupt("short record"))?;
-    let owner = r.digest().ok_or_else(|| corrupt("short record"))?;
-    let secret_hash = r.digest().ok_or_else(|| corrupt("short record"))?;
+    let flags = match format {
+        FORMAT_5 | FORMAT_6 => {
+            let flags = r.take(1).ok_or_else(short)?[0];
+            if flags & !(HAS_SECRET | HAS_CALL_TOKEN | HAS_ACCOUNT) != 0 {
+                return Err(corrupt("unknown record flags"));
+            }
+            flags
+        }
+        _ => HAS_SECRET,
+    };
+    let device = r.digest().ok_or_else(short)?;
+    let owner = r.digest().ok_or_else(short)?;
+    let secret_hash = match flags & HAS_SECRET {
+        0 => None,
+        _ => Some(r.digest().ok_or_else(short)?),
+    };
     let domain = r.text().ok_or_else(|| corrupt("bad domain"))?;
     let app = r.text().ok_or_else(|| corrupt("bad app"))?;
     let token = r.bytes().ok_or_else(|| corrupt("bad token"))?;
+    let call_token = match flags & HAS_CALL_TOKEN {
+        0 => None,
+        _ => Some(r.bytes().ok_or_else(|| corrupt("bad call token"))?),
+    };
+    // Sealed, the account is bytes until opened; in the clear it must be text already.
+    let account = match flags & HAS_ACCOUNT {
+        0 => None,
+        _ => Some(r.bytes().ok_or_else(|| corrupt("bad account"))?),
+    };
     if !r.rest.is_empty() {
         return Err(corrupt("trailing bytes"));
     }
@@ -132,12 +201,15 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, StoreError> {
         format,
         device,
         owner,
+        account,
         fields: PublishFields {
             provider,
             secret_hash,
             domain,
             app,
             token: Cow::Borrowed(token),
+            call_token: call_token.map(Cow::Borrowed),
+            account: None,
         },
     })
 }
@@ -159,36 +231,71 @@ impl Codec {
         self.key.as_ref()
     }
 
-    /// What a sealed token is bound to: its record's node.
-    fn context(node: &[u8]) -> Vec<u8> {
-        [&b"knock token v2\0"[..], node].concat()
+    /// What a sealed value is bound to: its record's node, and which field it is. (The token's context is
+    /// the one format 4 has always used.)
+    fn context(field: Sealed, node: &[u8]) -> Vec<u8> {
+        let label: &[u8] = match field {
+            Sealed::Token => b"knock token v2\0",
+            Sealed::CallToken => b"knock call token v1\0",
+            Sealed::Account => b"knock account v1\0",
+        };
+        [label, node].concat()
     }
 
     /// Encode the registration stored under its node (the node is the key, not part of the record).
     ///
     /// Fails only for values no handler lets through: a field over 64 KiB.
     pub fn encode(&self, registration: &Registration) -> Result<Vec<u8>, StoreError> {
-        let token = registration.token.as_bytes();
-        let (format, token) = match &self.key {
-            Some(key) => (
-                FORMAT_4,
-                Cow::Owned(key.seal(&Self::context(registration.node.as_bytes()), token)),
-            ),
-            None => (FORMAT_3, Cow::Borrowed(token)),
+        let node = registration.node.as_bytes();
+        let seal = |field: Sealed, bytes: &'_ [u8]| -> Vec<u8> {
+            match &self.key {
+                Some(key) => key.seal(&Self::context(field, node), bytes),
+                None => bytes.to_vec(),
+            }
         };
+        let extended = registration.is_extended();
+        let format = match (extended, self.key.is_some()) {
+            (false, false) => FORMAT_3,
+            (false, true) => FORMAT_4,
+            (true, false) => FORMAT_5,
+            (true, true) => FORMAT_6,
+        };
+        let token = seal(Sealed::Token, registration.token.as_bytes());
+        let call_token = registration
+            .call_token
+            .as_ref()
+            .map(|t| seal(Sealed::CallToken, t.as_bytes()));
+        let account = registration
+            .account
+            .as_ref()
+            .map(|a| seal(Sealed::Account, a.as_bytes()));
         let mut out = Vec::with_capacity(
-            2 + 96 + 6 + registration.domain.len() + registration.app.len() + token.len(),
+            3 + 96 + 10 + registration.domain.len() + registration.app.len() + token.len(),
         );
         out.push(format);
         out.push(registration.provider.byte());
+        if extended {
+            let flag = |present: bool, flag: u8| if present { flag } else { 0 };
+            out.push(
+                flag(registration.secret_hash.is_some(), HAS_SECRET)
+                    | flag(call_token.is_some(), HAS_CALL_TOKEN)
+                    | flag(account.is_some(), HAS_ACCOUNT),
+            );
+        }
         out.extend_from_slice(&registration.device);
         out.extend_from_slice(&registration.owner);
-        out.extend_from_slice(&registration.secret_hash);
-        for (what, bytes) in [
-            ("domain", registration.domain.as_bytes()),
-            ("app", registration.app.as_bytes()),
-            ("token", &token),
-        ] {
+        if let Some(hash) = &registration.secret_hash {
+            out.extend_from_slice(hash);
+        }
+        let fields = [
+            ("domain", Some(registration.domain.as_bytes())),
+            ("app", Some(registration.app.as_bytes())),
+            ("token", Some(&token[..])),
+            ("call token", call_token.as_deref()),
+            ("account", account.as_deref()),
+        ];
+        for (what, bytes) in fields {
+            let Some(bytes) = bytes else { continue };
             let len = u16::try_from(bytes.len())
                 .map_err(|_| StoreError::Invalid(format!("{what} is longer than 64 KiB")))?;
             out.extend_from_slice(&len.to_be_bytes());
@@ -199,12 +306,12 @@ impl Codec {
 
     /// Whether `bytes` is in the format this codec writes (an older one is rewritten by the index rebuild).
     pub fn is_current(&self, bytes: &[u8]) -> bool {
-        let current = if self.key.is_some() {
-            FORMAT_4
+        let current: &[u8] = if self.key.is_some() {
+            &[FORMAT_4, FORMAT_6]
         } else {
-            FORMAT_3
+            &[FORMAT_3, FORMAT_5]
         };
-        bytes.first() == Some(&current)
+        bytes.first().is_some_and(|format| current.contains(format))
     }
 
     /// A binary record's publish fields, its token opened; `None` for a JSON record (read it with
@@ -220,27 +327,43 @@ impl Codec {
         }
     }
 
-    /// Parse a binary record and open its token.
+    /// Parse a binary record and open what it holds sealed.
     fn parse_open<'a>(&self, node: &[u8], bytes: &'a [u8]) -> Result<Parsed<'a>, StoreError> {
         let mut parsed = parse(bytes)?;
-        match parsed.format {
-            FORMAT_1 | FORMAT_3 => Ok(parsed),
-            FORMAT_2 | FORMAT_4 => {
-                let key = self.key.as_ref().ok_or_else(|| {
-                    StoreError::Corrupt("the token is sealed and no store key is configured".into())
-                })?;
-                let opened = key
-                    .open(&Self::context(node), &parsed.fields.token)
-                    .ok_or_else(|| {
-                        StoreError::Corrupt("the sealed token does not open with this key".into())
-                    })?;
-                parsed.fields.token = Cow::Owned(opened);
-                Ok(parsed)
+        let sealed = match parsed.format {
+            FORMAT_1 | FORMAT_3 | FORMAT_5 => false,
+            FORMAT_2 | FORMAT_4 | FORMAT_6 => true,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown record format {other}"
+                )))
             }
-            other => Err(StoreError::Corrupt(format!(
-                "unknown record format {other}"
-            ))),
+        };
+        if sealed {
+            let key = self.key.as_ref().ok_or_else(|| {
+                StoreError::Corrupt("the token is sealed and no store key is configured".into())
+            })?;
+            let open = |field: Sealed, sealed: &[u8]| {
+                key.open(&Self::context(field, node), sealed)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("a sealed field does not open with this key".into())
+                    })
+            };
+            parsed.fields.token = Cow::Owned(open(Sealed::Token, &parsed.fields.token)?);
+            if let Some(call_token) = &parsed.fields.call_token {
+                parsed.fields.call_token = Some(Cow::Owned(open(Sealed::CallToken, call_token)?));
+            }
+            if let Some(account) = parsed.account {
+                let text = String::from_utf8(open(Sealed::Account, account)?)
+                    .map_err(|_| StoreError::Corrupt("bad account".into()))?;
+                parsed.fields.account = Some(Cow::Owned(text));
+            }
+        } else if let Some(account) = parsed.account {
+            let text = std::str::from_utf8(account)
+                .map_err(|_| StoreError::Corrupt("bad account".into()))?;
+            parsed.fields.account = Some(Cow::Borrowed(text));
         }
+        Ok(parsed)
     }
 
     /// Decode the record stored under `node`.
@@ -271,6 +394,8 @@ impl Codec {
             provider: fields.provider,
             token: Token::from_bytes(fields.token.into_owned()),
             secret_hash: fields.secret_hash,
+            call_token: fields.call_token.map(|t| Token::from_bytes(t.into_owned())),
+            account: fields.account.map(Cow::into_owned),
         })
     }
 }
@@ -319,8 +444,58 @@ pub(crate) mod tests {
             app: "chat".into(),
             provider: ProviderKind::Apns,
             token: Token::from_bytes(hex::decode(TOKEN_HEX).expect("hex")),
-            secret_hash: [3; 32],
+            secret_hash: Some([3; 32]),
+            call_token: None,
+            account: None,
         }
+    }
+
+    /// A Tigase-dialect registration: no secret, a call token, the account.
+    fn extended() -> Registration {
+        Registration {
+            secret_hash: None,
+            call_token: Some(Token::from_bytes(vec![0xc4; 32])),
+            account: Some("alice@example.org".into()),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn extended_registrations_round_trip_sealed_and_hide_every_sealed_field() {
+        let r = extended();
+        for codec in [plain(), sealing()] {
+            let bytes = codec.encode(&r).expect("encodes");
+            assert_eq!(codec.decode(node(), &bytes).expect("decodes"), r);
+            assert!(codec.is_current(&bytes));
+            let fields = codec
+                .publish_fields(node(), &bytes)
+                .expect("reads")
+                .expect("binary");
+            assert_eq!(fields, PublishFields::of(&r));
+        }
+        let sealed = sealing().encode(&r).expect("encodes");
+        assert_eq!(sealed[0], FORMAT_6);
+        for secret in [&[0xc4; 8][..], b"alice@ex", &r.token.as_bytes()[..8]] {
+            assert!(!sealed.windows(secret.len()).any(|w| w == secret));
+        }
+        // Only what is present is written: a secret but an account, say.
+        let partial = Registration {
+            secret_hash: Some([3; 32]),
+            call_token: None,
+            ..extended()
+        };
+        let bytes = plain().encode(&partial).expect("encodes");
+        assert_eq!(bytes[0], FORMAT_5);
+        assert_eq!(plain().decode(node(), &bytes).expect("decodes"), partial);
+        // A sealed account moved to another node does not open.
+        assert!(sealing().decode(b"another-node", &sealed).is_err());
+        // Unknown flags are corruption, not guesses.
+        let mut odd = plain().encode(&r).expect("encodes");
+        odd[2] |= 0x80;
+        assert!(matches!(
+            plain().decode(node(), &odd),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     fn plain() -> Codec {

@@ -37,7 +37,9 @@ fn reg(node: &str, device: u8, token: &str) -> Registration {
         app: "chat".into(),
         provider: ProviderKind::Apns,
         token: tok(token),
-        secret_hash: [1; 32],
+        secret_hash: Some([1; 32]),
+        call_token: None,
+        account: None,
     }
 }
 

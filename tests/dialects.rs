@@ -1,0 +1,627 @@
+//! The client dialects beyond p2's and the delivery they get, below the socket: the stanzas each client
+//! (or its server, on its behalf) sends, exactly, through the router, into a real sled store and a scripted
+//! push backend. One test per row of issue 17: adaptive delivery, Monal's registration-free mode, and
+//! Tigase's `register-device` with encrypted payloads and calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use knock::app::PushApp;
+use knock::push::{PushOutcome, WakeKind};
+use minidom::Element;
+
+mod common;
+use common::fixture::*;
+use common::*;
+
+// --- adaptive delivery (push_type = "auto") ---
+
+/// Prosody's publish with the body placeholder removed: what it sends for a stanza it does not deem
+/// important (a chat state, a receipt).
+fn quiet_publish(id: &str, node: &str, secret: &str) -> String {
+    prosody_publish(id, "localhost", node, secret).replace(">New Message!<", "><")
+}
+
+fn kinds(f: &Fixture) -> Vec<WakeKind> {
+    f.backend.wakeups().iter().map(|w| w.kind).collect()
+}
+
+#[tokio::test]
+async fn important_publishes_show_and_the_rest_wake_silently_within_the_hourly_budget() {
+    let f = fixture();
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    // Important (Prosody's placeholder body, ejabberd's summary, Tigase's priority tag): visible.
+    for xml in [
+        prosody_publish("p1", "localhost", &node, &secret),
+        ejabberd_publish("p2", "localhost", &node, &secret),
+        quiet_publish("p3", &node, &secret).replace(
+            "</notification>",
+            "<priority xmlns='tigase:push:priority:0'>high</priority></notification>",
+        ),
+    ] {
+        assert_eq!(error_of(&ask(&f, &xml).await), None);
+    }
+    assert_eq!(kinds(&f), [WakeKind::Alert; 3]);
+
+    // Unimportant: silent, three an hour (the default), then answered without a push.
+    for i in 0..5 {
+        let reply = ask(&f, &quiet_publish(&format!("q{i}"), &node, &secret)).await;
+        assert_eq!(error_of(&reply), None, "over budget is still a result");
+    }
+    let silent = kinds(&f)
+        .iter()
+        .filter(|k| **k == WakeKind::Background)
+        .count();
+    assert_eq!(silent, 3);
+    assert_eq!(f.app.stats.snapshot().over_budget, 2);
+    // An important one still shows.
+    let reply = ask(&f, &prosody_publish("p4", "localhost", &node, &secret)).await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(kinds(&f).last(), Some(&WakeKind::Alert));
+    // The budget is the device's own.
+    let (other, other_secret) = register(&f, "bob@localhost/p", "d", TOKEN2).await;
+    let reply = ask(&f, &quiet_publish("o1", &other, &other_secret)).await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(kinds(&f).last(), Some(&WakeKind::Background));
+}
+
+#[tokio::test]
+async fn a_fixed_push_type_ignores_importance_and_budget() {
+    let f = fixture_of(
+        |backend| vec![PushApp::new("chat", backend).with_kind(WakeKind::Background)],
+        |b| b,
+    );
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    for i in 0..5 {
+        let xml = if i % 2 == 0 {
+            prosody_publish(&format!("p{i}"), "localhost", &node, &secret)
+        } else {
+            quiet_publish(&format!("p{i}"), &node, &secret)
+        };
+        assert_eq!(error_of(&ask(&f, &xml).await), None);
+    }
+    assert_eq!(kinds(&f), [WakeKind::Background; 5]);
+}
+
+#[tokio::test]
+async fn a_silent_push_does_not_hold_back_a_visible_one() {
+    let f = fixture_with(Duration::from_secs(60));
+    let (node, secret) = register(&f, "alice@localhost/p", "d", TOKEN).await;
+    for xml in [
+        quiet_publish("q1", &node, &secret),
+        prosody_publish("p1", "localhost", &node, &secret),
+        prosody_publish("p2", "localhost", &node, &secret),
+        quiet_publish("q2", &node, &secret),
+    ] {
+        assert_eq!(error_of(&ask(&f, &xml).await), None);
+    }
+    assert_eq!(kinds(&f), [WakeKind::Background, WakeKind::Alert]);
+    assert_eq!(f.app.stats.snapshot().coalesced, 2);
+}
+
+// --- Monal: registration-free mode ---
+
+/// Monal's enable at its own server (Monal `XMPPIQ.m` `setPushEnableWithNode:onAppserver:`): node = the
+/// APNs token in lower-case hex, publish-options with only `pushModule`. Prosody copies that form into
+/// every publish, verbatim.
+fn monal_publish(id: &str, from: &str, token: &str, module: &str) -> String {
+    prosody_publish(id, from, token, "x").replace(
+        "<field var='secret'><value>x</value></field>",
+        &format!("<field var='pushModule'><value>{module}</value></field>"),
+    )
+}
+
+/// Apps `monal` (registration-free for `monalProdiOS`, with a sandbox backend) and `chat`.
+fn monal_fixture(per_token_per_hour: u32) -> (Fixture, Arc<Scripted>) {
+    let sandbox = Arc::new(Scripted::default());
+    let sandbox_provider = sandbox.clone();
+    let f = fixture_of(
+        move |backend| {
+            vec![
+                PushApp {
+                    push_modules: vec!["monalProdiOS".into()],
+                    sandbox: Some(sandbox_provider),
+                    ..PushApp::new("monal", backend.clone())
+                },
+                PushApp {
+                    push_modules: vec!["monalProdCatalyst".into()],
+                    ..PushApp::new("catalyst", backend)
+                },
+            ]
+        },
+        |b| b.registration_free_per_hour(per_token_per_hour),
+    );
+    (f, sandbox)
+}
+
+#[tokio::test]
+async fn monal_publishes_push_to_the_node_token_without_registration() {
+    let (f, sandbox) = monal_fixture(0);
+    // From any server, no secret.
+    for (id, from) in [("m1", "localhost"), ("m2", "other.example")] {
+        let reply = ask(&f, &monal_publish(id, from, TOKEN, "monalProdiOS")).await;
+        assert_eq!(error_of(&reply), None);
+    }
+    let woken = f.backend.wakeups();
+    assert_eq!(woken.len(), 2);
+    assert_eq!(woken[0].token, TOKEN);
+    assert_eq!(woken[0].kind, WakeKind::Alert, "a chat message shows");
+    assert_eq!(f.app.store.len().unwrap(), 0, "nothing is registered");
+    // The -sandbox variant goes to the sandbox endpoint.
+    let reply = ask(
+        &f,
+        &monal_publish("m3", "localhost", TOKEN2, "monalProdiOS-sandbox"),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(sandbox.woken(), [(TOKEN2.to_owned(), TOKEN2.to_owned())]);
+    // Extra publish-option fields (what fpush refused) change nothing.
+    let extra = monal_publish("m4", "localhost", TOKEN2, "monalProdiOS").replace(
+        "<field var='pushModule'>",
+        "<field var='secret'><value>whatever</value></field><field var='x-extra'><value>1</value></field><field var='pushModule'>",
+    );
+    assert_eq!(error_of(&ask(&f, &extra).await), None);
+    assert_eq!(f.backend.woken().len(), 3);
+}
+
+#[tokio::test]
+async fn monal_publishes_that_cannot_be_served_are_item_not_found() {
+    let (f, _) = monal_fixture(0);
+    for (xml, why) in [
+        (
+            monal_publish("a", "localhost", TOKEN, "someoneElsesModule"),
+            "unknown module",
+        ),
+        (
+            monal_publish("b", "localhost", &TOKEN[..20], "monalProdiOS"),
+            "node too short for a token",
+        ),
+        (
+            monal_publish(
+                "c",
+                "localhost",
+                "not-hex-not-hex-not-hex-not-hex-not-hex",
+                "monalProdiOS",
+            ),
+            "node not hex",
+        ),
+        (
+            monal_publish("d", "localhost", TOKEN, "monalProdCatalyst-sandbox"),
+            "no sandbox endpoint",
+        ),
+        (
+            prosody_publish("e", "localhost", TOKEN, "s"),
+            "a token node without a module is just unknown",
+        ),
+    ] {
+        assert_eq!(
+            error_of(&ask(&f, &xml).await),
+            err("cancel", "item-not-found"),
+            "{why}"
+        );
+    }
+    assert!(f.backend.woken().is_empty());
+}
+
+#[tokio::test]
+async fn a_dead_monal_token_is_remembered_and_apple_not_asked_again() {
+    let (f, _) = monal_fixture(0);
+    f.backend.set(
+        TOKEN,
+        PushOutcome::DeadToken {
+            reason: "Unregistered".into(),
+        },
+    );
+    let first = ask(&f, &monal_publish("m1", "localhost", TOKEN, "monalProdiOS")).await;
+    assert_eq!(error_of(&first), err("cancel", "item-not-found"));
+    assert_eq!(f.backend.woken().len(), 1);
+    for id in ["m2", "m3"] {
+        let again = ask(&f, &monal_publish(id, "localhost", TOKEN, "monalProdiOS")).await;
+        assert_eq!(error_of(&again), err("cancel", "item-not-found"));
+    }
+    assert_eq!(f.backend.woken().len(), 1, "no further request to Apple");
+    assert_eq!(f.app.stats.snapshot().dead_token, 3);
+    // Other tokens are not affected.
+    let other = ask(
+        &f,
+        &monal_publish("m4", "localhost", TOKEN2, "monalProdiOS"),
+    )
+    .await;
+    assert_eq!(error_of(&other), None);
+}
+
+#[tokio::test]
+async fn each_monal_token_gets_at_most_its_hourly_wake_ups() {
+    let (f, _) = monal_fixture(2);
+    for i in 0..4 {
+        let reply = ask(
+            &f,
+            &monal_publish(&format!("m{i}"), "localhost", TOKEN, "monalProdiOS"),
+        )
+        .await;
+        assert_eq!(error_of(&reply), None, "answered result, as fpush does");
+    }
+    assert_eq!(f.backend.woken().len(), 2);
+    assert_eq!(f.app.stats.snapshot().over_budget, 2);
+    let other = ask(&f, &monal_publish("o", "localhost", TOKEN2, "monalProdiOS")).await;
+    assert_eq!(error_of(&other), None);
+    assert_eq!(f.backend.woken().len(), 3);
+}
+
+// --- Tigase: register-device, encrypted payloads, calls ---
+
+/// The upper-case hex Siskin sends its APNs token in (`String(format: "%02X", $1)`).
+fn upper(token: &str) -> String {
+    token.to_ascii_uppercase()
+}
+
+/// A VoIP token (PushKit's, lower-case hex).
+const VOIP: &str = "0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de";
+
+/// Siskin's `register-device` (tigase/Martin `TigasePushNotificationsModule.registerDevice`): one execute
+/// with a submitted form, no FORM_TYPE, `device-second-token` only when the user's server can push calls.
+fn register_device_xml(from: &str, provider: &str, token: &str, second: Option<&str>) -> String {
+    let second = second
+        .map(|t| {
+            format!(
+                "<field var='device-second-token' type='text-single'><value>{t}</value></field>"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "<iq xmlns='{NS}' type='set' id='reg' from='{from}' to='push.localhost'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='register-device' action='execute'>\
+         <x xmlns='jabber:x:data' type='submit'>\
+         <field var='provider' type='text-single'><value>{provider}</value></field>\
+         <field var='device-token' type='text-single'><value>{token}</value></field>{second}\
+         </x></command></iq>"
+    )
+}
+
+fn unregister_device_xml(from: &str, provider: &str, token: &str) -> String {
+    format!(
+        "<iq xmlns='{NS}' type='set' id='unreg' from='{from}' to='push.localhost'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='unregister-device' action='execute'>\
+         <x xmlns='jabber:x:data' type='submit'>\
+         <field var='provider' type='text-single'><value>{provider}</value></field>\
+         <field var='device-token' type='text-single'><value>{token}</value></field>\
+         </x></command></iq>"
+    )
+}
+
+const SISKIN: &str = "tigase:messenger:apns:1";
+
+/// An app `siskin` serving Siskin's provider id, beside the default `chat`.
+fn tigase_fixture() -> Fixture {
+    fixture_of(
+        |backend| {
+            vec![
+                PushApp::new("chat", backend.clone()),
+                PushApp {
+                    tigase_providers: vec![SISKIN.into()],
+                    ..PushApp::new("siskin", backend)
+                },
+            ]
+        },
+        |b| b,
+    )
+}
+
+/// The values of a reply form's field.
+fn values(reply: &Element, var: &str) -> Vec<String> {
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .expect("command");
+    let form = command.get_child("x", "jabber:x:data").expect("form");
+    form.children()
+        .find(|f| f.attr("var") == Some(var))
+        .map(|f| {
+            f.children()
+                .filter(|v| v.name() == "value")
+                .map(|v| v.text())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Register as Siskin does; the node from the reply.
+async fn register_device(f: &Fixture, from: &str, second: Option<&str>) -> String {
+    let reply = ask(f, &register_device_xml(from, SISKIN, &upper(TOKEN), second)).await;
+    assert_eq!(error_of(&reply), None, "{}", String::from(&reply));
+    field(&reply, "node").expect("node")
+}
+
+/// Prosody 0.12 + mod_cloud_notify_encrypted's publish for a chat message (verbatim capture,
+/// ../shared/reference/publish-prosody-encrypted.xml; node substituted): no summary, no secret.
+fn encrypted_publish(id: &str, from: &str, node: &str) -> String {
+    format!("<iq xmlns='{NS}' type='set' from='{from}' to='push.localhost' id='{id}'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><encrypted iv='tyNBXvy5//xf9ckN' xmlns='tigase:push:encrypt:0'>{ENCRYPTED}</encrypted><priority xmlns='tigase:push:priority:0'>high</priority></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field></x></publish-options></pubsub></iq>")
+}
+
+const ENCRYPTED: &str = "aqJJaTjr4P7IpKEiZWi0lE5G5Fqg7uX9SInPaBNu+IOdwH5q8a5UujHuoWwNoy3h58AoU+3hLfMx4k0sDr653ap0nx/aNSF6fx67eNLYVDETAAAAAAAAAAAAAAAAAAAAAA==";
+
+/// The same for a Jingle call propose (publish-prosody-encrypted-voip.xml).
+fn call_publish(id: &str, node: &str) -> String {
+    format!("<iq xmlns='{NS}' type='set' from='localhost' to='push.localhost' id='{id}'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'><encrypted iv='Ug8KJMBE/qdUdshT' type='voip' xmlns='tigase:push:encrypt:0'>{CALL}</encrypted><priority xmlns='tigase:push:priority:0'>high</priority></notification></item></publish><publish-options><x type='submit' xmlns='jabber:x:data'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field></x></publish-options></pubsub></iq>")
+}
+
+const CALL: &str = "tOJiO8lWg110v4H/hjjC6mgc5jZtD8NzseLkCl1Z5uT0+HPx0sJ9FO/f22w4UB9sjemvrZkJdK1tuoiq7Mc3WMEjQqCARogS2wPe/37dPJFk5cuRrJnKsKOwfX6FKpa4AAAAAAAAAAAAAAAAAAAAAA==";
+
+#[tokio::test]
+async fn register_device_answers_node_features_and_max_payload_size() {
+    let f = tigase_fixture();
+    let reply = ask(
+        &f,
+        &register_device_xml("alice@localhost/phone", SISKIN, &upper(TOKEN), Some(VOIP)),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None, "{}", String::from(&reply));
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .unwrap();
+    assert_eq!(command.attr("status"), Some("completed"));
+    let node = field(&reply, "node").expect("node");
+    assert_eq!(
+        values(&reply, "features"),
+        [
+            "tigase:push:encrypt:0",
+            "tigase:push:encrypt:aes-128-gcm",
+            "tigase:push:jingle:0"
+        ]
+    );
+    assert_eq!(field(&reply, "max-payload-size").as_deref(), Some("3072"));
+    assert_eq!(field(&reply, "secret"), None, "the dialect has no secret");
+
+    let stored = f.app.store.get(&node).unwrap().expect("stored");
+    assert_eq!(stored.app, "siskin");
+    assert_eq!(
+        hex::encode(stored.token.as_bytes()),
+        TOKEN,
+        "upper case read as the same token"
+    );
+    assert_eq!(
+        stored
+            .call_token
+            .map(|t| hex::encode(t.as_bytes()))
+            .as_deref(),
+        Some(VOIP)
+    );
+    assert_eq!(stored.account.as_deref(), Some("alice@localhost"));
+    assert_eq!(stored.secret_hash, None);
+
+    // The same device again (an app start): the same node, nothing written.
+    let again = register_device(&f, "alice@localhost/tablet", Some(VOIP)).await;
+    assert_eq!(again, node);
+    assert_eq!(f.app.stats.snapshot().registration_unchanged, 1);
+}
+
+#[tokio::test]
+async fn register_device_refuses_what_it_cannot_serve() {
+    let f = tigase_fixture();
+    for (xml, expected) in [
+        (
+            register_device_xml("a@localhost/p", "snikket:apns:1", TOKEN, None),
+            err("modify", "bad-request"),
+        ),
+        (
+            register_device_xml("a@localhost/p", SISKIN, "zz", None),
+            err("modify", "bad-request"),
+        ),
+        (
+            register_device_xml("a@localhost/p", SISKIN, TOKEN, Some("nothex")),
+            err("modify", "bad-request"),
+        ),
+        (
+            unregister_device_xml("a@localhost/p", SISKIN, TOKEN),
+            err("cancel", "item-not-found"),
+        ),
+    ] {
+        assert_eq!(error_of(&ask(&f, &xml).await), expected, "{xml}");
+    }
+    assert_eq!(f.app.store.len().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn tigase_nodes_take_publishes_from_the_users_server_without_a_secret() {
+    let f = tigase_fixture();
+    let node = register_device(&f, "alice@localhost/phone", None).await;
+    // A plain summary (mod_cloud_notify without the encrypted module): visible, naming the account.
+    let reply = ask(
+        &f,
+        &prosody_publish("p1", "localhost", &node, "")
+            .replace("<field var='secret'><value></value></field>", ""),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    let woken = f.backend.wakeups();
+    assert_eq!(woken[0].kind, WakeKind::Alert);
+    assert_eq!(woken[0].account.as_deref(), Some("alice@localhost"));
+    assert_eq!(woken[0].encrypted, None);
+    // Another server may not.
+    let reply = ask(&f, &encrypted_publish("p2", "evil.example", &node)).await;
+    assert_eq!(error_of(&reply), err("auth", "forbidden"));
+    assert_eq!(f.backend.woken().len(), 1);
+}
+
+#[tokio::test]
+async fn encrypted_payloads_pass_through_untouched() {
+    let f = tigase_fixture();
+    let node = register_device(&f, "alice@localhost/phone", Some(VOIP)).await;
+    let reply = ask(&f, &encrypted_publish("p1", "localhost", &node)).await;
+    assert_eq!(error_of(&reply), None);
+    let woken = f.backend.wakeups();
+    assert_eq!(woken.len(), 1);
+    assert_eq!(
+        woken[0].kind,
+        WakeKind::Alert,
+        "Siskin's notification extension runs on alerts"
+    );
+    assert_eq!(woken[0].token, TOKEN, "a message goes to the device token");
+    assert_eq!(
+        woken[0].encrypted,
+        Some((ENCRYPTED.into(), "tyNBXvy5//xf9ckN".into()))
+    );
+    assert_eq!(woken[0].account.as_deref(), Some("alice@localhost"));
+}
+
+#[tokio::test]
+async fn a_call_goes_to_the_call_token_or_is_refused_with_wait() {
+    let f = tigase_fixture();
+    let with_voip = register_device(&f, "alice@localhost/phone", Some(VOIP)).await;
+    let reply = ask(&f, &call_publish("c1", &with_voip)).await;
+    assert_eq!(error_of(&reply), None);
+    let call = f.backend.wakeups().pop().expect("pushed");
+    assert_eq!(call.kind, WakeKind::Call);
+    assert_eq!(call.token, VOIP);
+    assert_eq!(
+        call.encrypted,
+        Some((CALL.into(), "Ug8KJMBE/qdUdshT".into()))
+    );
+    // Calls are never coalesced: a second ring right after the first still goes.
+    let reply = ask(&f, &call_publish("c2", &with_voip)).await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(f.backend.woken().len(), 2);
+
+    // A device that gave no call token: `wait` (the registration serves messages, and a server drops it
+    // on `cancel`), and it is kept.
+    let reply = ask(
+        &f,
+        &register_device_xml("bob@localhost/phone", SISKIN, TOKEN2, None),
+    )
+    .await;
+    let without = field(&reply, "node").expect("node");
+    let reply = ask(&f, &call_publish("c3", &without)).await;
+    assert_eq!(error_of(&reply), err("wait", "feature-not-implemented"));
+    assert!(f.app.store.get(&without).unwrap().is_some());
+    assert_eq!(f.backend.woken().len(), 2);
+}
+
+#[tokio::test]
+async fn a_payload_over_the_apps_size_is_dropped_from_a_message_and_refuses_a_call() {
+    let f = fixture_of(
+        |backend| {
+            vec![PushApp {
+                tigase_providers: vec![SISKIN.into()],
+                max_payload_size: 64,
+                ..PushApp::new("siskin", backend)
+            }]
+        },
+        |b| b,
+    );
+    let node = register_device(&f, "alice@localhost/phone", Some(VOIP)).await;
+    let reply = ask(&f, &encrypted_publish("p1", "localhost", &node)).await;
+    assert_eq!(error_of(&reply), None, "the device is still woken");
+    let woken = f.backend.wakeups();
+    assert_eq!(woken[0].kind, WakeKind::Alert);
+    assert_eq!(
+        woken[0].encrypted, None,
+        "without the payload it could not carry"
+    );
+    let reply = ask(&f, &call_publish("c1", &node)).await;
+    assert_eq!(error_of(&reply), err("wait", "not-acceptable"));
+    assert_eq!(f.backend.woken().len(), 1);
+}
+
+#[tokio::test]
+async fn unregister_device_removes_the_registration() {
+    let f = tigase_fixture();
+    let node = register_device(&f, "alice@localhost/phone", None).await;
+    // Siskin sends the token as it registered it; any case finds it.
+    let reply = ask(
+        &f,
+        &unregister_device_xml("alice@localhost/other", SISKIN, TOKEN),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    assert!(f.app.store.get(&node).unwrap().is_none());
+    let reply = ask(&f, &encrypted_publish("p1", "localhost", &node)).await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    // Another user cannot unregister alice's device: it is not theirs to find.
+    let node = register_device(&f, "alice@localhost/phone", None).await;
+    let reply = ask(
+        &f,
+        &unregister_device_xml("mallory@localhost/x", SISKIN, TOKEN),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    assert!(f.app.store.get(&node).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn disco_shows_the_tigase_provider_ids_and_features_only_when_configured() {
+    let info = "<iq xmlns='jabber:component:accept' type='get' id='d' from='a@localhost/x' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>";
+    let items = "<iq xmlns='jabber:component:accept' type='get' id='d' from='a@localhost/x' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/commands'/></iq>";
+    let features = |reply: &Element| -> Vec<String> {
+        let query = reply
+            .get_child("query", "http://jabber.org/protocol/disco#info")
+            .unwrap();
+        query
+            .children()
+            .filter_map(|c| c.attr("var").map(String::from))
+            .collect()
+    };
+    let nodes = |reply: &Element| -> Vec<String> {
+        let query = reply
+            .get_child("query", "http://jabber.org/protocol/disco#items")
+            .unwrap();
+        query
+            .children()
+            .filter_map(|c| c.attr("node").map(String::from))
+            .collect()
+    };
+    let f = tigase_fixture();
+    let with = features(&ask(&f, info).await);
+    for feature in [
+        "urn:xmpp:push:0",
+        SISKIN,
+        "tigase:push:encrypt:0",
+        "tigase:push:encrypt:aes-128-gcm",
+        "tigase:push:jingle:0",
+    ] {
+        assert!(with.iter().any(|f| f == feature), "{feature} in {with:?}");
+    }
+    assert!(nodes(&ask(&f, items).await)
+        .iter()
+        .any(|n| n == "register-device"));
+
+    let plain = fixture();
+    let without = features(&ask(&plain, info).await);
+    assert!(
+        !without.iter().any(|f| f.starts_with("tigase:")),
+        "{without:?}"
+    );
+    assert_eq!(
+        nodes(&ask(&plain, items).await),
+        ["register-push-apns", "unregister-push-apns"]
+    );
+}
+
+#[tokio::test]
+async fn a_generic_client_gets_the_register_device_form() {
+    let f = tigase_fixture();
+    let reply = ask(&f, &format!("<iq xmlns='{NS}' type='set' id='x' from='a@localhost/p' to='push.localhost'><command xmlns='http://jabber.org/protocol/commands' node='register-device' action='execute'/></iq>")).await;
+    assert_eq!(error_of(&reply), None);
+    let command = reply
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .unwrap();
+    assert_eq!(command.attr("status"), Some("executing"));
+    let form = command.get_child("x", "jabber:x:data").unwrap();
+    let fields: Vec<(String, String)> = form
+        .children()
+        .filter(|c| c.name() == "field")
+        .map(|c| {
+            (
+                c.attr("var").unwrap().into(),
+                c.attr("type").unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("provider".into(), "list-single".into()),
+            ("device-token".into(), "text-single".into()),
+            ("device-second-token".into(), "text-single".into()),
+        ]
+    );
+    assert_eq!(values(&reply, "provider"), [SISKIN]);
+}
