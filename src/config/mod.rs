@@ -287,10 +287,16 @@ impl AppConfig {
             },
         ];
         if !app.push_modules.is_empty() {
-            parts.push(format!("registration-free for {}", app.push_modules.join(", ")));
+            parts.push(format!(
+                "registration-free for {}",
+                app.push_modules.join(", ")
+            ));
         }
         if !app.tigase_providers.is_empty() {
-            parts.push(format!("Tigase provider {}", app.tigase_providers.join(", ")));
+            parts.push(format!(
+                "Tigase provider {}",
+                app.tigase_providers.join(", ")
+            ));
         }
         if app.dry_run {
             parts.push("dry run".to_owned());
