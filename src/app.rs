@@ -120,6 +120,8 @@ impl PushApp {
 pub struct ModuleRoute {
     /// The app the module names.
     pub app: Arc<PushApp>,
+    /// Whether the module is the `-sandbox` variant.
+    pub sandbox: bool,
     /// The provider to push with; `None` for the module's `-sandbox` variant when the app has no sandbox
     /// endpoint.
     pub provider: Option<Arc<dyn Provider>>,
@@ -393,6 +395,7 @@ impl App {
             let provider = app.module_provider(module)?.cloned();
             Some(ModuleRoute {
                 app: app.clone(),
+                sandbox: !app.push_modules.iter().any(|m| m == module),
                 provider,
             })
         })

@@ -155,9 +155,17 @@ struct Target {
     call_token: Option<Token>,
     /// The account to name in the push, for dialects that need it.
     account: Option<Arc<str>>,
-    /// Registration-free mode: the token's keyed hash, for its hourly budget and dead-token memory.
-    /// `None`: a registered node, whose registration goes when its token dies.
-    unregistered: Option<Digest>,
+    /// Registration-free mode: the token's keyed hashes. `None`: a registered node, whose registration
+    /// goes when its token dies.
+    unregistered: Option<Unregistered>,
+}
+
+/// The keyed hashes a registration-free token is known by.
+struct Unregistered {
+    /// For its hourly budget, whatever module names it.
+    budget: Digest,
+    /// For the dead-token memory: this token as this app and environment push to it.
+    route: Digest,
 }
 
 async fn check_and_push(
@@ -227,10 +235,10 @@ async fn check_and_push(
             return Ok(Published::OverBudget);
         }
     }
-    if let Some(key) = &target.unregistered {
+    if let Some(unregistered) = &target.unregistered {
         if !app
             .token_budget
-            .try_take(key, app.registration_free_per_hour)
+            .try_take(&unregistered.budget, app.registration_free_per_hour)
         {
             release();
             tracing::debug!(app = %target.push_app.name, "registration-free token over its hourly budget");
@@ -287,9 +295,9 @@ async fn check_and_push(
                     }
                     "registration deleted"
                 }
-                Some(key) => {
+                Some(unregistered) => {
                     let until = unix_now() + app.dead_token_memory.as_secs();
-                    app.store.remember_dead(key, until)?;
+                    app.store.remember_dead(&unregistered.route, until)?;
                     "token remembered as dead"
                 }
             };
@@ -380,6 +388,7 @@ fn registration_free(app: &App, node: &str, module: &str) -> Result<Target, Refu
     let unknown = |text: &str| Refused::UnknownNode.with(HandlerError::item_not_found(text));
     let Some(ModuleRoute {
         app: push_app,
+        sandbox,
         provider,
     }) = app.app_for_module(module)
     else {
@@ -394,19 +403,22 @@ fn registration_free(app: &App, node: &str, module: &str) -> Result<Target, Refu
     let token = kind
         .parse_token(node)
         .map_err(|_| unknown("the node is not a device token of this push module's app"))?;
-    let key = app.keys.token(kind.byte(), token.as_bytes());
-    if app.store.is_dead(&key, unix_now())? {
+    let route = app
+        .keys
+        .token_route(&push_app.name, sandbox, kind.byte(), token.as_bytes());
+    if app.store.is_dead(&route, unix_now())? {
         return Err(Refused::DeadToken.with(HandlerError::item_not_found(
             "the device token is no longer valid",
         )));
     }
+    let budget = app.keys.token(kind.byte(), token.as_bytes());
     Ok(Target {
         push_app,
         provider,
         token,
         call_token: None,
         account: None,
-        unregistered: Some(key),
+        unregistered: Some(Unregistered { budget, route }),
     })
 }
 

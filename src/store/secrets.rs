@@ -79,10 +79,23 @@ impl Keyring {
         self.mac(&[b"owner", bare_jid.as_bytes()])
     }
 
-    /// The identity of a device token (registration-free mode's dead-token memory and rate limit), so
-    /// neither keeps the token itself.
+    /// The identity of a device token (registration-free mode's rate limit), so the limiter does not keep
+    /// the token itself.
     pub fn token(&self, provider: u8, token: &[u8]) -> Digest {
         self.mac(&[b"token", &[provider], token])
+    }
+
+    /// The identity of a device token as one app and environment push to it (registration-free mode's
+    /// dead-token memory). A token is dead only where the push service said so: a production token sent
+    /// to the sandbox, or to another app's topic, is refused there and nowhere else, so a stranger cannot
+    /// get a working token remembered dead by publishing it under the wrong push module.
+    pub fn token_route(&self, app: &str, sandbox: bool, provider: u8, token: &[u8]) -> Digest {
+        self.mac(&[
+            b"token-route",
+            app.as_bytes(),
+            &[u8::from(sandbox), provider],
+            token,
+        ])
     }
 
     /// The publish secret knock hands out for a node (256 bits, URL-safe base64).
