@@ -496,6 +496,41 @@ async fn a_call_goes_to_the_call_token_or_is_refused_with_wait() {
 }
 
 #[tokio::test]
+async fn a_dead_call_token_goes_alone_and_messages_still_push() {
+    let f = tigase_fixture();
+    let node = register_device(&f, "alice@localhost/phone", Some(VOIP)).await;
+    f.backend.set(
+        VOIP,
+        PushOutcome::DeadToken {
+            reason: "Unregistered".into(),
+        },
+    );
+    let reply = ask(&f, &call_publish("c1", &node)).await;
+    assert_eq!(error_of(&reply), err("wait", "feature-not-implemented"));
+    let kept = f
+        .app
+        .store
+        .get(&node)
+        .unwrap()
+        .expect("the registration stays");
+    assert_eq!(kept.call_token, None, "only the call token went");
+    // Messages still reach the device; a further call is refused without asking Apple.
+    let reply = ask(&f, &encrypted_publish("p1", "localhost", &node)).await;
+    assert_eq!(error_of(&reply), None);
+    assert_eq!(
+        f.backend
+            .wakeups()
+            .last()
+            .map(|w| w.token.clone())
+            .as_deref(),
+        Some(TOKEN)
+    );
+    let reply = ask(&f, &call_publish("c2", &node)).await;
+    assert_eq!(error_of(&reply), err("wait", "feature-not-implemented"));
+    assert_eq!(f.backend.woken().len(), 2);
+}
+
+#[tokio::test]
 async fn a_payload_over_the_apps_size_is_dropped_from_a_message_and_refuses_a_call() {
     let f = fixture_of(
         |backend| {

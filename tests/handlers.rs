@@ -729,6 +729,9 @@ impl Store for Failing {
     fn remove_if_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
         self.inner.remove_if_token(node, token)
     }
+    fn drop_call_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
+        self.inner.drop_call_token(node, token)
+    }
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         if self.fail_flush {
             return Box::pin(async {

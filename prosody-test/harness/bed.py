@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -22,12 +23,25 @@ from wiretap import Wiretap
 COMPONENT = "push.localhost"
 DOMAIN = "localhost"
 TOPIC = "im.knock.prosodytest"
+# The iOS dialects' apps (issue 17), each with its own bundle id so a push shows which app knock chose.
+MONAL_TOPIC = "im.knock.monaltest"
+SISKIN_TOPIC = "im.knock.siskintest"
+SISKIN_VOIP_TOPIC = SISKIN_TOPIC + ".voip"  # knock's default voip_topic: the bundle id + ".voip", as Apple names it
+MOCK_TOPICS = [TOPIC, MONAL_TOPIC, SISKIN_TOPIC, SISKIN_VOIP_TOPIC]
+AUTO_ALERT_TITLE = "PT new message"
+MONAL_MODULE = "monalProdiOS"
+SISKIN_PROVIDER = "tigase:messenger:apns:1"
 TEAM_ID = "TEAMPT1234"
 KEY_ID = "KEYPT12345"
 PASSWORD = "pw-" + secrets.token_hex(6)
 # Prosody counts non-`wait` errors per registration and disables it after this many in a row (default 16).
 # Small here so the dead-token scenario is quick; PT_PUSH_MAX_ERRORS=16 checks Prosody's default instead.
 PUSH_MAX_ERRORS = int(os.environ.get("PT_PUSH_MAX_ERRORS", "3"))
+# Debian trixie's mod_cloud_notify_encrypted, _priority_tag and _filters, unpacked by lib/trixie-modules.sh
+# (the encrypted one with its one-name fix for Prosody 0.12); `run` exports where.
+TRIXIE_PLUGINS = os.environ.get("PT_TRIXIE_PLUGINS") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "trixie-modules", "plugins")
+TRIXIE_MODULES = ["cloud_notify_encrypted", "cloud_notify_priority_tag", "cloud_notify_filters"]
 
 
 def say(msg: str):
@@ -47,8 +61,8 @@ class MockApns:
         self.log_file = os.path.join(run_dir, "mock-apns.log")
         self.proc = Proc(registry, "mock-apns", [
             bin_path, "--listen", "127.0.0.1:0", "--team-id", TEAM_ID, "--key-id", KEY_ID,
-            "--private-key-out", self.key_file, "--topic", TOPIC, "--ca-out", self.ca_file,
-            "--control", "127.0.0.1:0",
+            "--private-key-out", self.key_file, *[a for t in MOCK_TOPICS for a in ("--topic", t)],
+            "--ca-out", self.ca_file, "--control", "127.0.0.1:0",
         ], self.log_file, stdout_path=self.requests_file)
         self.url = None
         self.control = None
@@ -95,27 +109,45 @@ class MockApns:
             return self.requests(token)
 
 
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
 class Knock:
     def __init__(self, registry: Registry, bin_path: str, run_dir: str, component_port: int, secret: str,
-                 apns: MockApns, topic: str = TOPIC, push_type: str | None = None, wipe_store: bool = False):
+                 apns: MockApns, wipe_store: bool = False):
         self.registry = registry
         self.wipe_store = wipe_store
         self.store = os.path.join(run_dir, "store")
         self.bin = bin_path
         self.dir = run_dir
+        self.component_port = component_port
+        self.secret = secret
+        self.apns = apns
         os.makedirs(run_dir, exist_ok=True)
         self.config = os.path.join(run_dir, "knock.toml")
         self.log_file = os.path.join(run_dir, "knock.log")
+        self.apps: list[dict] = []
+        # app name -> why this knock build refused it (`knock check`), for the scenarios that need it
+        self.refused: dict[str, str] = {}
         # tokens sealed at rest, as an admin following the README runs knock
         key_file = os.path.join(run_dir, "store.key")
         if not os.path.exists(key_file):
             subprocess.run([bin_path, "keygen", "--out", key_file], check=True, stdout=subprocess.DEVNULL)
-        with open(self.config, "w") as f:
-            f.write(f"""# knock under test (written by prosody-test)
+        self.proc = None
+
+    def write_config(self, apps: list[dict]):
+        parts = [f"""# knock under test (written by prosody-test)
 [component]
 jid = "{COMPONENT}"
-server = "127.0.0.1:{component_port}"
-secret = "{secret}"
+server = "127.0.0.1:{self.component_port}"
+secret = "{self.secret}"
 
 [store]
 path = "store"
@@ -124,20 +156,51 @@ key_file = "store.key"
 [limits]
 # no coalescing: every message in a scenario is its own push
 push_interval_ms = 0
+"""]
+        for app in apps:
+            comment = app.get("#")
+            lines = [f"# {comment}"] if comment else []
+            lines.append("[[app]]")
+            lines.append('provider = "apns"')
+            lines += [f"{k} = {toml_value(v)}" for k, v in app.items() if k != "#" and v is not None]
+            lines += ["", "[app.auth]", f"key_file = {toml_value(self.apns.key_file)}", f'key_id = "{KEY_ID}"',
+                      f'team_id = "{TEAM_ID}"']
+            parts.append("\n".join(lines) + "\n")
+        with open(self.config, "w") as f:
+            f.write("\n".join(parts))
+        self.apps = apps
 
-[[apns]]
-name = "chat"
-topic = "{topic}"
-endpoint = "{apns.url}"
-ca_file = "{apns.ca_file}"
-{f'push_type = "{push_type}"' if push_type else ""}
+    def check(self) -> str | None:
+        """`knock check` on the written config: None if it is accepted, else what knock said."""
+        r = subprocess.run([self.bin, "check", "--config", self.config], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=30)
+        return None if r.returncode == 0 else (r.stderr or r.stdout).strip()
 
-[apns.auth]
-key_file = "{apns.key_file}"
-key_id = "{KEY_ID}"
-team_id = "{TEAM_ID}"
-""")
-        self.proc = None
+    def configure(self, base: list[dict], optional: list[dict]):
+        """The config with the `base` apps and every `optional` app this knock build accepts. The optional
+        apps use settings knock is gaining (issue 17); one it refuses is left out, with knock's reason kept
+        in `refused`, so the scenarios that need it fail saying so while the others still run."""
+        self.refused = {}
+        self.write_config(base)
+        why = self.check()
+        if why:
+            raise RuntimeError(f"knock check refused the base config: {why}")
+        kept = []
+        for app in optional:
+            self.write_config(base + kept + [app])
+            why = self.check()
+            if why:
+                self.refused[app["name"]] = why.replace("\n", " | ")[:400]
+                say(f"knock check refused app {app['name']!r} (its scenarios will fail): {self.refused[app['name']]}")
+            else:
+                kept.append(app)
+        self.write_config(base + kept)
+
+    def app_missing(self, name: str) -> str | None:
+        """Why the app `name` is not in the running config, or None if it is."""
+        if any(a["name"] == name for a in self.apps):
+            return None
+        return f"this knock build refuses the {name!r} app's config: {self.refused.get(name, '(not configured)')}"
 
     def start(self):
         if self.wipe_store:  # sabotage: a knock that forgets its registrations on restart
@@ -204,6 +267,11 @@ class Prosody(Server):
         self.out_file = os.path.join(run_dir, "prosody.out")
         os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
         os.makedirs(os.path.join(run_dir, "certs"), exist_ok=True)
+        for m in TRIXIE_MODULES:
+            if not os.path.exists(os.path.join(TRIXIE_PLUGINS, f"mod_{m}", f"mod_{m}.lua")):
+                raise RuntimeError(f"mod_{m} missing from {TRIXIE_PLUGINS}: lib/setup.sh fetches trixie's "
+                                   "prosody-modules (run prosody-test/run, not harness/main.py directly)")
+        trixie = "".join(f'\t"{m}";\n' for m in TRIXIE_MODULES)
         with open(self.config, "w") as f:
             f.write(f"""-- Prosody for knock's end-to-end tests (written by prosody-test). Loopback only, no TLS.
 run_as_root = true
@@ -230,11 +298,16 @@ allow_unencrypted_plain_auth = true
 authentication = "internal_hashed"
 storage = "internal"
 
+-- trixie's cloud_notify extensions (the Tigase push dialect: encrypted payloads, priority, filters), loaded
+-- for every scenario beside bookworm's mod_cloud_notify; they change nothing unless a client's <enable/>
+-- asks for them. Only these three are in this path (prosody-test/lib/trixie-modules.sh).
+plugin_paths = {{ "{TRIXIE_PLUGINS}" }}
+
 modules_enabled = {{
 	"roster"; "saslauth"; "disco"; "carbons"; "smacks"; "offline"; "ping";
 	"presence"; "message"; "iq";
 	"cloud_notify";
-}}
+{trixie}}}
 modules_disabled = {{ "s2s" }}
 
 push_notification_with_body = false
@@ -250,6 +323,14 @@ Component "{COMPONENT}"
 
     def start(self):
         self.proc = Proc(self.registry, "prosody", ["prosody", "-F", "--config", self.config], self.out_file)
+
+    async def ready(self, timeout: float):
+        await super().ready(timeout)
+        # a module that fails to load is only logged; these tests must not run without the trixie ones
+        log = self.log().since(0)
+        bad = re.findall(r"(?:Unable to load module|Error initializing module) '[^']*'.*", log)
+        if bad:
+            raise RuntimeError(f"prosody could not load a module: {bad[0][:300]}")
 
     async def stop(self):
         if self.proc is not None:
@@ -436,15 +517,11 @@ class Bed:
             component_port = await self.tap.start()
         self.apns = MockApns(self.registry, self.bins["mock-apns"], self.dir)
         await self.apns.ready()
-        knock_topic = TOPIC
-        if self.sabotage == "topic":
-            knock_topic = "im.knock.wrongtopic"
         self.knock = Knock(self.registry, self.bins["knock"], os.path.join(self.dir, "knock"),
                            component_port,
                            "wrong-secret" if self.sabotage == "secret" else self.component_secret,
-                           self.apns, knock_topic,
-                           push_type="alert" if self.sabotage == "alert" else None,
-                           wipe_store=self.sabotage == "wipe-store")
+                           self.apns, wipe_store=self.sabotage == "wipe-store")
+        self.knock.configure(*self.knock_apps())
         if self.sabotage == "mock-unavailable":
             self.apns.default("unavailable")
         self.server.start()
@@ -457,6 +534,36 @@ class Bed:
             f"component 127.0.0.1:{self.server.component_port}"
             + (f" (knock via wiretap :{self.tap.listen_port})" if self.tap else "")
             + f", mock APNs {self.apns.url}" + (f", SABOTAGED: {self.sabotage}" if self.sabotage else ""))
+
+    def knock_apps(self) -> tuple[list[dict], list[dict]]:
+        """knock's apps: (what every knock build takes, what only a build with issue 17's dialects takes)."""
+        url = self.apns.url
+        # the same mock under another name: knock's sandbox pushes are told apart by their :authority
+        sandbox_url = url.replace("://127.0.0.1:", "://localhost:")
+        topic = "im.knock.wrongtopic" if self.sabotage == "topic" else TOPIC
+        base = [{
+            "#": "knock's own dialect (register-push-apns); the first app, the default for registrations. "
+                 "Scenarios 1-11 assert silent pushes: push_type pinned to background.",
+            "name": "chat", "topic": topic, "endpoint": url, "ca_file": self.apns.ca_file,
+            "push_type": "alert" if self.sabotage == "alert" else "background",
+        }]
+        optional = [
+            {"#": "knock's own dialect with push_type left at its default (auto): scenario 12",
+             "name": "auto", "topic": topic, "endpoint": url, "ca_file": self.apns.ca_file,
+             "alert_title": AUTO_ALERT_TITLE},
+            {"#": "Monal's registration-free dialect (pushModule in the publish-options, node = token): scenario 13",
+             "name": "monal", "topic": "im.knock.wrongtopic" if self.sabotage == "topic" else MONAL_TOPIC,
+             "endpoint": url, "ca_file": self.apns.ca_file,
+             # sabotage: the sandbox endpoint is the production one (13 must notice)
+             "sandbox_endpoint": url if self.sabotage == "sandbox" else sandbox_url,
+             "push_module": [MONAL_MODULE]},
+            {"#": "the Tigase dialect (Siskin: register-device, encrypted payloads, VoIP): scenario 14",
+             "name": "siskin", "topic": "im.knock.wrongtopic" if self.sabotage == "topic" else SISKIN_TOPIC,
+             "endpoint": url, "ca_file": self.apns.ca_file, "tigase_provider": [SISKIN_PROVIDER],
+             # sabotage: calls to the bundle id instead of its .voip topic (the mock refuses them)
+             "voip_topic": SISKIN_TOPIC if self.sabotage == "voip-topic" else None},
+        ]
+        return base, optional
 
     async def wait_link(self, timeout: float):
         def up():

@@ -10,6 +10,7 @@ enabled, so a client that disconnects is offline at once and its messages go to 
 
 import asyncio
 import logging
+import xml.etree.ElementTree as ET
 
 from slixmpp import ClientXMPP, Iq
 from slixmpp.exceptions import IqError, IqTimeout
@@ -22,6 +23,10 @@ NS_PUSH = "urn:xmpp:push:0"
 PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
 REGISTER = "register-push-apns"
 UNREGISTER = "unregister-push-apns"
+# the Tigase dialect's commands (Siskin, via tigase/Martin's TigasePushNotificationsModule)
+TIGASE_REGISTER = "register-device"
+TIGASE_UNREGISTER = "unregister-device"
+XDATA = "{jabber:x:data}"
 
 log = logging.getLogger("harness.client")
 
@@ -51,6 +56,14 @@ register_stanza_plugin(PushEnable, Form)
 
 class StepFailed(Exception):
     pass
+
+
+class CommandError(StepFailed):
+    """An ad-hoc command answered with an error."""
+
+    def __init__(self, node: str, etype: str, condition: str, text: str = ""):
+        super().__init__(f"{node} failed: {etype}/{condition} {text}".strip())
+        self.etype, self.condition = etype, condition
 
 
 class Client(ClientXMPP):
@@ -119,12 +132,77 @@ class Client(ClientXMPP):
 
     # ---- knock: XEP-0050 registration
 
-    async def register_device(self, app_server: str, device_id: str, token: str, timeout: float = 10.0):
-        """`register-push-apns` in one step; returns (jid, node, secret) from the completed command's form."""
+    async def register_device(self, app_server: str, device_id: str, token: str, timeout: float = 10.0,
+                              app: str | None = None):
+        """`register-push-apns` in one step; returns (jid, node, secret) from the completed command's form.
+        `app` names one of knock's apps (the first is the default)."""
         form = self["xep_0004"].make_form(ftype="submit")
         form.add_field(var="token", value=token)
         form.add_field(var="device-id", value=device_id)
+        if app is not None:
+            form.add_field(var="app", value=app)
         return await self._register_with(app_server, form, "execute", None, timeout)
+
+    # ---- the Tigase dialect (Siskin)
+
+    async def _tigase_command(self, app_server: str, node: str, fields: list[tuple[str, str]], timeout: float):
+        """A one-step XEP-0050 execute with a submitted form, as tigase/Martin's TigasePushNotificationsModule
+        sends it (`DataForm(type: .submit)` + `.TextSingle` fields, no FORM_TYPE). Returns the completed
+        reply's form as {var: [values]} (every <value>, so a multi-value field keeps each one)."""
+        form = self["xep_0004"].make_form(ftype="submit")
+        for var, value in fields:
+            form.add_field(var=var, ftype="text-single", value=value)
+        try:
+            reply = await self["xep_0050"].send_command(app_server, node, action="execute", payload=form,
+                                                        timeout=timeout)
+        except IqError as e:
+            raise CommandError(node, e.iq["error"]["type"], e.iq["error"]["condition"], e.iq["error"]["text"])
+        except IqTimeout:
+            raise StepFailed(f"{node}: no answer from {app_server} within {timeout:g} s")
+        command = reply["command"]
+        if command["status"] != "completed":
+            raise StepFailed(f"{node} not completed: status={command['status']!r}")
+        values: dict[str, list[str]] = {}
+        x = command.xml.find(f"{XDATA}x")
+        if x is not None:
+            for field in x.findall(f"{XDATA}field"):
+                values[field.get("var", "")] = [v.text or "" for v in field.findall(f"{XDATA}value")]
+        return values
+
+    async def tigase_register(self, app_server: str, provider: str, token: str, second_token: str | None = None,
+                              timeout: float = 10.0) -> dict[str, list[str]]:
+        """`register-device` exactly as Siskin sends it: provider, device-token, and device-second-token (the
+        PushKit token) only when there is one."""
+        fields = [("provider", provider), ("device-token", token)]
+        if second_token is not None:
+            fields.append(("device-second-token", second_token))
+        return await self._tigase_command(app_server, TIGASE_REGISTER, fields, timeout)
+
+    async def tigase_unregister(self, app_server: str, provider: str, token: str, timeout: float = 10.0):
+        """`unregister-device` as Siskin sends it: provider and device-token (never the second token)."""
+        return await self._tigase_command(app_server, TIGASE_UNREGISTER,
+                                          [("provider", provider), ("device-token", token)], timeout)
+
+    async def disco_info(self, jid: str | None, timeout: float = 10.0):
+        """(identities as {(category, type)}, features as a set) of `jid` (None: the user's own account)."""
+        # local=False: slixmpp would otherwise answer a query about the user's own JID from its own plugins
+        info = await self["xep_0030"].get_info(jid=jid or self.boundjid.bare, local=False, cached=False,
+                                               timeout=timeout)
+        q = info["disco_info"]
+        return {(i[0], i[1]) for i in q["identities"]}, set(q["features"])
+
+    async def disco_items(self, jid: str, timeout: float = 10.0) -> list[str]:
+        items = await self["xep_0030"].get_items(jid=jid, local=False, timeout=timeout)
+        return [str(i[0]) for i in items["disco_items"]["items"]]
+
+    async def send_iq_set(self, payload_xml: str, what: str, to: str | None = None, timeout: float = 10.0):
+        """An IQ set carrying `payload_xml` verbatim (a client's own stanza replayed as it sends it)."""
+        iq = self.Iq()
+        iq["type"] = "set"
+        if to:
+            iq["to"] = to
+        iq.append(ET.fromstring(payload_xml))
+        return await self._ask_server(iq, what, timeout)
 
     async def _register_with(self, app_server: str, form, action: str, session, timeout: float):
         """Submit a filled-in `register-push-apns` form; (jid, node, secret) from the completed reply."""
@@ -207,7 +285,7 @@ class Client(ClientXMPP):
 
     async def _ask_server(self, iq, what, timeout):
         try:
-            await iq.send(timeout=timeout)
+            return await iq.send(timeout=timeout)
         except IqError as e:
             raise StepFailed(f"the server refused <{what}/>: {e.iq['error']['type']}/"
                              f"{e.iq['error']['condition']} {e.iq['error']['text']}")

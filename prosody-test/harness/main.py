@@ -15,10 +15,17 @@ sys.path.insert(0, HERE)
 
 from bed import Bed, find_bins, say  # noqa: E402
 from procs import Registry  # noqa: E402
-from scenarios import SCENARIOS, USERS, Ctx, Failure  # noqa: E402
+from scenarios import SCENARIOS as BASE_SCENARIOS, USERS, Ctx, Failure  # noqa: E402
+import ios_scenarios  # noqa: E402
 from client import StepFailed  # noqa: E402
+import tigase_crypto  # noqa: E402
 
 SCENARIO_TIMEOUT = 90
+SCENARIOS = BASE_SCENARIOS + ios_scenarios.SCENARIOS
+
+
+def runs_on(name: str, kind: str) -> bool:
+    return kind in ios_scenarios.SERVERS.get(name, {"prosody", "ejabberd"})
 
 
 def result(line: str):
@@ -29,10 +36,14 @@ def result(line: str):
 
 
 async def run_server(kind: str, selected, run_dir: str, bins, registry, counts, verbose: bool):
+    selected = [(n, f) for n, f in selected if runs_on(n, kind)]
+    if not selected:
+        return
+    users = USERS + [u for n, _ in selected for u in ios_scenarios.USERS.get(n, [])] + ["bob"]
     bed = Bed(kind, run_dir, bins, registry, sabotage=os.environ.get("PT_SABOTAGE", ""))
     try:
         try:
-            await bed.start(USERS + ["bob"])
+            await bed.start(users)
         except Exception as e:
             reason = f"test bed did not start: {e}".replace("\n", " | ")[:600]
             say(bed.diagnostics())
@@ -101,6 +112,8 @@ async def main():
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    # the decryption the Tigase-dialect scenario relies on, checked against captured publishes first
+    tigase_crypto.self_check()
     bins = find_bins(args.repo)
     registry = Registry(args.run_dir)
     servers = ["prosody", "ejabberd"] if args.server == "all" else [args.server]

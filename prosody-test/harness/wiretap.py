@@ -28,6 +28,7 @@ class Publish:
         self.sender = sender
         self.reply = None  # "result" or "error:<type>:<condition>"
         self.reply_at = None
+        self.stanza = None  # the publish <iq/> as parsed (xml.etree), for what the server put in it
 
     def __repr__(self):
         return f"<publish id={self.iq_id} from={self.sender} reply={self.reply}>"
@@ -170,6 +171,7 @@ class Wiretap:
                 if publish is not None:
                     p = Publish(time.monotonic(), conn, elem.get("id", ""), publish.get("node", ""),
                                 elem.get("from", ""))
+                    p.stanza = elem
                     self.publishes.append(p)
                     self._by_id[p.iq_id] = p
 

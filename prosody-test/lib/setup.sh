@@ -5,7 +5,8 @@
 PT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPO="$(cd "$PT_DIR/.." && pwd)"
 VENV="${KNOCK_TEST_VENV:-$PT_DIR/.venv}"
-SLIXMPP_SPEC="slixmpp==1.17.0"
+# the harness's Python packages (PyPI): the XMPP client, and AES for reading encrypted (Tigase dialect) pushes
+PT_REQUIREMENTS="$PT_DIR/harness/requirements.txt"
 
 pt_log() { echo "prosody-test: $*" >&2 || true; }
 
@@ -42,6 +43,9 @@ pt_ensure_servers() {  # prosody|ejabberd|all
         command -v ejabberdctl >/dev/null || missing+=(ejabberd)
     fi
     pt_apt_install "${missing[@]}"
+    if [ "$want" = prosody ] || [ "$want" = all ]; then
+        pt_ensure_trixie_modules
+    fi
 }
 
 pt_python() {
@@ -55,15 +59,21 @@ pt_python() {
 }
 
 pt_ensure_venv() {
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import slixmpp, sys; sys.exit(slixmpp.__version__ != "1.17.0")' 2>/dev/null; then
+    # up to date when pip finds every requirement satisfied without installing anything
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import slixmpp, cryptography' 2>/dev/null \
+        && "$VENV/bin/pip" install --dry-run --no-index --disable-pip-version-check -q -r "$PT_REQUIREMENTS" \
+            </dev/null >/dev/null 2>&1; then
         return 0
     fi
     local py
     py="$(pt_python)" || { pt_log "no python3 with venv support"; return 1; }
-    pt_log "making a venv with $SLIXMPP_SPEC at $VENV"
-    rm -rf "$VENV"
-    "$py" -m venv "$VENV" >&2
-    "$VENV/bin/pip" install -q --disable-pip-version-check "$SLIXMPP_SPEC" </dev/null >&2
+    if ! [ -x "$VENV/bin/pip" ] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+        pt_log "making a venv at $VENV"
+        rm -rf "$VENV"
+        "$py" -m venv "$VENV" >&2
+    fi
+    pt_log "installing $(grep -v '^#' "$PT_REQUIREMENTS" | xargs) into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r "$PT_REQUIREMENTS" </dev/null >&2
 }
 
 # The run directory and the fallback trap. The harness stops what it started itself; this catches the rest
@@ -117,3 +127,5 @@ pt_cleanup() {
     fi
     exit "$rc"
 }
+
+source "$PT_DIR/lib/trixie-modules.sh"

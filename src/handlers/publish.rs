@@ -264,9 +264,20 @@ async fn check_and_push(
     match outcome {
         PushOutcome::Delivered => Ok(Published::Pushed),
         PushOutcome::DeadToken { reason } => {
-            match &target.unregistered {
-                // Only this token is dead: a re-registration that raced us keeps its fresh token. (A dead
-                // call token means the app is gone too: both die with it.)
+            if kind == WakeKind::Call {
+                // Only the call token is dead: the device still takes messages.
+                if let Some(call_token) = &target.call_token {
+                    if app.store.drop_call_token(node, call_token)? {
+                        app.store.flush().await?;
+                    }
+                }
+                tracing::info!(app = %push_app.name, %reason, "push service says the device's call token is gone; dropped it, the registration stays");
+                return Err(Refused::TransientFailure.with(HandlerError::not_for_this_device(
+                    "the device's call token is no longer valid: calls cannot be pushed to it until the app registers a new one",
+                )));
+            }
+            let forgotten = match &target.unregistered {
+                // Only this token is dead: a re-registration that raced us keeps its fresh token.
                 None => {
                     if !app.store.remove_if_token(node, &target.token)? {
                         // Re-registered with a fresh token meanwhile: the node lives, the next publish uses it.
@@ -274,13 +285,16 @@ async fn check_and_push(
                             "the device token changed; try again",
                         )));
                     }
+                    "registration deleted"
                 }
-                Some(key) => app
-                    .store
-                    .remember_dead(key, unix_now() + app.dead_token_memory.as_secs())?,
-            }
+                Some(key) => {
+                    let until = unix_now() + app.dead_token_memory.as_secs();
+                    app.store.remember_dead(key, until)?;
+                    "token remembered as dead"
+                }
+            };
             app.store.flush().await?;
-            tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; registration deleted");
+            tracing::info!(app = %push_app.name, %reason, "push service says the device is gone; {forgotten}");
             Err(Refused::DeadToken.with(HandlerError::item_not_found(
                 "the device token is no longer valid",
             )))

@@ -489,7 +489,7 @@ impl ApnsClient {
         };
         for attempt in 1..=ATTEMPTS {
             let retry = match self.send_once(wakeup, jwt.as_ref()).await {
-                Ok((status, reason)) => match classify(status, &reason) {
+                Ok((status, reason)) => match classify_for(wakeup.kind, status, &reason) {
                     Verdict::Final(outcome) => return outcome,
                     Verdict::ExpiredJwt => {
                         let fresh = match (&self.jwt, &jwt) {
@@ -554,6 +554,22 @@ enum Verdict {
     Retry(PushOutcome),
     /// The provider token expired: sign a new one and retry once.
     ExpiredJwt,
+}
+
+/// [`classify`], for a push of `kind`. A call's token that "does not match the topic" says more about the
+/// configured `voip_topic` than about the device (every call would get it): the admin must fix it, and no
+/// registration may go for it.
+fn classify_for(kind: WakeKind, status: StatusCode, reason: &str) -> Verdict {
+    match classify(status, reason) {
+        Verdict::Final(PushOutcome::DeadToken { reason })
+            if kind == WakeKind::Call && reason == "DeviceTokenNotForTopic" =>
+        {
+            Verdict::Final(PushOutcome::Misconfigured {
+                reason: format!("{reason} for a call: is voip_topic the app's PushKit topic?"),
+            })
+        }
+        verdict => verdict,
+    }
 }
 
 /// Apple's status codes and reasons, mapped to what knock does.
@@ -798,6 +814,30 @@ mod tests {
         assert_ne!(fresh, token);
         // A push that still held the old token just picks up the fresh one.
         assert_eq!(signer.refresh_after_expiry(&token), Some(fresh));
+    }
+
+    #[test]
+    fn a_call_token_not_for_the_topic_is_a_configuration_error() {
+        assert!(matches!(
+            classify_for(
+                WakeKind::Call,
+                StatusCode::BAD_REQUEST,
+                "DeviceTokenNotForTopic"
+            ),
+            Verdict::Final(PushOutcome::Misconfigured { .. })
+        ));
+        assert!(matches!(
+            classify_for(
+                WakeKind::Alert,
+                StatusCode::BAD_REQUEST,
+                "DeviceTokenNotForTopic"
+            ),
+            Verdict::Final(PushOutcome::DeadToken { .. })
+        ));
+        assert!(matches!(
+            classify_for(WakeKind::Call, StatusCode::GONE, "Unregistered"),
+            Verdict::Final(PushOutcome::DeadToken { .. })
+        ));
     }
 
     #[test]

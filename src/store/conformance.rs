@@ -84,6 +84,7 @@ pub(crate) fn run_all<E: Engine>(engine: &E) {
         puts_from_many_threads_stay_consistent,
         dead_tokens_are_remembered_until_they_expire,
         nodes_of_lists_exactly_an_owners_nodes,
+        drop_call_token_keeps_the_rest_and_spares_a_fresh_one,
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -561,6 +562,36 @@ fn remove_if_token_spares_a_fresh_token<E: Engine>(engine: &E) {
 }
 
 /// `flush` resolves, concurrent flushes too, and every kind of change made before it survives a restart.
+fn drop_call_token_keeps_the_rest_and_spares_a_fresh_one<E: Engine>(engine: &E) {
+    let (place, store) = engine.fresh(None);
+    // Registration 2 is a Tigase-dialect one with a call token.
+    let with_call = registration(2);
+    let call = with_call.call_token.clone().expect("a call token");
+    put_all(&*store, &[with_call.clone(), registration(0)]);
+    assert!(
+        !store
+            .drop_call_token(&with_call.node, &token(77, 32))
+            .expect("drop"),
+        "another token: kept"
+    );
+    assert!(
+        !store
+            .drop_call_token(&registration(0).node, &call)
+            .expect("drop"),
+        "no call token there"
+    );
+    assert!(!store.drop_call_token(NEVER, &call).expect("drop"));
+    assert!(store.drop_call_token(&with_call.node, &call).expect("drop"));
+    let without = Registration {
+        call_token: None,
+        ..with_call
+    };
+    assert_holds(&*store, &[without.clone(), registration(0)], &[], &[]);
+    flush(&*store, 1);
+    let store = engine.reopen(&place, store);
+    assert_holds(&*store, &[without, registration(0)], &[], &[]);
+}
+
 fn nodes_of_lists_exactly_an_owners_nodes<E: Engine>(engine: &E) {
     let (place, store) = engine.fresh(None);
     let owner = digest(0x0e, 900);

@@ -218,6 +218,10 @@ pub trait Store: Send + Sync + 'static {
     /// re-registration never deletes the fresh token. Returns whether something was removed.
     fn remove_if_token(&self, node: &str, token: &Token) -> Result<bool, StoreError>;
 
+    /// Drop a node's call token only if it still is `token` (the push service called it dead), keeping the
+    /// registration for everything else. Returns whether it was dropped. Not durable until [`Store::flush`].
+    fn drop_call_token(&self, node: &str, token: &Token) -> Result<bool, StoreError>;
+
     /// Make every change made before this call durable (survives kill -9). Concurrent calls may share one
     /// disk flush; each returns only once its own changes are on disk.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

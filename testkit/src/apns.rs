@@ -262,7 +262,8 @@ pub struct MockApnsConfig {
     /// ES256 public key (PEM, SPKI `PUBLIC KEY`) that verifies the provider JWT. May be empty
     /// only when `client_ca_pem` is set.
     pub public_key_pem: String,
-    /// Allowed `apns-topic` values (bundle ids), compared exactly.
+    /// Allowed `apns-topic` values (bundle ids), compared exactly. An app's PushKit topic for VoIP pushes
+    /// (`<bundle id>.voip`) is a topic of its own and must be listed too.
     pub topics: Vec<String>,
     /// If set: every TLS client must present a certificate signed by this CA (certificate
     /// auth), and then no JWT is required. See [`TestClientCa`].
@@ -298,6 +299,9 @@ pub struct ReceivedPush {
     pub token: String,
     /// The request path as sent.
     pub path: String,
+    /// The `:authority` the client addressed (`127.0.0.1:PORT`, `localhost:PORT`, ...), so a test can tell
+    /// two endpoint URLs served by one mock apart (e.g. a production and a sandbox endpoint).
+    pub authority: Option<String>,
     pub method: String,
     /// `apns-topic`.
     pub topic: Option<String>,
@@ -1138,6 +1142,7 @@ fn received_push(
     ReceivedPush {
         token: token.to_string(),
         path: parts.uri.path().to_string(),
+        authority: parts.uri.authority().map(|a| a.to_string()),
         method: parts.method.to_string(),
         topic: header_str(headers, "apns-topic"),
         push_type: header_str(headers, "apns-push-type"),
@@ -1303,18 +1308,18 @@ fn validate(
     }
 
     let topics = &inner.config.topics;
-    match headers.get("apns-topic") {
-        None if cert_auth && topics.len() == 1 => {}
+    let topic = match headers.get("apns-topic") {
+        None if cert_auth && topics.len() == 1 => Some(topics[0].as_str()),
         None => return reject(400, "MissingTopic"),
-        Some(topic) => {
-            let allowed = topic
-                .to_str()
-                .is_ok_and(|t| topics.iter().any(|allowed| allowed == t));
-            if !allowed {
-                return reject(400, "TopicDisallowed");
-            }
-        }
-    }
+        Some(topic) => match topic
+            .to_str()
+            .ok()
+            .filter(|t| topics.iter().any(|allowed| allowed == t))
+        {
+            Some(t) => Some(t),
+            None => return reject(400, "TopicDisallowed"),
+        },
+    };
 
     let hex_ok = token.bytes().all(|b| b.is_ascii_hexdigit());
     if !hex_ok || token.len() % 2 != 0 || !(64..=200).contains(&token.len()) {
@@ -1328,6 +1333,22 @@ fn validate(
             None => return reject(400, "InvalidPushType"),
         },
     };
+
+    // VoIP pushes go to the app's PushKit topic, the bundle id with `.voip` appended, and that topic takes
+    // nothing else (Apple: "the apns-topic header field must use your app's bundle ID with .voip appended").
+    // Apple documents no reason for either mismatch; these are what providers report getting:
+    // `apns-push-type: voip` with the plain bundle id -> DeviceTokenNotForTopic
+    // (laravel-notification-channels/apn#88, edamov/pushok#108), and a `.voip` topic with push type alert or
+    // background -> InvalidPushType (AndrewBarba/apns2#23, Pr0Ger/PyAPNs2#87). A `.voip` topic without any
+    // push type is accepted (Apple once allowed leaving the header out).
+    if let Some(topic) = topic {
+        let voip_topic = topic.ends_with(".voip");
+        match push_type {
+            Some("voip") if !voip_topic => return reject(400, "DeviceTokenNotForTopic"),
+            Some(t) if voip_topic && t != "voip" => return reject(400, "InvalidPushType"),
+            _ => {}
+        }
+    }
 
     if let Some(priority) = headers.get("apns-priority") {
         let priority = priority.to_str().unwrap_or("");
@@ -2449,6 +2470,119 @@ mod tests {
         // The second round found some in the cache, not all.
         let checks = f.mock.provider_token_verifications();
         assert!(checks > n && checks < 2 * n, "{checks}");
+    }
+
+    #[tokio::test]
+    async fn voip_pushes_need_the_voip_topic_and_may_be_bigger() {
+        let (private_pem, public_pem) = generate_apns_key();
+        let voip_topic = format!("{TOPIC}.voip");
+        let mock = MockApns::start(MockApnsConfig::token_auth(
+            TEAM,
+            KID,
+            public_pem,
+            &[TOPIC, &voip_topic],
+        ))
+        .await
+        .unwrap();
+        let mut c = connect(&mock).await;
+        let jwt = provider_token(&private_pem, KID, TEAM, unix_now()).unwrap();
+        let headers = |topic: &'static str, push_type: &'static str, priority: &'static str| {
+            vec![
+                ("apns-topic", topic),
+                ("apns-push-type", push_type),
+                ("apns-priority", priority),
+                ("apns-expiration", "0"),
+            ]
+        };
+        let voip: &'static str = voip_topic.clone().leak();
+        let padded = |len: usize| {
+            let head = r#"{"aps":{},"pad":""#;
+            let tail = r#""}"#;
+            format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+        };
+        // (headers, body, status, reason)
+        type Case<'a> = (Vec<(&'a str, &'a str)>, String, u16, Option<&'a str>);
+        let cases: Vec<Case> = vec![
+            // a call to the PushKit topic
+            (headers(voip, "voip", "10"), BODY.into(), 200, None),
+            // voip to the plain bundle id, alert or background to the PushKit topic
+            (
+                headers(TOPIC, "voip", "10"),
+                BODY.into(),
+                400,
+                Some("DeviceTokenNotForTopic"),
+            ),
+            (
+                headers(voip, "alert", "10"),
+                BODY.into(),
+                400,
+                Some("InvalidPushType"),
+            ),
+            (
+                headers(voip, "background", "5"),
+                r#"{"aps":{"content-available":1}}"#.into(),
+                400,
+                Some("InvalidPushType"),
+            ),
+            // a topic that is not the app's at all is still TopicDisallowed, voip or not
+            (
+                headers("im.knock.other.voip", "voip", "10"),
+                BODY.into(),
+                400,
+                Some("TopicDisallowed"),
+            ),
+            // payload limits: 4096 bytes, 5120 for VoIP
+            (
+                headers(TOPIC, "alert", "10"),
+                padded(MAX_PAYLOAD),
+                200,
+                None,
+            ),
+            (
+                headers(TOPIC, "alert", "10"),
+                padded(MAX_PAYLOAD + 1),
+                413,
+                Some("PayloadTooLarge"),
+            ),
+            (
+                headers(voip, "voip", "10"),
+                padded(MAX_VOIP_PAYLOAD),
+                200,
+                None,
+            ),
+            (
+                headers(voip, "voip", "10"),
+                padded(MAX_VOIP_PAYLOAD + 1),
+                413,
+                Some("PayloadTooLarge"),
+            ),
+        ];
+        for (i, (h, body, status, reason)) in cases.into_iter().enumerate() {
+            let r = send(&mut c, push_request(&mock, TOKEN, Some(&jwt), &h, &body)).await;
+            assert_eq!(
+                (r.status, r.reason().as_deref()),
+                (status, reason),
+                "case {i}"
+            );
+        }
+        let reqs = mock.requests();
+        assert_eq!(reqs.len(), 9);
+        let call = &reqs[0];
+        assert_eq!(
+            (
+                call.topic.as_deref(),
+                call.push_type.as_deref(),
+                call.priority.as_deref(),
+                call.expiration.as_deref(),
+                call.status
+            ),
+            (Some(voip), Some("voip"), Some("10"), Some("0"), 200)
+        );
+        assert_eq!(
+            call.authority.as_deref(),
+            Some(mock.url().trim_start_matches("https://"))
+        );
+        mock.shutdown().await;
     }
 
     #[tokio::test]

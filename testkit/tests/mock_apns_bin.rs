@@ -110,6 +110,9 @@ impl Running {
                 .header("authorization", format!("bearer {jwt}"))
                 .header("apns-topic", TOPIC)
                 .header("apns-push-type", "alert")
+                .header("apns-priority", "10")
+                .header("apns-expiration", "0")
+                .header("apns-collapse-id", "knock-c1")
                 .body(Full::new(Bytes::from(BODY)))
                 .unwrap();
             send.ready().await.unwrap();
@@ -239,6 +242,21 @@ async fn not_quiet_prints_and_records_every_request() {
     let lines = mock.lines(7).await;
     assert!(lines.iter().all(|l| l["event"] == "request"), "{lines:?}");
     assert_eq!(lines[5]["status"], 410);
+    // Every line carries what was asked of APNs, not only the answer.
+    let first = &lines[0];
+    assert_eq!(first["token"], tokens()[0], "{first}");
+    assert_eq!(first["topic"], TOPIC, "{first}");
+    assert_eq!(first["push_type"], "alert", "{first}");
+    assert_eq!(first["priority"], "10", "{first}");
+    assert_eq!(first["expiration"], "0", "{first}");
+    assert_eq!(first["collapse_id"], "knock-c1", "{first}");
+    assert_eq!(first["body"], BODY, "{first}");
+    assert_eq!(
+        first["authority"],
+        mock.url.strip_prefix("https://").unwrap(),
+        "{first}"
+    );
+    assert_eq!(first["status"], 200, "{first}");
     assert_eq!(lines[6]["token"], tokens()[0]);
     assert_eq!(mock.stop().await, "");
 }

@@ -375,6 +375,42 @@ impl SledStore {
         Ok(())
     }
 
+    /// Rewrite `node`'s registration without its call token, if that is still `token`.
+    fn drop_call_token_in(
+        &self,
+        open: &Open,
+        node: &str,
+        token: &Token,
+    ) -> Result<bool, StoreError> {
+        let codec = &self.shared.codec;
+        let _writes = lock(&self.shared.writes);
+        let rewritten = open
+            .registrations
+            .transaction(|regs| {
+                let Some(bytes) = regs.get(node.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut registration = codec
+                    .decode(node.as_bytes(), &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if registration.call_token.as_ref() != Some(token) {
+                    return Ok(None);
+                }
+                registration.call_token = None;
+                let record = codec
+                    .encode(&registration)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                regs.insert(node.as_bytes(), record)?;
+                Ok(Some(registration))
+            })
+            .map_err(StoreError::from)?;
+        let Some(registration) = rewritten else {
+            return Ok(false);
+        };
+        open.index.upsert(node, &PublishFields::of(&registration));
+        Ok(true)
+    }
+
     /// Remove `node`'s registration if `keep` says so of it; returns what was removed.
     fn remove_in(
         &self,
@@ -523,6 +559,11 @@ impl Store for SledStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.group_flush())
+    }
+
+    fn drop_call_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
+        let open = self.database()?;
+        self.watch(self.drop_call_token_in(&open, node, token))
     }
 
     fn remember_dead(&self, token: &Digest, until: u64) -> Result<(), StoreError> {

@@ -2,8 +2,10 @@
 //! benchmarks and tests in other languages.
 //!
 //! It prints one JSON line on stdout when listening (`"event":"listening"`), then one per
-//! request answered (`"event":"request"`) unless `--quiet`, which also stops recording requests
-//! (for benchmarks: only counts are kept, see `GET /stats`). Per-token behaviour is set with
+//! request answered (`"event":"request"`, with the token, `:authority`, topic, push type,
+//! priority, expiration, collapse id, body, status, reason, apns-id and connection) unless
+//! `--quiet`, which also stops recording requests (for benchmarks: only counts are kept, see
+//! `GET /stats`). Per-token behaviour is set with
 //! `--behaviour` or, while it runs, through an optional loopback HTTP/1.1 control listener:
 //!
 //! - `POST /behaviour/<token>/<name>`, `DELETE /behaviour/<token>`, `POST /default/<name>`
@@ -57,7 +59,8 @@ struct Args {
     /// Where to write a freshly made .p8-style private key (when --public-key is not given).
     #[arg(long)]
     private_key_out: Option<PathBuf>,
-    /// Allowed apns-topic (bundle id); repeatable.
+    /// Allowed apns-topic (bundle id); repeatable. A VoIP app's PushKit topic (`<bundle id>.voip`) is a
+    /// topic of its own: list it too.
     #[arg(long = "topic", required = true)]
     topics: Vec<String>,
     /// Require TLS client certificates signed by this CA (PEM) instead of JWTs.
@@ -214,9 +217,13 @@ fn request_line(p: &ReceivedPush) -> serde_json::Value {
     serde_json::json!({
         "event": "request",
         "token": p.token,
+        "authority": p.authority,
         "topic": p.topic,
         "push_type": p.push_type,
         "priority": p.priority,
+        "expiration": p.expiration,
+        "collapse_id": p.collapse_id,
+        "body": p.body,
         "status": p.status,
         "reason": p.reason,
         "apns_id": p.apns_id,
