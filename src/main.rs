@@ -197,7 +197,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         config
             .apps
             .iter()
-            .map(|a| format!("{} ({})", a.name(), a.provider()))
+            .map(|a| a.summary())
             .collect::<Vec<_>>()
             .join(", "),
         match (&store_key, config.store.plaintext_tokens) {

@@ -478,6 +478,23 @@ async def siskin(ctx: Ctx):
     check(len(requests_for(ctx, token)) == 2, "the call also went to the APNs (non-VoIP) token")
     ctx.note(f"call: voip push to the PushKit token at {SISKIN_VOIP_TOPIC}, decrypts to type=call sid={sid}")
 
+    # 3b. the PushKit token dies (the user turned calls off, say): the call is refused with `wait`, only the
+    #     call token goes, and messages still reach the device
+    ctx.bed.apns.behave(voip_token, "unregistered")
+    since = time.monotonic()
+    await send_stanza(ctx, user, PROPOSE.format(sid="call-" + secrets.token_hex(4)))
+    call_reply = (await one_publish(ctx, node, since)).reply
+    check(call_reply and call_reply.startswith("error:wait:"),
+          f"a call to a dead PushKit token was answered {call_reply}; expected wait (the registration serves "
+          "messages, and a server drops it on cancel)")
+    before = len(requests_for(ctx, token))
+    since = time.monotonic()
+    await ctx.send(user, text_for("s14-after-dead-call-token"))
+    pub = await one_publish(ctx, node, since)
+    check(pub.reply == "result", f"a message after the PushKit token died was answered {pub.reply}")
+    await expect_pushes(ctx, token, before, 1)
+    ctx.note(f"dead PushKit token: the call answered {call_reply}, messages still pushed")
+
     # 4. a call for a device that registered no PushKit token
     c2 = await ctx.login("s14b")
     token2 = secrets.token_hex(32).upper()

@@ -274,6 +274,30 @@ impl AppConfig {
         }
     }
 
+    /// One line for `knock check`: the name, the push service, how pushes show, and the client dialects
+    /// beyond p2's that the app serves.
+    pub fn summary(&self) -> String {
+        let AppConfig::Apns(app) = self;
+        let mut parts = vec![
+            self.provider().to_owned(),
+            match app.push_type {
+                PushType::Auto => format!("auto, {} silent/hour", app.background_per_hour),
+                PushType::Background => "background".to_owned(),
+                PushType::Alert => "alert".to_owned(),
+            },
+        ];
+        if !app.push_modules.is_empty() {
+            parts.push(format!("registration-free for {}", app.push_modules.join(", ")));
+        }
+        if !app.tigase_providers.is_empty() {
+            parts.push(format!("Tigase provider {}", app.tigase_providers.join(", ")));
+        }
+        if app.dry_run {
+            parts.push("dry run".to_owned());
+        }
+        format!("{} ({})", app.name, parts.join("; "))
+    }
+
     /// The push service's name, as `provider` says it.
     pub fn provider(&self) -> &'static str {
         match self {
