@@ -53,7 +53,9 @@ async fn important_publishes_show_and_the_rest_wake_silently_within_the_hourly_b
         .filter(|k| **k == WakeKind::Background)
         .count();
     assert_eq!(silent, 3);
-    assert_eq!(f.app.stats.snapshot().over_budget, 2);
+    let counted = f.app.stats.snapshot();
+    assert_eq!(counted.over_budget, 2);
+    assert_eq!((counted.pushed_alert, counted.pushed_background), (3, 3));
     // An important one still shows.
     let reply = ask(&f, &prosody_publish("p4", "localhost", &node, &secret)).await;
     assert_eq!(error_of(&reply), None);

@@ -37,8 +37,8 @@ static MISCONFIGURED: LogLimit = LogLimit::new(Duration::from_secs(10));
 /// What knock did with an accepted publish (all are answered `result`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
-    /// A wake-up went out.
-    Pushed,
+    /// A wake-up of this kind went out.
+    Pushed(WakeKind),
     /// A wake-up went out less than one interval ago; this one was folded into it.
     Coalesced,
     /// The device had its silent wake-ups for the hour (or a registration-free token its wake-ups): none
@@ -99,8 +99,15 @@ pub async fn publish(
 ) -> Result<Published, HandlerError> {
     let _in_flight = app.stats.publish_started();
     let result = check_and_push(app, from, request).await;
+    if let Ok(Published::Pushed(kind)) = &result {
+        Stats::bump(match kind {
+            WakeKind::Background => &app.stats.pushed_background,
+            WakeKind::Alert => &app.stats.pushed_alert,
+            WakeKind::Call => &app.stats.pushed_call,
+        });
+    }
     let counter = match &result {
-        Ok(Published::Pushed) => &app.stats.pushed,
+        Ok(Published::Pushed(_)) => &app.stats.pushed,
         Ok(Published::Coalesced) => &app.stats.coalesced,
         Ok(Published::OverBudget) => &app.stats.over_budget,
         Err(Refusal { why, .. }) => match why {
@@ -270,7 +277,7 @@ async fn check_and_push(
         release();
     }
     match outcome {
-        PushOutcome::Delivered => Ok(Published::Pushed),
+        PushOutcome::Delivered => Ok(Published::Pushed(kind)),
         PushOutcome::DeadToken { reason } => {
             if kind == WakeKind::Call {
                 // Only the call token is dead: the device still takes messages.

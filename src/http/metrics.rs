@@ -48,6 +48,19 @@ pub fn render(
         out.sample("knock_publishes_total", &[("outcome", outcome)], n);
     }
     out.family(
+        "knock_pushes_total",
+        "counter",
+        "Pushes the push service accepted, by kind: background (silent; Apple delivers two or three an hour), \
+         alert (visible, with the fixed title), call (PushKit).",
+    );
+    for (kind, n) in [
+        ("background", s.pushed_background),
+        ("alert", s.pushed_alert),
+        ("call", s.pushed_call),
+    ] {
+        out.sample("knock_pushes_total", &[("kind", kind)], n);
+    }
+    out.family(
         "knock_bad_requests_total",
         "counter",
         "Malformed requests of any kind (publishes, registrations, unparseable IQs), answered bad-request.",
@@ -307,6 +320,9 @@ mod tests {
                 m[&format!("knock_publishes_total{{outcome=\"{outcome}\"}}")],
                 "0"
             );
+        }
+        for kind in ["background", "alert", "call"] {
+            assert_eq!(m[&format!("knock_pushes_total{{kind=\"{kind}\"}}")], "0");
         }
         for series in [
             "knock_bad_requests_total",

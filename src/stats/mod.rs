@@ -16,6 +16,12 @@ use std::time::Duration;
 pub struct Stats {
     /// Publishes answered after a push was accepted by the push service.
     pub pushed: AtomicU64,
+    /// Of those, silent ones (`auto`'s unimportant publishes, or `push_type = "background"`).
+    pub pushed_background: AtomicU64,
+    /// Of those, visible ones.
+    pub pushed_alert: AtomicU64,
+    /// Of those, calls.
+    pub pushed_call: AtomicU64,
     /// Publishes coalesced by the per-node rate limit.
     pub coalesced: AtomicU64,
     /// Unimportant publishes answered without a push: the device had its silent wake-ups for the hour
@@ -189,6 +195,12 @@ pub struct Histogram {
 pub struct Snapshot {
     /// Publishes pushed.
     pub pushed: u64,
+    /// Of those, silent, visible and calls.
+    pub pushed_background: u64,
+    /// Visible.
+    pub pushed_alert: u64,
+    /// Calls.
+    pub pushed_call: u64,
     /// Publishes coalesced.
     pub coalesced: u64,
     /// Publishes answered without a push for a used-up hourly budget.
@@ -319,6 +331,9 @@ impl Stats {
             .collect();
         Snapshot {
             pushed: g(&self.pushed),
+            pushed_background: g(&self.pushed_background),
+            pushed_alert: g(&self.pushed_alert),
+            pushed_call: g(&self.pushed_call),
             coalesced: g(&self.coalesced),
             over_budget: g(&self.over_budget),
             unknown_node: g(&self.unknown_node),
