@@ -489,8 +489,11 @@ class Bed:
     """One server with its mock APNs and knock; with `tap`, knock reaches the server through the wiretap."""
 
     def __init__(self, kind: str, run_dir: str, bins: dict, registry: Registry, tap: bool = True,
-                 password: str = PASSWORD, ports: dict | None = None, sabotage: str = ""):
+                 password: str = PASSWORD, ports: dict | None = None, sabotage: str = "",
+                 pin_background: bool = True):
         self.kind = kind
+        # Scenarios 1-11 assert silent pushes; the demo shows what a new user's knock does (auto).
+        self.pin_background = pin_background
         self.dir = os.path.join(run_dir, kind)
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o755)
@@ -543,9 +546,10 @@ class Bed:
         topic = "im.knock.wrongtopic" if self.sabotage == "topic" else TOPIC
         base = [{
             "#": "knock's own dialect (register-push-apns); the first app, the default for registrations. "
-                 "Scenarios 1-11 assert silent pushes: push_type pinned to background.",
+                 + ("Scenarios 1-11 assert silent pushes: push_type pinned to background." if self.pin_background
+                    else "push_type left at its default (auto)."),
             "name": "chat", "topic": topic, "endpoint": url, "ca_file": self.apns.ca_file,
-            "push_type": "alert" if self.sabotage == "alert" else "background",
+            "push_type": "alert" if self.sabotage == "alert" else ("background" if self.pin_background else None),
         }]
         optional = [
             {"#": "knock's own dialect with push_type left at its default (auto): scenario 12",

@@ -132,7 +132,8 @@ async def main():
     bins = find_bins(args.repo)
     registry = Registry(args.run_dir)
     ports = {k: v for k, v in PREFERRED.items() if not port_listening(v)}
-    bed = Bed("prosody", args.run_dir, bins, registry, tap=False, password=PASSWORD, ports=ports)
+    bed = Bed("prosody", args.run_dir, bins, registry, tap=False, password=PASSWORD, ports=ports,
+              pin_background=False)
     rc = 0
     try:
         await bed.start(["alice", "bob"])
