@@ -63,6 +63,13 @@ enum Command {
         /// The export file.
         file: PathBuf,
     },
+    /// Ask a running knock's /health (on `[admin] listen`): exit 0 if it is healthy. For container health
+    /// probes, where no shell or HTTP client is at hand.
+    Healthcheck {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Delete one registration from a stopped knock's store.
     Delete {
         /// The TOML configuration file.
@@ -89,6 +96,7 @@ fn main() -> ExitCode {
         Command::Export { config, out } => export(&config, out.as_deref()),
         Command::Import { config, file } => import(&config, &file),
         Command::Delete { config, node } => delete(&config, &node),
+        Command::Healthcheck { config } => healthcheck(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -176,6 +184,16 @@ fn delete(path: &std::path::Path, node: &str) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(knock::admin::delete(&config, node))?;
     println!("deleted the registration; its server learns at its next publish (item-not-found)");
+    Ok(())
+}
+
+fn healthcheck(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let addr = config.admin_listen().context(
+        "no [admin] listen in the configuration: the health check asks the admin listener",
+    )?;
+    let body = knock::http::health::check(addr, std::time::Duration::from_secs(5))?;
+    println!("healthy: {body}");
     Ok(())
 }
 

@@ -335,3 +335,35 @@ async fn the_link_apns_and_in_flight_gauges_follow_what_happens() {
     assert_eq!(m.get("knock_component_link_reconnects_total"), Some(1));
     assert_eq!(m.get("knock_component_link_downs_total"), Some(1));
 }
+
+/// `knock healthcheck --config` (a container's HEALTHCHECK), as a probe runs it: exit status and output.
+fn healthcheck(knock: &Harness) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knock"))
+        .args(["healthcheck", "--config"])
+        .arg(knock.config_path())
+        .output()
+        .expect("run knock healthcheck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn the_healthcheck_command_follows_health() {
+    let knock = start(Options::default()).await;
+    let (healthy, text) = healthcheck(&knock);
+    assert!(!healthy, "no link yet: {text}");
+    assert!(text.contains("503"), "{text}");
+    let _conn = knock.accept().await;
+    knock.wait_for_metric("knock_component_link_up", 1).await;
+    let (healthy, text) = healthcheck(&knock);
+    assert!(healthy, "{text}");
+
+    // Without an admin listener it says what is missing.
+    let plain = Harness::start_with(Options::default()).await;
+    let (healthy, text) = healthcheck(&plain);
+    assert!(!healthy && text.contains("[admin] listen"), "{text}");
+}

@@ -93,6 +93,71 @@ impl Verdict {
     }
 }
 
+/// Why `knock healthcheck` says knock is not healthy.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Nothing answered, or not in time.
+    #[error("no answer from {addr}: {source}")]
+    Unreachable {
+        /// Where it asked.
+        addr: std::net::SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// knock answered, but not healthy (or not HTTP).
+    #[error("{0}")]
+    Unhealthy(String),
+}
+
+/// `knock healthcheck`: ask a running knock's `/health` at `addr` (an unspecified address means this
+/// host's loopback). `Ok` with the body when it answers 200. Blocking and bounded: it runs alone, as a
+/// container's health probe, where no shell or HTTP client may exist.
+pub fn check(addr: std::net::SocketAddr, timeout: Duration) -> Result<String, CheckError> {
+    use std::io::{Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let unreachable = |source| CheckError::Unreachable { addr, source };
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    stream
+        .write_all(
+            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(unreachable)?;
+    let mut response = Vec::new();
+    // The answer is a status line, a few headers and a one-line JSON body.
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut response)
+        .map_err(unreachable)?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .filter(|_| text.starts_with("HTTP/1."));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim())
+        .unwrap_or("");
+    match status {
+        Some("200") => Ok(body.to_owned()),
+        Some(status) => Err(CheckError::Unhealthy(format!(
+            "/health answered {status}: {body}"
+        ))),
+        None => Err(CheckError::Unhealthy("the answer is not HTTP".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -271,6 +271,9 @@ pub struct MockApnsConfig {
     /// More keys of the same team, as (`kid`, public key PEM), accepted beside `key_id`'s: Apple accepts
     /// every key a team has, which is what lets a provider rotate its key without downtime.
     pub more_keys: Vec<(String, String)>,
+    /// DNS names the server certificate carries besides `localhost` and the loopback addresses: the
+    /// name other containers reach the mock by (`mock-apns` in a compose stack).
+    pub server_names: Vec<String>,
 }
 
 impl MockApnsConfig {
@@ -288,6 +291,7 @@ impl MockApnsConfig {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             client_ca_pem: None,
             more_keys: Vec::new(),
+            server_names: Vec::new(),
         }
     }
 }
@@ -565,7 +569,7 @@ impl MockApns {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
 
-        let identity = ServerIdentity::generate(addr.ip())?;
+        let identity = ServerIdentity::generate(addr.ip(), &config.server_names)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -951,7 +955,7 @@ struct ServerIdentity {
 }
 
 impl ServerIdentity {
-    fn generate(ip: IpAddr) -> anyhow::Result<ServerIdentity> {
+    fn generate(ip: IpAddr, extra_names: &[String]) -> anyhow::Result<ServerIdentity> {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let ca = ca_params("knock testkit mock APNs CA")?.self_signed(&ca_key)?;
 
@@ -963,6 +967,7 @@ impl ServerIdentity {
         if !ip.is_unspecified() && !ip.is_loopback() {
             names.push(ip.to_string());
         }
+        names.extend(extra_names.iter().cloned());
         let mut params = rcgen::CertificateParams::new(names)?;
         params
             .distinguished_name
@@ -2603,6 +2608,38 @@ mod tests {
             .await;
         assert!(res.is_err(), "an http/1.1-only client must be refused");
         assert_eq!(f.mock.connections_accepted(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_certificate_carries_the_extra_names_and_no_others() {
+        let (_, public_key_pem) = generate_apns_key();
+        let config = MockApnsConfig {
+            public_key_pem,
+            topics: vec![TOPIC.into()],
+            server_names: vec!["mock-apns".into()],
+            ..Default::default()
+        };
+        let mock = MockApns::start(config).await.unwrap();
+        let handshake = |host: &'static str| {
+            let mock = &mock;
+            async move {
+                let tcp = TcpStream::connect(mock.addr()).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+                TlsConnector::from(Arc::new(client_config(mock.ca_pem(), None, &[b"h2"])))
+                    .connect(name, tcp)
+                    .await
+            }
+        };
+        assert!(
+            handshake("mock-apns").await.is_ok(),
+            "the name other containers use"
+        );
+        assert!(handshake("localhost").await.is_ok());
+        assert!(
+            handshake("elsewhere").await.is_err(),
+            "a name it was not given"
+        );
+        mock.shutdown().await;
     }
 
     #[tokio::test]

@@ -18,6 +18,10 @@
 //!   "requests_answered", "requests_ok", "requests_cancelled", "requests_by_status"
 //!   (`{"200": n, ...}`), "provider_token_verifications", "recording"}`
 //!
+//! `--pushes-listen ADDR` adds a read-only HTTP/1.1 listener, on any address (a container's, say), for
+//! people to see what their app would have got: `GET /pushes`, `GET /pushes/<token>` (JSON arrays of the
+//! pushes received, as `/requests` has them) and `GET /stats`. Nothing can be changed through it.
+//!
 //! It runs until SIGINT or SIGTERM.
 
 use std::convert::Infallible;
@@ -78,6 +82,12 @@ struct Args {
     /// Loopback address for the HTTP/1.1 control listener.
     #[arg(long)]
     control: Option<SocketAddr>,
+    /// Address of the read-only listener (`GET /pushes`, `/pushes/<token>`, `/stats`); any address.
+    #[arg(long)]
+    pushes_listen: Option<SocketAddr>,
+    /// A DNS name for the TLS certificate besides localhost and the loopback addresses; repeatable.
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
     /// No JSON line per request on stdout (the listening line is still printed), and requests
     /// are not recorded, only counted (see GET /stats); for benchmarks.
     #[arg(long)]
@@ -143,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
             topics: args.topics.clone(),
             client_ca_pem,
             more_keys: Vec::new(),
+            server_names: args.tls_names.clone(),
         },
     )
     .await?;
@@ -157,18 +168,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let mock = Arc::new(mock);
 
-    let mut control_task = None;
-    let control_addr = match args.control {
+    let mut tasks = Vec::new();
+    let mut serve = |addr: Option<SocketAddr>, what: &str, handler: Handler| match addr {
         Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --control {addr}"))?;
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding --{what} {addr}"))?;
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)?;
             let local = listener.local_addr()?;
-            control_task = Some(tokio::spawn(control_loop(listener, mock.clone())));
-            Some(local)
+            tasks.push(tokio::spawn(http_loop(listener, mock.clone(), handler)));
+            anyhow::Ok(Some(local))
         }
-        None => None,
+        None => Ok(None),
     };
+    let control_addr = serve(args.control, "control", control)?;
+    let pushes_addr = serve(args.pushes_listen, "pushes-listen", pushes)?;
 
     // Quiet, nothing subscribes: then the mock builds no per-request record at all.
     let events = (!args.quiet).then(|| mock.subscribe());
@@ -176,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         "event": "listening",
         "url": mock.url(),
         "control": control_addr.map(|a| format!("http://{a}")),
+        "pushes": pushes_addr.map(|a| format!("http://{a}/pushes")),
         "ca_file": args.ca_out,
     }));
     let logger = events.map(|mut events| {
@@ -201,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(logger) = logger {
         logger.abort();
     }
-    if let Some(task) = control_task {
+    for task in tasks {
         task.abort();
         let _ = task.await;
     }
@@ -237,7 +252,10 @@ fn print_line(v: &serde_json::Value) {
     let _ = out.flush();
 }
 
-async fn control_loop(listener: TcpListener, mock: Arc<MockApns>) {
+/// What answers the requests of one HTTP listener.
+type Handler = fn(&MockApns, Request<Incoming>) -> Response<Full<Bytes>>;
+
+async fn http_loop(listener: TcpListener, mock: Arc<MockApns>, handler: Handler) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -251,13 +269,13 @@ async fn control_loop(listener: TcpListener, mock: Arc<MockApns>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let mock = mock.clone();
-                async move { Ok::<_, Infallible>(control(&mock, req)) }
+                async move { Ok::<_, Infallible>(handler(&mock, req)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
                 .await
             {
-                tracing::debug!("control connection: {e}");
+                tracing::debug!("HTTP connection: {e}");
             }
         });
     }
@@ -305,6 +323,22 @@ fn control(mock: &MockApns, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, ["stats"]) => json(&stats(mock)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The read-only listener: what a tester may look at, nothing they can change.
+fn pushes(mock: &MockApns, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["pushes"]) => json(&mock.requests()),
+        (&Method::GET, ["pushes", token]) => json(&mock.requests_for(token)),
+        (&Method::GET, ["stats"]) => json(&stats(mock)),
+        (&Method::GET, _) => text(
+            StatusCode::NOT_FOUND,
+            "not found: GET /pushes, /pushes/<token> or /stats\n",
+        ),
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "read-only\n"),
     }
 }
 
