@@ -173,6 +173,26 @@ async fn a_dead_token_deletes_the_registration() {
 }
 
 #[tokio::test]
+async fn a_token_not_for_the_topic_is_dead_only_once_the_topic_has_worked() {
+    // Before any push to the topic was accepted, "not for this topic" may as well be a wrong `topic` in
+    // knock's configuration, which would wipe every registration: wait, and keep it.
+    let h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    h.apns.set_behaviour(TOKEN, Behaviour::DeviceTokenNotForTopic);
+    let reply = publish(&mut conn, "p1", &node, &secret).await;
+    assert_eq!(error_of(&reply), err("wait", "internal-server-error"));
+    // Another device's push proves the topic right: now the token is another app's, and goes.
+    let (other, other_secret) = register(&mut conn, "dev2", TOKEN2).await;
+    let reply = publish(&mut conn, "p2", &other, &other_secret).await;
+    assert_eq!(error_of(&reply), None);
+    let reply = publish(&mut conn, "p3", &node, &secret).await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+    let reply = publish(&mut conn, "p4", &node, &secret).await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"), "deleted");
+}
+
+#[tokio::test]
 async fn an_apns_outage_is_wait_and_keeps_the_registration() {
     let h = Harness::start().await;
     let mut conn = h.accept().await;

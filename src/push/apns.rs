@@ -6,6 +6,7 @@
 
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -220,6 +221,10 @@ pub struct ApnsClient {
     deadline: Duration,
     /// Where every HTTP exchange's status, reason and latency are counted.
     stats: Arc<Stats>,
+    /// Whether a push to the app's topic, and to its VoIP topic, has been accepted since this client was
+    /// built: until then, `DeviceTokenNotForTopic` more likely means a wrong `topic` (or `voip_topic`) than
+    /// a token of another app, and no registration may go for it (see [`classify_for`]).
+    proven: [AtomicBool; 2],
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ApnsSetupError> {
@@ -352,7 +357,13 @@ impl ApnsClient {
             jwt,
             deadline,
             stats,
+            proven: Default::default(),
         })
+    }
+
+    /// Which of [`ApnsClient::proven`] a kind of push tells about: its topic's.
+    fn topic_index(kind: WakeKind) -> usize {
+        usize::from(kind == WakeKind::Call)
     }
 
     /// The JSON payload: a bare wake-up, never any message content; the node, the account and the
@@ -489,27 +500,36 @@ impl ApnsClient {
         };
         for attempt in 1..=ATTEMPTS {
             let retry = match self.send_once(wakeup, jwt.as_ref()).await {
-                Ok((status, reason)) => match classify_for(wakeup.kind, status, &reason) {
-                    Verdict::Final(outcome) => return outcome,
-                    Verdict::ExpiredJwt => {
-                        let fresh = match (&self.jwt, &jwt) {
-                            (Some(signer), Some(old)) if !refreshed => {
-                                signer.refresh_after_expiry(old)
+                Ok((status, reason)) => {
+                    let proven = &self.proven[Self::topic_index(wakeup.kind)];
+                    match classify_for(wakeup.kind, proven.load(Ordering::Relaxed), status, &reason)
+                    {
+                        Verdict::Final(outcome) => {
+                            if outcome == PushOutcome::Delivered {
+                                proven.store(true, Ordering::Relaxed);
                             }
-                            _ => None,
-                        };
-                        match fresh {
-                            Some(fresh) => {
-                                refreshed = true;
-                                jwt = Some(fresh);
-                                last = PushOutcome::Misconfigured { reason };
-                                continue;
-                            }
-                            None => return PushOutcome::Misconfigured { reason },
+                            return outcome;
                         }
+                        Verdict::ExpiredJwt => {
+                            let fresh = match (&self.jwt, &jwt) {
+                                (Some(signer), Some(old)) if !refreshed => {
+                                    signer.refresh_after_expiry(old)
+                                }
+                                _ => None,
+                            };
+                            match fresh {
+                                Some(fresh) => {
+                                    refreshed = true;
+                                    jwt = Some(fresh);
+                                    last = PushOutcome::Misconfigured { reason };
+                                    continue;
+                                }
+                                None => return PushOutcome::Misconfigured { reason },
+                            }
+                        }
+                        Verdict::Retry(outcome) => outcome,
                     }
-                    Verdict::Retry(outcome) => outcome,
-                },
+                }
                 Err(reason) => PushOutcome::Unavailable { reason },
             };
             tracing::debug!(app = %self.app, attempt, outcome = ?retry, "APNs attempt failed");
@@ -556,16 +576,24 @@ enum Verdict {
     ExpiredJwt,
 }
 
-/// [`classify`], for a push of `kind`. A call's token that "does not match the topic" says more about the
-/// configured `voip_topic` than about the device (every call would get it): the admin must fix it, and no
-/// registration may go for it.
-fn classify_for(kind: WakeKind, status: StatusCode, reason: &str) -> Verdict {
+/// [`classify`], for a push of `kind` to a topic that has (`proven`) or has not yet had a push accepted.
+/// "The device token does not match the topic" is a token of another app only once the topic is known to
+/// be right; before that it is as likely a wrong `topic` or `voip_topic`, which would answer it for every
+/// device: a configuration error for the admin, and no registration goes for it.
+fn classify_for(kind: WakeKind, proven: bool, status: StatusCode, reason: &str) -> Verdict {
     match classify(status, reason) {
         Verdict::Final(PushOutcome::DeadToken { reason })
-            if kind == WakeKind::Call && reason == "DeviceTokenNotForTopic" =>
+            if !proven && reason == "DeviceTokenNotForTopic" =>
         {
+            let key = if kind == WakeKind::Call {
+                "voip_topic"
+            } else {
+                "topic"
+            };
             Verdict::Final(PushOutcome::Misconfigured {
-                reason: format!("{reason} for a call: is voip_topic the app's PushKit topic?"),
+                reason: format!(
+                    "{reason}, and no push to this topic has been accepted yet: is {key} right?"
+                ),
             })
         }
         verdict => verdict,
@@ -817,25 +845,28 @@ mod tests {
     }
 
     #[test]
-    fn a_call_token_not_for_the_topic_is_a_configuration_error() {
-        assert!(matches!(
+    fn a_token_not_for_the_topic_is_dead_only_once_the_topic_is_proven() {
+        let not_for_topic = |kind, proven| {
             classify_for(
-                WakeKind::Call,
+                kind,
+                proven,
                 StatusCode::BAD_REQUEST,
-                "DeviceTokenNotForTopic"
-            ),
-            Verdict::Final(PushOutcome::Misconfigured { .. })
-        ));
+                "DeviceTokenNotForTopic",
+            )
+        };
+        for kind in [WakeKind::Alert, WakeKind::Background, WakeKind::Call] {
+            assert!(matches!(
+                not_for_topic(kind, false),
+                Verdict::Final(PushOutcome::Misconfigured { .. })
+            ));
+            assert!(matches!(
+                not_for_topic(kind, true),
+                Verdict::Final(PushOutcome::DeadToken { .. })
+            ));
+        }
+        // Only this reason waits for proof: a 410 is dead whatever.
         assert!(matches!(
-            classify_for(
-                WakeKind::Alert,
-                StatusCode::BAD_REQUEST,
-                "DeviceTokenNotForTopic"
-            ),
-            Verdict::Final(PushOutcome::DeadToken { .. })
-        ));
-        assert!(matches!(
-            classify_for(WakeKind::Call, StatusCode::GONE, "Unregistered"),
+            classify_for(WakeKind::Call, false, StatusCode::GONE, "Unregistered"),
             Verdict::Final(PushOutcome::DeadToken { .. })
         ));
     }
