@@ -179,7 +179,8 @@ async fn a_token_not_for_the_topic_is_dead_only_once_the_topic_has_worked() {
     let h = Harness::start().await;
     let mut conn = h.accept().await;
     let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
-    h.apns.set_behaviour(TOKEN, Behaviour::DeviceTokenNotForTopic);
+    h.apns
+        .set_behaviour(TOKEN, Behaviour::DeviceTokenNotForTopic);
     let reply = publish(&mut conn, "p1", &node, &secret).await;
     assert_eq!(error_of(&reply), err("wait", "internal-server-error"));
     // Another device's push proves the topic right: now the token is another app's, and goes.

@@ -196,7 +196,7 @@ async fn check_and_push(
 
     // 2. Which wake-up: the app's delivery and what the server says of the stanza decide.
     let notification = &request.notification;
-    let (kind, budgeted) = wake_kind(&target, notification)?;
+    let (kind, silent_budget) = wake_kind(&target, notification)?;
     let encrypted = match &notification.encrypted {
         Some(e) if e.data.len() > target.push_app.max_payload_size => {
             if kind == WakeKind::Call {
@@ -230,14 +230,8 @@ async fn check_and_push(
             app.coalescer.release(node);
         }
     };
-    if let (
-        true,
-        Delivery::Auto {
-            background_per_hour,
-        },
-    ) = (budgeted, target.push_app.delivery)
-    {
-        if !app.background_budget.try_take(node, background_per_hour) {
+    if let Some(per_hour) = silent_budget {
+        if !app.background_budget.try_take(node, per_hour) {
             release();
             return Ok(Published::OverBudget);
         }
@@ -429,12 +423,12 @@ fn registration_free(app: &App, node: &str, module: &str) -> Result<Target, Refu
     })
 }
 
-/// The kind of wake-up for a publish, and whether it is a silent one that the device's hourly budget
-/// must allow.
+/// The kind of wake-up for a publish, and for a silent one in `auto`, the device's hourly budget it must
+/// fit in.
 fn wake_kind(
     target: &Target,
     notification: &Notification<'_>,
-) -> Result<(WakeKind, bool), Refusal> {
+) -> Result<(WakeKind, Option<u32>), Refusal> {
     if notification.encrypted.as_ref().is_some_and(|e| e.call) {
         if target.call_token.is_none() {
             // Not `cancel`: the registration is fine for messages, and a server drops it on `cancel`.
@@ -444,11 +438,13 @@ fn wake_kind(
                 )),
             );
         }
-        return Ok((WakeKind::Call, false));
+        return Ok((WakeKind::Call, None));
     }
     Ok(match target.push_app.delivery {
-        Delivery::Fixed(kind) => (kind, false),
-        Delivery::Auto { .. } if notification.important => (WakeKind::Alert, false),
-        Delivery::Auto { .. } => (WakeKind::Background, true),
+        Delivery::Fixed(kind) => (kind, None),
+        Delivery::Auto { .. } if notification.important => (WakeKind::Alert, None),
+        Delivery::Auto {
+            background_per_hour,
+        } => (WakeKind::Background, Some(background_per_hour)),
     })
 }
