@@ -46,7 +46,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{broadcast, oneshot, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
@@ -454,6 +454,13 @@ pub struct TokenRequest {
     pub connection: usize,
 }
 
+/// What [`MockFcm::subscribe`] reports, as each request is answered.
+#[derive(Clone, Debug)]
+pub enum FcmEvent {
+    Send(Box<FcmRequest>),
+    Token(Box<TokenRequest>),
+}
+
 /// An access token the mock issued.
 struct Issued {
     expires: SystemTime,
@@ -488,6 +495,7 @@ struct Inner {
     notify: Notify,
     connections: AtomicUsize,
     token_requests: AtomicU64,
+    events: broadcast::Sender<FcmEvent>,
 }
 
 impl Inner {
@@ -585,6 +593,7 @@ impl MockFcm {
             notify: Notify::new(),
             connections: AtomicUsize::new(0),
             token_requests: AtomicU64::new(0),
+            events: broadcast::channel(1024).0,
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, acceptor, inner.clone(), stop_rx));
@@ -760,6 +769,11 @@ impl MockFcm {
                 return self.requests();
             }
         }
+    }
+
+    /// A live feed of requests as they are answered (lagging receivers lose the oldest).
+    pub fn subscribe(&self) -> broadcast::Receiver<FcmEvent> {
+        self.inner.events.subscribe()
     }
 
     /// TLS connections accepted so far (handshake completed).
@@ -1032,6 +1046,9 @@ async fn handle(
         record.status = answer.status;
         record.error = answer.meta.error_status.clone();
         record.error_description = answer.meta.error_message.clone();
+        if inner.events.receiver_count() > 0 {
+            let _ = inner.events.send(FcmEvent::Token(Box::new(record.clone())));
+        }
         inner.state().token_requests.push(record);
         return Ok(answer.into_response());
     }
@@ -1118,6 +1135,9 @@ async fn handle(
     record.error_code = answer.meta.error_code.clone();
     record.error_message = answer.meta.error_message.clone();
     record.name = answer.meta.name.clone();
+    if inner.events.receiver_count() > 0 {
+        let _ = inner.events.send(FcmEvent::Send(Box::new(record.clone())));
+    }
     inner.state().requests.push(record);
     inner.notify.notify_waiters();
     Ok(answer.into_response())
