@@ -609,9 +609,14 @@ impl MockFcm {
         Ok(mock)
     }
 
-    /// `https://127.0.0.1:PORT` (the FCM endpoint: sends go to `<url>/v1/projects/<project>/messages:send`).
+    /// `https://127.0.0.1:PORT` (the FCM endpoint: sends go to `<url>/v1/projects/<project>/messages:send`);
+    /// a mock listening on an unspecified address (`0.0.0.0`) is named by 127.0.0.1 here.
     pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
+        let token_uri = &self.inner.token_uri;
+        token_uri
+            .strip_suffix("/token")
+            .unwrap_or(token_uri)
+            .to_string()
     }
 
     /// `<url>/token`, the token URI of [`MockFcm::service_account`].
