@@ -147,3 +147,34 @@ CLEAN
 }
 
 dk_ensure_all() { dk_ensure_engine && dk_ensure_compose && dk_ensure_base; }
+
+# knock and mock-apns built on the host, handed to the images as PREBUILT (a directory of the build context, which
+# is the repository: the top-level .dockerignore lets target/{debug,release}/{knock,mock-apns} through).
+# Sets PREBUILT and RUST_IMAGE (the build stage then only copies: the base image serves) unless RUST_IMAGE is
+# set and PREBUILT is not (then the images compile).
+dk_build_bins() {
+    if [ -n "${RUST_IMAGE:-}" ] && [ -z "${PREBUILT:-}" ]; then
+        dk_log "RUST_IMAGE=$RUST_IMAGE and no PREBUILT: the images compile knock and mock-apns themselves"
+        return 0
+    fi
+    local target="${CARGO_TARGET_DIR:-$REPO/target}"
+    if [ "${KNOCK_TEST_NO_BUILD:-0}" != 1 ]; then
+        dk_log "cargo build --bin knock --bin mock-apns (debug; reused by prosody-test/run)"
+        (cd "$REPO" && cargo build --workspace --bin knock --bin mock-apns) >&2 \
+            || { dk_fail "cargo build failed"; return 1; }
+    fi
+    local b
+    for b in knock mock-apns; do
+        [ -x "$target/debug/$b" ] || { dk_fail "no $target/debug/$b (KNOCK_TEST_NO_BUILD=1 but nothing built?)"; return 1; }
+        # a target directory outside the repository: copy the binaries where the build context has them
+        if [ "$(realpath "$target/debug/$b")" != "$(realpath -m "$REPO/target/debug/$b")" ]; then
+            install -D -m 0755 "$target/debug/$b" "$REPO/target/debug/$b"
+        fi
+    done
+    export PREBUILT=target/debug RUST_IMAGE="$DK_BASE_IMAGE"
+}
+
+# docker compose on the stack's file; builds use BASE_IMAGE (default debian:bookworm-slim)
+dk_compose() {
+    BASE_IMAGE="$DK_BASE_IMAGE" docker compose -f "$PT_DIR/docker-compose.yml" "$@"
+}
