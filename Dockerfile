@@ -24,7 +24,7 @@ COPY . .
 RUN if [ -n "$PREBUILT" ]; then \
         install -D -m 0755 "$PREBUILT/knock" /out/knock; \
     else \
-        cargo build --release --bin knock && install -D -m 0755 target/release/knock /out/knock; \
+        cargo build --release --locked --bin knock && install -D -m 0755 target/release/knock /out/knock; \
     fi
 
 FROM ${BASE_IMAGE}
