@@ -12,13 +12,14 @@
 //! and verified provider tokens are cached (by exact token string) so the ES256 signature is
 //! checked once per token rather than once per request.
 
+use crate::tls::{ca_params, ServerIdentity};
 use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::hash::BuildHasher;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -34,7 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -569,7 +570,11 @@ impl MockApns {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
 
-        let identity = ServerIdentity::generate(addr.ip(), &config.server_names)?;
+        let identity = ServerIdentity::generate(
+            "knock testkit mock APNs CA",
+            addr.ip(),
+            &config.server_names,
+        )?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -931,58 +936,6 @@ impl TestClientCa {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
-    }
-}
-
-fn ca_params(name: &str) -> anyhow::Result<rcgen::CertificateParams> {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(params)
-}
-
-struct ServerIdentity {
-    ca_pem: String,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-impl ServerIdentity {
-    fn generate(ip: IpAddr, extra_names: &[String]) -> anyhow::Result<ServerIdentity> {
-        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let ca = ca_params("knock testkit mock APNs CA")?.self_signed(&ca_key)?;
-
-        let mut names = vec![
-            "localhost".to_string(),
-            Ipv4Addr::LOCALHOST.to_string(),
-            Ipv6Addr::LOCALHOST.to_string(),
-        ];
-        if !ip.is_unspecified() && !ip.is_loopback() {
-            names.push(ip.to_string());
-        }
-        names.extend(extra_names.iter().cloned());
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        params.is_ca = rcgen::IsCa::NoCa;
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let leaf = params.signed_by(&leaf_key, &ca, &ca_key)?;
-
-        Ok(ServerIdentity {
-            ca_pem: ca.pem(),
-            chain: vec![leaf.der().clone(), ca.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-        })
     }
 }
 
@@ -1583,6 +1536,7 @@ fn new_apns_id() -> String {
 mod tests {
     use super::*;
     use hyper::client::conn::http2::SendRequest;
+    use rustls::pki_types::PrivateKeyDer;
     use tokio_rustls::TlsConnector;
 
     const TEAM: &str = "TEAM123456";

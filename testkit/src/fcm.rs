@@ -20,6 +20,7 @@
 //! Where no source gave Google's exact text, the mock uses Google's generic message for the status
 //! (`Request contains an invalid argument.`) and names the field in a `google.rpc.BadRequest` detail.
 
+use crate::tls::ServerIdentity;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt;
@@ -40,7 +41,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::Rng as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::ServerConfig;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -532,7 +532,8 @@ impl MockFcm {
 
     /// As [`MockFcm::start`], on the given address (its IP is added to the certificate).
     pub async fn start_on(addr: SocketAddr, config: MockFcmConfig) -> anyhow::Result<MockFcm> {
-        let identity = ServerIdentity::generate(addr.ip(), &config.server_names)?;
+        let identity =
+            ServerIdentity::generate("knock testkit mock FCM CA", addr.ip(), &config.server_names)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -819,53 +820,6 @@ fn random_chars(n: usize) -> String {
     (0..n)
         .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
         .collect()
-}
-
-struct ServerIdentity {
-    ca_pem: String,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-impl ServerIdentity {
-    fn generate(ip: IpAddr, extra_names: &[String]) -> anyhow::Result<ServerIdentity> {
-        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "knock testkit mock FCM CA");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = ca_params.self_signed(&ca_key)?;
-
-        let mut names = vec![
-            "localhost".to_string(),
-            Ipv4Addr::LOCALHOST.to_string(),
-            Ipv6Addr::LOCALHOST.to_string(),
-        ];
-        if !ip.is_unspecified() && !ip.is_loopback() {
-            names.push(ip.to_string());
-        }
-        names.extend(extra_names.iter().cloned());
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        params.is_ca = rcgen::IsCa::NoCa;
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let leaf = params.signed_by(&leaf_key, &ca, &ca_key)?;
-        Ok(ServerIdentity {
-            ca_pem: ca.pem(),
-            chain: vec![leaf.der().clone(), ca.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-        })
-    }
 }
 
 async fn accept_loop(
@@ -1880,6 +1834,7 @@ fn grant(
 mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
     use rustls::RootCertStore;
     use tokio_rustls::TlsConnector;
 

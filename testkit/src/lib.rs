@@ -13,3 +13,4 @@ pub mod fcm;
 pub mod proxy;
 pub mod server;
 pub mod silent;
+mod tls;
