@@ -6,9 +6,11 @@
 //!   RS256 service-account assertions, Google's error bodies), with per-token behaviour.
 //! - [`server`]: the XMPP server side of an XEP-0114 component link, playing Prosody or ejabberd.
 //! - [`silent`]: a TCP peer that accepts and never answers (a hung server).
+//! - [`cli`]: what the `mock-apns` and `mock-fcm` binaries share.
 //! - [`proxy`]: a TCP relay whose connections can be blackholed (a network path that silently dies).
 
 pub mod apns;
+pub mod cli;
 pub mod fcm;
 pub mod proxy;
 pub mod server;

@@ -25,7 +25,7 @@
 //! It runs until SIGINT or SIGTERM.
 
 use std::convert::Infallible;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +38,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use testkit::apns::{Behaviour, MockApns, MockApnsConfig, ReceivedPush};
+use testkit::cli::{json, parse_token_behaviour, print_line, text};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -74,7 +75,7 @@ struct Args {
     #[arg(long)]
     ca_out: Option<PathBuf>,
     /// Behaviour for a token, as TOKEN=NAME; repeatable.
-    #[arg(long = "behaviour", value_parser = parse_token_behaviour)]
+    #[arg(long = "behaviour", value_parser = parse_token_behaviour::<Behaviour>)]
     behaviours: Vec<(String, Behaviour)>,
     /// Behaviour for every token without its own.
     #[arg(long, default_value = "ok")]
@@ -92,13 +93,6 @@ struct Args {
     /// are not recorded, only counted (see GET /stats); for benchmarks.
     #[arg(long)]
     quiet: bool,
-}
-
-fn parse_token_behaviour(s: &str) -> Result<(String, Behaviour), String> {
-    let (token, name) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected TOKEN=BEHAVIOUR, got {s:?}"))?;
-    Ok((token.to_string(), name.parse()?))
 }
 
 // One thread, like knock: a benchmark's mock should not spend its CPU waking threads.
@@ -246,12 +240,6 @@ fn request_line(p: &ReceivedPush) -> serde_json::Value {
     })
 }
 
-fn print_line(v: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
-}
-
 /// What answers the requests of one HTTP listener.
 type Handler = fn(&MockApns, Request<Incoming>) -> Response<Full<Bytes>>;
 
@@ -362,28 +350,4 @@ fn stats(mock: &MockApns) -> serde_json::Value {
         "provider_token_verifications": mock.provider_token_verifications(),
         "recording": mock.is_recording(),
     })
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-    }
 }

@@ -25,7 +25,7 @@
 //! It runs until SIGINT or SIGTERM.
 
 use std::convert::Infallible;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +38,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use testkit::cli::{json, parse_token_behaviour, print_line, text};
 use testkit::fcm::{Behaviour, FcmEvent, FcmRequest, MockFcm, MockFcmConfig, TokenRequest};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
@@ -68,7 +69,7 @@ struct Args {
     #[arg(long, default_value_t = 3599)]
     access_token_lifetime: u64,
     /// Behaviour for a token, as TOKEN=NAME; repeatable.
-    #[arg(long = "behaviour", value_parser = parse_token_behaviour)]
+    #[arg(long = "behaviour", value_parser = parse_token_behaviour::<Behaviour>)]
     behaviours: Vec<(String, Behaviour)>,
     /// Behaviour for every token without its own.
     #[arg(long, default_value = "ok")]
@@ -79,14 +80,6 @@ struct Args {
     /// Address of the read-only listener (`GET /pushes`, `/pushes/<token>`, `/stats`); any address.
     #[arg(long)]
     pushes_listen: Option<SocketAddr>,
-}
-
-fn parse_token_behaviour(s: &str) -> Result<(String, Behaviour), String> {
-    // A registration token holds `:` but never `=`.
-    let (token, name) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected TOKEN=BEHAVIOUR, got {s:?}"))?;
-    Ok((token.to_string(), name.parse()?))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -231,12 +224,6 @@ fn token_line(t: &TokenRequest) -> serde_json::Value {
     })
 }
 
-fn print_line(v: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
-}
-
 /// What answers the requests of one HTTP listener.
 type Handler = fn(&MockFcm, &Method, &[&str], &[u8]) -> Response<Full<Bytes>>;
 
@@ -362,28 +349,4 @@ fn stats(mock: &MockFcm) -> serde_json::Value {
         "requests": mock.requests().len(),
         "token_requests": mock.token_requests(),
     })
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-    }
 }
