@@ -61,18 +61,11 @@ dk_ensure_engine() {
 # trixie's docker-compose .deb holds the v2 plugin (a static Go binary: runs on bookworm). Fetched with a private
 # apt configuration: the machine's own mirror, a trixie source list and lists in the cache; the system's apt
 # sources and lists are left alone.
+# shellcheck source=../lib/private-apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/private-apt.sh"
+
 dk_trixie_apt() {  # apt-get arguments...
-    local c="$DK_CACHE/apt"
-    apt-get -q \
-        -o Dir::Etc::SourceList="$c/trixie.list" -o Dir::Etc::SourceParts=/dev/null \
-        -o Dir::State::Lists="$c/lists" -o Dir::Cache="$c/cache" \
-        -o Acquire::Languages=none \
-        -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false \
-        -o Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false \
-        -o Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false \
-        -o Acquire::IndexTargets::deb::DEP-11-icons-hidpi::DefaultEnabled=false \
-        -o APT::Sandbox::User="$(id -un)" \
-        "$@" </dev/null
+    private_apt "$DK_CACHE/apt" "$@"
 }
 
 dk_ensure_compose() {

@@ -18,18 +18,11 @@
 PT_TRIXIE_CACHE="${PT_TRIXIE_CACHE:-$PT_DIR/.cache/trixie-modules}"
 PT_TRIXIE_MODULES=(cloud_notify_encrypted cloud_notify_priority_tag cloud_notify_filters)
 
+# shellcheck source=private-apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/private-apt.sh"
+
 pt_trixie_apt() {  # apt-get arguments...
-    local c="$PT_TRIXIE_CACHE/apt"
-    apt-get -q \
-        -o Dir::Etc::SourceList="$c/trixie.list" -o Dir::Etc::SourceParts=/dev/null \
-        -o Dir::State::Lists="$c/lists" -o Dir::Cache="$c/cache" \
-        -o Acquire::Languages=none \
-        -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false \
-        -o Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false \
-        -o Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false \
-        -o Acquire::IndexTargets::deb::DEP-11-icons-hidpi::DefaultEnabled=false \
-        -o APT::Sandbox::User="$(id -un)" \
-        "$@" </dev/null
+    private_apt "$PT_TRIXIE_CACHE/apt" "$@"
 }
 
 # The packaged module crashes on Prosody 0.12 at the first push: without util.crypto (Prosody 13 has it) it
