@@ -141,8 +141,9 @@ CLEAN
 
 dk_ensure_all() { dk_ensure_engine && dk_ensure_compose && dk_ensure_base; }
 
-# knock and mock-apns built on the host, handed to the images as PREBUILT (a directory of the build context, which
-# is the repository: the top-level .dockerignore lets target/{debug,release}/{knock,mock-apns} through).
+# knock and the mocks built on the host, handed to the images as PREBUILT (a directory of the build context, which
+# is the repository: the top-level .dockerignore lets target/{debug,release}/{knock,mock-apns,mock-fcm} through;
+# the e2e image needs mock-fcm too).
 # Sets PREBUILT and RUST_IMAGE (the build stage then only copies: the base image serves) unless RUST_IMAGE is
 # set and PREBUILT is not (then the images compile).
 dk_build_bins() {
@@ -152,12 +153,12 @@ dk_build_bins() {
     fi
     local target="${CARGO_TARGET_DIR:-$REPO/target}"
     if [ "${KNOCK_TEST_NO_BUILD:-0}" != 1 ]; then
-        dk_log "cargo build --bin knock --bin mock-apns (debug; reused by prosody-test/run)"
-        (cd "$REPO" && cargo build --workspace --bin knock --bin mock-apns) >&2 \
+        dk_log "cargo build --bin knock --bin mock-apns --bin mock-fcm (debug; reused by prosody-test/run)"
+        (cd "$REPO" && cargo build --workspace --bin knock --bin mock-apns --bin mock-fcm) >&2 \
             || { dk_fail "cargo build failed"; return 1; }
     fi
     local b
-    for b in knock mock-apns; do
+    for b in knock mock-apns mock-fcm; do
         [ -x "$target/debug/$b" ] || { dk_fail "no $target/debug/$b (KNOCK_TEST_NO_BUILD=1 but nothing built?)"; return 1; }
         # a target directory outside the repository: copy the binaries where the build context has them
         if [ "$(realpath "$target/debug/$b")" != "$(realpath -m "$REPO/target/debug/$b")" ]; then

@@ -1,4 +1,5 @@
-"""The test bed for one XMPP server: the server, a mock APNs, knock, and the wiretap between knock and the server.
+"""The test bed for one XMPP server: the server, a mock APNs, a mock FCM, knock, and the wiretap between knock and
+the server.
 
 All on 127.0.0.1, all files under one run directory, ports picked at run time.
 """
@@ -31,6 +32,9 @@ MOCK_TOPICS = [TOPIC, MONAL_TOPIC, SISKIN_TOPIC, SISKIN_VOIP_TOPIC]
 AUTO_ALERT_TITLE = "PT new message"
 MONAL_MODULE = "monalProdiOS"
 SISKIN_PROVIDER = "tigase:messenger:apns:1"
+# The Conversations family's app (Android, FCM HTTP v1) and the Firebase project the mock FCM serves.
+FCM_APP = "conversations"
+FCM_PROJECT = "knock-prosodytest"
 TEAM_ID = "TEAMPT1234"
 KEY_ID = "KEYPT12345"
 PASSWORD = "pw-" + secrets.token_hex(6)
@@ -52,25 +56,29 @@ def say(msg: str):
         pass  # nobody is reading any more; keep going (and cleaning up)
 
 
-class MockApns:
-    def __init__(self, registry: Registry, bin_path: str, run_dir: str):
+class MockPush:
+    """One of testkit's mock push services (mock-apns, mock-fcm) as a process: both print a `listening` JSON
+    line first, then one per request, and take per-token behaviours on a loopback control listener. Tokens go
+    into its URLs as they are (the mocks do not percent-decode): hex for APNs, [A-Za-z0-9_:-] for FCM."""
+
+    name = "?"
+    label = "?"  # in failure messages: "APNs request(s)"
+
+    def __init__(self, registry: Registry, bin_path: str, run_dir: str, args: list[str]):
         self.dir = run_dir
-        self.key_file = os.path.join(run_dir, "AuthKey_mock.p8")
-        self.ca_file = os.path.join(run_dir, "mock-apns-ca.pem")
-        self.requests_file = os.path.join(run_dir, "mock-apns.jsonl")
-        self.log_file = os.path.join(run_dir, "mock-apns.log")
-        self.proc = Proc(registry, "mock-apns", [
-            bin_path, "--listen", "127.0.0.1:0", "--team-id", TEAM_ID, "--key-id", KEY_ID,
-            "--private-key-out", self.key_file, *[a for t in MOCK_TOPICS for a in ("--topic", t)],
-            "--ca-out", self.ca_file, "--control", "127.0.0.1:0",
-        ], self.log_file, stdout_path=self.requests_file)
+        self.requests_file = os.path.join(run_dir, f"{self.name}.jsonl")
+        self.log_file = os.path.join(run_dir, f"{self.name}.log")
+        self.proc = Proc(registry, self.name, [bin_path, "--listen", "127.0.0.1:0", *args,
+                                               "--control", "127.0.0.1:0"],
+                         self.log_file, stdout_path=self.requests_file)
         self.url = None
         self.control = None
+        self.listening: dict = {}
 
     async def ready(self, timeout=15):
         def first_line():
             if not self.proc.alive():
-                raise RuntimeError(f"mock-apns exited ({self.proc.returncode()}):\n{tail(self.log_file)}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode()}):\n{tail(self.log_file)}")
             try:
                 with open(self.requests_file) as f:
                     line = f.readline()
@@ -79,8 +87,9 @@ class MockApns:
             if line.endswith("\n"):
                 return json.loads(line)
             return None
-        event = await wait_for(first_line, timeout, "mock-apns to listen")
+        event = await wait_for(first_line, timeout, f"{self.name} to listen")
         assert event.get("event") == "listening", event
+        self.listening = event
         self.url = event["url"]
         self.control = event["control"]
 
@@ -104,9 +113,47 @@ class MockApns:
     async def wait_requests(self, token: str, count: int, timeout: float) -> list[dict]:
         try:
             return await wait_for(lambda: (lambda r: r if len(r) >= count else None)(self.requests(token)),
-                                  timeout, f"{count} APNs request(s)", interval=0.05)
+                                  timeout, f"{count} {self.name} request(s)", interval=0.05)
         except TimeoutError:
             return self.requests(token)
+
+    async def stop(self):
+        await self.proc.stop()
+
+
+class MockApns(MockPush):
+    name = "mock-apns"
+    label = "APNs"
+
+    def __init__(self, registry: Registry, bin_path: str, run_dir: str):
+        self.key_file = os.path.join(run_dir, "AuthKey_mock.p8")
+        self.ca_file = os.path.join(run_dir, "mock-apns-ca.pem")
+        super().__init__(registry, bin_path, run_dir, [
+            "--team-id", TEAM_ID, "--key-id", KEY_ID, "--private-key-out", self.key_file,
+            *[a for t in MOCK_TOPICS for a in ("--topic", t)], "--ca-out", self.ca_file])
+
+
+class MockFcm(MockPush):
+    """Google's FCM HTTP v1 API and its OAuth token endpoint: it writes a service-account key file whose
+    token_uri points at itself, verifies knock's JWT grants against it, and checks the message shape."""
+
+    name = "mock-fcm"
+    label = "FCM"
+
+    def __init__(self, registry: Registry, bin_path: str, run_dir: str):
+        self.service_account_file = os.path.join(run_dir, "fcm-service-account.json")
+        self.ca_file = os.path.join(run_dir, "mock-fcm-ca.pem")
+        super().__init__(registry, bin_path, run_dir, [
+            "--project", FCM_PROJECT, "--service-account-out", self.service_account_file,
+            "--ca-out", self.ca_file])
+
+    def expire_tokens(self):
+        """Every access token issued so far expires now: knock's next send gets 401."""
+        self._call("POST", "/expire-tokens")
+
+    def token_requests(self) -> list[dict]:
+        """Every token request (JWT-bearer grant) the mock answered, in order."""
+        return json.loads(self._call("GET", "/token-requests"))
 
 
 def toml_value(v) -> str:
@@ -161,10 +208,14 @@ push_interval_ms = 0
             comment = app.get("#")
             lines = [f"# {comment}"] if comment else []
             lines.append("[[app]]")
-            lines.append('provider = "apns"')
-            lines += [f"{k} = {toml_value(v)}" for k, v in app.items() if k != "#" and v is not None]
-            lines += ["", "[app.auth]", f"key_file = {toml_value(self.apns.key_file)}", f'key_id = "{KEY_ID}"',
-                      f'team_id = "{TEAM_ID}"']
+            # an app is APNs unless it says otherwise; an FCM app's credentials are its service_account_file
+            provider = app.get("provider", "apns")
+            lines.append(f"provider = {toml_value(provider)}")
+            lines += [f"{k} = {toml_value(v)}" for k, v in app.items()
+                      if k not in ("#", "provider") and v is not None]
+            if provider == "apns":
+                lines += ["", "[app.auth]", f"key_file = {toml_value(self.apns.key_file)}",
+                          f'key_id = "{KEY_ID}"', f'team_id = "{TEAM_ID}"']
             parts.append("\n".join(lines) + "\n")
         with open(self.config, "w") as f:
             f.write("\n".join(parts))
@@ -486,7 +537,7 @@ ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0 -kernel inet_dist_use_interface {{127,0
 
 
 class Bed:
-    """One server with its mock APNs and knock; with `tap`, knock reaches the server through the wiretap."""
+    """One server with its mock APNs, mock FCM and knock; with `tap`, knock reaches the server through the wiretap."""
 
     def __init__(self, kind: str, run_dir: str, bins: dict, registry: Registry, tap: bool = True,
                  password: str = PASSWORD, ports: dict | None = None, sabotage: str = "",
@@ -508,6 +559,7 @@ class Bed:
         cls = {"prosody": Prosody, "ejabberd": Ejabberd}[kind]
         self.server: Server = cls(registry, server_dir, self.component_secret, **(ports or {}))
         self.apns = None
+        self.fcm = None
         self.knock = None
         self.tap = None
         self.users: list[str] = []
@@ -519,7 +571,8 @@ class Bed:
             self.tap = Wiretap(self.server.component_port)
             component_port = await self.tap.start()
         self.apns = MockApns(self.registry, self.bins["mock-apns"], self.dir)
-        await self.apns.ready()
+        self.fcm = MockFcm(self.registry, self.bins["mock-fcm"], self.dir)
+        await asyncio.gather(self.apns.ready(), self.fcm.ready())
         self.knock = Knock(self.registry, self.bins["knock"], os.path.join(self.dir, "knock"),
                            component_port,
                            "wrong-secret" if self.sabotage == "secret" else self.component_secret,
@@ -527,6 +580,7 @@ class Bed:
         self.knock.configure(*self.knock_apps())
         if self.sabotage == "mock-unavailable":
             self.apns.default("unavailable")
+            self.fcm.default("unavailable")
         self.server.start()
         await self.server.ready(60)
         await self.server.add_users(users, self.password)
@@ -536,10 +590,12 @@ class Bed:
         say(f"[{self.kind}] bed up in {time.monotonic() - t0:.1f} s: c2s 127.0.0.1:{self.server.c2s_port}, "
             f"component 127.0.0.1:{self.server.component_port}"
             + (f" (knock via wiretap :{self.tap.listen_port})" if self.tap else "")
-            + f", mock APNs {self.apns.url}" + (f", SABOTAGED: {self.sabotage}" if self.sabotage else ""))
+            + f", mock APNs {self.apns.url}, mock FCM {self.fcm.url}"
+            + (f", SABOTAGED: {self.sabotage}" if self.sabotage else ""))
 
     def knock_apps(self) -> tuple[list[dict], list[dict]]:
-        """knock's apps: (what every knock build takes, what only a build with issue 17's dialects takes)."""
+        """knock's apps: (what every knock build takes, what only a build with issue 17's dialects or issue 19's
+        FCM provider takes)."""
         url = self.apns.url
         # the same mock under another name: knock's sandbox pushes are told apart by their :authority
         sandbox_url = url.replace("://127.0.0.1:", "://localhost:")
@@ -566,6 +622,12 @@ class Bed:
              "endpoint": url, "ca_file": self.apns.ca_file, "tigase_provider": [SISKIN_PROVIDER],
              # sabotage: calls to the bundle id instead of its .voip topic (the mock refuses them)
              "voip_topic": SISKIN_TOPIC if self.sabotage == "voip-topic" else None},
+            {"#": "Android over FCM HTTP v1: the Conversations family's register-push-fcm (p2's dialect); the "
+                  "only FCM app, so the one register-push-fcm picks. Scenarios 15-17",
+             "provider": "fcm", "name": FCM_APP, "service_account_file": self.fcm.service_account_file,
+             "endpoint": self.fcm.url, "ca_file": self.fcm.ca_file,
+             # sabotage: every message NORMAL priority (15 must notice the chat message is not HIGH)
+             "push_type": "background" if self.sabotage == "fcm-background" else None},
         ]
         return base, optional
 
@@ -590,7 +652,8 @@ class Bed:
                 await self.knock.stop()
             self.knock.start()
         await self.wait_link(15)
-        self.apns.default("unavailable" if self.sabotage == "mock-unavailable" else "ok")
+        for mock in (self.apns, self.fcm):
+            mock.default("unavailable" if self.sabotage == "mock-unavailable" else "ok")
 
     def knock_log_size(self) -> int:
         return LogWatch(self.knock.log_file).size()
@@ -606,7 +669,8 @@ class Bed:
         errors = []
         for what, fn in (("knock", lambda: self.knock.stop() if self.knock else None),
                          (self.kind, self.server.stop),
-                         ("mock-apns", lambda: self.apns.proc.stop() if self.apns else None)):
+                         ("mock-apns", lambda: self.apns.stop() if self.apns else None),
+                         ("mock-fcm", lambda: self.fcm.stop() if self.fcm else None)):
             try:
                 r = fn()
                 if asyncio.iscoroutine(r):
@@ -628,7 +692,7 @@ class Bed:
 
 def find_bins(repo: str) -> dict:
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(repo, "target"))
-    bins = {n: os.path.join(target, "debug", n) for n in ("knock", "mock-apns")}
+    bins = {n: os.path.join(target, "debug", n) for n in ("knock", "mock-apns", "mock-fcm")}
     for n, p in bins.items():
         if not os.access(p, os.X_OK):
             raise SystemExit(f"{p} missing: run `cargo build --workspace --bins` first")

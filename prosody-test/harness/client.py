@@ -1,4 +1,4 @@
-"""A real XMPP client (slixmpp) doing what an iOS app does with knock.
+"""A real XMPP client (slixmpp) doing what an iOS or Android app does with knock.
 
 slixmpp 1.17 has no XEP-0357 plugin, so the `<enable/>` and `<disable/>` payloads are defined here as slixmpp
 stanza plugins (ElementBase), with XEP-0004's Form as a sub-plugin of `<enable/>` for the publish-options. The
@@ -145,15 +145,12 @@ class Client(ClientXMPP):
 
     # ---- the Tigase dialect (Siskin)
 
-    async def _tigase_command(self, app_server: str, node: str, fields: list[tuple[str, str]], timeout: float):
-        """A one-step XEP-0050 execute with a submitted form, as tigase/Martin's TigasePushNotificationsModule
-        sends it (`DataForm(type: .submit)` + `.TextSingle` fields, no FORM_TYPE). Returns the completed
-        reply's form as {var: [values]} (every <value>, so a multi-value field keeps each one)."""
-        form = self["xep_0004"].make_form(ftype="submit")
-        for var, value in fields:
-            form.add_field(var=var, ftype="text-single", value=value)
+    async def execute(self, app_server: str, node: str, payload, timeout: float = 10.0) -> dict[str, list[str]]:
+        """A one-step XEP-0050 execute carrying `payload` (a slixmpp Form, or an XML element: a client's form as
+        that client writes it). Returns the completed reply's form as {var: [values]} (every <value>, so a
+        multi-value field keeps each one)."""
         try:
-            reply = await self["xep_0050"].send_command(app_server, node, action="execute", payload=form,
+            reply = await self["xep_0050"].send_command(app_server, node, action="execute", payload=payload,
                                                         timeout=timeout)
         except IqError as e:
             raise CommandError(node, e.iq["error"]["type"], e.iq["error"]["condition"], e.iq["error"]["text"])
@@ -168,6 +165,14 @@ class Client(ClientXMPP):
             for field in x.findall(f"{XDATA}field"):
                 values[field.get("var", "")] = [v.text or "" for v in field.findall(f"{XDATA}value")]
         return values
+
+    async def _tigase_command(self, app_server: str, node: str, fields: list[tuple[str, str]], timeout: float):
+        """`execute` with a submitted form as tigase/Martin's TigasePushNotificationsModule sends it
+        (`DataForm(type: .submit)` + `.TextSingle` fields, no FORM_TYPE)."""
+        form = self["xep_0004"].make_form(ftype="submit")
+        for var, value in fields:
+            form.add_field(var=var, ftype="text-single", value=value)
+        return await self.execute(app_server, node, form, timeout)
 
     async def tigase_register(self, app_server: str, provider: str, token: str, second_token: str | None = None,
                               timeout: float = 10.0) -> dict[str, list[str]]:

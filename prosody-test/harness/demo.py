@@ -153,7 +153,7 @@ async def main():
                 if text:
                     out(text)
             for name, proc in (("knock", bed.knock.proc), ("prosody", bed.server.proc),
-                               ("mock-apns", bed.apns.proc)):
+                               ("mock-apns", bed.apns.proc), ("mock-fcm", bed.fcm.proc)):
                 if proc is not None and not proc.alive():
                     out(f"{name} exited ({proc.returncode()}); stopping. Its log:\n{tail(proc.log_path)}")
                     return 1
@@ -164,7 +164,7 @@ async def main():
         out(f"demo failed: {e}")
         return 1
     finally:
-        out("stopping knock, Prosody and the mock APNs...")
+        out("stopping knock, Prosody and the mocks...")
         await bed.stop()
 
 

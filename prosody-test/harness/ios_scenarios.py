@@ -18,12 +18,10 @@ from bed import (AUTO_ALERT_TITLE, COMPONENT, DOMAIN, MONAL_MODULE, MONAL_TOPIC,
                  SISKIN_VOIP_TOPIC, TOPIC)
 from client import CommandError
 from procs import wait_for
-from scenarios import PUSH_WAIT, Ctx, Failure, check, new_token, text_for
+from scenarios import (PUBSUB, PUSH_WAIT, RECEIPT, XDATA, Ctx, Failure, check, need_app, new_token, no_leaks,
+                       notification, one_publish, send_stanza, summary_fields, text_for)
 import tigase_crypto
 
-PUBSUB = "{http://jabber.org/protocol/pubsub}"
-PUSH = "{urn:xmpp:push:0}"
-XDATA = "{jabber:x:data}"
 TIGASE_ENCRYPT = "{tigase:push:encrypt:0}"
 TIGASE_PRIORITY = "{tigase:push:priority:0}"
 # knock's default background_per_hour in auto mode
@@ -31,12 +29,6 @@ BACKGROUND_PER_HOUR = 3
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def need_app(ctx: Ctx, name: str):
-    why = ctx.bed.knock.app_missing(name)
-    if why:
-        raise Failure(why)
-
 
 def payload_of(req: dict) -> dict:
     try:
@@ -76,19 +68,6 @@ async def expect_no_push(ctx: Ctx, token: str, before: int, why: str):
                                f"{[(r['status'], r.get('push_type')) for r in reqs[before:]]}")
 
 
-def notification(pub) -> ET.Element | None:
-    return pub.stanza.find(f"{PUBSUB}pubsub/{PUBSUB}publish/{PUBSUB}item/{PUSH}notification")
-
-
-def summary_fields(pub) -> dict[str, str]:
-    """The publish's XEP-0357 summary form (field -> first value), {} if there is none."""
-    n = notification(pub)
-    x = n.find(f"{XDATA}x") if n is not None else None
-    if x is None:
-        return {}
-    return {f.get("var", ""): (f.findtext(f"{XDATA}value") or "") for f in x.findall(f"{XDATA}field")}
-
-
 def publish_options(pub) -> dict[str, str]:
     x = pub.stanza.find(f"{PUBSUB}pubsub/{PUBSUB}publish-options/{XDATA}x")
     if x is None:
@@ -96,40 +75,7 @@ def publish_options(pub) -> dict[str, str]:
     return {f.get("var", ""): (f.findtext(f"{XDATA}value") or "") for f in x.findall(f"{XDATA}field")}
 
 
-def no_leaks(req: dict, leaks: list[str]):
-    everything = json.dumps(req.get("headers")) + req.get("body", "") + req.get("path", "")
-    for leak in leaks:
-        check(leak not in everything, f"the APNs request carries {leak!r}: {everything[:400]}")
-
-
-async def send_stanza(ctx: Ctx, to: str, children: str = "", body: str | None = None, mtype: str = "chat",
-                      resource: str | None = None):
-    """bob sends a <message/> with these children (XML text) to `to`'s bare JID (or a full JID)."""
-    bob = await ctx.sender()
-    m = bob.Message()
-    m["to"] = f"{to}@{DOMAIN}" + (f"/{resource}" if resource else "")
-    m["type"] = mtype
-    if body is not None:
-        m["body"] = body
-    if children:
-        for child in ET.fromstring(f"<wrap>{children}</wrap>"):
-            m.append(child)
-    m.send()
-
-
-async def one_publish(ctx: Ctx, node: str, since: float, timeout: float = 15.0):
-    pubs = await ctx.expect_publish(node, since, timeout=timeout)
-    return pubs[0]
-
-
 # ------------------------------------------------------------------------------------------------ 12: auto
-
-# XEP-0184 receipt: what bob's client sends back for a message the offline user sent earlier. It has no body,
-# so mod_cloud_notify's is_important() calls it unimportant and the publish carries no last-message-body
-# (/usr/lib/prosody/modules/mod_cloud_notify/mod_cloud_notify.lua, is_important: "empty bodies are not
-# important"); mod_offline stores every chat/normal message, so it is published for.
-RECEIPT = "<received xmlns='urn:xmpp:receipts' id='{id}'/>"
-
 
 async def auto_delivery(ctx: Ctx):
     """knock's own dialect with push_type left at its default (auto): a chat message (Prosody marks it important

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import time
+import xml.etree.ElementTree as ET
 
 from bed import COMPONENT, DOMAIN, PUSH_MAX_ERRORS, TOPIC, Bed, say
 from client import Client
@@ -121,16 +122,18 @@ class Ctx:
             raise Failure(f"expected {count} answered publish(es) for the node within {timeout:g} s, "
                           f"saw {pubs}")
 
-    async def expect_pushes(self, token: str, before: int, count: int = 1):
-        """Exactly `count` new APNs requests for `token` (waits for them, then a short settle for extras)."""
-        apns = self.bed.apns
-        reqs = await apns.wait_requests(token, before + count, PUSH_WAIT)
+    async def expect_pushes(self, token: str, before: int, count: int = 1, mock=None):
+        """Exactly `count` new requests for `token` at the mock APNs (or `mock`: the bed's mock FCM), waiting
+        for them, then a short settle for extras."""
+        mock = mock or self.bed.apns
+        reqs = await mock.wait_requests(token, before + count, PUSH_WAIT)
         check(len(reqs) >= before + count,
-              f"expected {count} APNs request(s) for the token within {PUSH_WAIT:g} s, got {len(reqs) - before}")
+              f"expected {count} {mock.label} request(s) for the token within {PUSH_WAIT:g} s, "
+              f"got {len(reqs) - before}")
         await asyncio.sleep(0.7)
-        reqs = apns.requests(token)
+        reqs = mock.requests(token)
         check(len(reqs) == before + count,
-              f"expected exactly {count} new APNs request(s) for the token, got {len(reqs) - before}")
+              f"expected exactly {count} new {mock.label} request(s) for the token, got {len(reqs) - before}")
         return reqs[before:]
 
     async def expect_no_publish(self, user: str, node: str, token: str, since: float, apns_before: int,
@@ -167,6 +170,64 @@ def privacy_check(req: dict, node: str, leaks: list[str]):
     check(set(payload) <= {"aps", "node"}, f"payload has unexpected keys: {sorted(payload)}")
     if "node" in payload:
         check(payload["node"] == node, "payload node is not the registration's node")
+
+
+PUBSUB = "{http://jabber.org/protocol/pubsub}"
+PUSH = "{urn:xmpp:push:0}"
+XDATA = "{jabber:x:data}"
+
+# XEP-0184 receipt: what bob's client sends back for a message the offline user sent earlier. It has no body,
+# so mod_cloud_notify's is_important() calls it unimportant and the publish carries no last-message-body
+# (/usr/lib/prosody/modules/mod_cloud_notify/mod_cloud_notify.lua, is_important: "empty bodies are not
+# important"); mod_offline stores every chat/normal message, so it is published for.
+RECEIPT = "<received xmlns='urn:xmpp:receipts' id='{id}'/>"
+
+
+def need_app(ctx: Ctx, name: str):
+    """Fail at once, with knock's reason, if the knock build under test refused the app `name`."""
+    why = ctx.bed.knock.app_missing(name)
+    if why:
+        raise Failure(why)
+
+
+def notification(pub) -> ET.Element | None:
+    return pub.stanza.find(f"{PUBSUB}pubsub/{PUBSUB}publish/{PUBSUB}item/{PUSH}notification")
+
+
+def summary_fields(pub) -> dict[str, str]:
+    """The publish's XEP-0357 summary form (field -> first value), {} if there is none."""
+    n = notification(pub)
+    x = n.find(f"{XDATA}x") if n is not None else None
+    if x is None:
+        return {}
+    return {f.get("var", ""): (f.findtext(f"{XDATA}value") or "") for f in x.findall(f"{XDATA}field")}
+
+
+def no_leaks(req: dict, leaks: list[str], what: str = "APNs"):
+    """None of `leaks` in a mock's recorded request (its headers, body and path)."""
+    everything = json.dumps(req.get("headers")) + req.get("body", "") + req.get("path", "")
+    for leak in leaks:
+        check(leak not in everything, f"the {what} request carries {leak!r}: {everything[:400]}")
+
+
+async def send_stanza(ctx: Ctx, to: str, children: str = "", body: str | None = None, mtype: str = "chat",
+                      resource: str | None = None):
+    """bob sends a <message/> with these children (XML text) to `to`'s bare JID (or a full JID)."""
+    bob = await ctx.sender()
+    m = bob.Message()
+    m["to"] = f"{to}@{DOMAIN}" + (f"/{resource}" if resource else "")
+    m["type"] = mtype
+    if body is not None:
+        m["body"] = body
+    if children:
+        for child in ET.fromstring(f"<wrap>{children}</wrap>"):
+            m.append(child)
+    m.send()
+
+
+async def one_publish(ctx: Ctx, node: str, since: float, timeout: float = 15.0):
+    pubs = await ctx.expect_publish(node, since, timeout=timeout)
+    return pubs[0]
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -263,7 +324,6 @@ async def dead_token(ctx: Ctx):
     """APNs says Unregistered: knock deletes the registration and answers item-not-found; then what the dead
     registration still costs, counted on the wire: ejabberd at most one more publish, Prosody exactly its error
     budget (`push_max_errors`, set to PUSH_MAX_ERRORS in this bed's config), and no APNs request after the 410."""
-    tap = ctx.bed.tap
     user, token = "u5", new_token()
     c, node, secret = await ctx.device_with_push(user, token)
     ctx.bed.apns.behave(token, "unregistered")
@@ -281,6 +341,20 @@ async def dead_token(ctx: Ctx):
     check("registration deleted" in ctx.bed.knock_log_since(knock_mark),
           "knock did not log that it deleted the registration")
 
+    after = await spend_dead_budget(ctx, user, node, since, texts, mark, "s5")
+    n = len(ctx.bed.apns.requests(token))
+    check(n == 1, f"knock sent {n - 1} APNs request(s) for the token after its 410")
+    ctx.summary = (f"{len(after)} publish(es) after the dead-token reply (budget {DEAD_BUDGET[ctx.kind]()}), "
+                   "no APNs request after the 410")
+
+
+async def spend_dead_budget(ctx: Ctx, user: str, node: str, since: float, texts: list[str], mark: int,
+                            tag: str) -> list:
+    """After knock answered the publish for `texts[0]` (sent at `since` to the offline `user`) with a dead-token
+    item-not-found: what the dead registration still costs, counted on the wire, until the server disables it
+    (logged after server-log offset `mark`). Returns the publishes after the first one, each answered
+    item-not-found; the user is offline again afterwards."""
+    tap = ctx.bed.tap
     # How many more publishes the server may send for the node after that reply. Prosody counts non-`wait`
     # errors and disables at `push_max_errors` in a row (the dead-token reply was the first); ejabberd disables
     # at the first, but deletes in a spawned process, so a message racing that may still be published once.
@@ -290,7 +364,7 @@ async def dead_token(ctx: Ctx):
     # Two more than the budget, so a server that went past it is seen doing so.
     quiet = False
     for i in range(budget + 2):
-        text = text_for(f"s5-{i + 2}")
+        text = text_for(f"{tag}-{i + 2}")
         texts.append(text)
         seen = len(tap.publishes_to(node, since))
         await ctx.send(user, text)
@@ -318,12 +392,10 @@ async def dead_token(ctx: Ctx):
         check(len(after) == budget, f"prosody published {len(after)} more time(s), its budget is exactly {budget}")
     check(all(r == "error:cancel:item-not-found" for r in replies),
           f"knock answered the dead node's later publishes with {replies}, expected item-not-found each")
-    n = len(ctx.bed.apns.requests(token))
-    check(n == 1, f"knock sent {n - 1} APNs request(s) for the token after its 410")
     log = await server_log_wait(ctx, mark, DISABLED_LOG[ctx.kind], 5)
     ctx.note(f"server log: {first_match(log, DISABLED_LOG[ctx.kind])}")
-    ctx.summary = f"{len(after)} publish(es) after the dead-token reply (budget {budget}), no APNs request after the 410"
     await ctx.go_offline(c)
+    return after
 
 
 async def remote_disable_ignored(ctx: Ctx):

@@ -12,7 +12,7 @@ pt_log() { echo "prosody-test: $*" >&2 || true; }
 
 pt_build() {
     if [ "${KNOCK_TEST_NO_BUILD:-0}" = 1 ]; then return 0; fi   # binaries built elsewhere (the Docker image)
-    pt_log "building knock and mock-apns (cargo build --workspace --bins)"
+    pt_log "building knock, mock-apns and mock-fcm (cargo build --workspace --bins)"
     (cd "$REPO" && cargo build --workspace --bins) >&2
 }
 
