@@ -17,15 +17,20 @@ from bed import Bed, find_bins, say  # noqa: E402
 from procs import Registry  # noqa: E402
 from scenarios import SCENARIOS as BASE_SCENARIOS, USERS, Ctx, Failure  # noqa: E402
 import ios_scenarios  # noqa: E402
+import android_scenarios  # noqa: E402
 from client import StepFailed  # noqa: E402
 import tigase_crypto  # noqa: E402
 
 SCENARIO_TIMEOUT = 90
-SCENARIOS = BASE_SCENARIOS + ios_scenarios.SCENARIOS
+# the client dialects' scenarios, each module with its SCENARIOS, SERVERS (where not both) and USERS
+DIALECTS = (ios_scenarios, android_scenarios)
+SCENARIOS = BASE_SCENARIOS + [s for m in DIALECTS for s in m.SCENARIOS]
+SERVERS = {name: kinds for m in DIALECTS for name, kinds in m.SERVERS.items()}
+DIALECT_USERS = {name: users for m in DIALECTS for name, users in m.USERS.items()}
 
 
 def runs_on(name: str, kind: str) -> bool:
-    return kind in ios_scenarios.SERVERS.get(name, {"prosody", "ejabberd"})
+    return kind in SERVERS.get(name, {"prosody", "ejabberd"})
 
 
 def result(line: str):
@@ -39,7 +44,7 @@ async def run_server(kind: str, selected, run_dir: str, bins, registry, counts, 
     selected = [(n, f) for n, f in selected if runs_on(n, kind)]
     if not selected:
         return
-    users = USERS + [u for n, _ in selected for u in ios_scenarios.USERS.get(n, [])] + ["bob"]
+    users = USERS + [u for n, _ in selected for u in DIALECT_USERS.get(n, [])] + ["bob"]
     bed = Bed(kind, run_dir, bins, registry, sabotage=os.environ.get("PT_SABOTAGE", ""))
     try:
         try:
