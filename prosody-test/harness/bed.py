@@ -571,8 +571,16 @@ class Bed:
             self.tap = Wiretap(self.server.component_port)
             component_port = await self.tap.start()
         self.apns = MockApns(self.registry, self.bins["mock-apns"], self.dir)
+        # mock-fcm first makes the service account's RSA key (4-8 s in a debug build): the server starts and
+        # gets its users meanwhile; knock's config needs both mocks' URLs and files
         self.fcm = MockFcm(self.registry, self.bins["mock-fcm"], self.dir)
-        await asyncio.gather(self.apns.ready(), self.fcm.ready())
+        self.server.start()
+
+        async def server_up():
+            await self.server.ready(60)
+            await self.server.add_users(users, self.password)
+        await asyncio.gather(self.apns.ready(), self.fcm.ready(timeout=60), server_up())
+        self.users = users
         self.knock = Knock(self.registry, self.bins["knock"], os.path.join(self.dir, "knock"),
                            component_port,
                            "wrong-secret" if self.sabotage == "secret" else self.component_secret,
@@ -581,10 +589,6 @@ class Bed:
         if self.sabotage == "mock-unavailable":
             self.apns.default("unavailable")
             self.fcm.default("unavailable")
-        self.server.start()
-        await self.server.ready(60)
-        await self.server.add_users(users, self.password)
-        self.users = users
         self.knock.start()
         await self.wait_link(15)
         say(f"[{self.kind}] bed up in {time.monotonic() - t0:.1f} s: c2s 127.0.0.1:{self.server.c2s_port}, "
