@@ -1640,4 +1640,13 @@ team_id = "TEAM123456"
             err(&both)
         );
     }
+
+    #[test]
+    fn the_example_configuration_is_a_valid_one() {
+        let example = include_str!("../../config/knock.example.toml");
+        let c = Config::parse(example).expect("config/knock.example.toml parses and validates");
+        let providers: Vec<_> = c.apps.iter().map(AppConfig::provider).collect();
+        assert_eq!(providers, ["apns", "fcm"]);
+    }
 }
+
