@@ -1649,4 +1649,3 @@ team_id = "TEAM123456"
         assert_eq!(providers, ["apns", "fcm"]);
     }
 }
-
