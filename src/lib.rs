@@ -25,7 +25,7 @@
 //!   sled engine with its in-memory publish index, tokens sealed at rest, a registration acknowledged only
 //!   once durable. [`store::secrets`] makes the keyed hashes stored instead of JIDs.
 //! - [`push`]: the provider seam ([`push::Provider`], [`push::Wakeup`], [`push::PushOutcome`], tokens as
-//!   opaque bytes) and the APNs client. Knows tokens and HTTP/2, not XMPP.
+//!   opaque bytes) and its clients, APNs and FCM. Knows tokens and HTTP/2, not XMPP.
 //!
 //! Around them: [`app`] (the state handlers share, built once), [`config`] (the TOML file), [`limits`]
 //! (per-node coalescing, registration flood caps, hourly budgets of silent and registration-free pushes), [`stats`] (counters, and log lines limited per

@@ -12,7 +12,7 @@ use knock::app::App;
 use knock::config::Config;
 use knock::link::{self, LinkSettings};
 
-/// An XMPP push App Server (XEP-0357) that wakes iOS apps through APNs.
+/// An XMPP push App Server (XEP-0357) that wakes iOS and Android apps through APNs and FCM.
 #[derive(Parser)]
 #[command(name = "knock", version, about)]
 struct Cli {

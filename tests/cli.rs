@@ -68,6 +68,68 @@ fn check_names_what_is_wrong() {
     }
 }
 
+#[tokio::test]
+async fn check_loads_an_fcm_service_account_and_names_what_is_wrong_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fcm = testkit::fcm::MockFcm::start(testkit::fcm::MockFcmConfig::new("knock-test"))
+        .await
+        .expect("mock FCM");
+    let account = fcm
+        .write_service_account_file(dir.path())
+        .expect("write the service account");
+    std::fs::write(dir.path().join("not-json.json"), "{").expect("write");
+    std::fs::write(
+        dir.path().join("not-rsa.json"),
+        r#"{"type":"service_account","project_id":"p","private_key":"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n","client_email":"a@p.iam.gserviceaccount.com"}"#,
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("user.json"),
+        r#"{"type":"authorized_user","private_key":"x","client_email":"x"}"#,
+    )
+    .expect("write");
+    let fcm_app = |file: &str| {
+        format!(
+            "dry_run = true\n[[apns]]\nname = \"android\"\nprovider = \"fcm\"\nservice_account_file = \"{file}\"\n"
+        )
+    };
+    // An FCM app is written as an [[app]] table; so is the APNs one then.
+    let write = |file: &str| {
+        let path = write_config(dir.path(), &fcm_app(file));
+        let text = std::fs::read_to_string(&path)
+            .expect("read")
+            .replace(
+                "[[apns]]\nname = \"chat\"",
+                "[[app]]\nname = \"chat\"\nprovider = \"apns\"",
+            )
+            .replace(
+                "[[apns]]\nname = \"android\"",
+                "[[app]]\nname = \"android\"",
+            );
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let (ok, text) = knock(&["check", "--config", &write(&account.display().to_string())]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("android (fcm; auto: high priority or normal priority)"),
+        "{text}"
+    );
+    for (file, expected) in [
+        ("missing.json", "missing.json"),
+        ("not-json.json", "not a service-account key file"),
+        ("not-rsa.json", "not an RSA key"),
+        ("user.json", "service_account"),
+    ] {
+        let (ok, text) = knock(&["check", "--config", &write(file)]);
+        assert!(!ok, "{file}: {text}");
+        assert!(
+            text.contains(expected) && text.contains("android"),
+            "{file}: expected {expected:?} in: {text}"
+        );
+    }
+}
+
 /// The config `write_config` writes, with `from` replaced by `to`, and where `needle` stands in it (1-based
 /// line).
 fn config_with(dir: &std::path::Path, from: &str, to: &str, needle: &str) -> (String, usize) {

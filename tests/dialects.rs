@@ -1,13 +1,14 @@
 //! The client dialects beyond p2's and the delivery they get, below the socket: the stanzas each client
 //! (or its server, on its behalf) sends, exactly, through the router, into a real sled store and a scripted
 //! push backend. One test per row of issue 17: adaptive delivery, Monal's registration-free mode, and
-//! Tigase's `register-device` with encrypted payloads and calls.
+//! Tigase's `register-device` with encrypted payloads and calls; and of issue 19: the Conversations
+//! family's `register-push-fcm` (tests/android.rs has it end to end, against a mock FCM).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use knock::app::PushApp;
-use knock::push::{PushOutcome, WakeKind};
+use knock::push::{ProviderKind, PushOutcome, WakeKind};
 use minidom::Element;
 
 mod common;
@@ -751,5 +752,214 @@ async fn self_tests_are_limited_per_user() {
     assert_eq!(
         error_of(&ask(&f, &self_test_xml("bob@localhost/p")).await),
         None
+    );
+}
+
+// --- the Conversations family: p2's register-push-fcm ---
+
+/// An FCM token as Google hands them out.
+const FCM_TOKEN: &str = "eeDXSJjASJY:APA91bEKxhXK54-vHhY9O55JmU2R0nDJL2rRENm-W9uPY6x3jHi0i0OyvPu6js9jVPZqDeX9ZQydZCBZE19o7a0kK4_n88fCgufXjaOlvalh9VibB2zOI7dQRTaDNB3H5s4dicpWD0m4";
+/// `sha1("alice@localhost\0" + "92afd7a91cdba9a0")`: what Conversations compares the push's account to.
+const ALICE_PHONE: &str = "12f8203e15c0732329f525206c5d8c3b8d9410a3";
+
+/// Apps `chat` (APNs) and `android` (FCM, over a backend of its own).
+fn android_fixture() -> (Fixture, Arc<Scripted>) {
+    let fcm = Arc::new(Scripted::of(ProviderKind::Fcm));
+    let provider = fcm.clone();
+    let f = fixture_of(
+        move |backend| {
+            vec![
+                PushApp::new("chat", backend),
+                PushApp::new("android", provider),
+            ]
+        },
+        |b| b,
+    );
+    (f, fcm)
+}
+
+fn conversations_register(from: &str, token: &str, extra: &str) -> String {
+    conversations_register_xml("r", from, "92afd7a91cdba9a0", token, extra)
+}
+
+#[tokio::test]
+async fn register_push_fcm_answers_node_and_secret_and_pushes_name_the_account() {
+    let (f, fcm) = android_fixture();
+    let from = "alice@localhost/Conversations.sAdA";
+    let reply = ask(&f, &conversations_register(from, FCM_TOKEN, "")).await;
+    let (node, secret) = node_and_secret(&reply);
+    // A new token (Google rotates them): same node and secret, the new token pushed.
+    let newer = "fresh:APA91b-rotated";
+    let again = node_and_secret(&ask(&f, &conversations_register(from, newer, "")).await);
+    assert_eq!(again, (node.clone(), secret.clone()));
+    // p2's preferred name for the device id is taken too, and names the same device.
+    let by_device_id =
+        conversations_register(from, newer, "").replace("var='android-id'", "var='device-id'");
+    assert_eq!(node_and_secret(&ask(&f, &by_device_id).await).0, node);
+
+    let reply = ask(&f, &prosody_publish("p", "localhost", &node, &secret)).await;
+    assert_eq!(error_of(&reply), None);
+    let woken = fcm.wakeups();
+    assert_eq!(woken.len(), 1);
+    assert_eq!(woken[0].token, hex::encode(newer));
+    assert_eq!(woken[0].kind, WakeKind::Alert);
+    assert_eq!(woken[0].account.as_deref(), Some(ALICE_PHONE));
+    assert!(
+        f.backend.wakeups().is_empty(),
+        "the APNs app is not involved"
+    );
+
+    // The account is the device's, not the user's: another phone of alice's is named apart.
+    let other =
+        conversations_register(from, FCM_TOKEN, "").replace("92afd7a91cdba9a0", "0123456789abcdef");
+    let (other_node, other_secret) = node_and_secret(&ask(&f, &other).await);
+    assert_ne!(other_node, node);
+    let reply = ask(
+        &f,
+        &prosody_publish("p2", "localhost", &other_node, &other_secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    assert_ne!(fcm.wakeups()[1].account.as_deref(), Some(ALICE_PHONE));
+}
+
+#[tokio::test]
+async fn register_push_fcm_refuses_what_it_cannot_serve() {
+    let (f, _) = android_fixture();
+    let from = "alice@localhost/c";
+    let too_long = "a".repeat(4097);
+    let cases: Vec<(String, (&str, &str))> = vec![
+        // No token, no device id.
+        (
+            conversations_register(from, "", ""),
+            ("modify", "bad-request"),
+        ),
+        (
+            conversations_register(from, FCM_TOKEN, "").replace("92afd7a91cdba9a0", ""),
+            ("modify", "bad-request"),
+        ),
+        // Not a token FCM could take.
+        (
+            conversations_register(from, "has space", ""),
+            ("modify", "bad-request"),
+        ),
+        (
+            conversations_register(from, &too_long, ""),
+            ("modify", "bad-request"),
+        ),
+        // A group chat is a bare JID; a channel id is p2's hash.
+        (
+            conversations_register(
+                from,
+                FCM_TOKEN,
+                "<field var='muc'><value>room@conference.localhost/me</value></field>",
+            ),
+            ("modify", "bad-request"),
+        ),
+        (
+            conversations_register_xml("u", from, "92afd7a91cdba9a0", FCM_TOKEN, "")
+                .replace("register-push-fcm", "unregister-push-fcm")
+                .replace("<field var='token'>", "<field var='channel'>"),
+            ("modify", "bad-request"),
+        ),
+        // The APNs app does not take FCM tokens.
+        (
+            conversations_register(
+                from,
+                FCM_TOKEN,
+                "<field var='app'><value>chat</value></field>",
+            ),
+            ("modify", "bad-request"),
+        ),
+    ];
+    for (xml, expected) in cases {
+        let reply = ask(&f, &xml).await;
+        assert_eq!(
+            error_of(&reply),
+            err(expected.0, expected.1),
+            "{xml}\n{}",
+            String::from(&reply)
+        );
+    }
+    // A token of 4096 characters, the most knock takes, is fine.
+    let longest = "b".repeat(4096);
+    assert_eq!(
+        error_of(&ask(&f, &conversations_register(from, &longest, "")).await),
+        None
+    );
+}
+
+#[tokio::test]
+async fn fcm_commands_are_offered_only_with_an_fcm_app() {
+    let items = "<iq xmlns='jabber:component:accept' type='get' id='d' from='a@localhost/x' to='push.localhost'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/commands'/></iq>";
+    let nodes = |reply: &Element| -> Vec<String> {
+        reply
+            .get_child("query", "http://jabber.org/protocol/disco#items")
+            .unwrap()
+            .children()
+            .filter_map(|c| c.attr("node").map(String::from))
+            .collect()
+    };
+    let (f, _) = android_fixture();
+    assert_eq!(
+        nodes(&ask(&f, items).await),
+        [
+            "register-push-apns",
+            "unregister-push-apns",
+            "register-push-fcm",
+            "unregister-push-fcm",
+            "push-self-test"
+        ]
+    );
+    // Without one, as if it did not exist.
+    let plain = fixture();
+    let reply = ask(
+        &plain,
+        &conversations_register("a@localhost/c", FCM_TOKEN, ""),
+    )
+    .await;
+    assert_eq!(error_of(&reply), err("cancel", "item-not-found"));
+}
+
+#[tokio::test]
+async fn fcm_dead_tokens_and_outages_map_like_apns() {
+    let (f, fcm) = android_fixture();
+    let (node, secret) = node_and_secret(
+        &ask(
+            &f,
+            &conversations_register("alice@localhost/c", FCM_TOKEN, ""),
+        )
+        .await,
+    );
+    let token = hex::encode(FCM_TOKEN);
+    for (outcome, expected) in [
+        (PushOutcome::Throttled, ("wait", "resource-constraint")),
+        (
+            PushOutcome::Unavailable {
+                reason: "503 UNAVAILABLE".into(),
+            },
+            ("wait", "internal-server-error"),
+        ),
+        (
+            PushOutcome::Misconfigured {
+                reason: "401 UNAUTHENTICATED".into(),
+            },
+            ("wait", "internal-server-error"),
+        ),
+        (
+            PushOutcome::DeadToken {
+                reason: "UNREGISTERED".into(),
+            },
+            ("cancel", "item-not-found"),
+        ),
+    ] {
+        fcm.set(&token, outcome.clone());
+        let reply = ask(&f, &prosody_publish("p", "localhost", &node, &secret)).await;
+        assert_eq!(error_of(&reply), err(expected.0, expected.1), "{outcome:?}");
+    }
+    assert_eq!(
+        f.app.store.get(&node).unwrap(),
+        None,
+        "the dead token's registration is gone"
     );
 }

@@ -5,8 +5,8 @@
 //! Deadlines are short (1 to 3 s) so "minutes of outage" fit in seconds of CI time: what matters is that
 //! thousands of publishes go through the faulty path, enough for a leak per publish to show in the RSS.
 //!
-//! - APNs down (`503`, port refusing, peer silent): every publish `wait` by the deadline, attempts per
-//!   publish bounded, RSS flat, pushes again once APNs is back on its port.
+//! - APNs down (`503`, port refusing, peer silent), FCM down (`503`): every publish `wait` by the deadline,
+//!   attempts per publish bounded, RSS flat, pushes again once the service is back.
 //! - APNs slower than the deadline: `wait` by the deadline, the request abandoned, other publishes and pings
 //!   answered meanwhile, nothing answered twice.
 //! - APNs GOAWAY or reset under requests in flight: one `result` each, later pushes on a new connection.
@@ -40,6 +40,8 @@ const RSS_SLACK_KIB: u64 = 2 * 1024;
 const OUTAGE_PUBLISHES: usize = 3000;
 /// Attempts knock makes per push (`src/push/apns.rs`).
 const APNS_ATTEMPTS: u64 = 3;
+/// Most attempts knock makes per FCM push (`src/push/fcm.rs`); the deadline usually ends them sooner.
+const FCM_ATTEMPTS: u64 = 5;
 
 /// One [`stream`] at a time: the test harness runs tests in parallel on CI's two cores, and two floods at
 /// once would measure each other's scheduling delays instead of knock's deadlines.
@@ -57,17 +59,43 @@ struct Device {
     secret: String,
 }
 
-/// Register `n` devices, one per user (a user may register only a few an hour), one token each.
+/// The push service an outage test's devices are registered with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Service {
+    /// The `chat` app, by `register-push-apns`.
+    Apns,
+    /// The `android` app, by `register-push-fcm` as Conversations sends it.
+    Fcm,
+}
+
+/// Register `n` APNs devices, one per user (a user may register only a few an hour), one token each.
 async fn register_devices(conn: &mut ComponentConn, n: usize) -> Vec<Device> {
+    register_devices_with(conn, n, Service::Apns).await
+}
+
+/// Register `n` devices of `service`, one per user, one token each.
+async fn register_devices_with(
+    conn: &mut ComponentConn,
+    n: usize,
+    service: Service,
+) -> Vec<Device> {
     let mut devices = Vec::with_capacity(n);
     for i in 0..n {
-        let token = token(i);
         let user = format!("user{i}@localhost/phone");
-        let reply = ask(
-            conn,
-            &register_xml(&format!("reg{i}"), &user, "dev", &token, ""),
-        )
-        .await;
+        let id = format!("reg{i}");
+        let (token, xml) = match service {
+            Service::Apns => {
+                let token = token(i);
+                let xml = register_xml(&id, &user, "dev", &token, "");
+                (token, xml)
+            }
+            Service::Fcm => {
+                let token = format!("outage-{i}:APA91b");
+                let xml = conversations_register_xml(&id, &user, "0123456789abcdef", &token, "");
+                (token, xml)
+            }
+        };
+        let reply = ask(conn, &xml).await;
         let (node, secret) = node_and_secret(&reply);
         devices.push(Device {
             token,
@@ -188,16 +216,22 @@ async fn stream(
     measured
 }
 
-/// knock for the outage tests: a short publish deadline, no rate limit, quiet logs, `n` devices.
+/// knock for the outage tests: a short publish deadline, no rate limit, quiet logs, `n` APNs devices.
 async fn outage_harness(n: usize) -> (Harness, ComponentConn, Vec<Device>) {
+    outage_harness_for(n, Service::Apns).await
+}
+
+/// The same, with `n` devices of `service`.
+async fn outage_harness_for(n: usize, service: Service) -> (Harness, ComponentConn, Vec<Device>) {
     let h = Harness::start_with(Options {
         publish_deadline_ms: OUTAGE_DEADLINE.as_millis() as u64,
         log_filter: "warn",
+        fcm: (service == Service::Fcm).then_some(""),
         ..Options::default()
     })
     .await;
     let mut conn = h.accept().await;
-    let devices = register_devices(&mut conn, n).await;
+    let devices = register_devices_with(&mut conn, n, service).await;
     h.apns.set_recording(false);
     (h, conn, devices)
 }
@@ -230,14 +264,24 @@ async fn publish_through_outage(
         measured.max_latency <= OUTAGE_DEADLINE + SLACK,
         "a publish was answered after the deadline: {measured:?}"
     );
-    measured.assert_flat("APNs outage");
+    measured.assert_flat("push service outage");
     measured
 }
 
 /// Once APNs is healthy again, publishes are pushed again within a bounded time; how long it took.
 async fn recovers(h: &Harness, conn: &mut ComponentConn, device: &Device) -> Duration {
+    recovers_by(conn, device, || h.apns.requests_ok()).await
+}
+
+/// Once the push service is healthy again, publishes are pushed again within a bounded time; how long it
+/// took. `delivered` counts the service's accepted pushes.
+async fn recovers_by(
+    conn: &mut ComponentConn,
+    device: &Device,
+    delivered: impl Fn() -> u64,
+) -> Duration {
     let started = Instant::now();
-    let ok_before = h.apns.requests_ok();
+    let ok_before = delivered();
     for attempt in 0.. {
         let reply = publish(
             conn,
@@ -251,15 +295,12 @@ async fn recovers(h: &Harness, conn: &mut ComponentConn, device: &Device) -> Dur
         }
         assert!(
             started.elapsed() < Duration::from_secs(5),
-            "pushes still fail 5 s after APNs came back: {}",
+            "pushes still fail 5 s after the push service came back: {}",
             String::from(&reply)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        h.apns.requests_ok() > ok_before,
-        "the result was a real push"
-    );
+    assert!(delivered() > ok_before, "the result was a real push");
     started.elapsed()
 }
 
@@ -296,6 +337,38 @@ async fn apns_answering_503_for_thousands_of_publishes_is_wait_bounded_and_flat(
     h.apns.set_default_behaviour(Behaviour::Ok);
     let back = recovers(&h, &mut conn, &devices[0]).await;
     eprintln!("503: {requests} requests for {publishes} publishes, {measured:?}, back in {back:?}");
+}
+
+// The mocks and the server stand-in get a thread of their own, so the latencies are knock's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_answering_503_for_thousands_of_publishes_is_wait_bounded_and_flat() {
+    let (h, mut conn, devices) = outage_harness_for(20, Service::Fcm).await;
+    let fcm = h.fcm.as_ref().expect("mock FCM");
+    fcm.set_default_behaviour(testkit::fcm::Behaviour::Unavailable);
+    let before = fcm.requests().len() as u64;
+    let measured = publish_through_outage(&h, &mut conn, &devices).await;
+    let requests = fcm.requests().len() as u64 - before;
+    let publishes = OUTAGE_PUBLISHES as u64;
+    assert!(
+        requests <= FCM_ATTEMPTS * publishes,
+        "{requests} FCM requests for {publishes} publishes: retries are not bounded"
+    );
+    assert!(
+        requests > publishes,
+        "{requests} requests for {publishes} publishes: a 503 is worth a retry"
+    );
+    assert_eq!(
+        fcm.token_requests(),
+        1,
+        "one access token served the whole outage"
+    );
+
+    fcm.set_default_behaviour(testkit::fcm::Behaviour::Ok);
+    let ok = || fcm.requests().iter().filter(|r| r.status == 200).count() as u64;
+    let back = recovers_by(&mut conn, &devices[0], ok).await;
+    eprintln!(
+        "FCM 503: {requests} requests for {publishes} publishes, {measured:?}, back in {back:?}"
+    );
 }
 
 // The mock APNs and the server stand-in get a thread of their own, so the latencies are knock's.

@@ -1522,4 +1522,130 @@ team_id = "TEAM123456"
         assert_eq!(key.as_deref(), Some("store.plaintext_tokens"));
         assert_eq!(line, Some(line_of(&both, "plaintext_tokens")));
     }
+
+    /// `GOOD`'s component and store, with these apps.
+    fn with_apps(apps: &str) -> String {
+        let head = &GOOD[..GOOD.find("[[apns]]").expect("GOOD has an app")];
+        format!("{head}{apps}")
+    }
+
+    const FCM: &str =
+        "[[app]]\nname = \"android\"\nprovider = \"fcm\"\nservice_account_file = \"sa.json\"\n";
+
+    #[test]
+    fn an_fcm_app_takes_its_own_keys_with_googles_defaults() {
+        let c = Config::parse(&with_apps(FCM)).expect("valid");
+        let AppConfig::Fcm(app) = &c.apps[0] else {
+            panic!("an FCM app")
+        };
+        assert_eq!(app.endpoint, FCM_ENDPOINT);
+        assert_eq!(app.expiration_secs, FCM_MAX_TTL_SECS);
+        assert_eq!(
+            (app.push_type, app.background_per_hour),
+            (PushType::Auto, 0)
+        );
+        assert_eq!(
+            (app.project_id.as_deref(), app.token_uri.as_deref()),
+            (None, None)
+        );
+        assert_eq!(
+            c.apps[0].summary(),
+            "android (fcm; auto: high priority or normal priority)"
+        );
+
+        let tuned = format!(
+            "{FCM}project_id = \"my-app-1234\"\nendpoint = \"https://127.0.0.1:8443/\"\n\
+             token_uri = \"https://127.0.0.1:8443/token\"\nexpiration_secs = 60\npush_type = \"alert\"\n\
+             push_module = [\"fcm-prod\"]\n"
+        );
+        let c = Config::parse(&with_apps(&tuned)).expect("valid");
+        let AppConfig::Fcm(app) = &c.apps[0] else {
+            panic!("an FCM app")
+        };
+        assert_eq!(app.project_id.as_deref(), Some("my-app-1234"));
+        assert_eq!(app.expiration_secs, 60);
+        assert_eq!(
+            c.apps[0].summary(),
+            "android (fcm; high priority; registration-free for fcm-prod)"
+        );
+        // Paths are the config file's neighbours.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("knock.toml");
+        std::fs::write(&path, with_apps(FCM)).expect("write");
+        let AppConfig::Fcm(app) = &Config::load(&path).expect("valid").apps[0] else {
+            panic!("an FCM app")
+        };
+        assert_eq!(
+            app.service_account_file.as_deref(),
+            Some(dir.path().join("sa.json").as_path())
+        );
+    }
+
+    #[test]
+    fn an_fcm_app_refuses_what_it_cannot_use() {
+        for (extra, key, says) in [
+            ("topic = \"t\"\n", "app[0].topic", "APNs setting"),
+            (
+                "tigase_provider = \"x\"\n",
+                "app[0].tigase_provider",
+                "APNs setting",
+            ),
+            (
+                "[app.auth]\nkey_file = \"k\"\n",
+                "app[0].auth",
+                "APNs setting",
+            ),
+            ("endpoint = \"production\"\n", "app[0].endpoint", "https://"),
+            (
+                "token_uri = \"http://x/token\"\n",
+                "app[0].token_uri",
+                "https://",
+            ),
+            (
+                "project_id = \"a/b\"\n",
+                "app[0].project_id",
+                "Firebase project id",
+            ),
+            (
+                "expiration_secs = 2419201\n",
+                "app[0].expiration_secs",
+                "four weeks",
+            ),
+        ] {
+            let text = with_apps(&format!("{FCM}{extra}"));
+            let e = err(&text);
+            assert!(e.contains(key) && e.contains(says), "{extra:?}: {e}");
+        }
+        let without = with_apps("[[app]]\nname = \"android\"\nprovider = \"fcm\"\n");
+        assert!(
+            err(&without).contains("app[0].service_account_file"),
+            "{}",
+            err(&without)
+        );
+        assert!(Config::parse(&format!("{without}dry_run = true\n")).is_ok());
+        // And an APNs app refuses FCM's keys.
+        let apns = GOOD.replace(
+            "topic = \"org.example.chat\"",
+            "topic = \"t\"\nproject_id = \"p\"",
+        );
+        assert!(err(&apns).contains("apns[0].project_id"), "{}", err(&apns));
+        // Push modules are one app's, whatever their providers.
+        let both = with_apps(&format!(
+            "{FCM}push_module = \"m\"\n[[app]]\nname = \"ios\"\nprovider = \"apns\"\ntopic = \"t\"\n\
+             dry_run = true\npush_module = \"m\"\n"
+        ));
+        assert!(
+            err(&both).contains("app[1].push_module[0]"),
+            "{}",
+            err(&both)
+        );
+    }
+
+    #[test]
+    fn the_example_configuration_is_a_valid_one() {
+        let example = include_str!("../../config/knock.example.toml");
+        let c = Config::parse(example).expect("config/knock.example.toml parses and validates");
+        let providers: Vec<_> = c.apps.iter().map(AppConfig::provider).collect();
+        assert_eq!(providers, ["apns", "fcm"]);
+    }
 }

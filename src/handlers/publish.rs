@@ -2,7 +2,7 @@
 //!
 //! The reply tells the server what to do with the registration: Prosody counts non-`wait` errors and drops
 //! it after 16, ejabberd drops it at the first; both keep it on `wait`. So a dead token or unknown node is a
-//! `cancel`, while anything that may heal (APNs down, throttled, our own misconfiguration) is a `wait`.
+//! `cancel`, while anything that may heal (the push service down, throttled, our own misconfiguration) is a `wait`.
 //! The notification's content (sender, body, counts) is never read, logged or forwarded: only whether the
 //! server marked it important ([`Notification`]), and a payload the client encrypted for itself, which is
 //! passed on untouched.

@@ -1,7 +1,7 @@
 //! `push-self-test`: a user asks knock to push once to each of their registered devices and reads what
 //! became of each push in the command's notes. So a user can find out whether push works without waiting
 //! for a message (Siskin users ask for it: tigase/siskin-im #81), and an admin can tell "the App Server
-//! reaches Apple" from "the user's server never publishes".
+//! reaches Apple or Google" from "the user's server never publishes".
 //!
 //! Only the caller's own registrations are touched (found by the keyed hash of their bare JID); the push
 //! is visible, with the app's fixed title, like any other; a dead token ends its registration exactly as

@@ -684,4 +684,71 @@ mod tests {
         }
         assert!(parse_token(&"a".repeat(MAX_TOKEN_LEN + 1)).is_err());
     }
+
+    fn verdict(status: u16, body: &str, proven: bool) -> Verdict {
+        let status = StatusCode::from_u16(status).expect("a status");
+        classify(status, &GoogleError::parse(body.as_bytes()), proven)
+    }
+
+    fn dead(v: &Verdict) -> bool {
+        matches!(v, Verdict::Final(PushOutcome::DeadToken { .. }))
+    }
+
+    #[test]
+    fn googles_answers_map_to_what_knock_does() {
+        // Real bodies (Google's docs, bloomberg/pushiko's captures).
+        let unregistered = r#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#;
+        let bad_token = r#"{"error":{"code":400,"message":"The registration token is not a valid FCM registration token","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"INVALID_ARGUMENT"}]}}"#;
+        let bad_field = r#"{"error":{"code":400,"message":"Request contains an invalid argument.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"INVALID_ARGUMENT"},{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"message.token","description":"Invalid registration token"}]}]}}"#;
+        let too_big = r#"{"error":{"code":400,"message":"Request contains an invalid argument.","status":"INVALID_ARGUMENT"}}"#;
+        let mismatch = r#"{"error":{"code":403,"message":"SenderId mismatch","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"SENDER_ID_MISMATCH"}]}}"#;
+        let expired = r#"{"error":{"code":401,"message":"Request had invalid authentication credentials.","status":"UNAUTHENTICATED"}}"#;
+        let html = "<!DOCTYPE html><html><title>Error 502 (Server Error)!!1</title></html>";
+
+        assert!(dead(&verdict(404, unregistered, false)));
+        assert!(dead(&verdict(400, bad_token, false)));
+        assert!(dead(&verdict(400, bad_field, false)));
+        assert!(matches!(
+            verdict(400, too_big, true),
+            Verdict::Final(PushOutcome::Misconfigured { .. })
+        ));
+        assert!(matches!(
+            verdict(403, mismatch, false),
+            Verdict::Final(PushOutcome::Misconfigured { .. })
+        ));
+        assert!(dead(&verdict(403, mismatch, true)));
+        assert!(matches!(
+            verdict(401, expired, true),
+            Verdict::Reauthenticate(_)
+        ));
+        assert!(matches!(
+            verdict(403, "{}", true),
+            Verdict::Reauthenticate(_)
+        ));
+        assert_eq!(
+            verdict(429, "", true),
+            Verdict::Retry(PushOutcome::Throttled)
+        );
+        for status in [500, 502, 503] {
+            assert!(matches!(
+                verdict(status, html, true),
+                Verdict::Retry(PushOutcome::Unavailable { .. })
+            ));
+        }
+        // A 404 that does not say UNREGISTERED (a wrong project path) deletes nothing.
+        assert!(!dead(&verdict(
+            404,
+            r#"{"error":{"status":"NOT_FOUND"}}"#,
+            true
+        )));
+        assert_eq!(
+            GoogleError::parse(unregistered.as_bytes()).reason(),
+            "UNREGISTERED"
+        );
+        assert_eq!(
+            GoogleError::parse(expired.as_bytes()).reason(),
+            "UNAUTHENTICATED"
+        );
+        assert_eq!(GoogleError::parse(html.as_bytes()).reason(), "");
+    }
 }

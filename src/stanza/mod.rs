@@ -28,8 +28,9 @@ pub mod xml;
 
 /// Most fields a submitted form may have; knock's forms have at most five.
 pub const MAX_FORM_FIELDS: usize = 32;
-/// Longest value of any field knock reads.
-pub const MAX_FIELD_LEN: usize = 1024;
+/// Longest value of any field knock reads: an FCM token, whose length Google does not bound in writing
+/// (the longest reported are about 4 KiB).
+pub const MAX_FIELD_LEN: usize = 4096;
 
 /// Deepest nesting parsed into a tree; deeper stanzas are refused unread (a tree that deep costs stack to
 /// build and drop). The deepest stanza knock is sent is 8 levels: a publish's summary form value (iq,

@@ -31,11 +31,21 @@ pub struct Woken {
 /// A backend that answers what the test scripted per token and records every wake-up.
 #[derive(Default)]
 pub struct Scripted {
+    /// The push service it stands in for (APNs unless [`Scripted::of`] says otherwise).
+    kind: Option<ProviderKind>,
     outcomes: Mutex<HashMap<String, PushOutcome>>,
     woken: Mutex<Vec<Woken>>,
 }
 
 impl Scripted {
+    /// A backend standing in for `kind`.
+    pub fn of(kind: ProviderKind) -> Scripted {
+        Scripted {
+            kind: Some(kind),
+            ..Scripted::default()
+        }
+    }
+
     /// Answer `outcome` for `token` (hex) from now on.
     pub fn set(&self, token: &str, outcome: PushOutcome) {
         self.outcomes.lock().unwrap().insert(token.into(), outcome);
@@ -56,7 +66,7 @@ impl Scripted {
 
 impl Provider for Scripted {
     fn kind(&self) -> ProviderKind {
-        ProviderKind::Apns
+        self.kind.unwrap_or(ProviderKind::Apns)
     }
 
     fn wake<'a>(&'a self, w: Wakeup<'a>) -> BoxFuture<'a, PushOutcome> {
