@@ -41,7 +41,7 @@ const OUTAGE_PUBLISHES: usize = 3000;
 /// Attempts knock makes per push (`src/push/apns.rs`).
 const APNS_ATTEMPTS: u64 = 3;
 /// Most attempts knock makes per FCM push (`src/push/fcm.rs`); the deadline usually ends them sooner.
-const FCM_ATTEMPTS: u64 = 5;
+const FCM_ATTEMPTS: u64 = 8;
 
 /// One [`stream`] at a time: the test harness runs tests in parallel on CI's two cores, and two floods at
 /// once would measure each other's scheduling delays instead of knock's deadlines.

@@ -66,8 +66,9 @@ const REFUSED_GRANT_PAUSE: Duration = Duration::from_secs(60);
 const FAILED_GRANT_PAUSE: Duration = Duration::from_secs(1);
 /// First retry delay of a send; doubled each time, with jitter, as Google asks.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-/// Most attempts per wake-up, the first included; the publish deadline usually ends them sooner.
-const MAX_ATTEMPTS: u32 = 5;
+/// Most attempts per wake-up, the first included. The deadline ends them first: with backoff doubling from
+/// 200 ms, a 10 s deadline allows six; the cap only bounds what a long deadline could add.
+const MAX_ATTEMPTS: u32 = 8;
 /// Error bodies are a short JSON object (or a short HTML page from Google's front end): read no more.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
@@ -228,6 +229,7 @@ impl Credentials {
         }
         match self.grant(http).await {
             Ok(token) => {
+                tracing::debug!(stale = stale.is_some(), "FCM access token renewed");
                 *renewing = None;
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
                 Ok(token)
