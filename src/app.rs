@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::config::{AppConfig, PushType};
 use crate::limits::RegistrationLimiter;
 use crate::limits::{Budget, Coalescer};
+use crate::push::fcm::FcmClient;
 use crate::push::{ApnsClient, DryRun, Provider, ProviderKind, WakeKind};
 use crate::stats::Stats;
 use crate::store::secrets::Keyring;
@@ -30,13 +31,13 @@ pub enum SetupError {
     /// The store key could not be read.
     #[error("store.key_file: {0}")]
     StoreKey(#[from] KeyFileError),
-    /// An app's APNs client could not be built.
-    #[error("apns app {app:?}: {source}")]
-    Apns {
+    /// An app's push client could not be built.
+    #[error("app {app:?}: {source}")]
+    Provider {
         /// The app's name.
         app: String,
         /// What failed.
-        source: crate::push::apns::ApnsSetupError,
+        source: crate::push::http::ClientSetupError,
     },
 }
 
@@ -51,6 +52,19 @@ pub enum Delivery {
         /// Silent wake-ups per device per hour.
         background_per_hour: u32,
     },
+}
+
+impl Delivery {
+    /// What an app's `push_type` and `background_per_hour` say.
+    pub fn of(push_type: PushType, background_per_hour: u32) -> Delivery {
+        match push_type {
+            PushType::Auto => Delivery::Auto {
+                background_per_hour,
+            },
+            PushType::Background => Delivery::Fixed(WakeKind::Background),
+            PushType::Alert => Delivery::Fixed(WakeKind::Alert),
+        }
+    }
 }
 
 impl Default for Delivery {
@@ -286,7 +300,7 @@ impl App {
                                 ..apns.clone()
                             };
                             let client = ApnsClient::new(&config, push_deadline, stats.clone())
-                                .map_err(|source| SetupError::Apns {
+                                .map_err(|source| SetupError::Provider {
                                     app: apns.name.clone(),
                                     source,
                                 })?;
@@ -301,17 +315,28 @@ impl App {
                         Ok(PushApp {
                             name: app.name().to_owned(),
                             provider: client(&apns.endpoint)?,
-                            delivery: match apns.push_type {
-                                PushType::Auto => Delivery::Auto {
-                                    background_per_hour: apns.background_per_hour,
-                                },
-                                PushType::Background => Delivery::Fixed(WakeKind::Background),
-                                PushType::Alert => Delivery::Fixed(WakeKind::Alert),
-                            },
+                            delivery: Delivery::of(apns.push_type, apns.background_per_hour),
                             push_modules: apns.push_modules.clone(),
                             sandbox,
                             tigase_providers: apns.tigase_providers.clone(),
                             max_payload_size: apns.max_payload_size,
+                        })
+                    }
+                    AppConfig::Fcm(fcm) => {
+                        let provider: Arc<dyn Provider> = if fcm.dry_run {
+                            dry_run(ProviderKind::Fcm)
+                        } else {
+                            let client = FcmClient::new(fcm, push_deadline, stats.clone())
+                                .map_err(|source| SetupError::Provider {
+                                    app: fcm.name.clone(),
+                                    source,
+                                })?;
+                            Arc::new(client)
+                        };
+                        Ok(PushApp {
+                            delivery: Delivery::of(fcm.push_type, fcm.background_per_hour),
+                            push_modules: fcm.push_modules.clone(),
+                            ..PushApp::new(&fcm.name, provider)
                         })
                     }
                 }

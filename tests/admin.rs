@@ -367,3 +367,53 @@ async fn the_healthcheck_command_follows_health() {
     let (healthy, text) = healthcheck(&plain);
     assert!(!healthy && text.contains("[admin] listen"), "{text}");
 }
+
+#[tokio::test]
+async fn fcm_answers_have_their_own_families() {
+    let h = Harness::start_with(Options {
+        admin: Some(free_port()),
+        fcm: Some(""),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    let token = "metrics-token:APA91b";
+    let reply = ask(
+        &mut conn,
+        &conversations_register_xml("r", "alice@localhost/c", "0123456789abcdef", token, ""),
+    )
+    .await;
+    let (node, secret) = node_and_secret(&reply);
+    let fcm = h.fcm.as_ref().expect("mock FCM");
+    fcm.set_behaviour(
+        token,
+        testkit::fcm::Behaviour::fail_times(1, testkit::fcm::Behaviour::Unavailable),
+    );
+    let reply = ask(
+        &mut conn,
+        &prosody_publish("p", "localhost", &node, &secret),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
+    h.wait_for_admin().await;
+    let (m, text) = h.metrics().await;
+    for (series, value) in [
+        (
+            "knock_fcm_responses_total{status=\"503\",reason=\"UNAVAILABLE\"}",
+            1,
+        ),
+        (
+            "knock_fcm_responses_total{status=\"200\",reason=\"none\"}",
+            1,
+        ),
+        ("knock_fcm_request_duration_seconds_count", 2),
+        ("knock_fcm_transport_errors_total", 0),
+        ("knock_pushes_total{kind=\"alert\"}", 1),
+    ] {
+        assert_eq!(m.get(series), Some(value), "{series}:\n{text}");
+    }
+    assert!(
+        !text.contains("knock_apns_responses_total{"),
+        "the APNs app pushed nothing: {text}"
+    );
+}

@@ -20,7 +20,7 @@ use xmpp_parsers::jid::BareJid;
 use self::locate::Locator;
 
 /// The push services an `[[app]]` may name in `provider`.
-pub const PROVIDERS: &[&str] = &["apns"];
+pub const PROVIDERS: &[&str] = &["apns", "fcm"];
 
 /// Anything that makes a configuration unusable, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +170,13 @@ struct AppTable {
     tigase_provider: Option<OneOrMany>,
     #[serde(default)]
     max_payload_size: Option<usize>,
+    // FCM: see [`FcmConfig`] for each.
+    #[serde(default)]
+    service_account_file: Option<PathBuf>,
+    #[serde(default)]
+    project_id: Option<String>,
+    #[serde(default)]
+    token_uri: Option<String>,
 }
 
 /// A key that takes one string or a list of them.
@@ -212,6 +219,19 @@ impl AppTable {
                 ))
             }
         };
+        let fcm_only = [
+            ("service_account_file", self.service_account_file.is_some()),
+            ("project_id", self.project_id.is_some()),
+            ("token_uri", self.token_uri.is_some()),
+        ];
+        if provider == "apns" {
+            if let Some((name, _)) = fcm_only.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.{name}"),
+                    "is an FCM setting; this app has provider = \"apns\"",
+                ));
+            }
+        }
         match provider.as_str() {
             "apns" => Ok(AppConfig::Apns(ApnsConfig {
                 topic: self.topic.ok_or_else(|| {
@@ -241,6 +261,41 @@ impl AppTable {
                     .unwrap_or_default(),
                 max_payload_size: self.max_payload_size.unwrap_or(DEFAULT_MAX_PAYLOAD_SIZE),
             })),
+            "fcm" => {
+                // Said by name rather than ignored: an admin who sets one expects it to do something.
+                let apns_only = [
+                    ("topic", self.topic.is_some()),
+                    ("voip_topic", self.voip_topic.is_some()),
+                    ("alert_title", self.alert_title.is_some()),
+                    ("include_node", self.include_node.is_some()),
+                    ("auth", self.auth.is_some()),
+                    ("sandbox_endpoint", self.sandbox_endpoint.is_some()),
+                    ("tigase_provider", self.tigase_provider.is_some()),
+                    ("max_payload_size", self.max_payload_size.is_some()),
+                ];
+                if let Some((name, _)) = apns_only.iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.{name}"),
+                        "is an APNs setting; this app has provider = \"fcm\"",
+                    ));
+                }
+                Ok(AppConfig::Fcm(FcmConfig {
+                    name: self.name,
+                    service_account_file: self.service_account_file,
+                    project_id: self.project_id,
+                    endpoint: self.endpoint.unwrap_or_else(|| FCM_ENDPOINT.to_owned()),
+                    token_uri: self.token_uri,
+                    ca_file: self.ca_file,
+                    push_type: self.push_type.unwrap_or_default(),
+                    background_per_hour: self.background_per_hour.unwrap_or(0),
+                    push_modules: self
+                        .push_module
+                        .map(OneOrMany::into_vec)
+                        .unwrap_or_default(),
+                    expiration_secs: self.expiration_secs.unwrap_or(FCM_MAX_TTL_SECS),
+                    dry_run: self.dry_run,
+                }))
+            }
             other => Err(ConfigError::invalid(
                 format!("{key}.provider"),
                 format!(
@@ -257,33 +312,76 @@ impl AppTable {
 pub enum AppConfig {
     /// An iOS app, woken through APNs.
     Apns(ApnsConfig),
+    /// An Android app, woken through FCM.
+    Fcm(FcmConfig),
+}
+
+/// What every app says, whatever its push service: how it is named, how its wake-ups show, and who may
+/// push to it without registering.
+#[derive(Debug, Clone, Copy)]
+pub struct AppBasics<'a> {
+    /// The name clients use in the `app` field.
+    pub name: &'a str,
+    /// Whether pushes are only logged.
+    pub dry_run: bool,
+    /// How wake-ups show.
+    pub push_type: PushType,
+    /// In `auto`: silent wake-ups per device per hour (0: no limit).
+    pub background_per_hour: u32,
+    /// Registration-free push modules.
+    pub push_modules: &'a [String],
+    /// Tigase-dialect provider ids (APNs apps only).
+    pub tigase_providers: &'a [String],
 }
 
 impl AppConfig {
+    /// What every app says, whatever its push service.
+    pub fn basics(&self) -> AppBasics<'_> {
+        match self {
+            AppConfig::Apns(app) => AppBasics {
+                name: &app.name,
+                dry_run: app.dry_run,
+                push_type: app.push_type,
+                background_per_hour: app.background_per_hour,
+                push_modules: &app.push_modules,
+                tigase_providers: &app.tigase_providers,
+            },
+            AppConfig::Fcm(app) => AppBasics {
+                name: &app.name,
+                dry_run: app.dry_run,
+                push_type: app.push_type,
+                background_per_hour: app.background_per_hour,
+                push_modules: &app.push_modules,
+                tigase_providers: &[],
+            },
+        }
+    }
+
     /// The name clients use in the `app` field.
     pub fn name(&self) -> &str {
-        match self {
-            AppConfig::Apns(app) => &app.name,
-        }
+        self.basics().name
     }
 
     /// Whether pushes are only logged.
     pub fn dry_run(&self) -> bool {
-        match self {
-            AppConfig::Apns(app) => app.dry_run,
-        }
+        self.basics().dry_run
     }
 
     /// One line for `knock check`: the name, the push service, how pushes show, and the client dialects
     /// beyond p2's that the app serves.
     pub fn summary(&self) -> String {
-        let AppConfig::Apns(app) = self;
+        let app = self.basics();
+        let (silent, visible) = match self {
+            AppConfig::Apns(_) => ("silent", "alert"),
+            AppConfig::Fcm(_) => ("normal priority", "high priority"),
+        };
         let mut parts = vec![
             self.provider().to_owned(),
-            match app.push_type {
-                PushType::Auto => format!("auto, {} silent/hour", app.background_per_hour),
-                PushType::Background => "background".to_owned(),
-                PushType::Alert => "alert".to_owned(),
+            match (app.push_type, app.background_per_hour) {
+                (PushType::Auto, 0) => format!("auto: {visible} or {silent}"),
+                (PushType::Auto, n) => format!("auto: {visible} or {silent}, {n} {silent}/hour"),
+                (PushType::Background, _) => silent.to_owned(),
+                (PushType::Alert, _) => visible.to_owned(),
             },
         ];
         if !app.push_modules.is_empty() {
@@ -308,6 +406,7 @@ impl AppConfig {
     pub fn provider(&self) -> &'static str {
         match self {
             AppConfig::Apns(_) => "apns",
+            AppConfig::Fcm(_) => "fcm",
         }
     }
 }
@@ -457,6 +556,44 @@ pub struct ApnsConfig {
     /// How knock authenticates to APNs.
     pub auth: Option<ApnsAuthConfig>,
 }
+
+/// An `[[app]]` with `provider = "fcm"`: an Android app knock wakes through Firebase Cloud Messaging (HTTP v1).
+#[derive(Debug, Clone)]
+pub struct FcmConfig {
+    /// The name clients use in the `app` field; unique.
+    pub name: String,
+    /// The Firebase project's service-account key (JSON, from the Firebase console: Project settings,
+    /// Service accounts, Generate new private key). Required unless `dry_run`.
+    pub service_account_file: Option<PathBuf>,
+    /// The Firebase project id; `None`: the service account's `project_id`.
+    pub project_id: Option<String>,
+    /// The FCM API's base URL: Google's by default, or any `https://` URL (a test server).
+    pub endpoint: String,
+    /// Where access tokens are asked for; `None`: the service account's `token_uri`.
+    pub token_uri: Option<String>,
+    /// Extra PEM CA certificates to trust for the endpoint and the token URI, besides the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// `auto` (high priority for what the user's server marks important, normal priority otherwise),
+    /// `background` (always normal) or `alert` (always high). Google deprioritises an app's high-priority
+    /// messages that do not lead to a visible notification, so `auto` is the default.
+    pub push_type: PushType,
+    /// In `auto`: normal-priority wake-ups per device per hour; further unimportant publishes are answered
+    /// without a push. 0 (the default): no limit, since Google does not ration them as Apple does.
+    pub background_per_hour: u32,
+    /// Registration-free mode: publish-options `pushModule` values that select this app, with the node
+    /// being the FCM token. Empty: off.
+    pub push_modules: Vec<String>,
+    /// How long Google may hold an undelivered message, in seconds (`android.ttl`): 0 to 2419200 (four
+    /// weeks, Google's own default and knock's).
+    pub expiration_secs: u64,
+    /// Log pushes instead of sending them (for staging and benchmarks); the service account is then optional.
+    pub dry_run: bool,
+}
+
+/// Google's FCM API.
+pub const FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
+/// The longest `android.ttl` Google accepts, which is also its default: four weeks.
+pub const FCM_MAX_TTL_SECS: u64 = 2_419_200;
 
 /// Which kind of push knock sends for an app.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -682,14 +819,26 @@ impl Config {
         if let Some(p) = self.store.key_file.as_mut() {
             fix(p);
         }
-        for AppConfig::Apns(app) in &mut self.apps {
-            if let Some(p) = app.ca_file.as_mut() {
-                fix(p);
-            }
-            if let Some(auth) = app.auth.as_mut() {
-                fix(&mut auth.key_file);
-                if let Some(p) = auth.cert_file.as_mut() {
-                    fix(p);
+        for app in &mut self.apps {
+            match app {
+                AppConfig::Apns(app) => {
+                    if let Some(p) = app.ca_file.as_mut() {
+                        fix(p);
+                    }
+                    if let Some(auth) = app.auth.as_mut() {
+                        fix(&mut auth.key_file);
+                        if let Some(p) = auth.cert_file.as_mut() {
+                            fix(p);
+                        }
+                    }
+                }
+                AppConfig::Fcm(app) => {
+                    for p in [&mut app.ca_file, &mut app.service_account_file]
+                        .into_iter()
+                        .flatten()
+                    {
+                        fix(p);
+                    }
                 }
             }
         }
@@ -816,7 +965,33 @@ impl Config {
                     format!("duplicate app name {name:?}"),
                 ));
             }
-            let AppConfig::Apns(app) = app;
+            let basics = app.basics();
+            for (what, names) in [
+                ("push_module", basics.push_modules),
+                ("tigase_provider", basics.tigase_providers),
+            ] {
+                for (j, name) in names.iter().enumerate() {
+                    if name.is_empty() || name.len() > 128 || name.contains(char::is_whitespace) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.{what}[{j}]"),
+                            "must be 1 to 128 characters without spaces",
+                        ));
+                    }
+                    if !served.insert((what, name.as_str())) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.{what}[{j}]"),
+                            format!("{name:?} is already served by another app"),
+                        ));
+                    }
+                }
+            }
+            let app = match app {
+                AppConfig::Apns(app) => app,
+                AppConfig::Fcm(app) => {
+                    self.validate_fcm(&key, app)?;
+                    continue;
+                }
+            };
             if app.topic.is_empty() || app.topic.contains(char::is_whitespace) {
                 return Err(ConfigError::invalid(
                     format!("{key}.topic"),
@@ -842,25 +1017,6 @@ impl Config {
                     "must be between 256 and 4096 (bytes of base64; APNs payloads are at most 4096)",
                 ));
             }
-            for (what, names) in [
-                ("push_module", &app.push_modules),
-                ("tigase_provider", &app.tigase_providers),
-            ] {
-                for (j, name) in names.iter().enumerate() {
-                    if name.is_empty() || name.len() > 128 || name.contains(char::is_whitespace) {
-                        return Err(ConfigError::invalid(
-                            format!("{key}.{what}[{j}]"),
-                            "must be 1 to 128 characters without spaces",
-                        ));
-                    }
-                    if !served.insert((what, name.as_str())) {
-                        return Err(ConfigError::invalid(
-                            format!("{key}.{what}[{j}]"),
-                            format!("{name:?} is already served by another app"),
-                        ));
-                    }
-                }
-            }
             match &app.auth {
                 Some(auth) => {
                     auth.kind(&format!("{key}.auth"))?;
@@ -876,6 +1032,46 @@ impl Config {
                 }
                 None => {}
             }
+        }
+        Ok(())
+    }
+
+    /// What an FCM app's table must get right; `key` names it (`app[1]`).
+    fn validate_fcm(&self, key: &str, app: &FcmConfig) -> Result<(), ConfigError> {
+        https_url(&app.endpoint)
+            .map_err(|reason| ConfigError::invalid(format!("{key}.endpoint"), reason))?;
+        if let Some(uri) = &app.token_uri {
+            https_url(uri)
+                .map_err(|reason| ConfigError::invalid(format!("{key}.token_uri"), reason))?;
+        }
+        if let Some(project) = &app.project_id {
+            // Google's project ids: 6 to 30 lowercase letters, digits and hyphens. Checked loosely, but
+            // enough that it is safe in a URL path.
+            if project.is_empty()
+                || project.len() > 64
+                || !project
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':')
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.project_id"),
+                    "must be the Firebase project id (letters, digits and hyphens)",
+                ));
+            }
+        }
+        if app.expiration_secs > FCM_MAX_TTL_SECS {
+            return Err(ConfigError::invalid(
+                format!("{key}.expiration_secs"),
+                format!(
+                    "must be at most {FCM_MAX_TTL_SECS} (four weeks, FCM's longest time to live)"
+                ),
+            ));
+        }
+        if app.service_account_file.is_none() && !app.dry_run {
+            return Err(ConfigError::invalid(
+                format!("{key}.service_account_file"),
+                "missing: the Firebase service-account key file (only dry_run apps may omit it)",
+            ));
         }
         Ok(())
     }
@@ -955,15 +1151,23 @@ impl ApnsConfig {
     }
 }
 
-/// The base URL an `endpoint` value names, without a trailing slash.
+/// The base URL an APNs `endpoint` value names, without a trailing slash.
 fn endpoint_url(endpoint: &str) -> Result<String, String> {
     match endpoint {
         "production" => Ok(APNS_PRODUCTION.to_owned()),
         "sandbox" | "development" => Ok(APNS_SANDBOX.to_owned()),
-        url if url.starts_with("https://") && url.len() > "https://".len() => {
+        url => https_url(url)
+            .map_err(|_| "expected \"production\", \"sandbox\" or an https:// URL".to_owned()),
+    }
+}
+
+/// An `https://` URL as written, without a trailing slash.
+pub fn https_url(url: &str) -> Result<String, String> {
+    match url.strip_prefix("https://") {
+        Some(rest) if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
             Ok(url.trim_end_matches('/').to_owned())
         }
-        _ => Err("expected \"production\", \"sandbox\" or an https:// URL".to_owned()),
+        _ => Err("expected an https:// URL".to_owned()),
     }
 }
 
@@ -991,6 +1195,7 @@ team_id = "TEAM123456"
     fn apns(c: &Config) -> &ApnsConfig {
         match &c.apps[0] {
             AppConfig::Apns(app) => app,
+            AppConfig::Fcm(_) => panic!("the first app is an FCM one"),
         }
     }
 

@@ -1,12 +1,20 @@
 //! Registration by XEP-0050 ad-hoc commands, named as p2 (Conversations' App Server) names them: one
 //! register and one unregister command per push service, each entry of [`COMMANDS`] naming its provider.
 //!
-//! `register-push-apns` takes `token`, `device-id` (or p2's `android-id`) and an optional `app` (one of that
-//! provider's apps; the first is the default), and completes with a result form carrying `jid`, `node` and
-//! `secret` for the client's `<enable/>`. Executed without a form it answers the form to fill in, so generic
-//! ad-hoc UIs work. The same (JID, device, app) always gets the same node and secret back; only the token
-//! changes. `unregister-push-apns` removes the device's registration. Storing goes through [`super::save`],
-//! which applies the domain policy and the registration flood caps.
+//! `register-push-apns` and `register-push-fcm` take `token`, `device-id` (or p2's `android-id`, which the
+//! Conversations family sends), an optional `app` (one of that provider's apps; the first is the default)
+//! and, as p2 takes it, an optional `muc`: the bare JID of a group chat the device registers for apart from
+//! its account. They complete with a result form carrying `jid`, `node` and `secret` for the client's
+//! `<enable/>`. Executed without a form they answer the form to fill in, so generic ad-hoc UIs work. The same
+//! (JID, device, app, group chat) always gets the same node and secret back; only the token changes.
+//! `unregister-push-*` removes the device's registration, or the group chat's when `muc` or `channel` (the
+//! room's [`p2_hash`], as Conversations sends it) names one. Storing goes through [`super::save`], which
+//! applies the domain policy and the registration flood caps.
+//!
+//! A registration for a provider whose pushes must name the account ([`ProviderKind::p2_account`]: FCM,
+//! for the Conversations family) keeps that name, sealed like the token.
+
+use std::collections::HashMap;
 
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
 use xmpp_parsers::jid::Jid;
@@ -15,7 +23,7 @@ use super::{
     delete, device_id, device_token, form_values, optional, push_app, required, save, HandlerError,
 };
 use crate::app::App;
-use crate::push::ProviderKind;
+use crate::push::{p2_hash, ProviderKind};
 use crate::stanza::xep0050::{Action, Actions, Command, Status};
 use crate::store::secrets::{random_id, secret_hash};
 use crate::store::Registration;
@@ -56,6 +64,10 @@ pub enum Verb {
 pub const REGISTER_APNS: &str = "register-push-apns";
 /// Unregister an APNs device.
 pub const UNREGISTER_APNS: &str = "unregister-push-apns";
+/// Register an FCM device (the Conversations family).
+pub const REGISTER_FCM: &str = "register-push-fcm";
+/// Unregister an FCM device.
+pub const UNREGISTER_FCM: &str = "unregister-push-fcm";
 
 /// Every command, in the order disco#items lists them.
 pub const COMMANDS: &[CommandInfo] = &[
@@ -68,6 +80,16 @@ pub const COMMANDS: &[CommandInfo] = &[
         node: UNREGISTER_APNS,
         name: "Unregister an iOS device",
         kind: CommandKind::P2(ProviderKind::Apns, Verb::Unregister),
+    },
+    CommandInfo {
+        node: REGISTER_FCM,
+        name: "Register an Android device for push",
+        kind: CommandKind::P2(ProviderKind::Fcm, Verb::Register),
+    },
+    CommandInfo {
+        node: UNREGISTER_FCM,
+        name: "Unregister an Android device",
+        kind: CommandKind::P2(ProviderKind::Fcm, Verb::Unregister),
     },
     CommandInfo {
         node: super::tigase::REGISTER,
@@ -91,9 +113,19 @@ pub fn by_node(node: &str) -> Option<&'static CommandInfo> {
     COMMANDS.iter().find(|c| c.node == node)
 }
 
+/// Whether a command is offered (listed, and run): p2's for a push service only when an app uses it,
+/// Tigase's only when an app serves a Tigase provider id.
+pub fn offered(app: &App, command: &CommandInfo) -> bool {
+    match command.kind {
+        CommandKind::SelfTest => true,
+        CommandKind::P2(provider, _) => app.apps().iter().any(|a| a.provider.kind() == provider),
+        CommandKind::Tigase(_) => app.apps().iter().any(|a| !a.tigase_providers.is_empty()),
+    }
+}
+
 /// Run a command for `from`.
 pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command, HandlerError> {
-    let Some(info) = by_node(&command.node) else {
+    let Some(info) = by_node(&command.node).filter(|info| offered(app, info)) else {
         return Err(HandlerError::item_not_found("no such command"));
     };
     match command.action.unwrap_or(Action::Execute) {
@@ -126,7 +158,12 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
     let device = device_id(device)?;
     let push_app = push_app(app, optional(&values, "app"), Some(provider))?;
     let bare = from.to_bare();
-    let device_key = app.keys.device(bare.as_str(), device, &push_app.name);
+    let device_key = match channel(&values, device)? {
+        None => app.keys.device(bare.as_str(), device, &push_app.name),
+        Some(channel) => app
+            .keys
+            .device_channel(bare.as_str(), device, &channel, &push_app.name),
+    };
 
     if verb == Verb::Unregister {
         let Some(node) = app.store.node_for_device(&device_key)? else {
@@ -156,7 +193,7 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         token,
         secret_hash: Some(secret_hash(&secret)),
         call_token: None,
-        account: None,
+        account: provider.p2_account(bare.as_str(), device),
     };
     save(app, &registration).await?;
     tracing::debug!(app = %push_app.name, "device registered");
@@ -176,6 +213,31 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         Some(result),
         random_id,
     ))
+}
+
+/// The group chat a p2 registration is for, by its channel id: `muc` names the room (a bare JID), and
+/// `channel` its id as the client computed it ([`p2_hash`] of the room and the device); `None` for the
+/// device's own registration.
+fn channel(values: &HashMap<&str, &str>, device: &str) -> Result<Option<String>, HandlerError> {
+    if let Some(muc) = optional(values, "muc") {
+        let room = muc
+            .parse::<Jid>()
+            .ok()
+            .filter(|jid| jid.resource().is_none())
+            .ok_or_else(|| HandlerError::bad_request("muc must be the group chat's bare JID"))?;
+        return Ok(Some(p2_hash(room.as_str(), device)));
+    }
+    match optional(values, "channel") {
+        None => Ok(None),
+        Some(id)
+            if id.len() == 40 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(Some(id.to_owned()))
+        }
+        Some(_) => Err(HandlerError::bad_request(
+            "channel must be the group chat's id: 40 lowercase hex digits",
+        )),
+    }
 }
 
 /// The first stage of a two-step execution: the form to fill in.

@@ -73,22 +73,12 @@ pub fn info(app: &App, query: DiscoInfoQuery) -> Result<DiscoInfoResult, Handler
     }
 }
 
-/// Whether a command is offered: Tigase's only when an app serves a Tigase provider id.
-fn offered(app: &App, command: &commands::CommandInfo) -> bool {
-    match command.kind {
-        commands::CommandKind::P2(..) | commands::CommandKind::SelfTest => true,
-        commands::CommandKind::Tigase(_) => {
-            app.apps().iter().any(|a| !a.tigase_providers.is_empty())
-        }
-    }
-}
-
 /// Answer disco#items: the command list on the commands node, nothing elsewhere.
 pub fn items(app: &App, query: DiscoItemsQuery) -> Result<DiscoItemsResult, HandlerError> {
     let items = match query.node.as_deref() {
         Some(node) if node == crate::stanza::xep0050::NS => commands::COMMANDS
             .iter()
-            .filter(|c| offered(app, c))
+            .filter(|c| commands::offered(app, c))
             .map(|c| Item {
                 jid: app.jid.clone().into(),
                 node: Some(c.node.to_owned()),

@@ -7,7 +7,7 @@
 
 use std::fmt::Write;
 
-use crate::stats::{Histogram, Snapshot};
+use crate::stats::{ExchangeSnapshot, Histogram, Snapshot};
 
 /// Write the exposition of `s`; `stored_registrations` is `None` when the store could not count in time
 /// (the gauge is then left out, rather than shown as a false zero).
@@ -149,37 +149,52 @@ pub fn render(
     );
     out.sample("knock_component_link_downs_total", &[], s.link_downs);
 
-    out.family(
-        "knock_apns_responses_total",
-        "counter",
-        "APNs HTTP answers, by status and Apple's reason (none: no reason given; other: not one Apple \
-         documents). Each retry is one answer.",
+    exchanges(
+        &mut out,
+        "apns",
+        "APNs",
+        "Apple's reason (none: no reason given; other: not one Apple documents)",
+        &s.apns,
     );
-    for (status, reason, n) in &s.apns_responses {
-        let status = status.map(|code| code.to_string());
-        let status = status.as_deref().unwrap_or("other");
-        out.sample(
-            "knock_apns_responses_total",
-            &[("status", status), ("reason", reason)],
-            *n,
-        );
-    }
-    out.family(
-        "knock_apns_transport_errors_total",
-        "counter",
-        "APNs requests that got no HTTP answer (connect, TLS or stream failure, or the deadline).",
-    );
-    out.sample(
-        "knock_apns_transport_errors_total",
-        &[],
-        s.apns_transport_errors,
-    );
-    out.histogram(
-        "knock_apns_request_duration_seconds",
-        "Time from sending an APNs request to its answer or failure, per attempt.",
-        &s.apns_latency,
+    exchanges(
+        &mut out,
+        "fcm",
+        "FCM",
+        "FCM's errorCode, or Google's status when it gives none (none: success; other: not one Google \
+         documents)",
+        &s.fcm,
     );
     out.0
+}
+
+/// One push service's families: `knock_<service>_responses_total`, `_transport_errors_total` and
+/// `_request_duration_seconds`.
+fn exchanges(out: &mut Exposition, service: &str, name: &str, reason: &str, s: &ExchangeSnapshot) {
+    let responses = format!("knock_{service}_responses_total");
+    out.family(
+        &responses,
+        "counter",
+        &format!("{name} HTTP answers, by status and {reason}. Each retry is one answer."),
+    );
+    for (status, reason, n) in &s.responses {
+        let status = status.map(|code| code.to_string());
+        let status = status.as_deref().unwrap_or("other");
+        out.sample(&responses, &[("status", status), ("reason", reason)], *n);
+    }
+    let errors = format!("knock_{service}_transport_errors_total");
+    out.family(
+        &errors,
+        "counter",
+        &format!(
+            "{name} requests that got no HTTP answer (connect, TLS or stream failure, or the deadline)."
+        ),
+    );
+    out.sample(&errors, &[], s.transport_errors);
+    out.histogram(
+        &format!("knock_{service}_request_duration_seconds"),
+        &format!("Time from sending an {name} request to its answer or failure, per attempt."),
+        &s.latency,
+    );
 }
 
 /// The text being built. Writing to a `String` cannot fail, so `write!` results are dropped.
@@ -369,9 +384,11 @@ mod tests {
         stats.link_down();
         stats.link_up();
         let _in_flight = stats.publish_started();
-        stats.apns_response(200, "", Duration::from_millis(2));
-        stats.apns_response(503, "ServiceUnavailable", Duration::from_millis(30));
-        stats.apns_response(599, "Teapot", Duration::from_secs(20));
+        stats.apns.response(200, "", Duration::from_millis(2));
+        stats
+            .apns
+            .response(503, "ServiceUnavailable", Duration::from_millis(30));
+        stats.apns.response(599, "Teapot", Duration::from_secs(20));
         let m = parse(&render(
             &stats.snapshot(),
             None,
@@ -442,7 +459,7 @@ mod tests {
         let token = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
         let stats = Stats::default();
         for reason in [token, "alice@example.org/phone", "node-Xy_12", "\"}\n# x"] {
-            stats.apns_response(400, reason, Duration::ZERO);
+            stats.apns.response(400, reason, Duration::ZERO);
         }
         let text = render(&stats.snapshot(), Some(1), None);
         for leak in [token, "alice", "example.org", "node-Xy", "# x"] {

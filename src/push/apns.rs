@@ -15,39 +15,15 @@ use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 
+use super::http::{
+    error_chain, http2_client, invalid, load_certs, lower_hex, node_digest, read, tls_builder,
+    ClientSetupError, HttpClient,
+};
 use super::{Provider, ProviderKind, PushOutcome, Token, TokenError, WakeKind, Wakeup};
 use crate::config::{ApnsAuth, ApnsConfig};
 use crate::stats::Stats;
-
-/// Why an APNs client could not be built from its configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ApnsSetupError {
-    /// A key, certificate or CA file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A file was read but does not hold what it should.
-    #[error("{path}: {reason}")]
-    Invalid {
-        /// The file.
-        path: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The endpoint or TLS setup was rejected.
-    #[error("{0}")]
-    Setup(String),
-}
 
 /// Shortest and longest APNs device token, in hex digits. Apple's are 32 bytes today and documented as
 /// variable length, so knock accepts up to 100 bytes.
@@ -65,17 +41,6 @@ pub fn parse_token(text: &str) -> Result<Token, TokenError> {
         .map_err(|_| refused)
 }
 
-/// Lowercase hex of `bytes`, by table: this runs on every push (`hex::encode` goes char by char).
-fn lower_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out
-}
-
 /// Sign a fresh provider token this often; Apple rejects tokens older than an hour.
 const JWT_REFRESH: Duration = Duration::from_secs(50 * 60);
 /// Apple answers `TooManyProviderTokenUpdates` to more frequent refreshes.
@@ -84,8 +49,6 @@ const JWT_MIN_REFRESH: Duration = Duration::from_secs(20 * 60);
 const ATTEMPTS: u32 = 3;
 /// First retry delay; doubled each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-/// Shortest wait for a PING's answer before a connection with pushes waiting is declared dead.
-const MIN_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Error bodies are a short JSON object; never read more than this.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
@@ -117,13 +80,14 @@ struct Claims<'a> {
 }
 
 impl JwtSigner {
-    fn load(path: &Path, key_id: &str, team_id: &str) -> Result<JwtSigner, ApnsSetupError> {
+    fn load(path: &Path, key_id: &str, team_id: &str) -> Result<JwtSigner, ClientSetupError> {
         let pem = read(path)?;
-        let key =
-            jsonwebtoken::EncodingKey::from_ec_pem(&pem).map_err(|e| ApnsSetupError::Invalid {
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).map_err(|e| {
+            ClientSetupError::Invalid {
                 path: path.display().to_string(),
                 reason: format!("not an ES256 .p8 key: {e}"),
-            })?;
+            }
+        })?;
         let signer = JwtSigner {
             key,
             key_id: key_id.to_owned(),
@@ -131,7 +95,7 @@ impl JwtSigner {
             current: Mutex::new(None),
         };
         // Sign once now so a bad key fails `knock check`, not the first push.
-        signer.sign().map_err(|reason| ApnsSetupError::Invalid {
+        signer.sign().map_err(|reason| ClientSetupError::Invalid {
             path: path.display().to_string(),
             reason,
         })?;
@@ -196,7 +160,7 @@ fn age(then: SystemTime) -> Duration {
 /// An APNs client for one app.
 pub struct ApnsClient {
     /// hyper's pooled client: one multiplexed HTTP/2 connection, re-established on demand.
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: HttpClient,
     /// `https://host[:port]`, no trailing slash.
     base: String,
     /// The app's name, for logs.
@@ -227,64 +191,23 @@ pub struct ApnsClient {
     proven: [AtomicBool; 2],
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, ApnsSetupError> {
-    std::fs::read(path).map_err(|source| ApnsSetupError::Read {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-fn invalid(path: &Path, reason: impl Into<String>) -> ApnsSetupError {
-    ApnsSetupError::Invalid {
-        path: path.display().to_string(),
-        reason: reason.into(),
-    }
-}
-
-fn load_certs(
-    path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ApnsSetupError> {
-    let pem = read(path)?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("bad PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(path, "no certificate in the file"));
-    }
-    Ok(certs)
-}
-
 impl ApnsClient {
     /// Build the client for one app: read keys and CA files, set up TLS. Does not connect yet.
     pub fn new(
         app: &ApnsConfig,
         deadline: Duration,
         stats: Arc<Stats>,
-    ) -> Result<ApnsClient, ApnsSetupError> {
-        let base = app.endpoint_url().map_err(ApnsSetupError::Setup)?;
+    ) -> Result<ApnsClient, ClientSetupError> {
+        let base = app.endpoint_url().map_err(ClientSetupError::Setup)?;
         let auth = match &app.auth {
             Some(auth) => Some(
                 auth.kind("apns.auth")
-                    .map_err(|e| ApnsSetupError::Setup(e.to_string()))?,
+                    .map_err(|e| ClientSetupError::Setup(e.to_string()))?,
             ),
             None => None,
         };
 
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = &app.ca_file {
-            for cert in load_certs(ca)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| invalid(ca, format!("unusable CA certificate: {e}")))?;
-            }
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ApnsSetupError::Setup(e.to_string()))?
-        .with_root_certificates(roots);
+        let builder = tls_builder(app.ca_file.as_deref())?;
 
         let (tls, jwt) = match auth {
             Some(ApnsAuth::Certificate {
@@ -312,33 +235,10 @@ impl ApnsClient {
             None => (builder.with_no_client_auth(), None),
         };
 
-        // Nagle would hold each small HTTP/2 frame back until the previous one is acknowledged: tens of
-        // milliseconds per push when pushes come one at a time.
-        let mut tcp = HttpConnector::new();
-        tcp.set_nodelay(true);
-        tcp.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http2()
-            .wrap_connector(tcp);
-        // A connection whose path died silently (no FIN, no RST) would take every push until the OS gave up
-        // on it, minutes later; pooled, it is never replaced. So while pushes are waiting, a connection that
-        // has been quiet for half a deadline is pinged, and one that does not answer within half a deadline
-        // more is closed: its pushes are retried on a new one, usually inside their deadline. The floor keeps
-        // a short deadline from mistaking a long round trip to Apple for a dead path.
-        let keep_alive = (deadline / 2).max(MIN_KEEP_ALIVE);
-        let http = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(keep_alive)
-            .http2_keep_alive_timeout(keep_alive)
-            .pool_idle_timeout(Duration::from_secs(600))
-            .build(connector);
+        let http = http2_client(tls, deadline);
         let header = |topic: &str| {
             HeaderValue::from_str(topic).map_err(|_| {
-                ApnsSetupError::Setup(format!("topic {topic:?} is not a valid header value"))
+                ClientSetupError::Setup(format!("topic {topic:?} is not a valid header value"))
             })
         };
         let topic = header(&app.topic)?;
@@ -457,21 +357,15 @@ impl ApnsClient {
         let request = self.request(wakeup, jwt)?;
         let started = Instant::now();
         let response = self.http.request(request).await.map_err(|e| {
-            self.stats.apns_transport_error(started.elapsed());
+            self.stats.apns.transport_error(started.elapsed());
             // hyper's error chain says *why* (connect refused, TLS, GOAWAY); the top level rarely does.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
+            error_chain(&e)
         })?;
         let status = response.status();
         if status.is_success() {
             self.stats
-                .apns_response(status.as_u16(), "", started.elapsed());
+                .apns
+                .response(status.as_u16(), "", started.elapsed());
             return Ok((status, String::new()));
         }
         let body = Limited::new(response.into_body(), MAX_ERROR_BODY)
@@ -484,7 +378,8 @@ impl ApnsClient {
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
             .unwrap_or_default();
         self.stats
-            .apns_response(status.as_u16(), &reason, started.elapsed());
+            .apns
+            .response(status.as_u16(), &reason, started.elapsed());
         Ok((status, reason))
     }
 
@@ -559,10 +454,8 @@ fn fixed_payload(kind: WakeKind, alert_title: &str) -> Bytes {
 /// The `apns-collapse-id` of a node's background pushes: 32 hex digits of its SHA-256, so any node, however
 /// long, fits Apple's 64 bytes, and the node itself is not repeated in a header.
 fn collapse_id(node: &str) -> HeaderValue {
-    use sha2::{Digest, Sha256};
-    let hash = Sha256::digest(node.as_bytes());
     // Hex digits are always a valid header value.
-    HeaderValue::from_str(&lower_hex(&hash[..16])).expect("hex is a valid header value")
+    HeaderValue::from_str(&node_digest(node)).expect("hex is a valid header value")
 }
 
 /// What one APNs answer means for the push.

@@ -10,6 +10,8 @@
 //! staging and benchmarks.
 
 pub mod apns;
+pub mod fcm;
+pub mod http;
 
 use std::fmt;
 
@@ -23,16 +25,19 @@ pub use apns::ApnsClient;
 pub enum ProviderKind {
     /// Apple Push Notification service.
     Apns,
+    /// Firebase Cloud Messaging (HTTP v1), Google's push service for Android.
+    Fcm,
 }
 
 impl ProviderKind {
     /// Every provider knock speaks.
-    pub const ALL: &'static [ProviderKind] = &[ProviderKind::Apns];
+    pub const ALL: &'static [ProviderKind] = &[ProviderKind::Apns, ProviderKind::Fcm];
 
     /// The name used in configuration (`provider = "apns"`), logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
             ProviderKind::Apns => "apns",
+            ProviderKind::Fcm => "fcm",
         }
     }
 
@@ -45,6 +50,7 @@ impl ProviderKind {
     pub fn byte(self) -> u8 {
         match self {
             ProviderKind::Apns => 1,
+            ProviderKind::Fcm => 2,
         }
     }
 
@@ -57,6 +63,17 @@ impl ProviderKind {
     pub fn token_label(self) -> &'static str {
         match self {
             ProviderKind::Apns => "APNs device token (hex)",
+            ProviderKind::Fcm => "FCM registration token",
+        }
+    }
+
+    /// What a p2-dialect registration's pushes must carry as `account`, for the device `device_id` of
+    /// `bare_jid`: for FCM, [`p2_hash`], which the Conversations family compares to tell which of its
+    /// accounts to wake; for APNs nothing (p2's iOS clients read the node).
+    pub fn p2_account(self, bare_jid: &str, device_id: &str) -> Option<String> {
+        match self {
+            ProviderKind::Apns => None,
+            ProviderKind::Fcm => Some(p2_hash(bare_jid, device_id)),
         }
     }
 
@@ -65,6 +82,7 @@ impl ProviderKind {
     pub fn parse_token(self, text: &str) -> Result<Token, TokenError> {
         match self {
             ProviderKind::Apns => apns::parse_token(text),
+            ProviderKind::Fcm => fcm::parse_token(text),
         }
     }
 }
@@ -73,6 +91,19 @@ impl fmt::Display for ProviderKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// p2's identity of a device under a JID (its `combineAndHash`): lowercase hex SHA-1 of the JID, a NUL and
+/// the device id. The Conversations family compares a push's `account` with exactly this, made from its
+/// account's bare JID and its `ANDROID_ID`; p2 names a device's group-chat registration (`channel`) the
+/// same way, from the room's JID. A name for the device, not a secret: it is sent to the push service.
+pub fn p2_hash(jid: &str, device_id: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let mut hash = Sha1::new();
+    hash.update(jid.as_bytes());
+    hash.update([0]);
+    hash.update(device_id.as_bytes());
+    http::lower_hex(&hash.finalize())
 }
 
 /// A device token as its provider stores it: opaque bytes to everything but that provider. Its `Debug`
@@ -139,8 +170,8 @@ pub struct Wakeup<'a> {
     pub node: &'a str,
     /// Silent, visible, or a call.
     pub kind: WakeKind,
-    /// The account (bare JID) the wake-up is for, for apps that must be told in the push which of their
-    /// accounts to wake (Tigase's dialect); `None` for every other app.
+    /// The account the wake-up is for, as the app must be told it in the push: the bare JID for Tigase's
+    /// dialect, [`p2_hash`] of JID and device for p2's FCM one (Conversations); `None` for every other app.
     pub account: Option<&'a str>,
     /// The client's own encrypted payload, passed through.
     pub encrypted: Option<Encrypted<'a>>,
@@ -226,6 +257,15 @@ mod tests {
         }
         assert_eq!(ProviderKind::from_byte(0), None);
         assert_eq!(ProviderKind::from_name("gcm"), None);
+    }
+
+    #[test]
+    fn p2_hash_is_what_conversations_compares() {
+        // sha1("test@example.com\0" + "92afd7a91cdba9a0"), as Conversations' CryptoHelper computes it.
+        assert_eq!(
+            p2_hash("test@example.com", "92afd7a91cdba9a0"),
+            "532e27275c60cde28baeaa88e6815a366c8996de"
+        );
     }
 
     #[test]

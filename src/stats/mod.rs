@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Counters and gauges, cheap to bump from any handler, the link and the push clients.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Publishes answered after a push was accepted by the push service.
     pub pushed: AtomicU64,
@@ -55,7 +55,38 @@ pub struct Stats {
     /// Publishes being handled right now (see [`Stats::publish_started`]).
     publishes_in_flight: AtomicU64,
     /// Every APNs HTTP exchange.
-    apns: ApnsStats,
+    pub apns: Exchanges,
+    /// Every FCM HTTP exchange (sends; token grants are not counted here).
+    pub fcm: Exchanges,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let zero = AtomicU64::default;
+        Stats {
+            pushed: zero(),
+            pushed_background: zero(),
+            pushed_alert: zero(),
+            pushed_call: zero(),
+            coalesced: zero(),
+            over_budget: zero(),
+            unknown_node: zero(),
+            forbidden: zero(),
+            bad_request: zero(),
+            dead_token: zero(),
+            transient_failure: zero(),
+            registered: zero(),
+            unregistered: zero(),
+            registration_capped: zero(),
+            registration_unchanged: zero(),
+            registration_not_allowed: zero(),
+            registration_failed: zero(),
+            link: LinkStats::default(),
+            publishes_in_flight: zero(),
+            apns: Exchanges::new(&APNS_STATUSES, &APNS_REASONS),
+            fcm: Exchanges::new(&FCM_STATUSES, &FCM_REASONS),
+        }
+    }
 }
 
 /// The component link's state and history.
@@ -111,22 +142,46 @@ pub const APNS_REASONS: [&str; 34] = [
     "other",
 ];
 
-/// Upper bounds of the APNs latency histogram, in microseconds (1 ms to 10 s; Apple usually answers in tens
-/// of milliseconds, and a push never waits longer than the publish deadline, at most 30 s).
+/// The HTTP status codes FCM answers a send with, in the order `/metrics` lists them.
+pub const FCM_STATUSES: [u16; 9] = [200, 400, 401, 403, 404, 429, 500, 502, 503];
+
+/// FCM's `errorCode`s (from the `FcmError` detail), the canonical `status` Google answers when there is none
+/// (an expired access token is `UNAUTHENTICATED`), plus `none` and `other`.
+pub const FCM_REASONS: [&str; 13] = [
+    "none",
+    "INVALID_ARGUMENT",
+    "UNREGISTERED",
+    "SENDER_ID_MISMATCH",
+    "QUOTA_EXCEEDED",
+    "UNAVAILABLE",
+    "INTERNAL",
+    "THIRD_PARTY_AUTH_ERROR",
+    "UNSPECIFIED_ERROR",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "other",
+];
+
+/// Upper bounds of the push services' latency histograms, in microseconds (1 ms to 10 s; they usually
+/// answer in tens of milliseconds, and a push never waits longer than the publish deadline, at most 30 s).
 pub const APNS_LATENCY_BOUNDS_MICROS: [u64; 13] = [
     1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
     5_000_000, 10_000_000,
 ];
 
-const STATUS_SLOTS: usize = APNS_STATUSES.len() + 1;
-const REASON_SLOTS: usize = APNS_REASONS.len();
 const BUCKET_SLOTS: usize = APNS_LATENCY_BOUNDS_MICROS.len() + 1;
 
-/// APNs answers by status and reason, and how long each exchange took.
+/// One push service's HTTP answers by status and reason, and how long each exchange took. The labels are
+/// the service's fixed tables; anything else is counted as `other`.
 #[derive(Debug)]
-struct ApnsStats {
-    /// `[status][reason]`, indexes from [`status_slot`] and [`reason_slot`].
-    responses: [[AtomicU64; REASON_SLOTS]; STATUS_SLOTS],
+pub struct Exchanges {
+    /// The statuses the service documents.
+    statuses: &'static [u16],
+    /// `none`, the reasons it documents, `other`.
+    reasons: &'static [&'static str],
+    /// `[status slot * reasons.len() + reason slot]`; the last status slot is `other`.
+    responses: Box<[AtomicU64]>,
     /// Exchanges that got no HTTP answer (connect, TLS or stream failure, or the deadline).
     transport_errors: AtomicU64,
     /// Latency of every exchange, answered or not: one slot per bound (not cumulative) plus one over the last.
@@ -135,32 +190,117 @@ struct ApnsStats {
     latency_sum_micros: AtomicU64,
 }
 
-impl Default for ApnsStats {
-    fn default() -> Self {
-        ApnsStats {
-            responses: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+impl Exchanges {
+    /// Counters for a service with these tables (`reasons` starts with `none` and ends with `other`).
+    fn new(statuses: &'static [u16], reasons: &'static [&'static str]) -> Exchanges {
+        Exchanges {
+            statuses,
+            reasons,
+            responses: (0..(statuses.len() + 1) * reasons.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             transport_errors: AtomicU64::new(0),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_micros: AtomicU64::new(0),
         }
     }
-}
 
-fn status_slot(status: u16) -> usize {
-    APNS_STATUSES
-        .iter()
-        .position(|&s| s == status)
-        .unwrap_or(APNS_STATUSES.len())
-}
-
-fn reason_slot(reason: &str) -> usize {
-    if reason.is_empty() {
-        return 0;
+    /// One HTTP exchange got an answer: its status, the service's reason (empty if none), and how long it
+    /// took from sending the request to reading the answer.
+    pub fn response(&self, status: u16, reason: &str, elapsed: Duration) {
+        let slot = self.status_slot(status) * self.reasons.len() + self.reason_slot(reason);
+        self.responses[slot].fetch_add(1, Ordering::Relaxed);
+        self.latency(elapsed);
     }
-    APNS_REASONS[1..APNS_REASONS.len() - 1]
-        .iter()
-        .position(|&r| r == reason)
-        .map_or(REASON_SLOTS - 1, |i| i + 1)
+
+    /// One HTTP exchange got no answer (connect, TLS or stream error, timeout) after `elapsed`.
+    pub fn transport_error(&self, elapsed: Duration) {
+        self.transport_errors.fetch_add(1, Ordering::Relaxed);
+        self.latency(elapsed);
+    }
+
+    fn latency(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let slot = APNS_LATENCY_BOUNDS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(APNS_LATENCY_BOUNDS_MICROS.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn status_slot(&self, status: u16) -> usize {
+        self.statuses
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(self.statuses.len())
+    }
+
+    fn reason_slot(&self, reason: &str) -> usize {
+        if reason.is_empty() {
+            return 0;
+        }
+        let known = &self.reasons[1..self.reasons.len() - 1];
+        known
+            .iter()
+            .position(|&r| r == reason)
+            .map_or(self.reasons.len() - 1, |i| i + 1)
+    }
+
+    /// Read them once.
+    fn snapshot(&self) -> ExchangeSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let width = self.reasons.len();
+        let responses = self
+            .responses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, cell)| {
+                let n = g(cell);
+                (n > 0).then(|| {
+                    (
+                        self.statuses.get(i / width).copied(),
+                        self.reasons[i % width],
+                        n,
+                    )
+                })
+            })
+            .collect();
+        let mut running = 0;
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                running += g(b);
+                let bound = APNS_LATENCY_BOUNDS_MICROS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(u64::MAX);
+                (bound, running)
+            })
+            .collect();
+        ExchangeSnapshot {
+            responses,
+            transport_errors: g(&self.transport_errors),
+            latency: Histogram {
+                buckets,
+                sum_micros: g(&self.latency_sum_micros),
+                count: running,
+            },
+        }
+    }
+}
+
+/// One push service's exchanges, read at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExchangeSnapshot {
+    /// Answers: `(status, or None for one not in the service's table, reason, count)`, only those seen.
+    pub responses: Vec<(Option<u16>, &'static str, u64)>,
+    /// Exchanges without an HTTP answer.
+    pub transport_errors: u64,
+    /// Exchange latency.
+    pub latency: Histogram,
 }
 
 /// Marks one publish as in flight until dropped; from [`Stats::publish_started`].
@@ -236,12 +376,10 @@ pub struct Snapshot {
     pub link_downs: u64,
     /// Publishes being handled.
     pub publishes_in_flight: u64,
-    /// APNs answers: `(status, or None for one not in [`APNS_STATUSES`], reason, count)`, only those seen.
-    pub apns_responses: Vec<(Option<u16>, &'static str, u64)>,
-    /// APNs exchanges without an HTTP answer.
-    pub apns_transport_errors: u64,
-    /// APNs exchange latency.
-    pub apns_latency: Histogram,
+    /// APNs exchanges.
+    pub apns: ExchangeSnapshot,
+    /// FCM exchanges.
+    pub fcm: ExchangeSnapshot,
 }
 
 impl Stats {
@@ -275,60 +413,10 @@ impl Stats {
         }
     }
 
-    /// One APNs HTTP exchange got an answer: its status, Apple's `reason` (empty if none), and how long it
-    /// took from sending the request to reading the answer.
-    pub fn apns_response(&self, status: u16, reason: &str, elapsed: Duration) {
-        self.apns.responses[status_slot(status)][reason_slot(reason)]
-            .fetch_add(1, Ordering::Relaxed);
-        self.apns_latency(elapsed);
-    }
-
-    /// One APNs HTTP exchange got no answer (connect, TLS or stream error, timeout) after `elapsed`.
-    pub fn apns_transport_error(&self, elapsed: Duration) {
-        self.apns.transport_errors.fetch_add(1, Ordering::Relaxed);
-        self.apns_latency(elapsed);
-    }
-
-    fn apns_latency(&self, elapsed: Duration) {
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let slot = APNS_LATENCY_BOUNDS_MICROS
-            .iter()
-            .position(|&bound| micros <= bound)
-            .unwrap_or(APNS_LATENCY_BOUNDS_MICROS.len());
-        self.apns.buckets[slot].fetch_add(1, Ordering::Relaxed);
-        self.apns
-            .latency_sum_micros
-            .fetch_add(micros, Ordering::Relaxed);
-    }
-
     /// Read everything once.
     pub fn snapshot(&self) -> Snapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let dead_token = g(&self.dead_token);
-        let mut apns_responses = Vec::new();
-        for (s, row) in self.apns.responses.iter().enumerate() {
-            for (r, cell) in row.iter().enumerate() {
-                let n = g(cell);
-                if n > 0 {
-                    apns_responses.push((APNS_STATUSES.get(s).copied(), APNS_REASONS[r], n));
-                }
-            }
-        }
-        let mut running = 0;
-        let buckets = self
-            .apns
-            .buckets
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                running += g(b);
-                let bound = APNS_LATENCY_BOUNDS_MICROS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(u64::MAX);
-                (bound, running)
-            })
-            .collect();
         Snapshot {
             pushed: g(&self.pushed),
             pushed_background: g(&self.pushed_background),
@@ -351,13 +439,8 @@ impl Stats {
             link_reconnects: g(&self.link.ups).saturating_sub(1),
             link_downs: g(&self.link.downs),
             publishes_in_flight: g(&self.publishes_in_flight),
-            apns_responses,
-            apns_transport_errors: g(&self.apns.transport_errors),
-            apns_latency: Histogram {
-                buckets,
-                sum_micros: g(&self.apns.latency_sum_micros),
-                count: running,
-            },
+            apns: self.apns.snapshot(),
+            fcm: self.fcm.snapshot(),
         }
     }
 
@@ -421,17 +504,21 @@ mod tests {
     #[test]
     fn apns_answers_land_in_fixed_slots() {
         let stats = Stats::default();
-        stats.apns_response(200, "", Duration::from_millis(3));
-        stats.apns_response(200, "", Duration::from_millis(3));
-        stats.apns_response(410, "Unregistered", Duration::from_millis(20));
-        stats.apns_response(503, "Shutdown", Duration::from_secs(60));
+        stats.apns.response(200, "", Duration::from_millis(3));
+        stats.apns.response(200, "", Duration::from_millis(3));
+        stats
+            .apns
+            .response(410, "Unregistered", Duration::from_millis(20));
+        stats
+            .apns
+            .response(503, "Shutdown", Duration::from_secs(60));
         // What a peer invents never becomes a label: a token as a reason, an undocumented status.
-        stats.apns_response(400, &"ab".repeat(32), Duration::ZERO);
-        stats.apns_response(418, "other", Duration::ZERO);
-        stats.apns_transport_error(Duration::from_micros(1_000));
+        stats.apns.response(400, &"ab".repeat(32), Duration::ZERO);
+        stats.apns.response(418, "other", Duration::ZERO);
+        stats.apns.transport_error(Duration::from_micros(1_000));
         let s = stats.snapshot();
         assert_eq!(
-            s.apns_responses,
+            s.apns.responses,
             vec![
                 (Some(200), "none", 2),
                 (Some(400), "other", 1),
@@ -440,8 +527,8 @@ mod tests {
                 (None, "other", 1),
             ]
         );
-        assert_eq!(s.apns_transport_errors, 1);
-        let h = &s.apns_latency;
+        assert_eq!(s.apns.transport_errors, 1);
+        let h = &s.apns.latency;
         assert_eq!(h.count, 7);
         assert_eq!(h.sum_micros, 6_000 + 20_000 + 60_000_000 + 1_000);
         let at = |bound: u64| h.buckets.iter().find(|b| b.0 == bound).map(|b| b.1);
@@ -460,18 +547,50 @@ mod tests {
 
     #[test]
     fn reasons_map_to_their_own_slot() {
-        for (i, reason) in APNS_REASONS.iter().enumerate().skip(1) {
-            assert_eq!(reason_slot(reason), i, "{reason}");
+        let stats = Stats::default();
+        for (exchanges, statuses, reasons) in [
+            (&stats.apns, &APNS_STATUSES[..], &APNS_REASONS[..]),
+            (&stats.fcm, &FCM_STATUSES[..], &FCM_REASONS[..]),
+        ] {
+            for (i, reason) in reasons.iter().enumerate().skip(1) {
+                assert_eq!(exchanges.reason_slot(reason), i, "{reason}");
+            }
+            assert_eq!(exchanges.reason_slot(""), 0);
+            assert_eq!(
+                exchanges.reason_slot("some reason nobody documents"),
+                reasons.len() - 1
+            );
+            for (i, status) in statuses.iter().enumerate() {
+                assert_eq!(exchanges.status_slot(*status), i);
+            }
+            assert_eq!(exchanges.status_slot(0), statuses.len());
         }
-        assert_eq!(reason_slot(""), 0);
         assert_eq!(
-            reason_slot("unregistered"),
-            REASON_SLOTS - 1,
+            stats.apns.reason_slot("unregistered"),
+            APNS_REASONS.len() - 1,
             "case matters"
         );
-        for (i, status) in APNS_STATUSES.iter().enumerate() {
-            assert_eq!(status_slot(*status), i);
-        }
-        assert_eq!(status_slot(0), APNS_STATUSES.len());
+    }
+
+    #[test]
+    fn fcm_answers_are_counted_apart_from_apns() {
+        let stats = Stats::default();
+        stats.fcm.response(200, "", Duration::from_millis(2));
+        stats
+            .fcm
+            .response(404, "UNREGISTERED", Duration::from_millis(2));
+        stats.fcm.response(502, "", Duration::from_millis(2));
+        stats.fcm.transport_error(Duration::from_millis(2));
+        let s = stats.snapshot();
+        assert_eq!(
+            s.fcm.responses,
+            vec![
+                (Some(200), "none", 1),
+                (Some(404), "UNREGISTERED", 1),
+                (Some(502), "none", 1),
+            ]
+        );
+        assert_eq!((s.fcm.transport_errors, s.fcm.latency.count), (1, 4));
+        assert!(s.apns.responses.is_empty() && s.apns.latency.count == 0);
     }
 }

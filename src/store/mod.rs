@@ -61,8 +61,9 @@ pub struct Registration {
     /// A second token for call pushes (Apple's PushKit VoIP token), if the device gave one. Sealed at rest
     /// like the token.
     pub call_token: Option<Token>,
-    /// The registering user's bare JID, kept only for dialects whose pushes must name the account
-    /// (Tigase's); sealed at rest. `None` for every other registration.
+    /// The account as the app must be told it in the push, kept only for dialects whose pushes name it:
+    /// the user's bare JID for Tigase's, a hash of JID and device id for p2's FCM one (the Conversations
+    /// family); sealed at rest. `None` for every other registration.
     pub account: Option<String>,
 }
 
@@ -88,7 +89,7 @@ pub struct PublishTarget {
     pub app: Arc<str>,
     /// The device's token for call pushes, if any.
     pub call_token: Option<Token>,
-    /// The account (bare JID) to name in the push, for the dialects that need it.
+    /// The account to name in the push, for the dialects that need it.
     pub account: Option<Arc<str>>,
 }
 

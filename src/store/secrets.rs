@@ -68,6 +68,24 @@ impl Keyring {
         ])
     }
 
+    /// The identity of one device's registration for one group chat (p2's `muc`, by its channel id), apart
+    /// from the device's own.
+    pub fn device_channel(
+        &self,
+        bare_jid: &str,
+        device_id: &str,
+        channel: &str,
+        app: &str,
+    ) -> Digest {
+        self.mac(&[
+            b"device-channel",
+            bare_jid.as_bytes(),
+            device_id.as_bytes(),
+            channel.as_bytes(),
+            app.as_bytes(),
+        ])
+    }
+
     /// The identity of one device of one user for one app, where the dialect names devices by their token
     /// (Tigase's), so a re-registration with the same token finds its node again.
     pub fn device_by_token(&self, bare_jid: &str, token: &[u8], app: &str) -> Digest {

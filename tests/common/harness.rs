@@ -1,5 +1,5 @@
-//! The real `knock` binary and its two peers on 127.0.0.1 (an XEP-0114 server stand-in and a mock APNs),
-//! configured and started for one test, with what tests ask of them most.
+//! The real `knock` binary and its peers on 127.0.0.1 (an XEP-0114 server stand-in, a mock APNs and, when a
+//! test asks, a mock FCM), configured and started for one test, with what tests ask of them most.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use minidom::Element;
 use testkit::apns::{generate_apns_key, MockApns, MockApnsConfig, TestClientCa};
+use testkit::fcm::{MockFcm, MockFcmConfig};
 use testkit::proxy::Blackhole;
 use testkit::server::{ComponentConn, ComponentServer};
 
@@ -21,6 +22,8 @@ pub const KEY_ID: &str = "KEYID12345";
 pub const SECOND_KEY_ID: &str = "KEYID67890";
 /// The app's bundle id (`apns-topic`).
 pub const TOPIC: &str = "im.knock.test";
+/// The Firebase project of the mock FCM.
+pub const FCM_PROJECT: &str = "knock-test";
 /// The component secret the server stand-in expects.
 pub const COMPONENT_SECRET: &str = "component-secret";
 /// How long a test waits for anything that should happen at once.
@@ -34,6 +37,8 @@ pub struct Harness {
     pub server: ComponentServer,
     /// The mock APNs knock pushes to.
     pub apns: MockApns,
+    /// The mock FCM knock pushes the `android` app to, with [`Options::fcm`].
+    pub fcm: Option<MockFcm>,
     /// The relay knock reaches the mock through, with [`Options::apns_via_blackhole`].
     pub blackhole: Option<Blackhole>,
     /// Where `/metrics` and `/health` are served, with [`Options::admin`].
@@ -68,6 +73,8 @@ pub struct Options {
     pub limits_extra: &'static str,
     /// `admin.listen`: serve `/metrics` and `/health` there.
     pub admin: Option<std::net::SocketAddr>,
+    /// A second app, `android`, woken through a mock FCM, with these extra lines in its table.
+    pub fcm: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -84,6 +91,7 @@ impl Default for Options {
             apns_via_blackhole: false,
             limits_extra: "",
             admin: None,
+            fcm: None,
         }
     }
 }
@@ -131,6 +139,26 @@ impl Harness {
             Some(relay) => format!("https://{}", relay.addr()),
             None => apns.url(),
         };
+        let (fcm, fcm_app) = match options.fcm {
+            None => (None, String::new()),
+            Some(extra) => {
+                let fcm = MockFcm::start(MockFcmConfig::new(FCM_PROJECT))
+                    .await
+                    .expect("start mock FCM");
+                let account = fcm
+                    .write_service_account_file(dir.path())
+                    .expect("write the service account");
+                let ca = fcm.write_ca_file(dir.path()).expect("write CA");
+                let table = format!(
+                    "[[app]]\nname = \"android\"\nprovider = \"fcm\"\nservice_account_file = \"{}\"\n\
+                     endpoint = \"{}\"\nca_file = \"{}\"\n{extra}\n",
+                    account.display(),
+                    fcm.url(),
+                    ca.display()
+                );
+                (Some(fcm), table)
+            }
+        };
         // Tokens sealed at rest, as an admin following the README runs knock.
         knock::store::StoreKey::generate()
             .write_new(&dir.path().join("store.key"))
@@ -157,15 +185,18 @@ publish_deadline_ms = {deadline}
 {limits_extra}
 {admin}
 
-[[apns]]
+[[app]]
 name = "chat"
+provider = "apns"
 topic = "{TOPIC}"
 endpoint = "{url}"
 ca_file = "{ca}"
 {extra}
 
-[apns.auth]
+[app.auth]
 {auth}
+
+{fcm_app}
 "#,
                 server = server.addr(),
                 secret = options.secret,
@@ -189,6 +220,7 @@ ca_file = "{ca}"
             dir,
             server,
             apns,
+            fcm,
             blackhole,
             config,
             log,

@@ -38,6 +38,43 @@ pub fn register_xml(id: &str, from: &str, device: &str, token: &str, extra: &str
     )
 }
 
+/// `register-push-fcm` exactly as the Conversations family sends it (`IqGenerator.pushTokenToAppServer`):
+/// `token` and `android-id`, no FORM_TYPE, one stage; `extra` adds fields (an older fork's `muc`).
+pub fn conversations_register_xml(
+    id: &str,
+    from: &str,
+    android_id: &str,
+    token: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "<iq xmlns='{NS}' type='set' id='{id}' from='{from}' to='push.localhost'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='register-push-fcm' action='execute'>\
+         <x xmlns='jabber:x:data' type='submit'>\
+         <field var='token'><value>{token}</value></field>\
+         <field var='android-id'><value>{android_id}</value></field>{extra}</x></command></iq>"
+    )
+}
+
+/// `unregister-push-fcm` as Conversations sends it for a group chat (`unregisterChannelOnAppServer`), or,
+/// with no `channel`, for the device's own registration.
+pub fn conversations_unregister_xml(
+    id: &str,
+    from: &str,
+    android_id: &str,
+    channel: Option<&str>,
+) -> String {
+    let channel = channel
+        .map(|c| format!("<field var='channel'><value>{c}</value></field>"))
+        .unwrap_or_default();
+    format!(
+        "<iq xmlns='{NS}' type='set' id='{id}' from='{from}' to='push.localhost'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='unregister-push-fcm' action='execute'>\
+         <x xmlns='jabber:x:data' type='submit'>{channel}\
+         <field var='android-id'><value>{android_id}</value></field></x></command></iq>"
+    )
+}
+
 /// `unregister-push-apns` for a device.
 pub fn unregister_xml(id: &str, from: &str, device: &str) -> String {
     format!(
