@@ -147,7 +147,7 @@ pub async fn start(
             running.component = Some(spawn_knock(env, &knock_config(server, store, &app))?);
         }
         Target::Push(provider) => {
-            let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work).await?;
+            let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work, false).await?;
             running.mock = Some(proc);
             let app = app_for(&endpoint);
             running.component = Some(spawn_knock(env, &knock_config(server, store, &app))?);
@@ -171,7 +171,7 @@ pub async fn start(
 
 /// Start the provider's mock alone; returns it and where a client reaches it.
 pub async fn start_mock(provider: Provider, env: &Env) -> anyhow::Result<(Running, Endpoint)> {
-    let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work).await?;
+    let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work, true).await?;
     Ok((
         Running {
             component: None,
