@@ -81,7 +81,7 @@ pub fn now_ns() -> u64 {
 
 /// How long the load waits for the replies still in flight when it stops sending. knock answers every
 /// publish within its `publish_deadline_ms` (10 s by default); a reply later than this is lost.
-const DRAIN: Duration = Duration::from_secs(15);
+pub const DRAIN: Duration = Duration::from_secs(15);
 
 /// Most stanzas the writer puts in one write.
 const BATCH: usize = 256;
@@ -163,10 +163,7 @@ pub async fn run(
         }
     });
 
-    tokio::time::sleep(load.warmup).await;
-    let (t0, cpu0) = (now_ns(), cpu_of(&load.watch)?);
-    tokio::time::sleep(load.measure).await;
-    let (t1, cpu1) = (now_ns(), cpu_of(&load.watch)?);
+    let interval = Interval::measure(load).await?;
     window.close();
 
     let (wr, sent) = writer.await.context("the writer panicked")??;
@@ -179,27 +176,56 @@ pub async fn run(
                 sent - answered_total.load(Ordering::Relaxed)
             ),
         };
-
-    let mut latencies_us: Vec<u32> = replies
-        .iter()
-        .filter(|(at, _)| (t0..t1).contains(at))
-        .map(|&(_, lat)| lat)
-        .collect();
-    latencies_us.sort_unstable();
-    let outcome = Outcome {
-        answered: latencies_us.len() as u64,
-        elapsed: Duration::from_nanos(t1 - t0),
-        latencies_us,
-        cpu: cpu1
-            .iter()
-            .zip(&cpu0)
-            .map(|(b, a)| b.saturating_sub(*a))
-            .collect(),
-        errors,
-        first_error,
-    };
+    let outcome = interval.outcome(&replies, errors, first_error);
     let tcp = rd.reunite(wr).context("reuniting the socket")?;
     Ok((Component { tcp, buf, framer }, outcome))
+}
+
+/// The measured interval of a load: its bounds and the watched processes' CPU time at each.
+pub struct Interval {
+    t0: u64,
+    t1: u64,
+    cpu0: Vec<Duration>,
+    cpu1: Vec<Duration>,
+}
+
+impl Interval {
+    /// Sleep through the warm-up, then measure for `load.measure` while the load runs.
+    pub async fn measure(load: &Load) -> anyhow::Result<Interval> {
+        tokio::time::sleep(load.warmup).await;
+        let (t0, cpu0) = (now_ns(), cpu_of(&load.watch)?);
+        tokio::time::sleep(load.measure).await;
+        let (t1, cpu1) = (now_ns(), cpu_of(&load.watch)?);
+        Ok(Interval { t0, t1, cpu0, cpu1 })
+    }
+
+    /// The outcome of the replies `(read at, latency µs)` read within the interval.
+    pub fn outcome(
+        &self,
+        replies: &[(u64, u32)],
+        errors: u64,
+        first_error: Option<String>,
+    ) -> Outcome {
+        let mut latencies_us: Vec<u32> = replies
+            .iter()
+            .filter(|(at, _)| (self.t0..self.t1).contains(at))
+            .map(|&(_, lat)| lat)
+            .collect();
+        latencies_us.sort_unstable();
+        Outcome {
+            answered: latencies_us.len() as u64,
+            elapsed: Duration::from_nanos(self.t1 - self.t0),
+            latencies_us,
+            cpu: self
+                .cpu1
+                .iter()
+                .zip(&self.cpu0)
+                .map(|(b, a)| b.saturating_sub(*a))
+                .collect(),
+            errors,
+            first_error,
+        }
+    }
 }
 
 fn cpu_of(pids: &[u32]) -> anyhow::Result<Vec<Duration>> {

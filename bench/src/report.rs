@@ -3,13 +3,17 @@
 
 use crate::load::Outcome;
 
-/// One repetition of one load: what the generator saw and the component's peak memory.
+/// One repetition of one load: what the generator saw, CPU and the component's peak memory.
 #[derive(Debug, Clone)]
 pub struct Rep {
     /// The load's outcome.
     pub outcome: Outcome,
-    /// The component process's peak resident set (bytes).
-    pub peak_rss: u64,
+    /// The component process's peak resident set (bytes); none when a mock runs alone.
+    pub peak_rss: Option<u64>,
+    /// The component's CPU µs per reply (NaN without a component).
+    pub cpu_us: f64,
+    /// The mock's CPU µs per reply (NaN without a mock).
+    pub mock_cpu_us: f64,
 }
 
 /// Repetitions of one (target, window), summarised.
@@ -21,10 +25,10 @@ pub struct Summary {
     pub latency_ms: [f64; 3],
     /// Median component CPU µs per reply.
     pub cpu_us: f64,
-    /// Median mock APNs CPU µs per reply (NaN without a mock).
+    /// Median mock CPU µs per reply (NaN without a mock).
     pub mock_cpu_us: f64,
-    /// Largest peak RSS over repetitions (bytes).
-    pub peak_rss: u64,
+    /// Largest peak RSS over repetitions (bytes); none without a component.
+    pub peak_rss: Option<u64>,
 }
 
 /// The median of some numbers (NaN for none).
@@ -56,9 +60,9 @@ pub fn summarize(reps: &[Rep]) -> Summary {
             of(&|r| r.outcome.quantile_ms(0.99)),
             of(&|r| r.outcome.quantile_ms(1.0)),
         ],
-        cpu_us: of(&|r| r.outcome.cpu_us_per_reply(0)),
-        mock_cpu_us: of(&|r| r.outcome.cpu_us_per_reply(1)),
-        peak_rss: reps.iter().map(|r| r.peak_rss).max().unwrap_or(0),
+        cpu_us: of(&|r| r.cpu_us),
+        mock_cpu_us: of(&|r| r.mock_cpu_us),
+        peak_rss: reps.iter().filter_map(|r| r.peak_rss).max(),
     }
 }
 
@@ -90,6 +94,11 @@ pub fn num(n: f64, decimals: usize) -> String {
 /// Bytes as MiB.
 pub fn mib(bytes: u64) -> String {
     format!("{:.0}", bytes as f64 / f64::from(1 << 20))
+}
+
+/// Bytes as MiB, or a dash when there is none.
+pub fn mib_or_dash(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "–".into(), mib)
 }
 
 #[cfg(test)]

@@ -109,7 +109,7 @@ async fn start_on_seeded(env: &Env, size: usize) -> anyhow::Result<Live> {
     let (running, component, first_ready) = start_and_publish(env, &store, &set).await?;
     let first_index = index_ready(&running).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = running.pids()?[0];
+    let pid = running.component()?.pid()?;
     let rss_idle = memory(pid, "VmRSS")?;
     Ok(Live {
         size,
@@ -192,7 +192,7 @@ async fn index_ready(running: &Running) -> anyhow::Result<Duration> {
     const LINE: &str = "publish index ready";
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let log = running.procs[0].log_text();
+        let log = running.component()?.log_text();
         if let Some(line) = log.lines().find(|l| l.contains(LINE)) {
             let ms = line
                 .split_whitespace()

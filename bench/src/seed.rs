@@ -6,13 +6,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use knock::push::{ProviderKind, Token};
+use knock::stanza::frame::Event;
 use knock::store::secrets::{random_id, secret_hash, Keyring};
 use knock::store::{Registration, SledStore, Store};
 use rand::RngCore as _;
+use tokio::io::AsyncWriteExt as _;
 
-use crate::stanzas::{Publishes, APP, SERVER_DOMAIN};
+use crate::h2load::fcm_token;
+use crate::server::{empty_result, iq_tag, next, Component};
+use crate::stanzas::{fcm_registration, field_value, parse_id, Publishes, APP, SERVER_DOMAIN};
 
 /// A seeded store.
 pub struct Seeded {
@@ -76,6 +80,82 @@ pub async fn seed(path: &Path, count: usize, sample: usize) -> anyhow::Result<Se
     sample_kept.truncate(sample);
     let sample = sample_kept;
     store.flush().await?;
+    Ok(Seeded {
+        sample,
+        took: started.elapsed(),
+    })
+}
+
+/// Registrations in flight at once while registering over XMPP.
+const REGISTER_WINDOW: usize = 64;
+
+/// Register `count` Android devices of new users with the knock behind `component`, as Conversations
+/// does (`register-push-fcm` with an FCM token and an `android-id`, p2's dialect), a window at a time,
+/// and keep every reply's node and secret. This goes through knock's own registration path rather than
+/// writing the store, so an FCM registration holds whatever knock keeps for one (the `account` id its
+/// pushes carry among it).
+pub async fn register_fcm(component: &mut Component, count: usize) -> anyhow::Result<Seeded> {
+    let started = Instant::now();
+    let mut kept: Vec<Option<(String, String)>> = vec![None; count];
+    let mut out = Vec::new();
+    for batch in (0..count).collect::<Vec<_>>().chunks(REGISTER_WINDOW) {
+        for &i in batch {
+            let user = format!("droid{i}");
+            let android_id = format!("{:016x}", 0x5eed_0000_0000_0000u64 | i as u64);
+            fcm_registration(&user, &android_id, &fcm_token(i)).write(b'f', i as u64, 0, &mut out);
+        }
+        component.tcp.write_all(&out).await?;
+        out.clear();
+        let mut waiting = batch.len();
+        while waiting > 0 {
+            let event = tokio::time::timeout(
+                Duration::from_secs(30),
+                next(
+                    &mut component.tcp,
+                    &mut component.buf,
+                    &mut component.framer,
+                ),
+            )
+            .await
+            .context("knock did not answer a registration within 30 s")??;
+            let Event::Stanza(frame) = event else {
+                bail!("knock ended its stream while registering");
+            };
+            let Some(tag) = iq_tag(&frame.bytes) else {
+                continue;
+            };
+            let kind = tag.attr(b"type").unwrap_or_default();
+            if matches!(kind, b"get" | b"set") {
+                let mut pong = Vec::new();
+                empty_result(&tag, &mut pong);
+                component.tcp.write_all(&pong).await?;
+                continue;
+            }
+            let text = String::from_utf8_lossy(&frame.bytes);
+            let i = tag
+                .attr(b"id")
+                .and_then(|id| {
+                    let dot = id.iter().position(|&b| b == b'.')?;
+                    std::str::from_utf8(&id[1..dot]).ok()?.parse::<usize>().ok()
+                })
+                .filter(|&i| i < count && parse_id(tag.attr(b"id").unwrap_or_default()).is_some())
+                .with_context(|| format!("a reply to no registration of ours: {text}"))?;
+            if kind != b"result" {
+                bail!("register-push-fcm was refused: {text}");
+            }
+            let (node, secret) = field_value(&text, "node")
+                .zip(field_value(&text, "secret"))
+                .with_context(|| {
+                    format!("register-push-fcm's reply has no node and secret: {text}")
+                })?;
+            kept[i] = Some((node.to_owned(), secret.to_owned()));
+            waiting -= 1;
+        }
+    }
+    let sample = kept
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .context("a registration got no reply")?;
     Ok(Seeded {
         sample,
         took: started.elapsed(),

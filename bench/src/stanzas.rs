@@ -119,6 +119,28 @@ pub fn registration(user: &str, device: &str, token: &str) -> Template {
     ))
 }
 
+/// Conversations' `register-push-fcm` (p2's dialect, as `IqGenerator.pushTokenToAppServer` sends it) from
+/// `user`'s device `android_id`: the FCM token and the device's id, no app, no form type.
+pub fn fcm_registration(user: &str, android_id: &str, token: &str) -> Template {
+    Template::around_id(format!(
+        "<iq xmlns='jabber:component:accept' type='set' id='\u{0}ID\u{0}' from='{user}@{SERVER_DOMAIN}/Conversations.bnch' to='{COMPONENT_JID}'><command xmlns='http://jabber.org/protocol/commands' node='register-push-fcm' action='execute'><x xmlns='jabber:x:data' type='submit'><field var='token'><value>{token}</value></field><field var='android-id'><value>{android_id}</value></field></x></command></iq>"
+    ))
+}
+
+/// The text of the first `<value>` of the data-form field `var` in `stanza`, if there is one (enough
+/// for knock's command replies: no CDATA, values without markup).
+pub fn field_value<'a>(stanza: &'a str, var: &str) -> Option<&'a str> {
+    let at = [format!("var='{var}'"), format!("var=\"{var}\"")]
+        .iter()
+        .find_map(|attr| stanza.find(attr.as_str()))?;
+    let rest = &stanza[at..];
+    let field_end = rest.find("</field>").unwrap_or(rest.len());
+    let rest = &rest[..field_end];
+    let start = rest.find("<value>")? + "<value>".len();
+    let end = rest[start..].find("</value>")? + start;
+    Some(&rest[start..end])
+}
+
 /// The id's send time and kind, if it is one of ours.
 pub fn parse_id(id: &[u8]) -> Option<(u8, u64)> {
     let (&kind, rest) = id.split_first()?;
@@ -149,5 +171,15 @@ mod tests {
         );
         assert_eq!(parse_id(b"p42.123456789"), Some((b'p', 123_456_789)));
         assert_eq!(parse_id(b"p42"), None);
+    }
+
+    #[test]
+    fn reads_a_command_reply_field() {
+        let reply = r#"<iq type="result" id="f1.0"><command xmlns="http://jabber.org/protocol/commands" status="completed"><x xmlns="jabber:x:data" type="result"><field var="jid"><value>push.localhost</value></field><field var='node'><value>n0de</value></field><field var="secret"><value>s3cret</value></field><field var="empty"/></x></command></iq>"#;
+        assert_eq!(field_value(reply, "jid"), Some("push.localhost"));
+        assert_eq!(field_value(reply, "node"), Some("n0de"));
+        assert_eq!(field_value(reply, "secret"), Some("s3cret"));
+        assert_eq!(field_value(reply, "empty"), None);
+        assert_eq!(field_value(reply, "missing"), None);
     }
 }

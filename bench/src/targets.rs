@@ -1,14 +1,16 @@
-//! What a load runs against: the echo component (the ceiling), knock with its dry-run backend, or
-//! knock pushing to the mock APNs over HTTP/2 and TLS. Each run starts its processes fresh, so peak
-//! memory belongs to that run alone, and stops them afterwards.
+//! What a load runs against: the echo component (the ceiling), knock with its dry-run backend, knock
+//! pushing to a provider's mock (APNs or FCM) over HTTP/2 and TLS, or that mock alone, driven by the
+//! harness without knock. Each run starts its processes fresh, so peak memory belongs to that run
+//! alone, and stops them afterwards.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use tokio::net::TcpListener;
 
+use crate::mocks::{self, Endpoint, Provider, KEY_ID, TEAM_ID};
 use crate::procs::Proc;
 use crate::server::{self, Component};
 use crate::stanzas::{APP, COMPONENT_JID, COMPONENT_SECRET, TOPIC};
@@ -20,23 +22,64 @@ pub enum Target {
     Echo,
     /// knock, its app in `dry_run`.
     DryRun,
-    /// knock pushing to the mock APNs.
-    Apns,
+    /// knock pushing to the provider's mock.
+    Push(Provider),
+    /// The provider's mock, pushed to by the harness itself over HTTP/2: what the mock alone can take.
+    MockAlone(Provider),
+}
+
+impl Target {
+    /// The name `--targets` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Echo => "echo",
+            Target::DryRun => "dry_run",
+            Target::Push(Provider::Apns) => "apns",
+            Target::Push(Provider::Fcm) => "fcm",
+            Target::MockAlone(Provider::Apns) => "apns-mock",
+            Target::MockAlone(Provider::Fcm) => "fcm-mock",
+        }
+    }
+
+    /// Every target, in report order.
+    pub const ALL: [Target; 6] = [
+        Target::Echo,
+        Target::DryRun,
+        Target::Push(Provider::Apns),
+        Target::MockAlone(Provider::Apns),
+        Target::Push(Provider::Fcm),
+        Target::MockAlone(Provider::Fcm),
+    ];
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Target::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown target {s:?}; one of {}", names.join(", "))
+            })
+    }
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Target::Echo => "echo component",
-            Target::DryRun => "knock, dry_run",
-            Target::Apns => "knock → mock APNs",
-        })
+        match self {
+            Target::Echo => f.write_str("echo component"),
+            Target::DryRun => f.write_str("knock, dry_run"),
+            Target::Push(p) => write!(f, "knock → mock {p}"),
+            Target::MockAlone(p) => write!(f, "mock {p} alone"),
+        }
     }
 }
 
 /// Where the binaries are and where runs keep their files.
 pub struct Env {
-    /// Holds knock, mock-apns and knock-bench.
+    /// Holds knock, mock-apns and knock-bench (which also hosts the mock FCM).
     pub bin_dir: PathBuf,
     /// Scratch space for configs, keys and logs.
     pub work: PathBuf,
@@ -44,31 +87,38 @@ pub struct Env {
 
 /// A started target.
 pub struct Running {
-    /// The component (knock or echo) first, the mock APNs second if there is one.
-    pub procs: Vec<Proc>,
+    /// knock or the echo component; none when a mock runs alone.
+    pub component: Option<Proc>,
+    /// The provider's mock, if the target pushes to one.
+    pub mock: Option<Proc>,
 }
 
 impl Running {
-    /// Process ids whose CPU a load measures, component first.
-    pub fn pids(&self) -> anyhow::Result<Vec<u32>> {
-        self.procs.iter().map(Proc::pid).collect()
+    /// The component's process (knock or echo).
+    pub fn component(&self) -> anyhow::Result<&Proc> {
+        self.component
+            .as_ref()
+            .context("this target has no component")
     }
 
-    /// Fail with the component's log if it died.
+    /// Fail with the log of whichever process died.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        self.procs.iter_mut().try_for_each(Proc::check_alive)
+        self.component
+            .iter_mut()
+            .chain(self.mock.iter_mut())
+            .try_for_each(Proc::check_alive)
     }
 
     /// Stop every process.
     pub async fn stop(self) {
-        for proc in self.procs {
+        for proc in self.component.into_iter().chain(self.mock) {
             proc.stop().await;
         }
     }
 }
 
 /// Start `target` (knock on the store at `store`) and wait for its handshake; returns the processes and
-/// the authenticated component connection.
+/// the authenticated component connection. Not for [`Target::MockAlone`]: see [`start_mock`].
 pub async fn start(
     target: Target,
     env: &Env,
@@ -76,11 +126,14 @@ pub async fn start(
 ) -> anyhow::Result<(Running, Component)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let server = listener.local_addr()?;
-    let mut procs = Vec::new();
+    let mut running = Running {
+        component: None,
+        mock: None,
+    };
     match target {
         Target::Echo => {
             let addr = server.to_string();
-            procs.push(Proc::spawn(
+            running.component = Some(Proc::spawn(
                 "echo component",
                 &env.bin_dir.join("knock-bench"),
                 &["echo-component", "--server", &addr],
@@ -90,34 +143,66 @@ pub async fn start(
             )?);
         }
         Target::DryRun => {
-            let config = knock_config(server, store, "dry_run = true\n");
-            procs.push(spawn_knock(env, &config)?);
+            let app = apns_app("dry_run = true\n");
+            running.component = Some(spawn_knock(env, &knock_config(server, store, &app))?);
         }
-        Target::Apns => {
-            let mock = start_mock(env).await?;
-            let url = mock.1;
-            let app = format!(
-                "endpoint = \"{url}\"\nca_file = \"{ca}\"\n\n[apns.auth]\nkey_file = \"{key}\"\nkey_id = \"{KEY_ID}\"\nteam_id = \"{TEAM_ID}\"\n",
-                ca = env.work.join("mock-ca.pem").display(),
-                key = env.work.join("mock-key.p8").display(),
-            );
-            let config = knock_config(server, store, &app);
-            procs.push(spawn_knock(env, &config)?);
-            procs.push(mock.0);
+        Target::Push(provider) => {
+            let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work, false).await?;
+            running.mock = Some(proc);
+            let app = app_for(&endpoint);
+            running.component = Some(spawn_knock(env, &knock_config(server, store, &app))?);
         }
+        Target::MockAlone(_) => bail!("{target} has no component; start it with start_mock"),
     }
     let component = match server::accept(&listener, Duration::from_secs(60)).await {
         Ok(component) => component,
         Err(e) => {
-            let log = procs.first().map(Proc::log_tail).unwrap_or_default();
+            let log = running
+                .component
+                .as_ref()
+                .map(Proc::log_tail)
+                .unwrap_or_default();
+            running.stop().await;
             return Err(e.context(format!("{target} did not connect; its log:\n{log}")));
         }
     };
-    Ok((Running { procs }, component))
+    Ok((running, component))
 }
 
-const KEY_ID: &str = "BENCHKEY01";
-const TEAM_ID: &str = "BENCHTEAM1";
+/// Start the provider's mock alone; returns it and where a client reaches it.
+pub async fn start_mock(provider: Provider, env: &Env) -> anyhow::Result<(Running, Endpoint)> {
+    let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work, true).await?;
+    Ok((
+        Running {
+            component: None,
+            mock: Some(proc),
+        },
+        endpoint,
+    ))
+}
+
+/// The `[[apns]]` app every registration of the APNs stores belongs to, with `rest` appended.
+fn apns_app(rest: &str) -> String {
+    format!("[[apns]]\nname = \"{APP}\"\ntopic = \"{TOPIC}\"\n{rest}")
+}
+
+/// The app that pushes to the mock at `endpoint`: an APNs app with the mock's provider key, or an FCM
+/// app (`[[app]] provider = "fcm"`) with the mock's service-account file.
+fn app_for(endpoint: &Endpoint) -> String {
+    let (url, ca, key) = (
+        &endpoint.url,
+        endpoint.ca_file.display(),
+        endpoint.key_file.display(),
+    );
+    match endpoint.provider {
+        Provider::Apns => apns_app(&format!(
+            "endpoint = \"{url}\"\nca_file = \"{ca}\"\n\n[apns.auth]\nkey_file = \"{key}\"\nkey_id = \"{KEY_ID}\"\nteam_id = \"{TEAM_ID}\"\n"
+        )),
+        Provider::Fcm => format!(
+            "[[app]]\nname = \"{APP}\"\nprovider = \"fcm\"\nservice_account_file = \"{key}\"\nendpoint = \"{url}\"\nca_file = \"{ca}\"\n"
+        ),
+    }
+}
 
 /// knock's config for a run: pushes are never coalesced (every publish is a push), registrations are not
 /// capped (the registration load is thousands of users of one domain), the link is not pinged, and tokens
@@ -127,8 +212,7 @@ fn knock_config(server: std::net::SocketAddr, store: &Path, app: &str) -> String
     format!(
         "[component]\njid = \"{COMPONENT_JID}\"\nserver = \"{server}\"\nsecret = \"{COMPONENT_SECRET}\"\n\
          ping_interval_secs = 3600\n\n[store]\npath = \"{store}\"\nplaintext_tokens = true\n\n[limits]\npush_interval_ms = 0\n\
-         registrations_per_user_per_hour = 0\nregistrations_per_domain_per_hour = 0\n\n\
-         [[apns]]\nname = \"{APP}\"\ntopic = \"{TOPIC}\"\n{app}",
+         registrations_per_user_per_hour = 0\nregistrations_per_domain_per_hour = 0\n\n{app}",
         store = store.display(),
     )
 }
@@ -146,37 +230,4 @@ fn spawn_knock(env: &Env, config: &str) -> anyhow::Result<Proc> {
         Some(env.work.join("knock.log")),
         false,
     )
-}
-
-/// Start the mock APNs (quiet: no line per request, no request log kept) and return it with its URL.
-async fn start_mock(env: &Env) -> anyhow::Result<(Proc, String)> {
-    let key = env.work.join("mock-key.p8");
-    let ca = env.work.join("mock-ca.pem");
-    let (key, ca) = (key.to_string_lossy(), ca.to_string_lossy());
-    let mut mock = Proc::spawn(
-        "mock APNs",
-        &env.bin_dir.join("mock-apns"),
-        &[
-            "--topic",
-            TOPIC,
-            "--team-id",
-            TEAM_ID,
-            "--key-id",
-            KEY_ID,
-            "--private-key-out",
-            &key,
-            "--ca-out",
-            &ca,
-            "--quiet",
-        ],
-        &[],
-        Some(env.work.join("mock-apns.log")),
-        true,
-    )?;
-    let line = mock.first_json_line().await?;
-    let url = line["url"]
-        .as_str()
-        .context("the mock APNs announced no url")?
-        .to_owned();
-    Ok((mock, url))
 }
