@@ -7,8 +7,11 @@
 //! see [`secrets`]), no secret (only its hash), no timestamps, and the token as opaque bytes, sealed at rest
 //! under the store key ([`StoreKey`]).
 
+mod backup;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod keys;
+mod record;
 mod seal;
 pub mod secrets;
 mod sled;

@@ -19,8 +19,8 @@ use base64::Engine;
 use hashbrown::HashTable;
 
 use super::huge_pages::{HugePages, HugeVec};
-use super::record::PublishFields;
 use crate::push::{ProviderKind, Token};
+use crate::store::record::PublishFields;
 use crate::store::{secret_tag, PublishTarget, SecretTag};
 
 /// What the index knows of a node.

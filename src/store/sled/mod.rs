@@ -21,10 +21,10 @@
 mod backup;
 mod huge_pages;
 mod index;
-mod keys;
+mod meta;
 mod owners;
 mod rebuild;
-mod record;
+
 #[cfg(test)]
 mod tests;
 
@@ -39,8 +39,9 @@ use sled::Transactional;
 
 use self::index::{Lookup, PublishIndex};
 use self::rebuild::{Rebuild, Rebuilder};
-use self::record::{Codec, PublishFields};
 use crate::push::Token;
+use crate::store::keys;
+use crate::store::record::{Codec, PublishFields};
 use crate::store::seal::StoreKey;
 use crate::store::{
     BackupError, Digest, PublishTarget, Registration, Store, StoreError, StoreOptions,

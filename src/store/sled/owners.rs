@@ -2,7 +2,7 @@
 //! owner's nodes are one prefix scan. Kept in the same transaction as the registration it mirrors, and
 //! built from the registrations once for a store written before it existed.
 
-use super::record::Codec;
+use crate::store::record::Codec;
 use crate::store::{Digest, StoreError};
 
 /// The tree key of one owner's node.

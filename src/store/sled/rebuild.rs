@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::index::PublishIndex;
 use super::lock;
-use super::record::{Codec, PublishFields};
+use crate::store::record::{Codec, PublishFields};
 
 /// Registrations the rebuild reads before taking the index's lock once to add them.
 const REBUILD_BATCH: usize = 1024;

@@ -672,8 +672,11 @@ fn make_legacy(dir: &Path, codec: &Codec) {
     for item in tree.iter() {
         let (node, record) = item.expect("read");
         let registration = codec.decode(&node, &record).expect("decodes");
-        tree.insert(node, record::tests::legacy(codec, &registration))
-            .expect("write");
+        tree.insert(
+            node,
+            crate::store::record::tests::legacy(codec, &registration),
+        )
+        .expect("write");
     }
     db.flush().expect("flush");
 }
@@ -740,7 +743,7 @@ fn an_export_from_before_providers_imports_and_is_migrated() {
                     .expect("b64");
                 let registration = codec.decode(node.as_bytes(), &record).expect("decodes");
                 value["record"] = STANDARD
-                    .encode(record::tests::legacy(&codec, &registration))
+                    .encode(crate::store::record::tests::legacy(&codec, &registration))
                     .into();
                 format!("{value}\n")
             })

@@ -1,4 +1,5 @@
-//! How a [`Registration`] is laid out on disk: a small versioned binary record.
+//! How a [`Registration`] is laid out at rest, in every engine (sled's value, PostgreSQL's `record` column):
+//! a small versioned binary record.
 //!
 //! A million registrations should fit a small VM's disk and page cache, so the record carries raw bytes, not
 //! text: the three digests as 32 bytes each, the token as its provider's bytes, and the node not at all
