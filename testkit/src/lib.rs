@@ -8,10 +8,12 @@
 //! - [`silent`]: a TCP peer that accepts and never answers (a hung server).
 //! - [`cli`]: what the `mock-apns` and `mock-fcm` binaries share.
 //! - [`proxy`]: a TCP relay whose connections can be blackholed (a network path that silently dies).
+//! - [`postgres`]: a throwaway PostgreSQL cluster (Debian's real server) on a loopback port, for the SQL store.
 
 pub mod apns;
 pub mod cli;
 pub mod fcm;
+pub mod postgres;
 pub mod proxy;
 pub mod server;
 pub mod silent;
