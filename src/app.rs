@@ -8,12 +8,13 @@ use std::time::Duration;
 use xmpp_parsers::jid::BareJid;
 
 use crate::config::Config;
-use crate::config::{AppConfig, PushType};
+use crate::config::{AppConfig, PushType, StoreEngine};
 use crate::limits::RegistrationLimiter;
 use crate::limits::{Budget, Coalescer};
 use crate::push::fcm::FcmClient;
 use crate::push::{ApnsClient, DryRun, Provider, ProviderKind, WakeKind};
 use crate::stats::Stats;
+use crate::store::postgres::PostgresOptions;
 use crate::store::secrets::Keyring;
 use crate::store::{Digest, KeyFileError, Store, StoreError, StoreKey, StoreOptions};
 
@@ -31,6 +32,9 @@ pub enum SetupError {
     /// The store key could not be read.
     #[error("store.key_file: {0}")]
     StoreKey(#[from] KeyFileError),
+    /// Another part of `[store]` could not be used (its password file, its CA file).
+    #[error("{0}")]
+    StoreSetting(String),
     /// An app's push client could not be built.
     #[error("app {app:?}: {source}")]
     Provider {
@@ -354,19 +358,39 @@ impl App {
             .transpose()?)
     }
 
-    /// What `[store]` says, with the store key read.
+    /// What `[store]` says, with the store key (and a database's password) read.
     pub fn store_options(config: &Config) -> Result<StoreOptions, SetupError> {
+        let store = &config.store;
+        let postgres = match store.engine {
+            StoreEngine::Sled => None,
+            StoreEngine::Postgres => {
+                let url = store.url.clone().unwrap_or_default();
+                let password = store
+                    .password()
+                    .map_err(|e| SetupError::StoreSetting(e.to_string()))?;
+                let tls = crate::push::http::tls_builder(store.ca_file.as_deref())
+                    .map_err(|e| SetupError::StoreSetting(format!("store.ca_file: {e}")))?
+                    .with_no_client_auth();
+                Some(PostgresOptions {
+                    require_tls: store.tls.unwrap_or_else(|| !is_local_database(&url)),
+                    url,
+                    password,
+                    tls: tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                })
+            }
+        };
         Ok(StoreOptions {
-            path: config.store.path.clone(),
+            path: store.sled_path(),
+            postgres,
             key: App::store_key(config)?,
-            plaintext_tokens: config.store.plaintext_tokens,
+            plaintext_tokens: store.plaintext_tokens,
         })
     }
 
     /// Open the configured store, with its store key if one is configured (the admin commands use this too).
     pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, SetupError> {
         crate::store::open(&App::store_options(config)?).map_err(|source| SetupError::Store {
-            path: config.store.path.display().to_string(),
+            path: config.store.describe(),
             source,
         })
     }
@@ -403,7 +427,7 @@ impl App {
             ))
             .build()
             .map_err(|source| SetupError::Store {
-                path: config.store.path.display().to_string(),
+                path: config.store.describe(),
                 source,
             })
     }
@@ -459,6 +483,24 @@ impl App {
         *self.apps.write().unwrap_or_else(|p| p.into_inner()) =
             apps.into_iter().map(Arc::new).collect();
     }
+}
+
+/// Whether a database URL names a database on this machine (a loopback address or a Unix socket), which
+/// needs no TLS by default.
+fn is_local_database(url: &str) -> bool {
+    use tokio_postgres::config::Host;
+    url.parse::<tokio_postgres::Config>().is_ok_and(|config| {
+        config.get_hosts().iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
+    })
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ fn import(path: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> 
     let count = knock::admin::import(&config, file)?;
     println!(
         "imported {count} registrations into {}",
-        config.store.path.display()
+        config.store.describe()
     );
     Ok(())
 }

@@ -167,7 +167,7 @@ fn check_names_the_key_and_the_line_of_every_kind_of_error() {
             "path = \"data\"\n",
             "",
             "[store]",
-            "store: missing field `path`",
+            "store.path: missing: the directory of the database",
         ),
         (
             server,

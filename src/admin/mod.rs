@@ -60,7 +60,7 @@ pub fn stats(config: &Config, say: &mut dyn Write) -> Result<(), MaintenanceErro
     writeln!(
         say,
         "store {}: {total} registrations, tokens {}",
-        config.store.path.display(),
+        config.store.describe(),
         if store.is_sealed() {
             "sealed under store.key_file"
         } else {

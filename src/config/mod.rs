@@ -447,8 +447,28 @@ pub struct ComponentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Directory of the sled database; created if missing.
-    pub path: PathBuf,
+    /// Where registrations live: `sled` (the default: embedded, nothing to run) or `postgres` (a database
+    /// several knock instances can share).
+    #[serde(default)]
+    pub engine: StoreEngine,
+    /// sled: directory of the database; created if missing.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// postgres: the database, as a `postgres://user@host:port/database` URL or `key=value` pairs, without
+    /// the password.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// postgres: a file holding the password (surrounding whitespace ignored). Otherwise the environment's
+    /// `KNOCK_STORE_PASSWORD`, if set; otherwise none (trust or peer authentication).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// postgres: require TLS, verified against the public roots and `ca_file`. Default: on, except for a
+    /// database on a loopback address or a Unix socket.
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// postgres: extra PEM CA certificates to trust for the database's TLS certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// The store key (written by `knock keygen`): device tokens and the instance key are sealed under it,
     /// so a copy of the database alone reveals no token. Kept outside the database and its backups.
     #[serde(default)]
@@ -458,6 +478,60 @@ pub struct StoreConfig {
     /// store already in the clear opens either way.
     #[serde(default)]
     pub plaintext_tokens: bool,
+}
+
+/// Which engine keeps the registrations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreEngine {
+    /// Embedded: a sled database in `path`.
+    #[default]
+    Sled,
+    /// A PostgreSQL database at `url`, which several instances may share.
+    Postgres,
+}
+
+/// The environment variable a PostgreSQL password may come from.
+pub const STORE_PASSWORD_ENV: &str = "KNOCK_STORE_PASSWORD";
+
+impl StoreConfig {
+    /// The store, for people: the sled directory or the database URL (never a password).
+    pub fn describe(&self) -> String {
+        match self.engine {
+            StoreEngine::Sled => self
+                .path
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            StoreEngine::Postgres => self.url.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The sled directory, for engine sled (validated when the config was loaded).
+    pub fn sled_path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_default()
+    }
+
+    /// The PostgreSQL password: `password_file`'s content, or the environment's, or none.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let password = text.trim().to_owned();
+            if password.is_empty() {
+                return Err(ConfigError::invalid(
+                    "store.password_file",
+                    "the file is empty",
+                ));
+            }
+            return Ok(Some(password));
+        }
+        Ok(std::env::var(STORE_PASSWORD_ENV)
+            .ok()
+            .filter(|p| !p.is_empty()))
+    }
 }
 
 /// The `[limits]` table.
@@ -815,7 +889,16 @@ impl Config {
         if let Some(p) = self.component.secret_file.as_mut() {
             fix(p);
         }
-        fix(&mut self.store.path);
+        for p in [
+            &mut self.store.path,
+            &mut self.store.password_file,
+            &mut self.store.ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
         if let Some(p) = self.store.key_file.as_mut() {
             fix(p);
         }
@@ -935,6 +1018,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_store()?;
         if self.store.plaintext_tokens && self.store.key_file.is_some() {
             return Err(ConfigError::invalid(
                 "store.plaintext_tokens",
@@ -1031,6 +1115,68 @@ impl Config {
                     ))
                 }
                 None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// What `[store]` must get right for its engine.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let store = &self.store;
+        let (needs, refuses): (&str, &[(&str, bool)]) = match store.engine {
+            StoreEngine::Sled => (
+                "path",
+                &[
+                    ("url", store.url.is_some()),
+                    ("password_file", store.password_file.is_some()),
+                    ("tls", store.tls.is_some()),
+                    ("ca_file", store.ca_file.is_some()),
+                ],
+            ),
+            StoreEngine::Postgres => ("url", &[("path", store.path.is_some())]),
+        };
+        let engine = match store.engine {
+            StoreEngine::Sled => "sled",
+            StoreEngine::Postgres => "postgres",
+        };
+        if let Some((name, _)) = refuses.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::invalid(
+                format!("store.{name}"),
+                format!("is not a setting of engine = \"{engine}\""),
+            ));
+        }
+        let given = match needs {
+            "path" => store.path.is_some(),
+            _ => store.url.as_deref().is_some_and(|u| !u.trim().is_empty()),
+        };
+        if !given {
+            return Err(ConfigError::invalid(
+                format!("store.{needs}"),
+                match store.engine {
+                    StoreEngine::Sled => "missing: the directory of the database".to_owned(),
+                    StoreEngine::Postgres => {
+                        "missing: the database, e.g. postgres://knock@db.example.org/knock"
+                            .to_owned()
+                    }
+                },
+            ));
+        }
+        if let Some(url) = &store.url {
+            // A password in the URL would end up in logs, process listings and backups of the config.
+            let has_password = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+                || url
+                    .split_whitespace()
+                    .any(|pair| pair.starts_with("password="));
+            if has_password {
+                return Err(ConfigError::invalid(
+                    "store.url",
+                    format!(
+                        "must not hold the password: put it in store.password_file or the environment's {STORE_PASSWORD_ENV}"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -1307,7 +1453,7 @@ team_id = "TEAM123456"
         let path = dir.path().join("knock.toml");
         std::fs::write(&path, GOOD.replace("/tmp/knock", "data")).expect("write");
         let c = Config::load(&path).expect("valid");
-        assert_eq!(c.store.path, dir.path().join("data"));
+        assert_eq!(c.store.path, Some(dir.path().join("data")));
         assert_eq!(
             apns(&c).auth.as_ref().map(|a| a.key_file.clone()),
             Some(dir.path().join("AuthKey.p8"))
@@ -1357,9 +1503,15 @@ team_id = "TEAM123456"
         // Missing key: the table it belongs in.
         let text = GOOD.replace("path = \"/tmp/knock\"\n", "key_file = \"k\"\n");
         let (line, key, message) = at(&text);
-        assert_eq!(key.as_deref(), Some("store"), "{message}");
+        assert_eq!(key.as_deref(), Some("store.path"), "{message}");
         assert_eq!(line, Some(line_of(&text, "[store]")));
-        assert!(message.contains("missing field `path`"), "{message}");
+        assert!(message.contains("missing: the directory"), "{message}");
+        // A serde-level missing key.
+        let text = GOOD.replace("jid = \"push.example.org\"\n", "");
+        let (line, key, message) = at(&text);
+        assert_eq!(key.as_deref(), Some("component"), "{message}");
+        assert_eq!(line, Some(line_of(&text, "[component]")));
+        assert!(message.contains("missing field `jid`"), "{message}");
         // A value that makes no sense.
         let text = GOOD.replace("127.0.0.1:5347", "nowhere");
         let (line, key, _) = at(&text);
@@ -1647,5 +1799,49 @@ team_id = "TEAM123456"
         let c = Config::parse(example).expect("config/knock.example.toml parses and validates");
         let providers: Vec<_> = c.apps.iter().map(AppConfig::provider).collect();
         assert_eq!(providers, ["apns", "fcm"]);
+    }
+
+    #[test]
+    fn the_store_engine_takes_its_own_settings_and_never_a_password_in_the_url() {
+        let postgres = |settings: &str| {
+            GOOD.replace(
+                "path = \"/tmp/knock\"",
+                &format!("engine = \"postgres\"\n{settings}"),
+            )
+        };
+        let c = Config::parse(&postgres("url = \"postgres://knock@db.example.org/knock\""))
+            .expect("valid");
+        assert_eq!(c.store.engine, StoreEngine::Postgres);
+        assert_eq!(c.store.describe(), "postgres://knock@db.example.org/knock");
+        for (settings, key, says) in [
+            ("", "store.url", "missing"),
+            (
+                "url = \"postgres://knock:hunter2@db/knock\"",
+                "store.url",
+                "must not hold the password",
+            ),
+            (
+                "url = \"host=db user=knock password=hunter2\"",
+                "store.url",
+                "must not hold the password",
+            ),
+            (
+                "url = \"postgres://knock@db/knock\"\npath = \"/tmp/x\"",
+                "store.path",
+                "not a setting",
+            ),
+        ] {
+            let e = err(&postgres(settings));
+            assert!(e.contains(key) && e.contains(says), "{settings:?}: {e}");
+        }
+        let sled_with_url = GOOD.replace(
+            "path = \"/tmp/knock\"",
+            "path = \"/tmp/knock\"\nurl = \"postgres://db/knock\"",
+        );
+        assert!(
+            err(&sled_with_url).contains("store.url"),
+            "{}",
+            err(&sled_with_url)
+        );
     }
 }

@@ -11,6 +11,7 @@ mod backup;
 #[cfg(test)]
 pub(crate) mod conformance;
 mod keys;
+pub mod postgres;
 mod record;
 mod seal;
 pub mod secrets;
@@ -169,8 +170,10 @@ pub enum BackupError {
 /// Where a store is and how to open it: what `[store]` says.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// The database's directory; created if missing.
+    /// sled: the database's directory; created if missing.
     pub path: PathBuf,
+    /// PostgreSQL: the database to use instead of sled's directory.
+    pub postgres: Option<postgres::PostgresOptions>,
     /// The key tokens are sealed under. A store once sealed opens only with its key.
     pub key: Option<StoreKey>,
     /// Whether a new store may be created without a key, keeping tokens in the clear. An existing store
@@ -181,14 +184,20 @@ pub struct StoreOptions {
 /// Open (or create) the store `options` describe. Creating one without a store key is refused unless
 /// `plaintext_tokens` allows it ([`StoreError::KeyNeeded`]): sealed is the default.
 pub fn open(options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(SledStore::open_as(options)?))
+    Ok(match &options.postgres {
+        Some(postgres) => Arc::new(postgres::PostgresStore::open(options, postgres)?),
+        None => Arc::new(SledStore::open_as(options)?),
+    })
 }
 
 /// Import an export file into the empty store `options` describe (created if missing, by the same rule
 /// as [`open`]); returns how many registrations it holds after. Every line is checked before any is
 /// written, and the store keeps the export's instance key, so device hashes and node secrets stay valid.
 pub fn import(options: &StoreOptions, file: &Path) -> Result<usize, BackupError> {
-    SledStore::import(options, file)
+    match &options.postgres {
+        Some(postgres) => postgres::PostgresStore::import(options, postgres, file),
+        None => SledStore::import(options, file),
+    }
 }
 
 /// The registration database.

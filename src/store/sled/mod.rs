@@ -213,6 +213,7 @@ impl SledStore {
     /// Open (or create) the database in `path`, sealed under `key` if there is one, in the clear otherwise.
     pub fn open_with_key(path: &Path, key: Option<StoreKey>) -> Result<SledStore, StoreError> {
         SledStore::open_as(&StoreOptions {
+            postgres: None,
             path: path.to_path_buf(),
             key,
             plaintext_tokens: true,

@@ -15,6 +15,7 @@ use crate::store::conformance::{self, Opened};
 fn import_into(path: &Path, key: Option<StoreKey>, file: &Path) -> Result<usize, BackupError> {
     SledStore::import(
         &StoreOptions {
+            postgres: None,
             path: path.to_path_buf(),
             key,
             plaintext_tokens: true,
@@ -769,6 +770,7 @@ fn an_export_from_before_providers_imports_and_is_migrated() {
 fn a_new_store_is_not_created_in_the_clear_unless_asked() {
     let dir = tempfile::tempdir().expect("dir");
     let options = |key: Option<StoreKey>, plaintext_tokens| StoreOptions {
+        postgres: None,
         path: dir.path().join("store"),
         key,
         plaintext_tokens,
@@ -787,6 +789,7 @@ fn a_new_store_is_not_created_in_the_clear_unless_asked() {
     drop(store);
     // With a key, a new store needs nothing else.
     let sealed = StoreOptions {
+        postgres: None,
         path: dir.path().join("sealed"),
         ..options(Some(StoreKey::generate()), false)
     };
@@ -796,6 +799,7 @@ fn a_new_store_is_not_created_in_the_clear_unless_asked() {
     let source = filled(&dir.path().join("source"), None, 3);
     std::fs::write(file.path(), export_of(&source)).expect("write");
     let into_new = StoreOptions {
+        postgres: None,
         path: dir.path().join("imported"),
         ..options(None, false)
     };
