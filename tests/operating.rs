@@ -1,5 +1,6 @@
 //! Operating knock, end to end with the real binary: rotating the APNs key with SIGHUP (and refusing a broken
-//! one), and a backup's round trip — export, wipe, import — after which the same nodes and secrets push again.
+//! one), a backup's round trip — export, wipe, import — after which the same nodes and secrets push again,
+//! and the same export moving a sled store to PostgreSQL.
 
 use std::process::Command;
 use std::time::Duration;
@@ -126,4 +127,58 @@ async fn export_wipe_import_and_the_same_nodes_and_secrets_push_again() {
     }
     // The device hashes survived too: re-registering the same device keeps its node and secret.
     assert_eq!(register(&mut conn, "dev1", TOKEN).await, (node, secret));
+}
+
+#[tokio::test]
+async fn a_sled_store_moves_to_postgresql_with_export_and_import_and_pushes_on() {
+    let mut h = Harness::start().await;
+    let mut conn = h.accept().await;
+    let (node, secret) = register(&mut conn, "dev1", TOKEN).await;
+    let (node2, secret2) = register(&mut conn, "dev2", TOKEN2).await;
+    drop(conn);
+    h.terminate();
+
+    let backup = h.dir.path().join("backup.jsonl");
+    let text = knock(&h, &["export", "--out", &backup.display().to_string()]);
+    assert!(text.contains("exported 2"), "{text}");
+
+    // The admin points [store] at a PostgreSQL database, the password in a file, and imports.
+    let cluster = testkit::postgres::TempCluster::start()
+        .unwrap_or_else(|e| panic!("a throwaway PostgreSQL: {e:#}"));
+    std::fs::write(h.dir.path().join("db.password"), cluster.password()).expect("password file");
+    rewrite_config(
+        &h,
+        "path = \"store\"",
+        &format!(
+            "engine = \"postgres\"\nurl = \"postgres://{}@127.0.0.1:{}/{}\"\npassword_file = \"db.password\"",
+            cluster.user(),
+            cluster.port(),
+            cluster.database()
+        ),
+    );
+    let text = knock(&h, &["import", &backup.display().to_string()]);
+    assert!(text.contains("imported 2"), "{text}");
+    let text = knock(&h, &["stats"]);
+    assert!(text.contains("2 registrations"), "{text}");
+    assert!(
+        !text.contains(cluster.password()),
+        "no password in what knock prints"
+    );
+
+    h.spawn();
+    let mut conn = h.accept().await;
+    for (node, secret, token) in [(&node, &secret, TOKEN), (&node2, &secret2, TOKEN2)] {
+        assert_eq!(pushed(&h, &mut conn, node, secret).await.token, token);
+    }
+    // Same instance key, so the same device keeps its node and secret; and a new one is committed there.
+    assert_eq!(register(&mut conn, "dev1", TOKEN).await, (node, secret));
+    let token3 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let (node3, _) = register(&mut conn, "dev3", token3).await;
+    let rows = cluster
+        .psql_knock(&format!(
+            "SELECT count(*) FROM knock_registrations WHERE node = '{node3}'"
+        ))
+        .expect("psql");
+    assert_eq!(rows.trim(), "1", "the new registration is in the database");
+    assert!(!h.log_text().contains(cluster.password()));
 }
