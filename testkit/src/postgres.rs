@@ -555,6 +555,8 @@ impl Host {
         };
         let mut cmd = Command::new(path);
         clean_env(&mut cmd);
+        // The test's working directory may be closed to the server's user (/root, say); all paths are absolute.
+        cmd.current_dir("/");
         if let Some((uid, gid)) = self.run_as {
             // std drops the supplementary groups too when it changes uid as root.
             cmd.uid(uid).gid(gid);
