@@ -555,6 +555,8 @@ impl Host {
         };
         let mut cmd = Command::new(path);
         clean_env(&mut cmd);
+        // The test's working directory may be closed to the server's user (/root, say); all paths are absolute.
+        cmd.current_dir("/");
         if let Some((uid, gid)) = self.run_as {
             // std drops the supplementary groups too when it changes uid as root.
             cmd.uid(uid).gid(gid);
@@ -584,7 +586,7 @@ fn cluster_parent() -> PathBuf {
         return PathBuf::from(dir);
     }
     let shm = Path::new("/dev/shm");
-    if free_bytes(shm).is_some_and(|free| free >= 1 << 30) {
+    if is_tmpfs(shm) && free_bytes(shm).is_some_and(|free| free >= 1 << 30) {
         return shm.to_owned();
     }
     let tmp = std::env::temp_dir();
@@ -593,6 +595,20 @@ fn cluster_parent() -> PathBuf {
     } else {
         tmp
     }
+}
+
+/// Whether `path` is on a tmpfs (and not, say, a plain directory in a chroot).
+fn is_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs only writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return false;
+    }
+    stat.f_type == libc::TMPFS_MAGIC
 }
 
 /// Bytes an unprivileged user may still write under `path`, if it is a writable directory.
@@ -667,7 +683,8 @@ pub fn find_bindir() -> anyhow::Result<PathBuf> {
     bail!(
         "PostgreSQL is not installed: no initdb and postgres in /usr/lib/postgresql/*/bin nor in \
          `pg_config --bindir`. Install Debian's PostgreSQL server: `apt-get install postgresql` (as root; \
-         prosody-test/lib/postgres.sh does it and stops the system cluster), or set KNOCK_PG_BINDIR"
+         pg_ensure_installed in prosody-test/lib/postgres.sh does it, without a system cluster), or set \
+         KNOCK_PG_BINDIR"
     )
 }
 

@@ -17,7 +17,6 @@ use anyhow::Context as _;
 use clap::Parser;
 use serde_json::json;
 use testkit::postgres::TempCluster;
-use tokio::io::AsyncBufReadExt as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -52,14 +51,27 @@ async fn main() -> anyhow::Result<()> {
     let startup_ms = started.elapsed().as_millis() as u64;
     say(ready(&mut cluster, startup_ms));
 
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    // Commands are read on a thread of their own: tokio's stdin would keep the runtime from shutting down
+    // while a read is pending. `None` is end of input.
+    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel();
+    if args.control_stdin {
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(Some(line)).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(None);
+        });
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => break,
-            line = lines.next_line(), if args.control_stdin => {
-                let Ok(Some(line)) = line else { break };
+            Some(line) = commands.recv() => {
+                let Some(line) = line else { break };
                 say(command(&mut cluster, line.trim()));
             }
         }
