@@ -514,7 +514,16 @@ impl Host {
     }
 
     fn make() -> anyhow::Result<Host> {
-        let bindir = find_bindir()?;
+        let bindir = match find_bindir() {
+            Ok(bindir) => bindir,
+            // As root on a fresh machine, install it as the end-to-end scripts do, so that
+            // `cargo test --workspace` needs no step before it.
+            Err(missing) if is_root() => {
+                install_postgresql().with_context(|| format!("{missing:#}"))?;
+                find_bindir()?
+            }
+            Err(missing) => return Err(missing),
+        };
         let run_as = unprivileged_user()?;
         let parent = cluster_parent();
         let template = make_dir_in(&parent, "knock-pg-template-", run_as)?;
@@ -688,11 +697,30 @@ pub fn find_bindir() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Install Debian's PostgreSQL with the repository's own `pg_ensure_installed` (no system cluster), one test
+/// process at a time.
+fn install_postgresql() -> anyhow::Result<()> {
+    let library = concat!(env!("CARGO_MANIFEST_DIR"), "/../prosody-test/lib/postgres.sh");
+    eprintln!("PostgreSQL is not installed: installing Debian's package (prosody-test/lib/postgres.sh)");
+    let status = Command::new("flock")
+        .args(["/tmp/knock-pg-install.lock", "bash", "-c"])
+        .arg(format!("source {library} && pg_ensure_installed"))
+        .status()
+        .context("running pg_ensure_installed")?;
+    anyhow::ensure!(status.success(), "pg_ensure_installed failed ({status})");
+    Ok(())
+}
+
 /// uid and gid to run the server as: `None` (the current user) unless we are root, then Debian's `postgres`
 /// system user, or `nobody`.
 fn unprivileged_user() -> anyhow::Result<Option<(u32, u32)>> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Ok(None);
     }
     let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
