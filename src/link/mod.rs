@@ -229,7 +229,13 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
                 pause = Some(STANDBY_RETRY);
             }
             Ok(Err(e)) => {
-                leave_standby(&app, &mut standby, &mut backoff, &mut down_since);
+                leave_standby(
+                    &app,
+                    &mut standby,
+                    &mut backoff,
+                    &mut down_since,
+                    &mut failures,
+                );
                 failures += 1;
                 let loud = failures.is_power_of_two();
                 match e {
@@ -245,7 +251,13 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
                 }
             }
             Err(_) => {
-                leave_standby(&app, &mut standby, &mut backoff, &mut down_since);
+                leave_standby(
+                    &app,
+                    &mut standby,
+                    &mut backoff,
+                    &mut down_since,
+                    &mut failures,
+                );
                 failures += 1;
                 if failures.is_power_of_two() {
                     tracing::warn!(server = %settings.server, failures, "connecting to the XMPP server timed out")
@@ -264,17 +276,19 @@ pub async fn run(app: Arc<App>, settings: LinkSettings, mut shutdown: Shutdown) 
 
 /// A standby's attempt failed some other way (the server went away, say): it is an outage like any other
 /// from now on, and a young one, so retries start again from the shortest delay rather than at the 5 s of an
-/// outage that began when standing by did.
+/// outage that began when standing by did, and its first failure is logged loudly.
 fn leave_standby(
     app: &App,
     standby: &mut Option<Instant>,
     backoff: &mut Duration,
     down_since: &mut Instant,
+    failures: &mut u64,
 ) {
     if standby.take().is_some() {
         app.stats.link_standby(false);
         *backoff = FIRST_BACKOFF;
         *down_since = Instant::now();
+        *failures = 0;
         // The failure itself is logged next, as the first of a new outage.
         tracing::info!(
             "no longer standing by: the server stopped refusing this knock as a duplicate"
