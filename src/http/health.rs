@@ -1,5 +1,9 @@
 //! `/health`: is knock able to do its job right now? Yes when the component link is up and the store
-//! answers a read; otherwise 503 with a one-line JSON reason a human or a probe can read.
+//! answers a read; otherwise 503 with a one-line JSON reason a human or a probe can read. A standby (the
+//! server refuses it because another knock holds the component) is doing its job too, waiting to take over:
+//! 200 with `"status":"standby"`, so a container runtime or orchestrator that restarts unhealthy instances
+//! leaves it alone. Whether *some* instance serves is a question for monitoring across instances
+//! (`knock_component_link_up`), which no single instance can answer.
 //!
 //! Also the store reads `/metrics` needs. Both run on the blocking pool, bounded in time: sled is
 //! synchronous, and a count may scan while the publish index is rebuilt, which must not stall the one
@@ -56,15 +60,19 @@ pub async fn stored_registrations(store: Arc<dyn Store>) -> Option<u64> {
 pub enum Verdict {
     /// Link up, store answering.
     Healthy,
+    /// Another knock holds the component; this one's store answers, so it can serve the moment it takes
+    /// over. A 200: restarting it would only lose the standby.
+    Standby,
     /// Something is wrong; the reason says what (the link first: it is what an operator can fix fastest).
     Unhealthy(&'static str),
 }
 
 impl Verdict {
-    /// Judge from the link state and the store probe.
-    pub fn of(link_up: bool, store: Result<(), StoreProblem>) -> Verdict {
+    /// Judge from the link state (up, or standing by for another knock) and the store probe.
+    pub fn of(link_up: bool, standby: bool, store: Result<(), StoreProblem>) -> Verdict {
         match (link_up, store) {
             (true, Ok(())) => Verdict::Healthy,
+            (false, Ok(())) if standby => Verdict::Standby,
             (false, Ok(())) => Verdict::Unhealthy("the component link to the XMPP server is down"),
             (false, Err(_)) => {
                 Verdict::Unhealthy("the component link is down and the store does not answer")
@@ -78,13 +86,18 @@ impl Verdict {
 
     /// Whether this is a 200.
     pub fn healthy(self) -> bool {
-        self == Verdict::Healthy
+        matches!(self, Verdict::Healthy | Verdict::Standby)
     }
 
-    /// The body: one line of JSON, `{"status":"ok"}` or `{"status":"unavailable","reason":"..."}`.
+    /// The body: one line of JSON, `{"status":"ok"}`, `{"status":"standby","reason":"..."}` or
+    /// `{"status":"unavailable","reason":"..."}`.
     pub fn json(self) -> String {
         let value = match self {
             Verdict::Healthy => serde_json::json!({ "status": "ok" }),
+            Verdict::Standby => serde_json::json!({
+                "status": "standby",
+                "reason": "another knock holds the component; this one takes over when it lets go",
+            }),
             Verdict::Unhealthy(reason) => {
                 serde_json::json!({ "status": "unavailable", "reason": reason })
             }
@@ -164,23 +177,39 @@ mod tests {
 
     #[test]
     fn healthy_only_with_the_link_up_and_the_store_answering() {
-        assert!(Verdict::of(true, Ok(())).healthy());
-        for (link, store) in [
-            (false, Ok(())),
-            (true, Err(StoreProblem::Failed)),
-            (true, Err(StoreProblem::Timeout)),
-            (false, Err(StoreProblem::Timeout)),
+        assert!(Verdict::of(true, false, Ok(())).healthy());
+        for (link, standby, store) in [
+            (false, false, Ok(())),
+            (true, false, Err(StoreProblem::Failed)),
+            (true, false, Err(StoreProblem::Timeout)),
+            (false, false, Err(StoreProblem::Timeout)),
+            (false, true, Err(StoreProblem::Failed)),
         ] {
-            let verdict = Verdict::of(link, store);
-            assert!(!verdict.healthy(), "{link} {store:?}");
+            let verdict = Verdict::of(link, standby, store);
+            assert!(!verdict.healthy(), "{link} {standby} {store:?}");
             let body: serde_json::Value =
                 serde_json::from_str(&verdict.json()).expect("the body is JSON");
             assert_eq!(body["status"], "unavailable");
             assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()));
             assert!(!verdict.json().contains('\n'), "one line");
         }
-        assert_eq!(Verdict::of(true, Ok(())).json(), r#"{"status":"ok"}"#);
-        assert!(Verdict::of(false, Ok(())).json().contains("link"));
+        assert_eq!(
+            Verdict::of(true, false, Ok(())).json(),
+            r#"{"status":"ok"}"#
+        );
+        assert!(Verdict::of(false, false, Ok(())).json().contains("link"));
+    }
+
+    #[test]
+    fn a_standby_with_a_store_is_a_200_that_says_standby() {
+        let verdict = Verdict::of(false, true, Ok(()));
+        assert!(verdict.healthy(), "an orchestrator must not restart it");
+        let body: serde_json::Value =
+            serde_json::from_str(&verdict.json()).expect("the body is JSON");
+        assert_eq!(body["status"], "standby");
+        assert!(body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("another knock")));
     }
 
     #[tokio::test]

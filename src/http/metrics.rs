@@ -133,6 +133,17 @@ pub fn render(
     );
     out.sample("knock_component_link_up", &[], u64::from(s.link_up));
     out.family(
+        "knock_component_link_standby",
+        "gauge",
+        "1 while the server refuses this knock because another one holds the component JID (Prosody's \
+         conflict): it stands by and takes over when the other lets go. Alert on no instance up, not on this.",
+    );
+    out.sample(
+        "knock_component_link_standby",
+        &[],
+        u64::from(s.link_standby),
+    );
+    out.family(
         "knock_component_link_reconnects_total",
         "counter",
         "Handshakes completed after the first.",
@@ -347,6 +358,7 @@ mod tests {
             "knock_unregistrations_total{outcome=\"removed\"}",
             "knock_stored_registrations",
             "knock_component_link_up",
+            "knock_component_link_standby",
             "knock_component_link_reconnects_total",
             "knock_component_link_downs_total",
             "knock_apns_transport_errors_total",
@@ -367,6 +379,21 @@ mod tests {
                 env!("CARGO_PKG_VERSION")
             )],
             "1"
+        );
+    }
+
+    #[test]
+    fn a_standby_shows_as_standby_and_not_up() {
+        let stats = Stats::default();
+        stats.link_standby(true);
+        let m = parse(&render(&stats.snapshot(), None, None));
+        assert_eq!(
+            m.get("knock_component_link_standby").map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            m.get("knock_component_link_up").map(String::as_str),
+            Some("0")
         );
     }
 

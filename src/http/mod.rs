@@ -88,10 +88,11 @@ async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
 }
 
-/// `GET /health`: 200 when the link is up and the store answers, 503 otherwise; a one-line JSON body.
+/// `GET /health`: 200 when the link is up (or stands by for another knock) and the store answers, 503
+/// otherwise; a one-line JSON body.
 async fn health_endpoint(State(app): State<Arc<App>>) -> Response {
     let store = health::probe_store(app.store.clone()).await;
-    let verdict = health::Verdict::of(app.stats.is_link_up(), store);
+    let verdict = health::Verdict::of(app.stats.is_link_up(), app.stats.is_link_standby(), store);
     let status = if verdict.healthy() {
         StatusCode::OK
     } else {

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use xmpp_parsers::component::Handshake;
 use xmpp_parsers::jid::BareJid;
 use xmpp_parsers::ns;
-use xmpp_parsers::stream_error::StreamError;
+use xmpp_parsers::stream_error::{DefinedCondition, StreamError};
 use xso::AsXml;
 
 use crate::stanza;
@@ -34,6 +34,12 @@ pub enum ConnectError {
     /// a component JID the server does not know.
     #[error("the server refused the component handshake ({0}): check component.jid and the secret against the server's config")]
     Refused(String),
+    /// The server accepted the secret but another connection holds the component JID: a `<conflict/>`
+    /// stream error, which is how Prosody refuses a second component connection ("Component already
+    /// connected"). Another knock is serving; this one is a standby. Told apart by the stream error's
+    /// condition, not its text, which is Prosody's wording and may change or be translated.
+    #[error("another connection holds the component ({0})")]
+    Duplicate(String),
     /// The server said something that is not XEP-0114.
     #[error("unexpected answer during the handshake: {0}")]
     Protocol(String),
@@ -193,6 +199,9 @@ impl Connection {
 /// What the server meant by answering the handshake with something else.
 fn refusal(frame: &Frame) -> ConnectError {
     match stream_error(frame) {
+        Some(e) if e.condition == DefinedCondition::Conflict => {
+            ConnectError::Duplicate(e.to_string())
+        }
         Some(e) => ConnectError::Refused(e.to_string()),
         None => ConnectError::Protocol(String::from_utf8_lossy(&frame.bytes).into_owned()),
     }
@@ -202,4 +211,47 @@ fn refusal(frame: &Frame) -> ConnectError {
 pub fn stream_error(frame: &Frame) -> Option<StreamError> {
     let element = stanza::parse_element(frame).ok()?;
     StreamError::try_from(element).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(xml: &'static str) -> Frame {
+        Frame {
+            bytes: bytes::Bytes::from_static(xml.as_bytes()),
+            depth: 2,
+        }
+    }
+
+    #[test]
+    fn a_conflict_is_a_duplicate_whatever_its_text_says() {
+        // What Prosody 0.12's mod_component sends a second component with the right secret.
+        let prosody = frame(
+            "<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>Component already connected</text>\
+             </stream:error>",
+        );
+        assert!(matches!(refusal(&prosody), ConnectError::Duplicate(_)));
+        let reworded = frame(
+            "<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-streams' xml:lang='de'>Komponente schon verbunden</text>\
+             </stream:error>",
+        );
+        assert!(matches!(refusal(&reworded), ConnectError::Duplicate(_)));
+    }
+
+    #[test]
+    fn other_stream_errors_stay_refusals() {
+        let wrong_secret =
+            frame("<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>");
+        assert!(matches!(refusal(&wrong_secret), ConnectError::Refused(_)));
+        // A text that merely mentions the word is no conflict.
+        let text_only = frame(
+            "<stream:error><host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>conflict: Component already connected</text>\
+             </stream:error>",
+        );
+        assert!(matches!(refusal(&text_only), ConnectError::Refused(_)));
+    }
 }

@@ -94,6 +94,9 @@ impl Default for Stats {
 struct LinkStats {
     /// Whether the link is authenticated and serving now; `/health` answers 503 while it is not.
     up: AtomicBool,
+    /// Whether the server refuses this knock because another one holds the component (it stands by to
+    /// take over); `/health` answers 200 "standby" then, since restarting a standby helps nobody.
+    standby: AtomicBool,
     /// Handshakes completed since start; every one after the first is a reconnect.
     ups: AtomicU64,
     /// Times a serving link ended (lost or closed for shutdown).
@@ -370,6 +373,8 @@ pub struct Snapshot {
     pub unregistered: u64,
     /// Whether the component link is up.
     pub link_up: bool,
+    /// Whether another knock holds the component and this one stands by.
+    pub link_standby: bool,
     /// Completed handshakes after the first.
     pub link_reconnects: u64,
     /// Times a serving link ended.
@@ -391,6 +396,8 @@ impl Stats {
     /// The component link completed its handshake and is serving.
     pub fn link_up(&self) {
         self.link.ups.fetch_add(1, Ordering::Relaxed);
+        // A knock that serves stands by for nobody, whoever forgot to say so.
+        self.link.standby.store(false, Ordering::Relaxed);
         self.link.up.store(true, Ordering::Relaxed);
     }
 
@@ -403,6 +410,16 @@ impl Stats {
     /// Whether the link is up now.
     pub fn is_link_up(&self) -> bool {
         self.link.up.load(Ordering::Relaxed)
+    }
+
+    /// Another knock holds the component and this one stands by (`true`), or no longer does (`false`).
+    pub fn link_standby(&self, standby: bool) {
+        self.link.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// Whether this knock stands by for another one now.
+    pub fn is_link_standby(&self) -> bool {
+        self.link.standby.load(Ordering::Relaxed)
     }
 
     /// A publish is being handled until the returned guard drops (drop it once the publish is answered).
@@ -436,6 +453,7 @@ impl Stats {
             registration_failed: g(&self.registration_failed),
             unregistered: g(&self.unregistered),
             link_up: self.is_link_up(),
+            link_standby: self.is_link_standby(),
             link_reconnects: g(&self.link.ups).saturating_sub(1),
             link_downs: g(&self.link.downs),
             publishes_in_flight: g(&self.publishes_in_flight),
@@ -487,6 +505,18 @@ mod tests {
         let s = stats.snapshot();
         assert!(!s.link_up);
         assert_eq!((s.link_reconnects, s.link_downs), (1, 2));
+    }
+
+    #[test]
+    fn a_standby_is_neither_up_nor_standing_by_once_it_takes_over() {
+        let stats = Stats::default();
+        assert!(!stats.snapshot().link_standby);
+        stats.link_standby(true);
+        let s = stats.snapshot();
+        assert!(s.link_standby && !s.link_up);
+        stats.link_up();
+        let s = stats.snapshot();
+        assert!(s.link_up && !s.link_standby, "serving ends standing by");
     }
 
     #[test]

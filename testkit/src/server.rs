@@ -12,6 +12,10 @@
 //! through [`ComponentConn::recv`]. Writes go through one buffered writer task, so stanzas,
 //! verbatim bytes and automatic ping answers interleave safely. For benchmarks a connection can
 //! be [split](ComponentConn::split) into a pipelining [`ConnSender`] and a [`ConnReceiver`].
+//!
+//! With [`ComponentServer::set_refuse_duplicates`] it plays Prosody's rule of one connection per
+//! component JID: while an accepted connection is open, a second component that gets the secret right
+//! is refused with `<conflict/>` ("Component already connected"), as Prosody 0.12's `mod_component` does.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -75,6 +79,10 @@ pub enum AcceptError {
     /// Socket error (includes XML that is not well-formed during the handshake).
     #[error("I/O error during the handshake: {0}")]
     Io(#[from] io::Error),
+    /// With [`ComponentServer::set_refuse_duplicates`]: a connection for the component is already open,
+    /// so this one was refused with a `<conflict/>` stream error, as Prosody refuses it.
+    #[error("component already connected: refused with <conflict/>")]
+    Duplicate,
 }
 
 /// How the component's side of a connection ended, see [`ComponentConn::end_reason`].
@@ -100,6 +108,12 @@ pub struct ComponentServer {
     secret: String,
     server_domain: String,
     answer_pings: AtomicBool,
+    /// Refuse a component while another connection is open (Prosody's default `kick_new`).
+    refuse_duplicates: AtomicBool,
+    /// Accepted connections whose component side is still open; each holds a [`Live`] guard.
+    live: Arc<AtomicUsize>,
+    /// Handshakes refused as duplicates so far.
+    duplicates_refused: AtomicUsize,
 }
 
 impl ComponentServer {
@@ -136,6 +150,9 @@ impl ComponentServer {
             secret: secret.to_owned(),
             server_domain,
             answer_pings: AtomicBool::new(true),
+            refuse_duplicates: AtomicBool::new(false),
+            live: Arc::new(AtomicUsize::new(0)),
+            duplicates_refused: AtomicUsize::new(0),
         })
     }
 
@@ -164,6 +181,38 @@ impl ComponentServer {
     /// Set this before `accept` to leave even the first ping after the handshake unanswered.
     pub fn set_answer_pings(&self, yes: bool) {
         self.answer_pings.store(yes, Ordering::Relaxed);
+    }
+
+    /// Refuse, like Prosody, a component that authenticates while an accepted connection is still
+    /// open: `<stream:error><conflict/><text>Component already connected</text></stream:error>` right
+    /// after its correct `<handshake>`, then close. Off by default (ejabberd accepts several).
+    pub fn set_refuse_duplicates(&self, yes: bool) {
+        self.refuse_duplicates.store(yes, Ordering::Relaxed);
+    }
+
+    /// How many handshakes were refused as duplicates so far.
+    pub fn duplicates_refused(&self) -> usize {
+        self.duplicates_refused.load(Ordering::Relaxed)
+    }
+
+    /// Accepted connections whose component side is still open (a connection counts until its
+    /// component closes or goes away, or the test drops it).
+    pub fn live_connections(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Accept connections, refusing duplicates, until one completes its handshake; with a deadline
+    /// for the whole. For a standby's takeover: it is refused while the active connection is open
+    /// and gets through once that is gone.
+    pub async fn accept_past_duplicates(&self, d: Duration) -> Result<ComponentConn, AcceptError> {
+        let deadline = Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.accept()).await {
+                Err(_) => return Err(AcceptError::Timeout),
+                Ok(Err(AcceptError::Duplicate)) => continue,
+                Ok(other) => return other,
+            }
+        }
     }
 
     /// Accept the next component connection and complete the handshake.
@@ -209,7 +258,14 @@ impl ComponentServer {
             Err(e) => {
                 if e.kind() == io::ErrorKind::InvalidData {
                     let _ = self
-                        .refuse(&mut w, &mut reader, &stream_id, false, "not-well-formed")
+                        .refuse(
+                            &mut w,
+                            &mut reader,
+                            &stream_id,
+                            false,
+                            "not-well-formed",
+                            None,
+                        )
                         .await;
                 }
                 return Err(e.into());
@@ -222,7 +278,7 @@ impl ComponentServer {
         if to != self.component_jid {
             let to = to.to_owned();
             let _ = self
-                .refuse(&mut w, &mut reader, &stream_id, false, "host-unknown")
+                .refuse(&mut w, &mut reader, &stream_id, false, "host-unknown", None)
                 .await;
             return Err(AcceptError::HostUnknown(to));
         }
@@ -240,7 +296,14 @@ impl ComponentServer {
             Err(e) => {
                 if e.kind() == io::ErrorKind::InvalidData {
                     let _ = self
-                        .refuse(&mut w, &mut reader, &stream_id, true, "not-well-formed")
+                        .refuse(
+                            &mut w,
+                            &mut reader,
+                            &stream_id,
+                            true,
+                            "not-well-formed",
+                            None,
+                        )
                         .await;
                 }
                 return Err(e.into());
@@ -248,7 +311,14 @@ impl ComponentServer {
         };
         if !handshake.is("handshake", NS_COMPONENT) {
             let _ = self
-                .refuse(&mut w, &mut reader, &stream_id, true, "not-authorized")
+                .refuse(
+                    &mut w,
+                    &mut reader,
+                    &stream_id,
+                    true,
+                    "not-authorized",
+                    None,
+                )
                 .await;
             return Err(AcceptError::Protocol(format!(
                 "expected <handshake xmlns='{NS_COMPONENT}'/>, got <{} xmlns='{}'>",
@@ -259,10 +329,27 @@ impl ComponentServer {
         let expected = hex::encode(Sha1::digest(format!("{stream_id}{}", self.secret)));
         if !handshake.text().trim().eq_ignore_ascii_case(&expected) {
             let _ = self
-                .refuse(&mut w, &mut reader, &stream_id, true, "not-authorized")
+                .refuse(
+                    &mut w,
+                    &mut reader,
+                    &stream_id,
+                    true,
+                    "not-authorized",
+                    None,
+                )
                 .await;
             return Err(AcceptError::BadSecret);
         }
+        // Prosody checks the secret first and the duplicate after, so only a right secret meets this.
+        if self.refuse_duplicates.load(Ordering::Relaxed) && self.live_connections() > 0 {
+            self.duplicates_refused.fetch_add(1, Ordering::Relaxed);
+            let text = Some("Component already connected");
+            let _ = self
+                .refuse(&mut w, &mut reader, &stream_id, true, "conflict", text)
+                .await;
+            return Err(AcceptError::Duplicate);
+        }
+        let live = Live::new(self.live.clone());
         w.write_all(b"<handshake/>").await?;
         w.flush().await?;
 
@@ -275,7 +362,7 @@ impl ComponentServer {
             hung: AtomicBool::new(false),
             end: Mutex::new(None),
         });
-        Ok(ComponentConn::start(reader, w, shared))
+        Ok(ComponentConn::start(reader, w, shared, live))
     }
 
     /// Send a stream error (with our header first if it was not sent yet), close our side and
@@ -287,12 +374,13 @@ impl ComponentServer {
         stream_id: &str,
         header_sent: bool,
         condition: &str,
+        text: Option<&str>,
     ) -> io::Result<()> {
         let mut out = String::new();
         if !header_sent {
             out.push_str(&stream_header(&self.component_jid, stream_id));
         }
-        out.push_str(&stream_error_xml(condition, None));
+        out.push_str(&stream_error_xml(condition, text));
         out.push_str(STREAM_FOOTER);
         w.write_all(out.as_bytes()).await?;
         w.flush().await?;
@@ -320,7 +408,12 @@ pub struct ComponentConn {
 }
 
 impl ComponentConn {
-    fn start(reader: XmlReader, w: BufWriter<OwnedWriteHalf>, shared: Arc<Shared>) -> Self {
+    fn start(
+        reader: XmlReader,
+        w: BufWriter<OwnedWriteHalf>,
+        shared: Arc<Shared>,
+        live: Live,
+    ) -> Self {
         let (user_tx, user_rx) = mpsc::channel(WRITE_QUEUE);
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let (stanza_tx, stanza_rx) = mpsc::unbounded_channel();
@@ -330,6 +423,7 @@ impl ComponentConn {
             stanza_tx,
             ctrl_tx.clone(),
             shared.clone(),
+            live,
         ));
         let tasks = Arc::new(Tasks { reader, writer });
         ComponentConn {
@@ -716,6 +810,22 @@ struct Shared {
     end: Mutex<Option<EndReason>>,
 }
 
+/// One open component connection, counted in [`ComponentServer::live_connections`] while it lives.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: Arc<AtomicUsize>) -> Live {
+        count.fetch_add(1, Ordering::SeqCst);
+        Live(count)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Tasks {
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -802,6 +912,9 @@ async fn reader_task(
     stanzas: mpsc::UnboundedSender<Vec<Element>>,
     ctrl: mpsc::UnboundedSender<WriteCmd>,
     shared: Arc<Shared>,
+    // Dropped when the component's side ends or the task is aborted (the test dropped the connection):
+    // either way the component is no longer connected, which is what Prosody's duplicate rule asks.
+    _live: Live,
 ) {
     // Stanzas already in the read buffer are handed over in one batch, so a burst costs one
     // wake-up of the receiving task instead of one per stanza.
@@ -1403,6 +1516,72 @@ mod tests {
             .unwrap();
         assert_eq!(read_until(&mut s, "<handshake/>").await, "<handshake/>");
         s
+    }
+
+    /// Log in as a component by hand and return all the server says after the handshake, to EOF.
+    async fn raw_refused_login(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"<stream:stream xmlns='jabber:component:accept' \
+              xmlns:stream='http://etherx.jabber.org/streams' to='push.localhost'>",
+        )
+        .await
+        .unwrap();
+        let header = read_until(&mut s, "'>").await;
+        let id = header
+            .split("id='")
+            .nth(1)
+            .unwrap()
+            .split('\'')
+            .next()
+            .unwrap();
+        let digest = hex::encode(Sha1::digest(format!("{id}{SECRET}")));
+        s.write_all(format!("<handshake>{digest}</handshake>").as_bytes())
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8(rest).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_second_component_is_refused_with_conflict_until_the_first_goes() {
+        let server = ComponentServer::bind(JID, SECRET).await.unwrap();
+        server.set_refuse_duplicates(true);
+        let (first, conn) = tokio::join!(raw_login(server.addr()), server.accept_timeout(T));
+        let mut conn = conn.unwrap();
+        assert_eq!(server.live_connections(), 1);
+
+        let (said, refused) =
+            tokio::join!(raw_refused_login(server.addr()), server.accept_timeout(T));
+        assert!(
+            matches!(refused, Err(AcceptError::Duplicate)),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(
+            said,
+            "<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>Component already connected</text>\
+             </stream:error></stream:stream>"
+        );
+        assert_eq!(server.duplicates_refused(), 1);
+
+        // The first component goes away (a crash: no footer); the next one gets in.
+        drop(first);
+        assert!(conn.wait_closed(T).await.is_some(), "the crash is seen");
+        assert_eq!(
+            server.live_connections(),
+            0,
+            "gone, though the test still holds it"
+        );
+        let (_second, conn) =
+            tokio::join!(raw_login(server.addr()), server.accept_past_duplicates(T));
+        conn.unwrap();
+        assert_eq!(server.live_connections(), 1);
     }
 
     #[tokio::test]
