@@ -267,6 +267,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             ping_interval: Duration::from_secs(config.component.ping_interval_secs),
             max_in_flight: config.component.max_in_flight,
             publish_deadline: config.publish_deadline(),
+            standby_retry: Duration::from_millis(config.component.standby_retry_ms),
         };
         link::run(app.clone(), settings, shutdown).await;
         if let Some(admin) = admin {

@@ -441,6 +441,11 @@ pub struct ComponentConfig {
     /// Most stanzas handled at once; beyond this knock stops reading, so memory stays bounded.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// While another knock holds the component (Prosody refuses a second connection with `<conflict/>`), how
+    /// often this one, a standby, tries again: the longest a takeover waits after the active knock's
+    /// connection drops. Prosody logs four lines per refused attempt, so shorter costs its log.
+    #[serde(default = "default_standby_retry_ms")]
+    pub standby_retry_ms: u64,
 }
 
 /// The `[store]` table.
@@ -775,6 +780,9 @@ pub fn normalize_domain(domain: &str) -> Option<String> {
     jid.node().is_none().then(|| jid.domain().to_string())
 }
 
+fn default_standby_retry_ms() -> u64 {
+    1000
+}
 fn default_max_in_flight() -> usize {
     1024
 }
@@ -975,6 +983,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "component.ping_interval_secs",
                 "must be at least 1",
+            ));
+        }
+        if !(100..=10_000).contains(&self.component.standby_retry_ms) {
+            return Err(ConfigError::invalid(
+                "component.standby_retry_ms",
+                "must be between 100 and 10000",
             ));
         }
         if self.component.max_in_flight == 0 {

@@ -706,8 +706,13 @@ fn is_root() -> bool {
 /// Install Debian's PostgreSQL with the repository's own `pg_ensure_installed` (no system cluster), one test
 /// process at a time.
 fn install_postgresql() -> anyhow::Result<()> {
-    let library = concat!(env!("CARGO_MANIFEST_DIR"), "/../prosody-test/lib/postgres.sh");
-    eprintln!("PostgreSQL is not installed: installing Debian's package (prosody-test/lib/postgres.sh)");
+    let library = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../prosody-test/lib/postgres.sh"
+    );
+    eprintln!(
+        "PostgreSQL is not installed: installing Debian's package (prosody-test/lib/postgres.sh)"
+    );
     let status = Command::new("flock")
         .args(["/tmp/knock-pg-install.lock", "bash", "-c"])
         .arg(format!("source {library} && pg_ensure_installed"))
