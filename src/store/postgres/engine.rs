@@ -38,6 +38,8 @@ const BATCH: usize = 1024;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// Longest pause between reconnection attempts: a restarted PostgreSQL is used again within this.
 const MAX_RETRY: Duration = Duration::from_secs(1);
+/// How long a store being dropped keeps retrying a write the database refuses.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -411,6 +413,8 @@ pub(super) async fn run(
         }
         let commits = shared.commits.lock().await;
         let mut retry = FIRST_RETRY;
+        let mut failures: u32 = 0;
+        let mut closing_since: Option<std::time::Instant> = None;
         let conflicts = loop {
             let attempt = async {
                 if writer.as_ref().is_none_or(Client::is_closed) {
@@ -429,9 +433,30 @@ pub(super) async fn run(
                 write(client, statements, &batch).await
             };
             match attempt.await {
-                Ok(conflicts) => break conflicts,
+                Ok(conflicts) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "PostgreSQL writes go through again");
+                    }
+                    break conflicts;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "PostgreSQL write failed; retrying");
+                    failures += 1;
+                    // The 1st, 2nd, 4th, 8th... failure of an outage: a line a second would flood the log.
+                    if failures.is_power_of_two() {
+                        tracing::warn!(error = %e, failures, "PostgreSQL write failed; retrying");
+                    }
+                    // Shutting down (the store was dropped) with the database away: stop trying after a
+                    // while rather than hold the exit forever. Nothing in this batch was acknowledged.
+                    if jobs.is_closed() {
+                        let since = *closing_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= SHUTDOWN_GRACE {
+                            tracing::error!(
+                                changes = batch.len(),
+                                "PostgreSQL unreachable at shutdown: unacknowledged changes not written"
+                            );
+                            break HashMap::new();
+                        }
+                    }
                     // Flushes waiting meanwhile learn it now; the changes stay queued and are retried.
                     for job in &mut batch {
                         if let Job::Flush(reply) = job {
@@ -616,22 +641,33 @@ async fn refresh(
 /// Keep the memory coherent with other instances' writes, for as long as the store lives.
 async fn listen(options: PostgresOptions, shared: Arc<Shared>) {
     let mut retry = FIRST_RETRY;
+    let mut failures: u32 = 0;
     loop {
-        match listen_once(&options, &shared).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "PostgreSQL notifications lost; reconnecting, then re-reading every registration");
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
+        let started = std::time::Instant::now();
+        {
+            let e = listen_once(&options, &shared).await;
+            // A connection that served a while starts a new outage: quick retries, and said once.
+            if started.elapsed() > MAX_RETRY * 10 {
+                retry = FIRST_RETRY;
+                failures = 0;
             }
+            failures += 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(error = %e, failures, "PostgreSQL notifications lost; reconnecting, then re-reading every registration");
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(MAX_RETRY);
         }
     }
 }
 
 /// One listening connection: LISTEN, re-read everything (notifications may have been missed before), then
 /// re-read each node others change. Returns why the connection was lost.
-async fn listen_once(options: &PostgresOptions, shared: &Shared) -> Result<(), StoreError> {
-    let (client, mut connection) = connect(options, &shared.name).await?;
+async fn listen_once(options: &PostgresOptions, shared: &Shared) -> StoreError {
+    let (client, mut connection) = match connect(options, &shared.name).await {
+        Ok(connected) => connected,
+        Err(e) => return e,
+    };
     let (notes, mut changed) = mpsc::unbounded_channel::<String>();
     let own = format!("{} ", shared.name);
     let driver: tokio::task::JoinHandle<StoreError> = tokio::spawn(async move {
@@ -675,11 +711,11 @@ async fn listen_once(options: &PostgresOptions, shared: &Shared) -> Result<(), S
     match listened {
         Err(e) => {
             driver.abort();
-            Err(e)
+            e
         }
-        Ok(()) => Err(driver
+        Ok(()) => driver
             .await
-            .unwrap_or_else(|e| StoreError::Io(format!("the notification task failed: {e}")))),
+            .unwrap_or_else(|e| StoreError::Io(format!("the notification task failed: {e}"))),
     }
 }
 
