@@ -2,12 +2,13 @@
 
 Prosody 0.12 accepts one connection per component JID and refuses a second one that gets the secret right with
 `<stream:error><conflict/>` ("Component already connected"). The second knock is then a standby: it says so
-once, shows `standby` in /health and /metrics, and knocks again every 250 ms; when the active knock is killed
+once, shows `standby` in /health and /metrics, and knocks again every 250 ms (the tests' `standby_retry_ms`;
+knock's default is 1 s); when the active knock is killed
 with SIGKILL, the standby must be answering IQs within 2 s. ejabberd 23.01 accepts both connections and spreads
 stanzas over them (active/active): both knocks must answer.
 
-Each knock has its own sled store for now (a shared PostgreSQL store is another part of issue 20), so a device
-registers again after the takeover, and on ejabberd the scenario sends only disco#info and pings, which any
+Each knock has its own sled store here (scenario 19, postgres_scenarios.py, runs two on one PostgreSQL), so a
+device registers again after the takeover, and on ejabberd the scenario sends only disco#info and pings, which any
 instance answers the same: with separate stores, a publish landing on the instance that does not hold the
 registration is answered item-not-found, which ejabberd punishes by disabling the user's push.
 
