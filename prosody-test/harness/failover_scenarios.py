@@ -2,12 +2,13 @@
 
 Prosody 0.12 accepts one connection per component JID and refuses a second one that gets the secret right with
 `<stream:error><conflict/>` ("Component already connected"). The second knock is then a standby: it says so
-once, shows `standby` in /health and /metrics, and knocks again every 250 ms; when the active knock is killed
+once, shows `standby` in /health and /metrics, and knocks again every 250 ms (the tests' `standby_retry_ms`;
+knock's default is 1 s); when the active knock is killed
 with SIGKILL, the standby must be answering IQs within 2 s. ejabberd 23.01 accepts both connections and spreads
 stanzas over them (active/active): both knocks must answer.
 
-Each knock has its own sled store for now (a shared PostgreSQL store is another part of issue 20), so a device
-registers again after the takeover, and on ejabberd the scenario sends only disco#info and pings, which any
+Each knock has its own sled store here (scenario 19, postgres_scenarios.py, runs two on one PostgreSQL), so a
+device registers again after the takeover, and on ejabberd the scenario sends only disco#info and pings, which any
 instance answers the same: with separate stores, a publish landing on the instance that does not hold the
 registration is answered item-not-found, which ejabberd punishes by disabling the user's push.
 
@@ -17,7 +18,9 @@ here, which records when its handshake completed and which IQ ids the server sen
 
 import asyncio
 import json
+import os
 import secrets
+import shutil
 import signal
 import time
 import urllib.error
@@ -28,6 +31,7 @@ from bed import COMPONENT, DOMAIN, Knock
 from procs import LogWatch, free_port, wait_for
 from scenarios import Ctx, Failure, check, new_token, text_for
 from slixmpp.exceptions import IqError, IqTimeout
+from wiretap import Wiretap
 
 # The issue's bound for a standby to be serving after the active knock dies (knock's design: about 250 ms).
 TAKEOVER_BOUND = 2.0
@@ -109,20 +113,32 @@ class Relay:
 
 
 class Second:
-    """A second knock beside the bed's: the same apps and secret, its own store, log and admin listener."""
+    """A second knock beside the bed's: the same apps and secret, its own log and admin listener, and its own
+    sled store unless `store_toml` gives another [store] (scenarios 19-20: a shared PostgreSQL; `key_from`, a
+    store key file to share). With `tap`, it reaches the server through a Wiretap of its own (which sees every
+    publish and the reply) rather than the plain Relay."""
 
-    def __init__(self, ctx: Ctx):
+    def __init__(self, ctx: Ctx, name: str = "knock-second", tap: bool = False, store_toml: str | None = None,
+                 key_from: str | None = None):
         bed = ctx.bed
-        self.relay = Relay(bed.server.component_port)
+        self.relay = (Wiretap if tap else Relay)(bed.server.component_port)
         self.admin = f"127.0.0.1:{free_port()}"
         self.knock = None
         self.bed = bed
+        self.name = name
+        self.store_toml = store_toml
+        self.key_from = key_from
 
     async def start(self):
         bed = self.bed
         port = await self.relay.start()
-        self.knock = Knock(bed.registry, bed.knock.bin, f"{bed.dir}/knock-second", port, bed.component_secret,
-                           bed.apns)
+        run_dir = f"{bed.dir}/{self.name}"
+        if self.key_from:
+            os.makedirs(run_dir, exist_ok=True)
+            shutil.copyfile(self.key_from, f"{run_dir}/store.key")
+        self.knock = Knock(bed.registry, bed.knock.bin, run_dir, port, bed.component_secret, bed.apns)
+        if self.store_toml:
+            self.knock.store_toml = self.store_toml
         self.knock.write_config(bed.knock.apps)
         with open(self.knock.config, "a") as f:
             f.write(f'\n[admin]\nlisten = "{self.admin}"\n')
@@ -138,6 +154,7 @@ class Second:
             return None, ""
 
     def metric(self, name: str):
+        """A sample's value; `name` may carry its labels (`knock_registrations_total{outcome="saved"}`)."""
         status, body = self.get("/metrics")
         for line in body.splitlines():
             if line.startswith(name + " "):
@@ -200,20 +217,34 @@ async def wait_log(read, text: str, timeout: float, what: str):
 
 
 async def first_answer_after(c, t0: float, bound: float) -> float:
-    """Poll disco#info until knock answers; seconds after t0. The server answers for a missing component itself
-    (an error), so a poll is quick either way."""
+    """Poll disco#info until knock answers; seconds after t0 of the first answer. The server answers for a
+    missing component itself (an error), so a poll is quick either way; but one the server hands the dying
+    knock's connection is lost without a reply, so a poll goes out every 25 ms without waiting for the last:
+    a lost one does not hold the measurement up by its timeout."""
     deadline = t0 + bound + 5
-    n = 0
-    while time.monotonic() < deadline:
-        n += 1
+    answers: list[float] = []
+    polls = set()
+
+    async def poll(n: int):
         try:
             reply = await disco(c, f"fo-poll-{n}", timeout=1)
             if reply["type"] == "result":
-                return time.monotonic() - t0
+                answers.append(time.monotonic())
         except (IqError, IqTimeout):
             pass
-        await asyncio.sleep(0.02)
-    raise Failure(f"no disco#info answer from {COMPONENT} within {bound + 5:g} s of killing the active knock")
+    n = 0
+    try:
+        while not answers and time.monotonic() < deadline:
+            n += 1
+            polls.add(asyncio.create_task(poll(n)))
+            await asyncio.sleep(0.025)
+    finally:
+        for p in polls:
+            p.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+    if not answers:
+        raise Failure(f"no disco#info answer from {COMPONENT} within {bound + 5:g} s of killing the active knock")
+    return min(answers) - t0
 
 
 async def restore(bed, second: Second):

@@ -109,6 +109,10 @@ class Wiretap:
         last = self.links[max(self.links)]
         return last[1] is not None and last[2] is None
 
+    def up_at(self):
+        """When the newest link completed its handshake, if it is still open; else None (as Relay.up_at)."""
+        return self.last_up_at() if self.link_up() else None
+
     def last_up_at(self):
         """When the newest link completed its handshake (monotonic), or None."""
         if not self.links:

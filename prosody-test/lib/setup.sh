@@ -48,6 +48,13 @@ pt_ensure_servers() {  # prosody|ejabberd|all
     fi
 }
 
+# Debian's PostgreSQL server for scenarios 19-20 (each starts a throwaway cluster with testkit's pg-cluster,
+# which `pt_build` builds): installed without a system cluster if missing (root). Without it those two fail,
+# saying why; the others run.
+pt_ensure_postgres() {
+    pg_ensure_installed || pt_log "no PostgreSQL server: scenarios 19-20 will fail"
+}
+
 pt_python() {
     # Debian's python3 if it can make venvs, else whatever python3 is on PATH.
     for py in /usr/bin/python3 python3; do
@@ -129,3 +136,4 @@ pt_cleanup() {
 }
 
 source "$PT_DIR/lib/trixie-modules.sh"
+source "$PT_DIR/lib/postgres.sh"
