@@ -107,6 +107,9 @@ pub(super) struct Shared {
     /// Held while a batch is written and settled, and while the database is read into memory: a read
     /// taken before a commit of ours must not land in memory after it, undoing it there.
     commits: tokio::sync::Mutex<()>,
+    /// Whether the last write failed and the writer is retrying: a flush then fails at once instead of
+    /// waiting out its timeout behind the batch being retried.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -155,6 +158,7 @@ pub(super) fn shared(codec: Codec) -> Shared {
         codec,
         name: format!("knock-{}", hex::encode(id)),
         commits: tokio::sync::Mutex::new(()),
+        failing: std::sync::atomic::AtomicBool::new(false),
     }
 }
 
@@ -435,12 +439,18 @@ pub(super) async fn run(
             match attempt.await {
                 Ok(conflicts) => {
                     if failures > 0 {
+                        shared
+                            .failing
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(failures, "PostgreSQL writes go through again");
                     }
                     break conflicts;
                 }
                 Err(e) => {
                     failures += 1;
+                    shared
+                        .failing
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     // The 1st, 2nd, 4th, 8th... failure of an outage: a line a second would flood the log.
                     if failures.is_power_of_two() {
                         tracing::warn!(error = %e, failures, "PostgreSQL write failed; retrying");

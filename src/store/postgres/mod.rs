@@ -350,6 +350,16 @@ impl Store for PostgresStore {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        if self
+            .shared
+            .failing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // What is queued stays queued and is written once the database is back; it is not confirmed now.
+            return Box::pin(std::future::ready(Err(StoreError::Io(
+                "PostgreSQL cannot be written to now; retrying".into(),
+            ))));
+        }
         let (reply, committed) = oneshot::channel();
         let sent = self.jobs.send(Job::Flush(reply));
         Box::pin(async move {
