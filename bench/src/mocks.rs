@@ -66,10 +66,10 @@ pub async fn start(
         ca_file.to_string_lossy().into_owned(),
         work.join(format!("mock-{}{suffix}.log", slug(provider))),
     );
-    let (mut proc, key_file) = match provider {
+    // What differs between the mocks: the binary, its arguments, and where it writes the app's key.
+    let (name, bin, key_file, args): (_, _, _, Vec<String>) = match provider {
         Provider::Apns => {
             let key_file = work.join("mock-key.p8");
-            let key = key_file.to_string_lossy();
             let args = [
                 "--topic",
                 TOPIC,
@@ -78,44 +78,33 @@ pub async fn start(
                 "--key-id",
                 KEY_ID,
                 "--private-key-out",
-                &key,
+                &key_file.to_string_lossy(),
                 "--ca-out",
                 &ca,
                 "--quiet",
-            ];
-            let proc = Proc::spawn(
-                "mock APNs",
-                &bin_dir.join("mock-apns"),
-                &args,
-                &[],
-                Some(log),
-                true,
-            )?;
-            (proc, key_file)
+            ]
+            .map(String::from)
+            .to_vec();
+            ("mock APNs", "mock-apns", key_file, args)
         }
         Provider::Fcm => {
             let key_file = work.join("mock-fcm-sa.json");
-            let key = key_file.to_string_lossy();
             let args = [
                 "mock-fcm",
                 "--project",
                 PROJECT,
                 "--service-account-out",
-                &key,
+                &key_file.to_string_lossy(),
                 "--ca-out",
                 &ca,
-            ];
-            let proc = Proc::spawn(
-                "mock FCM",
-                &bin_dir.join("knock-bench"),
-                &args,
-                &[],
-                Some(log),
-                true,
-            )?;
-            (proc, key_file)
+            ]
+            .map(String::from)
+            .to_vec();
+            ("mock FCM", "knock-bench", key_file, args)
         }
     };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = Proc::spawn(name, &bin_dir.join(bin), &args, &[], Some(log), true)?;
     let line = proc.first_json_line().await?;
     let url = line["url"]
         .as_str()
