@@ -28,8 +28,12 @@ use crate::throughput::publishes;
 
 /// Publishes in flight.
 pub const WINDOW: usize = 64;
-/// How long publishes flow through the active knock before it is killed.
+/// How long publishes flow through the active knock before it is killed, at least; plus a random part of
+/// [`STANDBY_RETRY`].
 const BEFORE_KILL: Duration = Duration::from_secs(1);
+/// knock's pause between a standby's attempts. The kill lands at a random point of it: started at a fixed
+/// time after a refusal, it would always land just after one, and every takeover would wait the whole pause.
+const STANDBY_RETRY: Duration = knock::link::STANDBY_RETRY;
 
 /// One failover.
 #[derive(Debug, Clone)]
@@ -123,7 +127,8 @@ async fn once(
         let pumped = pump(first, &mut source, None).await;
         (pumped, source)
     });
-    tokio::time::sleep(BEFORE_KILL).await;
+    let jitter = STANDBY_RETRY.mul_f64(rand::random::<f64>());
+    tokio::time::sleep(BEFORE_KILL + jitter).await;
     let killed_at = now_ns();
     active.kill9().await?;
     let (before, mut source) = flowing.await.context("the load panicked")?;
@@ -314,13 +319,16 @@ pub fn table(takeovers: &[Takeover], nodes: usize, after: Duration) -> String {
         out,
         "\nTwo knocks (dry_run) on one PostgreSQL database of {} registrations, behind the harness playing \
          Prosody's one connection per component: the second is refused with `<conflict/>` (\"Component \
-         already connected\") and stands by, retrying every 250 ms. Publishes flow through the active one, \
-         {WINDOW} in flight, for {} s; it is killed with SIGKILL; the harness admits the next handshake once \
+         already connected\") and stands by, retrying every {} ms. Publishes flow through the active one, \
+         {WINDOW} in flight, for {} s plus a random part of the standby's {} ms retry pause (so the kill \
+         lands anywhere in its cycle); it is killed with SIGKILL; the harness admits the next handshake once \
          it has read the end of the killed connection. Nothing is sent while no knock holds the link. *Lost \
          in flight*: publishes the killed knock never answered (Prosody would bounce them). Then {} s of \
          publishes through the standby: *failed* counts those answered with an error or not at all.",
         count(nodes as f64),
+        STANDBY_RETRY.as_millis(),
         BEFORE_KILL.as_secs_f64(),
+        STANDBY_RETRY.as_millis(),
         after.as_secs_f64(),
     );
     out

@@ -68,6 +68,19 @@ impl Database {
         Ok(cluster.psql(&format!("SHOW {name}"))?.trim().to_owned())
     }
 
+    /// Write transactions so far (the current transaction id, which this query's own transaction takes)
+    /// and the registrations in the `knock` database: two readings give how many registrations each of
+    /// knock's commits carried. Transaction ids count only transactions that wrote, so knock's reads and
+    /// notifications do not count, and each reading adds one.
+    pub fn writes_and_rows(&self) -> anyhow::Result<(u64, u64)> {
+        let cluster = self.cluster.as_ref().context("stopped")?;
+        let out = cluster.psql_knock(
+            "SELECT pg_current_xact_id()::text::bigint, (SELECT count(*) FROM knock_registrations)",
+        )?;
+        let (xid, rows) = out.trim().split_once('|').context("psql's output")?;
+        Ok((xid.parse()?, rows.parse()?))
+    }
+
     /// Stop the server and remove its directory (off the async runtime's threads).
     pub async fn stop(mut self) {
         if let Some(cluster) = self.cluster.take() {

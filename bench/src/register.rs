@@ -23,8 +23,8 @@ const ENGINES: [&str; 3] = ["sled", "PostgreSQL", "PostgreSQL, fsync off"];
 
 /// What was measured: per engine, the summary of its repetitions.
 pub struct Results {
-    /// (engine, summary).
-    pub rows: Vec<(&'static str, Summary)>,
+    /// (engine, summary, registrations per commit over its repetitions: PostgreSQL only).
+    pub rows: Vec<(&'static str, Summary, f64)>,
     /// `SHOW synchronous_commit` on the PostgreSQL server with fsync on.
     pub synchronous_commit: String,
 }
@@ -32,7 +32,10 @@ pub struct Results {
 impl Results {
     /// The summary of one engine.
     pub fn get(&self, engine: &str) -> Option<&Summary> {
-        self.rows.iter().find(|(e, _)| *e == engine).map(|(_, s)| s)
+        self.rows
+            .iter()
+            .find(|(e, _, _)| *e == engine)
+            .map(|(_, s, _)| s)
     }
 }
 
@@ -50,14 +53,17 @@ pub async fn run(
     let unsynced = Database::start(env, "register-pg-nofsync", false).await?;
     let synchronous_commit = synced.setting("synchronous_commit")?;
     let mut done: Vec<Vec<Rep>> = vec![Vec::new(); ENGINES.len()];
+    // Per engine: registrations and write transactions, summed over repetitions.
+    let mut batching = [(0u64, 0u64); ENGINES.len()];
     for rep in 0..reps {
         for (e, engine) in ENGINES.iter().enumerate() {
-            let store = match e {
-                0 => StoreAt::Sled(&sled),
-                1 => StoreAt::Postgres(&synced),
-                _ => StoreAt::Postgres(&unsynced),
+            let (store, db) = match e {
+                0 => (StoreAt::Sled(&sled), None),
+                1 => (StoreAt::Postgres(&synced), Some(&synced)),
+                _ => (StoreAt::Postgres(&unsynced), Some(&unsynced)),
             };
             let (mut running, component) = start(Target::DryRun, env, &store).await?;
+            let before = db.map(Database::writes_and_rows).transpose()?;
             let pid = running.component()?.pid()?;
             let load = Load {
                 window: WINDOW,
@@ -68,6 +74,12 @@ pub async fn run(
             // New users every time: `b<run>u<seq>`, runs 100 and up (the scale run uses 0 to 3).
             let run = 100 + rep * ENGINES.len() + e;
             let outcome = load::run(component, &load, registrations(run)).await;
+            if let (Some(db), Some((xid0, rows0))) = (db, before) {
+                let (xid1, rows1) = db.writes_and_rows()?;
+                // Less the reading's own transaction.
+                batching[e].0 += rows1 - rows0;
+                batching[e].1 += (xid1 - xid0).saturating_sub(1);
+            }
             let alive = running.check_alive();
             running.stop().await;
             let (_, outcome) = outcome?;
@@ -101,7 +113,15 @@ pub async fn run(
         rows: ENGINES
             .iter()
             .zip(&done)
-            .map(|(engine, reps)| (*engine, summarize(reps)))
+            .zip(batching)
+            .map(|((engine, reps), (rows, commits))| {
+                let per_commit = if commits == 0 {
+                    f64::NAN
+                } else {
+                    rows as f64 / commits as f64
+                };
+                (*engine, summarize(reps), per_commit)
+            })
             .collect(),
         synchronous_commit,
     })
@@ -110,12 +130,12 @@ pub async fn run(
 /// The registrations table, Markdown.
 pub fn table(results: &Results, reps: usize, warmup: Duration, measure: Duration) -> String {
     let mut out = String::from(
-        "| engine | window | registrations/s (min / median / max) | p50 ms | p99 ms | max ms | knock CPU µs/registration |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| engine | window | registrations/s (min / median / max) | p50 ms | p99 ms | max ms | knock CPU µs/registration | registrations per commit |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (engine, s) in &results.rows {
+    for (engine, s, per_commit) in &results.rows {
         let _ = writeln!(
             out,
-            "| {engine} | {WINDOW} | {} / **{}** / {} | {} | {} | {} | {} |",
+            "| {engine} | {WINDOW} | {} / **{}** / {} | {} | {} | {} | {} | {} |",
             count(s.per_sec[0]),
             count(s.per_sec[1]),
             count(s.per_sec[2]),
@@ -123,6 +143,7 @@ pub fn table(results: &Results, reps: usize, warmup: Duration, measure: Duration
             num(s.latency_ms[1], 2),
             num(s.latency_ms[2], 1),
             num(s.cpu_us, 1),
+            num(*per_commit, 1),
         );
     }
     let _ = writeln!(
@@ -134,7 +155,8 @@ pub fn table(results: &Results, reps: usize, warmup: Duration, measure: Duration
          runs on this machine, each cluster in the run's scratch directory on disk, with synchronous_commit = {} \
          and full_page_writes = off; *PostgreSQL* has fsync = on, so a commit waits for its WAL to reach the \
          disk; *fsync off* only shows what that wait costs (a commit is then in the kernel's hands only). \
-         knock's CPU only: PostgreSQL's own is not in it.",
+         knock's CPU only: PostgreSQL's own is not in it. *Registrations per commit*: rows added over write \
+         transactions, warm-up included (from `pg_current_xact_id()` before and after each load).",
         measure.as_secs_f64(),
         warmup.as_secs_f64(),
         results.synchronous_commit,
