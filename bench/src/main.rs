@@ -7,10 +7,13 @@
 //! it sends the publishes Prosody's mod_cloud_notify sends, a window of them in flight at a time.
 
 mod echo;
+mod failover;
 mod h2load;
 mod load;
 mod mocks;
+mod pg;
 mod procs;
+mod register;
 mod report;
 mod scale;
 mod seed;
@@ -43,12 +46,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Throughput and scale (the default).
+    /// Throughput, scale, registrations and failover (the default).
     All,
     /// Publishes/s, latency, CPU and memory at each window, against the echo ceiling.
     Throughput,
     /// A large store: disk, memory, start-up, latency, registrations/s.
     Scale,
+    /// Registrations/s at window 64 with sled and with PostgreSQL (on disk, fsync on).
+    Registrations,
+    /// Two knocks on one PostgreSQL, the active one killed under load: how soon the standby serves.
+    Failover,
     /// (Internal) the echo component the harness measures as the ceiling.
     #[command(hide = true)]
     EchoComponent {
@@ -94,8 +101,9 @@ struct Options {
     /// Registrations in the throughput store.
     #[arg(long, global = true)]
     nodes: Option<usize>,
-    /// Throughput targets, comma-separated, among echo, dry_run, apns, apns-mock, fcm, fcm-mock
-    /// (`-mock`: the provider's mock alone, pushed to by the harness). Default: all.
+    /// Throughput targets, comma-separated, among echo, dry_run, dry_run-pg, apns, apns-mock, fcm, fcm-mock
+    /// (`-pg`: the store in PostgreSQL; `-mock`: the provider's mock alone, pushed to by the harness).
+    /// Default: all.
     #[arg(long, global = true, value_delimiter = ',')]
     targets: Option<Vec<Target>>,
     /// Registrations in the large store of the scale run.
@@ -120,20 +128,31 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(mocks::host_fcm(project, service_account_out, ca_out));
     }
+    if let Some(Command::EchoComponent {
+        server,
+        jid,
+        secret,
+    }) = &cli.command
+    {
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(echo::run(*server, jid, secret));
+    }
+    let scratch = tempfile::Builder::new().prefix("knock-bench-").tempdir()?;
+    // PostgreSQL clusters go to the scratch directory, on disk rather than testkit's tmpfs default, so that
+    // the registrations' commits write a real disk. Set before any thread starts: testkit reads it once.
+    if std::env::var_os("KNOCK_PG_TMPDIR").is_none() {
+        std::env::set_var("KNOCK_PG_TMPDIR", pg::cluster_parent(scratch.path())?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command.unwrap_or(Command::All) {
-        Command::EchoComponent {
-            server,
-            jid,
-            secret,
-        } => runtime.block_on(echo::run(server, &jid, &secret)),
-        command => runtime.block_on(bench(command, &cli.options)),
-    }
+    let command = cli.command.unwrap_or(Command::All);
+    runtime.block_on(bench(command, &cli.options, scratch))
 }
 
-async fn bench(command: Command, o: &Options) -> anyhow::Result<()> {
+async fn bench(command: Command, o: &Options, scratch: tempfile::TempDir) -> anyhow::Result<()> {
     let quick = o.quick;
     let throughput_options = throughput::Options {
         reps: o.reps.unwrap_or(if quick { 1 } else { 3 }),
@@ -149,7 +168,6 @@ async fn bench(command: Command, o: &Options) -> anyhow::Result<()> {
             .unwrap_or(if quick { 20_000 } else { 1_000_000 }),
     ];
 
-    let scratch = tempfile::Builder::new().prefix("knock-bench-").tempdir()?;
     let bin_dir = match &o.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -189,9 +207,43 @@ async fn bench(command: Command, o: &Options) -> anyhow::Result<()> {
         report.push_str(&scale::table(&rows, throughput_options.measure));
         scale_rows = Some(rows);
     }
+    let mut registrations = None;
+    if matches!(command, Command::All | Command::Registrations) {
+        let results = register::run(
+            &env,
+            throughput_options.reps,
+            throughput_options.warmup,
+            throughput_options.measure,
+        )
+        .await?;
+        let _ = writeln!(report, "\n### Registrations\n");
+        report.push_str(&register::table(
+            &results,
+            throughput_options.reps,
+            throughput_options.warmup,
+            throughput_options.measure,
+        ));
+        registrations = Some(results);
+    }
+    let mut takeovers = None;
+    if matches!(command, Command::All | Command::Failover) {
+        let after = Duration::from_secs(if quick { 2 } else { 3 });
+        let results = failover::run(
+            &env,
+            throughput_options.reps,
+            throughput_options.nodes,
+            after,
+        )
+        .await?;
+        let _ = writeln!(report, "\n### Failover\n");
+        report.push_str(&failover::table(&results, throughput_options.nodes, after));
+        takeovers = Some(results);
+    }
     report.push_str(&targets_section(
         throughput_results.as_ref(),
         scale_rows.as_deref(),
+        registrations.as_ref(),
+        takeovers.as_deref(),
     ));
 
     println!("{report}");
@@ -215,8 +267,13 @@ fn version() -> String {
         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
 }
 
-/// Issue 4's targets, each with the measured value and whether it was met.
-fn targets_section(t: Option<&throughput::Results>, scale: Option<&[scale::Row]>) -> String {
+/// Issue 4's and issue 20's targets, each with the measured value and whether it was met.
+fn targets_section(
+    t: Option<&throughput::Results>,
+    scale: Option<&[scale::Row]>,
+    registrations: Option<&register::Results>,
+    takeovers: Option<&[failover::Takeover]>,
+) -> String {
     let mut out = String::from(
         "\n### Against the targets\n\n| target | measured | met |\n|---|---:|:---:|\n",
     );
@@ -244,6 +301,14 @@ fn targets_section(t: Option<&throughput::Results>, scale: Option<&[scale::Row]>
                 "dry_run: ≤ 15 µs knock CPU per publish (window 64)",
                 format!("{} µs", num(dry.cpu_us, 1)),
                 dry.cpu_us <= 15.0,
+            );
+        }
+        if let (Some(pg), Some(sled)) = (t.get(64, Target::DryRunPg), t.get(64, Target::DryRun)) {
+            let ratio = pg.per_sec[1] / sled.per_sec[1];
+            line(
+                "dry_run with PostgreSQL, window 64: within 10 % of sled",
+                format!("{} × sled ({}/s)", num(ratio, 2), count(pg.per_sec[1])),
+                ratio >= 0.9,
             );
         }
         for provider in [Provider::Apns, Provider::Fcm] {
@@ -289,6 +354,33 @@ fn targets_section(t: Option<&throughput::Results>, scale: Option<&[scale::Row]>
                 );
             }
         }
+    }
+    if let Some(pg) = registrations.and_then(|r| r.get("PostgreSQL")) {
+        line(
+            &format!(
+                "PostgreSQL registrations, window {}: ≥ 5,000/s",
+                register::WINDOW
+            ),
+            format!("{}/s", count(pg.per_sec[1])),
+            pg.per_sec[1] >= 5_000.0,
+        );
+    }
+    if let Some(takeovers) = takeovers.filter(|t| !t.is_empty()) {
+        let worst = takeovers
+            .iter()
+            .map(|t| t.first_result_ms)
+            .fold(0.0, f64::max);
+        line(
+            "failover: the standby answers a publish within 2 s of the kill (worst)",
+            format!("{} ms", num(worst, 0)),
+            worst <= 2000.0,
+        );
+        let failed: u64 = takeovers.iter().map(|t| t.after_errors).sum();
+        line(
+            "failover: no publish fails after the takeover",
+            format!("{failed} failed"),
+            failed == 0,
+        );
     }
     out
 }

@@ -97,6 +97,18 @@ impl Proc {
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
+    /// Wait for it to exit by itself.
+    pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(self.child.wait().await?)
+    }
+
+    /// SIGKILL now, as a host lost or `kill -9` would end it; returns once it is gone.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
     /// SIGTERM, wait up to 10 s, then SIGKILL.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {

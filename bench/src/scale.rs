@@ -14,7 +14,7 @@ use crate::report::{count, mib, num};
 use crate::seed::{seed, Seeded};
 use crate::server::Component;
 use crate::stanzas::{registration, Publishes};
-use crate::targets::{start, Env, Running, Target};
+use crate::targets::{start, Env, Running, StoreAt, Target};
 use crate::throughput::publishes;
 
 /// Publishes go to this many registrations, spread evenly over the store.
@@ -173,7 +173,7 @@ async fn start_and_publish(
     publishes: &Publishes,
 ) -> anyhow::Result<(Running, Component, Duration)> {
     let spawned = Instant::now();
-    let (running, mut component) = start(Target::DryRun, env, store).await?;
+    let (running, mut component) = start(Target::DryRun, env, &StoreAt::Sled(store)).await?;
     let mut first = Vec::new();
     publishes.write(0, b'p', 0, load::now_ns(), &mut first);
     let reply = round_trip(&mut component, &first, Duration::from_secs(30)).await?;
@@ -243,7 +243,7 @@ async fn measured(
 }
 
 /// Registrations of new users (`b<run>u<seq>`), each with its own token.
-fn registrations(run: usize) -> Source {
+pub fn registrations(run: usize) -> Source {
     Box::new(move |seq, sent, out| {
         let user = format!("b{run}u{seq}");
         let token = format!("{:064x}", (u128::from(seq) << 16) | run as u128);

@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _};
 use tokio::net::TcpListener;
 
 use crate::mocks::{self, Endpoint, Provider, KEY_ID, TEAM_ID};
+use crate::pg::Database;
 use crate::procs::Proc;
 use crate::server::{self, Component};
 use crate::stanzas::{APP, COMPONENT_JID, COMPONENT_SECRET, TOPIC};
@@ -22,6 +23,8 @@ pub enum Target {
     Echo,
     /// knock, its app in `dry_run`.
     DryRun,
+    /// knock, its app in `dry_run`, its store in PostgreSQL.
+    DryRunPg,
     /// knock pushing to the provider's mock.
     Push(Provider),
     /// The provider's mock, pushed to by the harness itself over HTTP/2: what the mock alone can take.
@@ -34,6 +37,7 @@ impl Target {
         match self {
             Target::Echo => "echo",
             Target::DryRun => "dry_run",
+            Target::DryRunPg => "dry_run-pg",
             Target::Push(Provider::Apns) => "apns",
             Target::Push(Provider::Fcm) => "fcm",
             Target::MockAlone(Provider::Apns) => "apns-mock",
@@ -42,9 +46,10 @@ impl Target {
     }
 
     /// Every target, in report order.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Echo,
         Target::DryRun,
+        Target::DryRunPg,
         Target::Push(Provider::Apns),
         Target::MockAlone(Provider::Apns),
         Target::Push(Provider::Fcm),
@@ -71,6 +76,7 @@ impl fmt::Display for Target {
         match self {
             Target::Echo => f.write_str("echo component"),
             Target::DryRun => f.write_str("knock, dry_run"),
+            Target::DryRunPg => f.write_str("knock, dry_run, PostgreSQL"),
             Target::Push(p) => write!(f, "knock → mock {p}"),
             Target::MockAlone(p) => write!(f, "mock {p} alone"),
         }
@@ -117,12 +123,20 @@ impl Running {
     }
 }
 
-/// Start `target` (knock on the store at `store`) and wait for its handshake; returns the processes and
+/// The store a knock runs on.
+pub enum StoreAt<'a> {
+    /// A sled store in this directory.
+    Sled(&'a Path),
+    /// A PostgreSQL database.
+    Postgres(&'a Database),
+}
+
+/// Start `target` (knock on `store`) and wait for its handshake; returns the processes and
 /// the authenticated component connection. Not for [`Target::MockAlone`]: see [`start_mock`].
 pub async fn start(
     target: Target,
     env: &Env,
-    store: &Path,
+    store: &StoreAt<'_>,
 ) -> anyhow::Result<(Running, Component)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let server = listener.local_addr()?;
@@ -142,15 +156,19 @@ pub async fn start(
                 false,
             )?);
         }
-        Target::DryRun => {
-            let app = apns_app("dry_run = true\n");
-            running.component = Some(spawn_knock(env, &knock_config(server, store, &app))?);
+        Target::DryRun | Target::DryRunPg => {
+            let config = knock_config(server, store, &dry_run_app());
+            running.component = Some(spawn_knock(env, "knock", &config)?);
         }
         Target::Push(provider) => {
             let (proc, endpoint) = mocks::start(provider, &env.bin_dir, &env.work, false).await?;
             running.mock = Some(proc);
             let app = app_for(&endpoint);
-            running.component = Some(spawn_knock(env, &knock_config(server, store, &app))?);
+            running.component = Some(spawn_knock(
+                env,
+                "knock",
+                &knock_config(server, store, &app),
+            )?);
         }
         Target::MockAlone(_) => bail!("{target} has no component; start it with start_mock"),
     }
@@ -181,6 +199,11 @@ pub async fn start_mock(provider: Provider, env: &Env) -> anyhow::Result<(Runnin
     ))
 }
 
+/// The APNs app in `dry_run`: every publish checked against the store and "pushed" by the dry-run backend.
+pub fn dry_run_app() -> String {
+    apns_app("dry_run = true\n")
+}
+
 /// The `[[apns]]` app every registration of the APNs stores belongs to, with `rest` appended.
 fn apns_app(rest: &str) -> String {
     format!("[[apns]]\nname = \"{APP}\"\ntopic = \"{TOPIC}\"\n{rest}")
@@ -208,17 +231,26 @@ fn app_for(endpoint: &Endpoint) -> String {
 /// capped (the registration load is thousands of users of one domain), the link is not pinged, and tokens
 /// are kept in the clear (the seeded stores are; publishes read the in-memory index either way, and the
 /// numbers stay comparable with earlier runs).
-fn knock_config(server: std::net::SocketAddr, store: &Path, app: &str) -> String {
+pub fn knock_config(server: std::net::SocketAddr, store: &StoreAt<'_>, app: &str) -> String {
+    let store = match store {
+        StoreAt::Sled(path) => format!("path = \"{}\"", path.display()),
+        // Loopback: `tls` is off by default.
+        StoreAt::Postgres(db) => format!(
+            "engine = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"",
+            db.url,
+            db.password_file.display()
+        ),
+    };
     format!(
         "[component]\njid = \"{COMPONENT_JID}\"\nserver = \"{server}\"\nsecret = \"{COMPONENT_SECRET}\"\n\
-         ping_interval_secs = 3600\n\n[store]\npath = \"{store}\"\nplaintext_tokens = true\n\n[limits]\npush_interval_ms = 0\n\
+         ping_interval_secs = 3600\n\n[store]\n{store}\nplaintext_tokens = true\n\n[limits]\npush_interval_ms = 0\n\
          registrations_per_user_per_hour = 0\nregistrations_per_domain_per_hour = 0\n\n{app}",
-        store = store.display(),
     )
 }
 
-fn spawn_knock(env: &Env, config: &str) -> anyhow::Result<Proc> {
-    let path = env.work.join("knock.toml");
+/// Start knock on `config`; its config and log are `<name>.toml` and `<name>.log` in the scratch directory.
+pub fn spawn_knock(env: &Env, name: &str, config: &str) -> anyhow::Result<Proc> {
+    let path = env.work.join(format!("{name}.toml"));
     std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
     let path = path.to_string_lossy().into_owned();
     Proc::spawn(
@@ -227,7 +259,7 @@ fn spawn_knock(env: &Env, config: &str) -> anyhow::Result<Proc> {
         &["run", "--config", &path],
         // The store's info line says when the publish index is complete; the scale table reports it.
         &[("KNOCK_LOG", "warn,knock::store=info")],
-        Some(env.work.join("knock.log")),
+        Some(env.work.join(format!("{name}.log"))),
         false,
     )
 }

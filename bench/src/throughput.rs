@@ -11,11 +11,12 @@ use anyhow::{bail, Context as _};
 use crate::h2load;
 use crate::load::{self, Load, Source};
 use crate::mocks::Provider;
+use crate::pg;
 use crate::procs::memory;
 use crate::report::{count, mib_or_dash, num, summarize, Rep, Summary};
 use crate::seed::{register_fcm, seed};
 use crate::stanzas::Publishes;
-use crate::targets::{start, start_mock, Env, Running, Target};
+use crate::targets::{start, start_mock, Env, Running, StoreAt, Target};
 
 /// What to measure.
 pub struct Options {
@@ -87,12 +88,25 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
             "registering {} Android devices with register-push-fcm…",
             options.nodes
         );
-        let (running, mut component) = start(Target::Push(Provider::Fcm), env, &fcm_store).await?;
+        let (running, mut component) =
+            start(Target::Push(Provider::Fcm), env, &StoreAt::Sled(&fcm_store)).await?;
         let registered = register_fcm(&mut component, options.nodes).await;
         running.stop().await;
         let registered = registered?;
         eprintln!("  registered in {:.1} s", registered.took.as_secs_f64());
         Some(registered.publishes())
+    } else {
+        None
+    };
+
+    // dry_run-pg publishes to the same kind of store, seeded the same way, then moved into PostgreSQL with
+    // `knock export` / `knock import`.
+    let pg = if wants(|t| *t == Target::DryRunPg) {
+        eprintln!(
+            "seeding {} registrations into PostgreSQL (knock export | knock import)…",
+            options.nodes
+        );
+        Some(pg::seeded(env, "throughput-pg", options.nodes).await?)
     } else {
         None
     };
@@ -116,11 +130,13 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
                 measure: options.measure,
                 watch: Vec::new(),
             };
-            let (store, set) = match target {
-                Target::Push(Provider::Fcm) => (&fcm_store, fcm_set.clone()),
-                _ => (&apns_store, apns_set.clone()),
+            let (store, set) = match (*target, &pg) {
+                (Target::Push(Provider::Fcm), _) => (StoreAt::Sled(&fcm_store), fcm_set.clone()),
+                (Target::DryRunPg, Some((db, set))) => (StoreAt::Postgres(db), Some(set.clone())),
+                _ => (StoreAt::Sled(&apns_store), apns_set.clone()),
             };
-            let result = one(env, *target, store, load, set).await?;
+            // On an error the cluster goes with `pg` (testkit stops it on drop).
+            let result = one(env, *target, &store, load, set).await?;
             eprintln!(
                 "  {:<18} window {window:>4}  rep {rep}/{}: {:>9}/s  p50 {} ms  p99 {} ms  cpu {} µs/publish  mock {} µs/push",
                 target.to_string(),
@@ -133,6 +149,9 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
             );
             done.push(result);
         }
+    }
+    if let Some((db, _)) = pg {
+        db.stop().await;
     }
     Ok(Results {
         rows: reps
@@ -147,7 +166,7 @@ pub async fn run(env: &Env, options: &Options) -> anyhow::Result<Results> {
 async fn one(
     env: &Env,
     target: Target,
-    store: &std::path::Path,
+    store: &StoreAt<'_>,
     mut load: Load,
     set: Option<Arc<Publishes>>,
 ) -> anyhow::Result<Rep> {
