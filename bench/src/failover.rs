@@ -31,9 +31,10 @@ pub const WINDOW: usize = 64;
 /// How long publishes flow through the active knock before it is killed, at least; plus a random part of
 /// [`STANDBY_RETRY`].
 const BEFORE_KILL: Duration = Duration::from_secs(1);
-/// knock's pause between a standby's attempts. The kill lands at a random point of it: started at a fixed
-/// time after a refusal, it would always land just after one, and every takeover would wait the whole pause.
-const STANDBY_RETRY: Duration = knock::link::STANDBY_RETRY;
+/// knock's pause between a standby's attempts, as the bench configures it (`component.standby_retry_ms` in
+/// [`crate::targets::knock_config`]). The kill lands at a random point of it: started at a fixed time after a
+/// refusal, it would always land just after one, and every takeover would wait the whole pause.
+const STANDBY_RETRY: Duration = Duration::from_millis(crate::targets::STANDBY_RETRY_MS);
 
 /// One failover.
 #[derive(Debug, Clone)]

@@ -16,6 +16,10 @@ use crate::procs::Proc;
 use crate::server::{self, Component};
 use crate::stanzas::{APP, COMPONENT_JID, COMPONENT_SECRET, TOPIC};
 
+/// How often a standby knock tries again while another holds the component (`component.standby_retry_ms`):
+/// 250 ms rather than knock's 1 s default, as the tests use, so the failover row shows the takeover itself.
+pub const STANDBY_RETRY_MS: u64 = 250;
+
 /// A system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -243,7 +247,7 @@ pub fn knock_config(server: std::net::SocketAddr, store: &StoreAt<'_>, app: &str
     };
     format!(
         "[component]\njid = \"{COMPONENT_JID}\"\nserver = \"{server}\"\nsecret = \"{COMPONENT_SECRET}\"\n\
-         ping_interval_secs = 3600\n\n[store]\n{store}\nplaintext_tokens = true\n\n[limits]\npush_interval_ms = 0\n\
+         ping_interval_secs = 3600\nstandby_retry_ms = {STANDBY_RETRY_MS}\n\n[store]\n{store}\nplaintext_tokens = true\n\n[limits]\npush_interval_ms = 0\n\
          registrations_per_user_per_hour = 0\nregistrations_per_domain_per_hour = 0\n\n{app}",
     )
 }
