@@ -25,7 +25,7 @@ use rand::RngCore;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, Client, Statement};
 
-use super::memory::{Entry, Memory};
+use super::memory::Memory;
 use super::schema::{self, io, CHANNEL};
 use super::PostgresOptions;
 use crate::store::keys::Meta;
@@ -224,7 +224,7 @@ pub(super) async fn load(client: &Client, codec: &Codec) -> Result<Memory, Store
         let node: &str = row.get(0);
         let record: Vec<u8> = row.get(1);
         let registration = codec.decode(node.as_bytes(), &record)?;
-        memory.put(Entry::new(registration, record));
+        memory.put(&registration, record);
     }
     for row in client
         .query("SELECT token, until FROM knock_dead_tokens", &[])
@@ -622,24 +622,19 @@ async fn refresh(
         .collect();
     let mut decoded = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let entry = match found.remove(node) {
-            Some(record) => Some(Entry::new(
-                shared.codec.decode(node.as_bytes(), &record)?,
-                record,
-            )),
+        let row = match found.remove(node) {
+            Some(record) => Some((shared.codec.decode(node.as_bytes(), &record)?, record)),
             None => None,
         };
-        decoded.push((node, entry));
+        decoded.push((node, row));
     }
     let mut memory = shared.memory();
-    for (node, entry) in decoded {
+    for (node, row) in decoded {
         if !even_pending && shared.is_pending(node) {
             continue;
         }
-        match entry {
-            Some(entry) => {
-                memory.put(entry);
-            }
+        match row {
+            Some((registration, record)) => memory.put(&registration, record),
             None => {
                 memory.remove(node);
             }
@@ -745,7 +740,7 @@ async fn reload(client: &Client, shared: &Shared) -> Result<(), StoreError> {
     for node in pending {
         fresh.remove(&node);
         if let Some(entry) = memory.get(&node) {
-            fresh.put(entry.clone());
+            fresh.put_entry(&node, entry.clone());
         }
     }
     // Dead tokens this instance remembered but has not written yet are kept too.

@@ -2,39 +2,39 @@
 //! publish and every other read of the [`Store`](crate::store::Store) trait is answered without a round
 //! trip. The database is the authority; this is kept coherent with it by the instance's own writes and by
 //! the other instances' notifications ([`super::engine`]).
+//!
+//! Kept small, since every instance holds every registration: per node, the record as stored (whatever
+//! else is asked of a registration is decoded from it), what a publish needs built once, and the device and
+//! owner hashes for the indexes. Nodes are shared between the maps, domains and app names between entries.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use crate::store::{Digest, PublishTarget, Registration};
+use crate::store::record::Codec;
+use crate::store::{Digest, PublishTarget, Registration, StoreError};
 
-/// One registration: as the trait hands it out, as a publish reads it, and the record bytes the database
-/// holds for it (so a conditional delete names exactly the row this instance saw).
+/// One registration.
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
-    /// The whole registration, token opened.
-    pub registration: Registration,
     /// What a publish needs, built once.
     pub target: PublishTarget,
-    /// The stored record, as in the database's `record` column.
-    pub record: Vec<u8>,
-}
-
-impl Entry {
-    pub fn new(registration: Registration, record: Vec<u8>) -> Entry {
-        Entry {
-            target: PublishTarget::from(&registration),
-            registration,
-            record,
-        }
-    }
+    /// The device's keyed hash.
+    device: Digest,
+    /// The owner's keyed hash.
+    owner: Digest,
+    /// The stored record, as in the database's `record` column: the authority for everything else, and
+    /// what a conditional delete names.
+    pub record: Box<[u8]>,
 }
 
 /// Every registration by node, with the device and owner indexes the trait's lookups need.
 #[derive(Debug, Default)]
 pub(super) struct Memory {
-    nodes: HashMap<String, Entry>,
-    devices: HashMap<Digest, String>,
-    owners: HashMap<Digest, BTreeSet<String>>,
+    nodes: HashMap<Arc<str>, Entry>,
+    devices: HashMap<Digest, Arc<str>>,
+    owners: HashMap<Digest, Vec<Arc<str>>>,
+    /// Domains and app names, one copy each.
+    names: HashSet<Arc<str>>,
     /// Dead tokens (keyed hashes) and until when they are remembered.
     pub dead: HashMap<Digest, u64>,
 }
@@ -45,17 +45,32 @@ impl Memory {
         self.nodes.get(node)
     }
 
+    /// The registration for a node, decoded from its record.
+    pub fn registration(
+        &self,
+        codec: &Codec,
+        node: &str,
+    ) -> Result<Option<Registration>, StoreError> {
+        self.nodes
+            .get(node)
+            .map(|e| codec.decode(node.as_bytes(), &e.record))
+            .transpose()
+    }
+
     /// The node a device is registered under.
-    pub fn node_for_device(&self, device: &Digest) -> Option<&String> {
-        self.devices.get(device)
+    pub fn node_for_device(&self, device: &Digest) -> Option<String> {
+        self.devices.get(device).map(|n| n.to_string())
     }
 
     /// An owner's nodes.
     pub fn nodes_of(&self, owner: &Digest) -> Vec<String> {
-        self.owners
+        let mut nodes: Vec<String> = self
+            .owners
             .get(owner)
-            .map(|nodes| nodes.iter().cloned().collect())
-            .unwrap_or_default()
+            .map(|nodes| nodes.iter().map(|n| n.to_string()).collect())
+            .unwrap_or_default();
+        nodes.sort();
+        nodes
     }
 
     /// How many registrations.
@@ -63,39 +78,61 @@ impl Memory {
         self.nodes.len()
     }
 
-    /// Every entry.
-    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.nodes.values()
+    /// Every node and its stored record.
+    pub fn records(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.nodes.iter().map(|(n, e)| (&**n, &*e.record))
     }
 
     /// Whether `registration` may take its node: the node is free or its owner's already.
     pub fn may_put(&self, registration: &Registration) -> bool {
         self.nodes
-            .get(&registration.node)
-            .is_none_or(|e| e.registration.owner == registration.owner)
+            .get(registration.node.as_str())
+            .is_none_or(|e| e.owner == registration.owner)
     }
 
-    /// Put an entry as [`crate::store::Store::put`] says: replaces the node's entry, and the device's
-    /// previous node, if another, goes. Returns the node that went, if any.
-    pub fn put(&mut self, entry: Entry) -> Option<String> {
-        let node = entry.registration.node.clone();
-        let device = entry.registration.device;
-        self.unlink(&node);
+    /// One copy of a domain or app name.
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.names.insert(name.clone());
+        name
+    }
+
+    /// Put a registration as [`crate::store::Store::put`] says: replaces the node's entry, and the device's
+    /// previous node, if another, goes.
+    pub fn put(&mut self, registration: &Registration, record: impl Into<Box<[u8]>>) {
+        let mut target = PublishTarget::from(registration);
+        target.domain = self.name(&registration.domain);
+        target.app = self.name(&registration.app);
+        let entry = Entry {
+            target,
+            device: registration.device,
+            owner: registration.owner,
+            record: record.into(),
+        };
+        self.put_entry(&registration.node, entry);
+    }
+
+    /// Put an entry already made (one kept across a reload).
+    pub fn put_entry(&mut self, node: &str, entry: Entry) {
+        self.unlink(node);
         let previous = self
             .devices
-            .get(&device)
-            .filter(|previous| **previous != node)
+            .get(&entry.device)
+            .filter(|previous| ***previous != *node)
             .cloned();
-        if let Some(previous) = &previous {
-            self.remove(previous);
+        if let Some(previous) = previous {
+            self.remove(&previous);
         }
-        self.devices.insert(device, node.clone());
-        self.owners
-            .entry(entry.registration.owner)
-            .or_default()
-            .insert(node.clone());
+        let node: Arc<str> = node.into();
+        self.devices.insert(entry.device, node.clone());
+        let owned = self.owners.entry(entry.owner).or_default();
+        if !owned.contains(&node) {
+            owned.push(node.clone());
+        }
         self.nodes.insert(node, entry);
-        previous
     }
 
     /// Remove a node's entry; returns it.
@@ -109,12 +146,12 @@ impl Memory {
         let Some(old) = self.nodes.get(node) else {
             return;
         };
-        let (device, owner) = (old.registration.device, old.registration.owner);
-        if self.devices.get(&device).is_some_and(|n| n == node) {
+        let (device, owner) = (old.device, old.owner);
+        if self.devices.get(&device).is_some_and(|n| &**n == node) {
             self.devices.remove(&device);
         }
         if let Some(nodes) = self.owners.get_mut(&owner) {
-            nodes.remove(node);
+            nodes.retain(|n| &**n != node);
             if nodes.is_empty() {
                 self.owners.remove(&owner);
             }
@@ -125,7 +162,7 @@ impl Memory {
     pub fn counts_by_app(&self) -> Vec<(String, usize)> {
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for entry in self.nodes.values() {
-            *counts.entry(entry.registration.app.as_str()).or_default() += 1;
+            *counts.entry(&entry.target.app).or_default() += 1;
         }
         let mut counts: Vec<_> = counts
             .into_iter()

@@ -22,7 +22,6 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
 use self::engine::{Change, Job, Shared};
-use self::memory::Entry;
 use crate::push::Token;
 use crate::store::backup::{self, adopt_key, write_header, write_line};
 use crate::store::keys;
@@ -210,6 +209,19 @@ impl PostgresStore {
             .map_err(|_| StoreError::Io("the PostgreSQL engine has stopped".into()))
     }
 
+    /// Every registration, decoded from the records in memory.
+    fn registrations(&self) -> Result<Vec<Registration>, StoreError> {
+        let records: Vec<(String, Box<[u8]>)> = self
+            .memory()
+            .records()
+            .map(|(node, record)| (node.to_owned(), record.into()))
+            .collect();
+        records
+            .iter()
+            .map(|(node, record)| self.shared.codec.decode(node.as_bytes(), record))
+            .collect()
+    }
+
     fn memory(&self) -> std::sync::RwLockReadGuard<'_, memory::Memory> {
         self.shared.memory.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -271,7 +283,7 @@ impl Drop for PostgresStore {
 
 impl Store for PostgresStore {
     fn get(&self, node: &str) -> Result<Option<Registration>, StoreError> {
-        Ok(self.memory().get(node).map(|e| e.registration.clone()))
+        self.memory().registration(&self.shared.codec, node)
     }
 
     fn publish_target(&self, node: &str) -> Result<Option<PublishTarget>, StoreError> {
@@ -279,7 +291,7 @@ impl Store for PostgresStore {
     }
 
     fn node_for_device(&self, device: &Digest) -> Result<Option<String>, StoreError> {
-        Ok(self.memory().node_for_device(device).cloned())
+        Ok(self.memory().node_for_device(device))
     }
 
     fn nodes_of(&self, owner: &Digest) -> Result<Vec<String>, StoreError> {
@@ -293,7 +305,7 @@ impl Store for PostgresStore {
             if !memory.may_put(registration) {
                 return Err(StoreError::Conflict);
             }
-            memory.put(Entry::new(registration.clone(), record.clone()));
+            memory.put(registration, record.clone());
         }
         self.queue(Change::Put {
             registration: Box::new(registration.clone()),
@@ -302,21 +314,24 @@ impl Store for PostgresStore {
     }
 
     fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
-        let removed = self.shared.memory().remove(node);
-        if removed.is_some() {
-            self.queue(Change::Delete {
-                node: node.to_owned(),
-                record: None,
-            })?;
-        }
-        Ok(removed.map(|e| e.registration))
+        let Some(removed) = self.shared.memory().remove(node) else {
+            return Ok(None);
+        };
+        self.queue(Change::Delete {
+            node: node.to_owned(),
+            record: None,
+        })?;
+        self.shared
+            .codec
+            .decode(node.as_bytes(), &removed.record)
+            .map(Some)
     }
 
     fn remove_if_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
         let removed = {
             let mut memory = self.shared.memory();
             match memory.get(node) {
-                Some(entry) if entry.registration.token == *token => memory.remove(node),
+                Some(entry) if entry.target.token == *token => memory.remove(node),
                 _ => None,
             }
         };
@@ -326,22 +341,18 @@ impl Store for PostgresStore {
         // Only the row as this instance saw it: another instance's fresh token stays.
         self.queue(Change::Delete {
             node: node.to_owned(),
-            record: Some(entry.record),
+            record: Some(entry.record.into_vec()),
         })?;
         Ok(true)
     }
 
     fn drop_call_token(&self, node: &str, token: &Token) -> Result<bool, StoreError> {
-        let updated = {
-            let memory = self.memory();
-            match memory.get(node) {
-                Some(entry) if entry.registration.call_token.as_ref() == Some(token) => {
-                    let mut registration = entry.registration.clone();
-                    registration.call_token = None;
-                    Some(registration)
-                }
-                _ => None,
+        let updated = match self.get(node)? {
+            Some(mut registration) if registration.call_token.as_ref() == Some(token) => {
+                registration.call_token = None;
+                Some(registration)
             }
+            _ => None,
         };
         match updated {
             Some(registration) => self.put(&registration).map(|()| true),
@@ -385,11 +396,7 @@ impl Store for PostgresStore {
     }
 
     fn scan(&self, each: &mut dyn FnMut(Registration)) -> Result<usize, StoreError> {
-        let registrations: Vec<Registration> = self
-            .memory()
-            .entries()
-            .map(|e| e.registration.clone())
-            .collect();
+        let registrations = self.registrations()?;
         let count = registrations.len();
         registrations.into_iter().for_each(each);
         Ok(count)
@@ -429,11 +436,16 @@ impl Store for PostgresStore {
 
     fn export(&self, out: &mut dyn Write) -> Result<usize, BackupError> {
         write_header(out, &self.meta)?;
-        let entries: Vec<Entry> = self.memory().entries().cloned().collect();
-        for entry in &entries {
-            write_line(out, entry.registration.clone(), &entry.record)?;
+        let records: Vec<(String, Box<[u8]>)> = self
+            .memory()
+            .records()
+            .map(|(node, record)| (node.to_owned(), record.into()))
+            .collect();
+        for (node, record) in &records {
+            let registration = self.shared.codec.decode(node.as_bytes(), record)?;
+            write_line(out, registration, record)?;
         }
         out.flush()?;
-        Ok(entries.len())
+        Ok(records.len())
     }
 }
