@@ -669,7 +669,9 @@ async fn listen(options: PostgresOptions, shared: Arc<Shared>) {
 /// One listening connection: LISTEN, re-read everything (notifications may have been missed before), then
 /// re-read each node others change. Returns why the connection was lost.
 async fn listen_once(options: &PostgresOptions, shared: &Shared) -> StoreError {
-    let (client, mut connection) = match connect(options, &shared.name).await {
+    // Named apart from the writer, so an admin (or a test) can tell the two connections apart.
+    let (client, mut connection) = match connect(options, &format!("{}-listen", shared.name)).await
+    {
         Ok(connected) => connected,
         Err(e) => return e,
     };

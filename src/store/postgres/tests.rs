@@ -250,3 +250,35 @@ fn a_restarted_database_costs_no_registration_and_publishes_go_on_meanwhile() {
     assert_eq!(reopened.get("node-1").expect("get"), Some(before));
     assert_eq!(reopened.get("node-2").expect("get"), Some(during));
 }
+
+#[test]
+fn a_lost_notification_connection_is_made_good_by_reading_everything_again() {
+    let url = new_database();
+    let a = open(&url, None);
+    let b = open(&url, None);
+    let first = registration("node-1", 1);
+    a.put(&first).expect("put");
+    flush(&a);
+    within("b sees node-1", || b.get("node-1").ok().flatten().is_some());
+
+    // Cut every instance's listening connection, then write at once: the notification of this write
+    // reaches no one.
+    let cut = cluster()
+        .psql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name LIKE 'knock-%-listen'",
+            url.rsplit('/').next().expect("database")
+        ))
+        .expect("terminate the listeners");
+    assert!(
+        cut.trim().ends_with('2') || cut.contains(" 2"),
+        "two listeners cut: {cut}"
+    );
+    let second = registration("node-2", 2);
+    a.put(&second).expect("put");
+    flush(&a);
+    let took = within("b sees node-2 after re-reading", || {
+        b.get("node-2").ok().flatten() == Some(second.clone())
+    });
+    eprintln!("after a lost notification connection, the other instance caught up in {took:?}");
+}
