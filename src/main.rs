@@ -200,6 +200,8 @@ fn healthcheck(path: &std::path::Path) -> anyhow::Result<()> {
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let (config, _secret) = load(path)?;
     let store_key = App::store_key(&config)?;
+    // Reads a database's password file and CA file too; connects nowhere.
+    App::store_options(&config)?;
     // Building the providers reads every key and certificate, so a bad file fails here, not at the first
     // push. hyper's client wants a runtime to exist while it is built; it connects nowhere yet.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -207,10 +209,15 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async { App::apps_from_config(&config, &Default::default()) })?;
     println!(
-        "{}: OK — component {} via {}, {} app(s): {}; tokens {}",
+        "{}: OK — component {} via {}, store {} {}, {} app(s): {}; tokens {}",
         path.display(),
         config.component.jid,
         config.component.server,
+        match config.store.engine {
+            knock::config::StoreEngine::Sled => "sled",
+            knock::config::StoreEngine::Postgres => "postgres",
+        },
+        config.store.describe(),
         config.apps.len(),
         config
             .apps
