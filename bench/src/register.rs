@@ -135,14 +135,8 @@ pub fn table(results: &Results, reps: usize, warmup: Duration, measure: Duration
     for (engine, s, per_commit) in &results.rows {
         let _ = writeln!(
             out,
-            "| {engine} | {WINDOW} | {} / **{}** / {} | {} | {} | {} | {} | {} |",
-            count(s.per_sec[0]),
-            count(s.per_sec[1]),
-            count(s.per_sec[2]),
-            num(s.latency_ms[0], 2),
-            num(s.latency_ms[1], 2),
-            num(s.latency_ms[2], 1),
-            num(s.cpu_us, 1),
+            "| {engine} | {WINDOW} | {} | {} |",
+            s.cells(),
             num(*per_commit, 1),
         );
     }

@@ -31,6 +31,22 @@ pub struct Summary {
     pub peak_rss: Option<u64>,
 }
 
+impl Summary {
+    /// The table cells every row shares: rate (min / **median** / max), p50, p99, max latency, CPU.
+    pub fn cells(&self) -> String {
+        format!(
+            "{} / **{}** / {} | {} | {} | {} | {}",
+            count(self.per_sec[0]),
+            count(self.per_sec[1]),
+            count(self.per_sec[2]),
+            num(self.latency_ms[0], 2),
+            num(self.latency_ms[1], 2),
+            num(self.latency_ms[2], 1),
+            num(self.cpu_us, 1),
+        )
+    }
+}
+
 /// The median of some numbers (NaN for none).
 pub fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {

@@ -250,14 +250,8 @@ pub fn table(results: &Results, options: &Options) -> String {
             .map_or(f64::NAN, |e| e.per_sec[1]);
         let _ = writeln!(
             out,
-            "| {window} | {target} | {} / **{}** / {} | {} | {} | {} | {} | {} | {} | {} |",
-            count(s.per_sec[0]),
-            count(s.per_sec[1]),
-            count(s.per_sec[2]),
-            num(s.latency_ms[0], 2),
-            num(s.latency_ms[1], 2),
-            num(s.latency_ms[2], 1),
-            num(s.cpu_us, 1),
+            "| {window} | {target} | {} | {} | {} | {} |",
+            s.cells(),
             num(s.mock_cpu_us, 1),
             mib_or_dash(s.peak_rss),
             if *target == Target::Echo {
