@@ -87,14 +87,6 @@ pub(crate) fn run_all<E: Engine>(engine: &E) {
         dead_tokens_are_remembered_until_they_expire,
         nodes_of_lists_exactly_an_owners_nodes,
         drop_call_token_keeps_the_rest_and_spares_a_fresh_one,
-    ];
-    run(engine, checks);
-}
-
-/// Run the knock-token checks (issue 21) against `engine`. Apart from [`run_all`] only while PostgreSQL
-/// does not keep knock tokens yet; they join it once it does.
-pub(crate) fn run_knock_tokens<E: Engine>(engine: &E) {
-    let checks: &[Check<E>] = checks![
         knock_tokens_round_trip_every_field,
         knock_tokens_of_lists_exactly_an_owners_tokens,
         removing_a_knock_token_removes_only_it,

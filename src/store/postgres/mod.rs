@@ -25,9 +25,11 @@ use self::engine::{Change, Job, Shared};
 use crate::push::Token;
 use crate::store::backup::{self, adopt_key, write_header, write_line};
 use crate::store::keys;
+use crate::store::knock;
 use crate::store::record::Codec;
 use crate::store::{
-    BackupError, Digest, PublishTarget, Registration, Store, StoreError, StoreKey, StoreOptions,
+    BackupError, Digest, KnockToken, PublishTarget, Registration, Store, StoreError, StoreKey,
+    StoreOptions,
 };
 
 /// How long a flush waits for its commit before saying it could not confirm it (the change stays queued).
@@ -201,8 +203,8 @@ impl PostgresStore {
     }
 
     fn queue(&self, change: Change) -> Result<(), StoreError> {
-        if let Some(node) = change_node(&change) {
-            self.shared.queued(node);
+        if let Some(key) = change.key() {
+            self.shared.queued(&key);
         }
         self.jobs
             .send(Job::Change(change))
@@ -222,16 +224,16 @@ impl PostgresStore {
             .collect()
     }
 
+    /// Queue the deletion of knock tokens already gone from memory (with the node they woke).
+    fn queue_knock_deletes(&self, hashes: Vec<Digest>) -> Result<(), StoreError> {
+        for hash in hashes {
+            self.queue(Change::KnockDelete { hash })?;
+        }
+        Ok(())
+    }
+
     fn memory(&self) -> std::sync::RwLockReadGuard<'_, memory::Memory> {
         self.shared.memory.read().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn change_node(change: &Change) -> Option<&str> {
-    match change {
-        Change::Put { registration, .. } => Some(&registration.node),
-        Change::Delete { node, .. } => Some(node),
-        Change::Dead { .. } | Change::Forget { .. } => None,
     }
 }
 
@@ -300,27 +302,42 @@ impl Store for PostgresStore {
 
     fn put(&self, registration: &Registration) -> Result<(), StoreError> {
         let record = self.shared.codec.encode(registration)?;
-        {
+        let leaving = {
             let mut memory = self.shared.memory();
             if !memory.may_put(registration) {
                 return Err(StoreError::Conflict);
             }
+            // The node the device leaves, if it leaves one, takes its knock tokens along.
+            let leaving = match memory.node_for_device(&registration.device) {
+                Some(previous) if previous != registration.node => {
+                    memory.remove_knock_of_node(&previous)
+                }
+                _ => Vec::new(),
+            };
             memory.put(registration, record.clone());
-        }
+            leaving
+        };
         self.queue(Change::Put {
             registration: Box::new(registration.clone()),
             record,
-        })
+        })?;
+        self.queue_knock_deletes(leaving)
     }
 
     fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
-        let Some(removed) = self.shared.memory().remove(node) else {
+        let (removed, tokens) = {
+            let mut memory = self.shared.memory();
+            let tokens = memory.remove_knock_of_node(node);
+            (memory.remove(node), tokens)
+        };
+        let Some(removed) = removed else {
             return Ok(None);
         };
         self.queue(Change::Delete {
             node: node.to_owned(),
             record: None,
         })?;
+        self.queue_knock_deletes(tokens)?;
         self.shared
             .codec
             .decode(node.as_bytes(), &removed.record)
@@ -331,11 +348,14 @@ impl Store for PostgresStore {
         let removed = {
             let mut memory = self.shared.memory();
             match memory.get(node) {
-                Some(entry) if entry.target.token == *token => memory.remove(node),
+                Some(entry) if entry.target.token == *token => {
+                    let tokens = memory.remove_knock_of_node(node);
+                    memory.remove(node).map(|entry| (entry, tokens))
+                }
                 _ => None,
             }
         };
-        let Some(entry) = removed else {
+        let Some((entry, tokens)) = removed else {
             return Ok(false);
         };
         // Only the row as this instance saw it: another instance's fresh token stays.
@@ -343,6 +363,7 @@ impl Store for PostgresStore {
             node: node.to_owned(),
             record: Some(entry.record.into_vec()),
         })?;
+        self.queue_knock_deletes(tokens)?;
         Ok(true)
     }
 
@@ -447,5 +468,44 @@ impl Store for PostgresStore {
         }
         out.flush()?;
         Ok(records.len())
+    }
+
+    fn put_knock_token(&self, hash: &Digest, token: &KnockToken) -> Result<(), StoreError> {
+        let record = knock::encode(self.shared.codec.key(), hash, token)?;
+        self.shared.memory().put_knock(
+            *hash,
+            memory::Knock {
+                token: token.clone(),
+                record: record.clone().into(),
+            },
+        );
+        self.queue(Change::KnockPut {
+            hash: *hash,
+            owner: token.owner,
+            record,
+        })
+    }
+
+    fn knock_token(&self, hash: &Digest) -> Result<Option<KnockToken>, StoreError> {
+        Ok(self.memory().knock(hash).map(|k| k.token.clone()))
+    }
+
+    fn knock_tokens_of(&self, owner: &Digest) -> Result<Vec<(Digest, KnockToken)>, StoreError> {
+        Ok(self.memory().knock_of_owner(owner))
+    }
+
+    fn remove_knock_token(&self, hash: &Digest) -> Result<bool, StoreError> {
+        if self.shared.memory().remove_knock(hash).is_none() {
+            return Ok(false);
+        }
+        self.queue(Change::KnockDelete { hash: *hash })?;
+        Ok(true)
+    }
+
+    fn count_knock_use(&self, hash: &Digest) -> Result<(), StoreError> {
+        if self.shared.memory().count_knock_use(hash)? {
+            self.queue(Change::KnockUse { hash: *hash })?;
+        }
+        Ok(())
     }
 }

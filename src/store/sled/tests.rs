@@ -875,11 +875,6 @@ fn sled_passes_the_store_conformance_suite() {
 }
 
 #[test]
-fn sled_passes_the_knock_token_conformance_checks() {
-    conformance::run_knock_tokens(&SledEngine);
-}
-
-#[test]
 fn a_store_from_before_the_owner_index_gets_it_at_its_first_open() {
     for key in [None, Some(StoreKey::generate())] {
         let dir = tempfile::tempdir().expect("dir");
