@@ -854,6 +854,21 @@ fn export_then_import_round_trips<E: Engine>(engine: &E) {
         for n in [0, 25] {
             let (_place, source) = engine.fresh(key.clone());
             put_all(&*source, &registrations(n));
+            // Knock tokens of registrations 1 and 2, counted once: they travel in the export too.
+            let knocks: Vec<(Digest, KnockToken)> = if n > 0 {
+                [(1, 1), (1, 2), (2, 3)]
+                    .iter()
+                    .map(|&(r, t)| knock_token(&registration(r), t))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for t in &knocks {
+                put_knock(&*source, t);
+            }
+            if let Some((hash, _)) = knocks.first() {
+                source.count_knock_use(hash).expect("count");
+            }
             if n > 0 {
                 source.remove(&registration(3).node).expect("remove");
                 source
@@ -880,6 +895,21 @@ fn export_then_import_round_trips<E: Engine>(engine: &E) {
                 "the copy's instance key"
             );
             assert_eq!(copy.is_sealed(), key.is_some(), "the copy's is_sealed");
+            for (hash, _) in &knocks {
+                assert_eq!(
+                    knock_of(&*copy, hash),
+                    knock_of(&*source, hash),
+                    "the copy's knock tokens"
+                );
+            }
+            if n > 0 {
+                let owner = registration(1).owner;
+                assert_eq!(
+                    copy.knock_tokens_of(&owner).expect("knock_tokens_of").len(),
+                    2,
+                    "the copy's owner index of knock tokens"
+                );
+            }
             let all: Vec<Registration> = all.into_values().collect();
             assert_holds(&*copy, &all, &[&registration(3).node, NEVER], &[]);
             wait_warm(&*copy);

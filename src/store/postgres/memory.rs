@@ -239,6 +239,17 @@ impl Memory {
             .collect()
     }
 
+    /// Every knock token's hash and record, in hash order (for an export).
+    pub fn knock_records(&self) -> Vec<(Digest, Box<[u8]>)> {
+        let mut records: Vec<_> = self
+            .knock
+            .iter()
+            .map(|(h, k)| (*h, k.record.clone()))
+            .collect();
+        records.sort_by_key(|(h, _)| *h);
+        records
+    }
+
     /// Remove the knock tokens that wake `node` (before the node itself goes); their hashes.
     pub fn remove_knock_of_node(&mut self, node: &str) -> Vec<Digest> {
         let hashes = self.knock_of_node(node);

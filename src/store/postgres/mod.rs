@@ -160,22 +160,30 @@ impl PostgresStore {
             ));
         }
         // 1. Check everything.
-        let exported = backup::read(file, &codec, |_, _| Ok(()))?;
+        let exported = backup::read(file, &codec, |_, _| Ok(()), |_| Ok(()))?;
         // 2. The instance key, then the rows in one transaction.
         adopt_key(&meta, &codec, &exported)?;
-        let mut rows = Vec::new();
-        backup::read(file, &codec, |node, (record, device)| {
-            let registration = codec.decode(node.as_bytes(), &record)?;
-            rows.push((
-                node.to_owned(),
-                device,
-                registration.owner,
-                registration.domain,
-                registration.app,
-                record,
-            ));
-            Ok(())
-        })?;
+        let (mut rows, mut knocks) = (Vec::new(), Vec::new());
+        backup::read(
+            file,
+            &codec,
+            |node, (record, device)| {
+                let registration = codec.decode(node.as_bytes(), &record)?;
+                rows.push((
+                    node.to_owned(),
+                    device,
+                    registration.owner,
+                    registration.domain,
+                    registration.app,
+                    record,
+                ));
+                Ok(())
+            },
+            |knock| {
+                knocks.push(knock);
+                Ok(())
+            },
+        )?;
         let count = rows.len();
         runtime
             .block_on(async {
@@ -195,6 +203,14 @@ impl PostgresStore {
                         },
                     ))
                     .await?;
+                }
+                let insert_knock = tx
+                    .prepare("INSERT INTO knock_tokens (hash, owner, record) VALUES ($1, $2, $3)")
+                    .await?;
+                for knock in &knocks {
+                    let (hash, owner): (&[u8], &[u8]) = (&knock.hash, &knock.owner);
+                    tx.execute(&insert_knock, &[&hash, &owner, &knock.record])
+                        .await?;
                 }
                 tx.commit().await
             })
@@ -465,6 +481,10 @@ impl Store for PostgresStore {
         for (node, record) in &records {
             let registration = self.shared.codec.decode(node.as_bytes(), record)?;
             write_line(out, registration, record)?;
+        }
+        let knocks = self.memory().knock_records();
+        for (hash, record) in &knocks {
+            backup::write_knock_line(out, hash, record)?;
         }
         out.flush()?;
         Ok(records.len())
