@@ -51,6 +51,8 @@ pub(super) enum Change {
         registration: Box<Registration>,
         /// Its record, as stored.
         record: Vec<u8>,
+        /// The knock tokens of the node the device leaves: deleted only if the put is taken.
+        knocks: Vec<Digest>,
     },
     /// Delete a node; with `record`, only if the row still holds exactly that record.
     Delete {
@@ -58,6 +60,8 @@ pub(super) enum Change {
         node: String,
         /// The record this instance saw, for a conditional delete.
         record: Option<Vec<u8>>,
+        /// The node's knock tokens: deleted with it, and only if it is.
+        knocks: Vec<Digest>,
     },
     /// Remember a dead token until a time (seconds since the epoch).
     Dead {
@@ -111,6 +115,14 @@ impl Change {
     /// Whether the change is about a registration (and may conflict).
     fn is_registration(&self) -> bool {
         matches!(self, Change::Put { .. } | Change::Delete { .. })
+    }
+
+    /// The knock tokens a registration change takes along, if the database takes it.
+    fn knocks(&self) -> &[Digest] {
+        match self {
+            Change::Put { knocks, .. } | Change::Delete { knocks, .. } => knocks,
+            _ => &[],
+        }
     }
 }
 
@@ -446,17 +458,31 @@ impl Statements {
                     RETURNING node),
                 gone AS (
                     DELETE FROM knock_registrations
-                    WHERE device = $2 AND node <> $1 AND EXISTS (SELECT 1 FROM up))
+                    WHERE device = $2 AND node <> $1 AND EXISTS (SELECT 1 FROM up)),
+                knocks AS (
+                    DELETE FROM knock_tokens WHERE hash = ANY($7) AND EXISTS (SELECT 1 FROM up))
                 SELECT count(*) FROM up",
             )
             .await
             .map_err(io)?,
-            delete: prepare("DELETE FROM knock_registrations WHERE node = $1")
-                .await
-                .map_err(io)?,
-            delete_if: prepare("DELETE FROM knock_registrations WHERE node = $1 AND record = $2")
-                .await
-                .map_err(io)?,
+            // A node's knock tokens go in the same statement, so only if it does, and in queue order.
+            delete: prepare(
+                "WITH gone AS (DELETE FROM knock_registrations WHERE node = $1 RETURNING 1),
+                knocks AS (
+                    DELETE FROM knock_tokens WHERE hash = ANY($2) AND EXISTS (SELECT 1 FROM gone))
+                SELECT count(*) FROM gone",
+            )
+            .await
+            .map_err(io)?,
+            delete_if: prepare(
+                "WITH gone AS (
+                    DELETE FROM knock_registrations WHERE node = $1 AND record = $3 RETURNING 1),
+                knocks AS (
+                    DELETE FROM knock_tokens WHERE hash = ANY($2) AND EXISTS (SELECT 1 FROM gone))
+                SELECT count(*) FROM gone",
+            )
+            .await
+            .map_err(io)?,
             dead: prepare(
                 "INSERT INTO knock_dead_tokens (token, until) VALUES ($1, $2)
                  ON CONFLICT (token) DO UPDATE SET until = GREATEST(knock_dead_tokens.until, EXCLUDED.until)",
@@ -581,6 +607,8 @@ pub(super) async fn run(
                         if let Some(why) = conflicts.get(&i).filter(|_| change.is_registration()) {
                             failed |= *why == Missed::Conflict;
                             reread.push(key);
+                            // Memory dropped the tokens the change would have taken along; they stay.
+                            reread.extend(change.knocks().iter().map(knock_key));
                         }
                     }
                 }
@@ -631,7 +659,9 @@ async fn write(
             Change::Put {
                 registration: r,
                 record,
+                knocks,
             } => Box::pin(async move {
+                let knocks: Vec<&[u8]> = knocks.iter().map(|h| &h[..]).collect();
                 let row = tx
                     .query_one(
                         &statements.put,
@@ -642,25 +672,35 @@ async fn write(
                             &r.domain,
                             &r.app,
                             record,
+                            &knocks,
                         ],
                     )
                     .await
                     .map_err(io)?;
                 Ok((row.get::<_, i64>(0) == 0).then_some((i, Missed::Conflict)))
             }),
-            Change::Delete { node, record: None } => Box::pin(async move {
-                tx.execute(&statements.delete, &[node]).await.map_err(io)?;
+            Change::Delete {
+                node,
+                record: None,
+                knocks,
+            } => Box::pin(async move {
+                let knocks: Vec<&[u8]> = knocks.iter().map(|h| &h[..]).collect();
+                tx.query_one(&statements.delete, &[node, &knocks])
+                    .await
+                    .map_err(io)?;
                 Ok(None)
             }),
             Change::Delete {
                 node,
                 record: Some(record),
+                knocks,
             } => Box::pin(async move {
-                let deleted = tx
-                    .execute(&statements.delete_if, &[node, record])
+                let knocks: Vec<&[u8]> = knocks.iter().map(|h| &h[..]).collect();
+                let row = tx
+                    .query_one(&statements.delete_if, &[node, &knocks, record])
                     .await
                     .map_err(io)?;
-                Ok((deleted == 0).then_some((i, Missed::Changed)))
+                Ok((row.get::<_, i64>(0) == 0).then_some((i, Missed::Changed)))
             }),
             Change::Dead { token, until } => Box::pin(async move {
                 let until = i64::try_from(*until).unwrap_or(i64::MAX);

@@ -240,14 +240,6 @@ impl PostgresStore {
             .collect()
     }
 
-    /// Queue the deletion of knock tokens already gone from memory (with the node they woke).
-    fn queue_knock_deletes(&self, hashes: Vec<Digest>) -> Result<(), StoreError> {
-        for hash in hashes {
-            self.queue(Change::KnockDelete { hash })?;
-        }
-        Ok(())
-    }
-
     fn memory(&self) -> std::sync::RwLockReadGuard<'_, memory::Memory> {
         self.shared.memory.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -336,8 +328,8 @@ impl Store for PostgresStore {
         self.queue(Change::Put {
             registration: Box::new(registration.clone()),
             record,
-        })?;
-        self.queue_knock_deletes(leaving)
+            knocks: leaving,
+        })
     }
 
     fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
@@ -352,8 +344,8 @@ impl Store for PostgresStore {
         self.queue(Change::Delete {
             node: node.to_owned(),
             record: None,
+            knocks: tokens,
         })?;
-        self.queue_knock_deletes(tokens)?;
         self.shared
             .codec
             .decode(node.as_bytes(), &removed.record)
@@ -378,8 +370,8 @@ impl Store for PostgresStore {
         self.queue(Change::Delete {
             node: node.to_owned(),
             record: Some(entry.record.into_vec()),
+            knocks: tokens,
         })?;
-        self.queue_knock_deletes(tokens)?;
         Ok(true)
     }
 
