@@ -90,6 +90,7 @@ pub(crate) fn run_all<E: Engine>(engine: &E) {
         knock_tokens_round_trip_every_field,
         knock_tokens_of_lists_exactly_an_owners_tokens,
         removing_a_knock_token_removes_only_it,
+        a_knock_token_needs_its_node_registered_by_its_owner,
         a_removed_registration_takes_its_knock_tokens_along,
         knock_tokens_survive_a_reopen,
     ];
@@ -1044,6 +1045,34 @@ fn removing_a_knock_token_removes_only_it<E: Engine>(engine: &E) {
         vec![kept]
     );
     assert!(get(&*store, &r.node).is_some(), "the registration stays");
+}
+
+fn a_knock_token_needs_its_node_registered_by_its_owner<E: Engine>(engine: &E) {
+    let (_place, store) = engine.fresh(None);
+    let (mine, theirs) = (registration(1), registration(2));
+    put_all(&*store, &[mine.clone(), theirs.clone()]);
+    let (hash, token) = knock_token(&mine, 1);
+    let nowhere = KnockToken {
+        node: NEVER.into(),
+        ..token.clone()
+    };
+    assert!(matches!(
+        store.put_knock_token(&hash, &nowhere),
+        Err(StoreError::Invalid(_))
+    ));
+    let elsewhere = KnockToken {
+        node: theirs.node.clone(),
+        ..token.clone()
+    };
+    assert!(matches!(
+        store.put_knock_token(&hash, &elsewhere),
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(knock_of(&*store, &hash), None, "nothing changed");
+    store
+        .put_knock_token(&hash, &token)
+        .expect("put_knock_token");
+    assert_eq!(knock_of(&*store, &hash), Some(token));
 }
 
 fn a_removed_registration_takes_its_knock_tokens_along<E: Engine>(engine: &E) {

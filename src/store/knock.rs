@@ -150,6 +150,11 @@ pub(crate) fn decode(
     })
 }
 
+/// What putting a knock token for a node nobody holds answers.
+pub(crate) fn unregistered() -> StoreError {
+    StoreError::Invalid("a knock token's node must be registered".into())
+}
+
 /// Count one more use in a record, in place, without opening its sealed node.
 pub(crate) fn count_use(record: &mut [u8]) -> Result<(), StoreError> {
     let corrupt = || StoreError::Corrupt("knock token: record too short".into());

@@ -286,7 +286,9 @@ pub trait Store: Send + Sync + 'static {
     // Knock tokens (issue 21). The defaults refuse, so a store that wraps another (a test double) keeps
     // compiling; both engines keep them.
 
-    /// Insert or replace the knock token whose keyed hash is `hash`. Durable after [`Store::flush`].
+    /// Insert or replace the knock token whose keyed hash is `hash`. Its node must be registered
+    /// ([`StoreError::Invalid`] otherwise) by its owner ([`StoreError::Conflict`] otherwise), and nothing
+    /// changes then. Durable after [`Store::flush`].
     fn put_knock_token(&self, hash: &Digest, token: &KnockToken) -> Result<(), StoreError> {
         let _ = (hash, token);
         Err(no_knock_tokens())

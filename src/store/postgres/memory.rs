@@ -70,6 +70,11 @@ impl Memory {
             .transpose()
     }
 
+    /// The owner of a node.
+    pub fn owner_of(&self, node: &str) -> Option<Digest> {
+        self.nodes.get(node).map(|e| e.owner)
+    }
+
     /// The node a device is registered under.
     pub fn node_for_device(&self, device: &Digest) -> Option<String> {
         self.devices.get(device).map(|n| n.to_string())

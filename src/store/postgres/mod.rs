@@ -484,13 +484,23 @@ impl Store for PostgresStore {
 
     fn put_knock_token(&self, hash: &Digest, token: &KnockToken) -> Result<(), StoreError> {
         let record = knock::encode(self.shared.codec.key(), hash, token)?;
-        self.shared.memory().put_knock(
-            *hash,
-            memory::Knock {
-                token: token.clone(),
-                record: record.clone().into(),
-            },
-        );
+        {
+            // Only for a node its owner holds, as far as this instance knows (a removal through another
+            // instance at the same moment can still leave the token behind: see issue 21's notes).
+            let mut memory = self.shared.memory();
+            match memory.owner_of(&token.node) {
+                None => return Err(knock::unregistered()),
+                Some(owner) if owner != token.owner => return Err(StoreError::Conflict),
+                Some(_) => {}
+            }
+            memory.put_knock(
+                *hash,
+                memory::Knock {
+                    token: token.clone(),
+                    record: record.clone().into(),
+                },
+            );
+        }
         self.queue(Change::KnockPut {
             hash: *hash,
             owner: token.owner,

@@ -537,9 +537,22 @@ impl SledStore {
         token: &KnockToken,
     ) -> Result<(), StoreError> {
         let record = knock::encode(self.shared.codec.key(), hash, token)?;
+        let codec = &self.shared.codec;
         let _writes = lock(&self.shared.writes);
-        (&open.knock_tokens, &open.knock_owners)
-            .transaction(|(tokens, owners_index)| {
+        (&open.registrations, &open.knock_tokens, &open.knock_owners)
+            .transaction(|(regs, tokens, owners_index)| {
+                // Only for a node its owner holds: a token for a node gone (or never there) would outlive
+                // every removal meant to take it along.
+                let node = token.node.as_bytes();
+                let Some(registration) = regs.get(node)? else {
+                    return Err(ConflictableTransactionError::Abort(knock::unregistered()));
+                };
+                let owner = codec
+                    .owner(node, &registration)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if owner != token.owner {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+                }
                 if let Some(old) = tokens.insert(&hash[..], record.as_slice())? {
                     let old_owner =
                         knock::owner_of(&old).map_err(ConflictableTransactionError::Abort)?;
