@@ -22,7 +22,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine as _;
 
 use crate::push::{ProviderKind, Token};
-use crate::store::{BackupError, Digest, PublishTarget, Registration, Store, StoreError, StoreKey};
+use crate::store::{
+    BackupError, Digest, KnockToken, PublishTarget, Registration, Store, StoreError, StoreKey,
+};
 
 /// How long a store may take to warm up, or to confirm a flush, before the check fails instead of hanging.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -85,7 +87,18 @@ pub(crate) fn run_all<E: Engine>(engine: &E) {
         dead_tokens_are_remembered_until_they_expire,
         nodes_of_lists_exactly_an_owners_nodes,
         drop_call_token_keeps_the_rest_and_spares_a_fresh_one,
+        knock_tokens_round_trip_every_field,
+        knock_tokens_of_lists_exactly_an_owners_tokens,
+        removing_a_knock_token_removes_only_it,
+        a_knock_token_needs_its_node_registered_by_its_owner,
+        a_removed_registration_takes_its_knock_tokens_along,
+        knock_tokens_survive_a_reopen,
     ];
+    run(engine, checks);
+}
+
+/// Run `checks`; panics naming each that failed, after running them all.
+fn run<E: Engine>(engine: &E, checks: &[Check<E>]) {
     let mut failed = Vec::new();
     for (name, check) in checks {
         // One failing check should not hide the others: an engine in progress sees everything it misses.
@@ -842,6 +855,21 @@ fn export_then_import_round_trips<E: Engine>(engine: &E) {
         for n in [0, 25] {
             let (_place, source) = engine.fresh(key.clone());
             put_all(&*source, &registrations(n));
+            // Knock tokens of registrations 1 and 2, counted once: they travel in the export too.
+            let knocks: Vec<(Digest, KnockToken)> = if n > 0 {
+                [(1, 1), (1, 2), (2, 3)]
+                    .iter()
+                    .map(|&(r, t)| knock_token(&registration(r), t))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for t in &knocks {
+                put_knock(&*source, t);
+            }
+            if let Some((hash, _)) = knocks.first() {
+                source.count_knock_use(hash).expect("count");
+            }
             if n > 0 {
                 source.remove(&registration(3).node).expect("remove");
                 source
@@ -868,11 +896,251 @@ fn export_then_import_round_trips<E: Engine>(engine: &E) {
                 "the copy's instance key"
             );
             assert_eq!(copy.is_sealed(), key.is_some(), "the copy's is_sealed");
+            for (hash, _) in &knocks {
+                assert_eq!(
+                    knock_of(&*copy, hash),
+                    knock_of(&*source, hash),
+                    "the copy's knock tokens"
+                );
+            }
+            if n > 0 {
+                let owner = registration(1).owner;
+                assert_eq!(
+                    copy.knock_tokens_of(&owner).expect("knock_tokens_of").len(),
+                    2,
+                    "the copy's owner index of knock tokens"
+                );
+            }
             let all: Vec<Registration> = all.into_values().collect();
             assert_holds(&*copy, &all, &[&registration(3).node, NEVER], &[]);
             wait_warm(&*copy);
             assert_holds(&*copy, &all, &[&registration(3).node, NEVER], &[]);
         }
+    }
+}
+
+// ---- Knock tokens (issue 21) -----------------------------------------------------------------------------
+
+/// Knock token `n` of registration `r`: every field its own (the id never repeats the hash, the expiry
+/// never the rate), with a grace period on odd ones.
+fn knock_token(r: &Registration, n: u32) -> (Digest, KnockToken) {
+    let mut id = [0x1d; 8];
+    id[..4].copy_from_slice(&n.to_be_bytes());
+    let token = KnockToken {
+        id,
+        node: r.node.clone(),
+        owner: r.owner,
+        expires: 1_900_000_000 + u64::from(n),
+        per_hour: 10 + n,
+        grace_until: (n % 2 == 1).then(|| 1_800_000_000 + u64::from(n)),
+        uses: u64::from(n) * 3,
+    };
+    (digest(0xcc, n), token)
+}
+
+fn put_knock(store: &dyn Store, (hash, token): &(Digest, KnockToken)) {
+    store
+        .put_knock_token(hash, token)
+        .unwrap_or_else(|e| panic!("put_knock_token {}: {e}", token.node));
+}
+
+fn knock_of(store: &dyn Store, hash: &Digest) -> Option<KnockToken> {
+    store.knock_token(hash).expect("knock_token")
+}
+
+fn knock_tokens_round_trip_every_field<E: Engine>(engine: &E) {
+    for key in keys() {
+        let (_place, store) = engine.fresh(key);
+        let r = registration(1);
+        put_all(&*store, std::slice::from_ref(&r));
+        let tokens = [knock_token(&r, 1), knock_token(&r, 2)];
+        for t in &tokens {
+            put_knock(&*store, t);
+        }
+        for (hash, token) in &tokens {
+            assert_eq!(knock_of(&*store, hash).as_ref(), Some(token));
+        }
+        assert_eq!(knock_of(&*store, &digest(0xcc, 99)), None);
+        // Replacing keeps one token under the hash; counting adds one use and changes nothing else.
+        let (hash, token) = &tokens[0];
+        let rotated = KnockToken {
+            grace_until: Some(1_700_000_000),
+            ..token.clone()
+        };
+        store.put_knock_token(hash, &rotated).expect("replace");
+        store.count_knock_use(hash).expect("count");
+        store.count_knock_use(hash).expect("count");
+        store
+            .count_knock_use(&digest(0xcc, 99))
+            .expect("count a gone token");
+        assert_eq!(
+            knock_of(&*store, hash),
+            Some(KnockToken {
+                uses: rotated.uses + 2,
+                ..rotated
+            })
+        );
+        assert_eq!(len(&*store), 1, "knock tokens are not registrations");
+    }
+}
+
+fn knock_tokens_of_lists_exactly_an_owners_tokens<E: Engine>(engine: &E) {
+    let (_place, store) = engine.fresh(None);
+    let (a, b) = (registration(1), registration(2));
+    put_all(&*store, &[a.clone(), b.clone()]);
+    let mine = [knock_token(&a, 1), knock_token(&a, 2), knock_token(&a, 3)];
+    let theirs = knock_token(&b, 4);
+    for t in mine.iter().chain([&theirs]) {
+        put_knock(&*store, t);
+    }
+    let sorted = |mut v: Vec<(Digest, KnockToken)>| {
+        v.sort_by_key(|(h, _)| *h);
+        v
+    };
+    assert_eq!(
+        sorted(store.knock_tokens_of(&a.owner).expect("knock_tokens_of")),
+        mine.to_vec()
+    );
+    assert_eq!(
+        store.knock_tokens_of(&b.owner).expect("knock_tokens_of"),
+        vec![theirs.clone()]
+    );
+    assert!(store
+        .knock_tokens_of(&digest(0x0e, 999))
+        .expect("knock_tokens_of")
+        .is_empty());
+    // A token replaced under another owner moves between the lists.
+    let moved = (
+        mine[2].0,
+        KnockToken {
+            owner: b.owner,
+            node: b.node.clone(),
+            ..mine[2].1.clone()
+        },
+    );
+    put_knock(&*store, &moved);
+    assert_eq!(
+        sorted(store.knock_tokens_of(&a.owner).expect("knock_tokens_of")),
+        mine[..2].to_vec()
+    );
+    assert_eq!(
+        sorted(store.knock_tokens_of(&b.owner).expect("knock_tokens_of")),
+        sorted(vec![theirs, moved])
+    );
+}
+
+fn removing_a_knock_token_removes_only_it<E: Engine>(engine: &E) {
+    let (_place, store) = engine.fresh(None);
+    let r = registration(1);
+    put_all(&*store, std::slice::from_ref(&r));
+    let (gone, kept) = (knock_token(&r, 1), knock_token(&r, 2));
+    put_knock(&*store, &gone);
+    put_knock(&*store, &kept);
+    assert!(store.remove_knock_token(&gone.0).expect("remove"));
+    assert!(!store.remove_knock_token(&gone.0).expect("remove again"));
+    assert_eq!(knock_of(&*store, &gone.0), None);
+    assert_eq!(knock_of(&*store, &kept.0), Some(kept.1.clone()));
+    assert_eq!(
+        store.knock_tokens_of(&r.owner).expect("knock_tokens_of"),
+        vec![kept]
+    );
+    assert!(get(&*store, &r.node).is_some(), "the registration stays");
+}
+
+fn a_knock_token_needs_its_node_registered_by_its_owner<E: Engine>(engine: &E) {
+    let (_place, store) = engine.fresh(None);
+    let (mine, theirs) = (registration(1), registration(2));
+    put_all(&*store, &[mine.clone(), theirs.clone()]);
+    let (hash, token) = knock_token(&mine, 1);
+    let nowhere = KnockToken {
+        node: NEVER.into(),
+        ..token.clone()
+    };
+    assert!(matches!(
+        store.put_knock_token(&hash, &nowhere),
+        Err(StoreError::Invalid(_))
+    ));
+    let elsewhere = KnockToken {
+        node: theirs.node.clone(),
+        ..token.clone()
+    };
+    assert!(matches!(
+        store.put_knock_token(&hash, &elsewhere),
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(knock_of(&*store, &hash), None, "nothing changed");
+    store
+        .put_knock_token(&hash, &token)
+        .expect("put_knock_token");
+    assert_eq!(knock_of(&*store, &hash), Some(token));
+}
+
+fn a_removed_registration_takes_its_knock_tokens_along<E: Engine>(engine: &E) {
+    for key in keys() {
+        let (place, store) = engine.fresh(key);
+        let owner = digest(0x0e, 700);
+        let mine = |n: u32| Registration {
+            owner,
+            ..registration(n)
+        };
+        let (a, b, c) = (mine(1), mine(2), mine(3));
+        put_all(&*store, &[a.clone(), b.clone(), c.clone()]);
+        let (of_a, of_b, of_c) = (knock_token(&a, 1), knock_token(&b, 2), knock_token(&c, 3));
+        for t in [&of_a, &of_b, &of_c] {
+            put_knock(&*store, t);
+        }
+        // Removed outright; removed because its token is dead; left by its device for a new node.
+        store.remove(&a.node).expect("remove");
+        assert!(store
+            .remove_if_token(&b.node, &b.token)
+            .expect("remove_if_token"));
+        let moved = Registration {
+            node: "conformance-moved".into(),
+            ..c.clone()
+        };
+        store.put(&moved).expect("move");
+        let check = |store: &dyn Store| {
+            for (hash, _) in [&of_a, &of_b, &of_c] {
+                assert_eq!(knock_of(store, hash), None, "a token outlived its node");
+            }
+            assert!(store
+                .knock_tokens_of(&owner)
+                .expect("knock_tokens_of")
+                .is_empty());
+        };
+        check(&*store);
+        flush(&*store, 1);
+        let store = reopen(engine, &place, store);
+        check(&*store);
+    }
+}
+
+fn knock_tokens_survive_a_reopen<E: Engine>(engine: &E) {
+    for key in keys() {
+        let (place, store) = engine.fresh(key);
+        let r = registration(1);
+        put_all(&*store, std::slice::from_ref(&r));
+        let tokens = [knock_token(&r, 1), knock_token(&r, 2), knock_token(&r, 3)];
+        for t in &tokens {
+            put_knock(&*store, t);
+        }
+        store.remove_knock_token(&tokens[1].0).expect("remove");
+        store.count_knock_use(&tokens[2].0).expect("count");
+        flush(&*store, 1);
+        let store = reopen(engine, &place, store);
+        let counted = (
+            tokens[2].0,
+            KnockToken {
+                uses: tokens[2].1.uses + 1,
+                ..tokens[2].1.clone()
+            },
+        );
+        assert_eq!(knock_of(&*store, &tokens[0].0), Some(tokens[0].1.clone()));
+        assert_eq!(knock_of(&*store, &tokens[1].0), None);
+        assert_eq!(knock_of(&*store, &counted.0), Some(counted.1.clone()));
+        let mut listed = store.knock_tokens_of(&r.owner).expect("knock_tokens_of");
+        listed.sort_by_key(|(h, _)| *h);
+        assert_eq!(listed, vec![tokens[0].clone(), counted]);
     }
 }
 

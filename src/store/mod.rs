@@ -11,12 +11,14 @@ mod backup;
 #[cfg(test)]
 pub(crate) mod conformance;
 mod keys;
+mod knock;
 pub mod postgres;
 mod record;
 mod seal;
 pub mod secrets;
 mod sled;
 
+pub use self::knock::KnockToken;
 pub use self::seal::{KeyFileError, StoreKey};
 pub use self::sled::SledStore;
 
@@ -280,4 +282,46 @@ pub trait Store: Send + Sync + 'static {
     /// Write every registration to `out` as an export (see [`import`]); returns how many. Sealed tokens
     /// stay sealed, so the file reveals no more than the database would.
     fn export(&self, out: &mut dyn Write) -> Result<usize, BackupError>;
+
+    // Knock tokens (issue 21). The defaults refuse, so a store that wraps another (a test double) keeps
+    // compiling; both engines keep them.
+
+    /// Insert or replace the knock token whose keyed hash is `hash`. Its node must be registered
+    /// ([`StoreError::Invalid`] otherwise) by its owner ([`StoreError::Conflict`] otherwise), and nothing
+    /// changes then. Durable after [`Store::flush`].
+    fn put_knock_token(&self, hash: &Digest, token: &KnockToken) -> Result<(), StoreError> {
+        let _ = (hash, token);
+        Err(no_knock_tokens())
+    }
+
+    /// The knock token whose keyed hash is `hash`, if any (expired ones too: expiry is the caller's rule).
+    fn knock_token(&self, hash: &Digest) -> Result<Option<KnockToken>, StoreError> {
+        let _ = hash;
+        Err(no_knock_tokens())
+    }
+
+    /// Every knock token of one owner, with its hash, in hash order.
+    fn knock_tokens_of(&self, owner: &Digest) -> Result<Vec<(Digest, KnockToken)>, StoreError> {
+        let _ = owner;
+        Err(no_knock_tokens())
+    }
+
+    /// Remove a knock token; returns whether there was one. Removing a registration removes its tokens
+    /// too, in both engines.
+    fn remove_knock_token(&self, hash: &Digest) -> Result<bool, StoreError> {
+        let _ = hash;
+        Err(no_knock_tokens())
+    }
+
+    /// Count one accepted knock on a token (`uses += 1`); nothing if the token is gone. May be batched:
+    /// durable only after [`Store::flush`].
+    fn count_knock_use(&self, hash: &Digest) -> Result<(), StoreError> {
+        let _ = hash;
+        Err(no_knock_tokens())
+    }
+}
+
+/// What a store without knock tokens answers to their calls.
+fn no_knock_tokens() -> StoreError {
+    StoreError::Invalid("this store keeps no knock tokens".into())
 }

@@ -25,8 +25,8 @@ use rand::RngCore;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, Client, Statement};
 
-use super::memory::Memory;
-use super::schema::{self, io, CHANNEL};
+use super::memory::{Knock, Memory};
+use super::schema::{self, io, CHANNEL, KNOCK_CHANNEL};
 use super::PostgresOptions;
 use crate::store::keys::Meta;
 use crate::store::record::Codec;
@@ -51,6 +51,8 @@ pub(super) enum Change {
         registration: Box<Registration>,
         /// Its record, as stored.
         record: Vec<u8>,
+        /// The knock tokens of the node the device leaves: deleted only if the put is taken.
+        knocks: Vec<Digest>,
     },
     /// Delete a node; with `record`, only if the row still holds exactly that record.
     Delete {
@@ -58,6 +60,8 @@ pub(super) enum Change {
         node: String,
         /// The record this instance saw, for a conditional delete.
         record: Option<Vec<u8>>,
+        /// The node's knock tokens: deleted with it, and only if it is.
+        knocks: Vec<Digest>,
     },
     /// Remember a dead token until a time (seconds since the epoch).
     Dead {
@@ -73,17 +77,68 @@ pub(super) enum Change {
         /// The end it had.
         until: u64,
     },
+    /// Insert or replace a knock token.
+    KnockPut {
+        /// The token's keyed hash.
+        hash: Digest,
+        /// Its owner's keyed hash, the column listing reads.
+        owner: Digest,
+        /// Its record, as stored.
+        record: Vec<u8>,
+    },
+    /// Delete a knock token.
+    KnockDelete {
+        /// The token's keyed hash.
+        hash: Digest,
+    },
+    /// Count one use of a knock token, in the database's record (so instances' counts add up).
+    KnockUse {
+        /// The token's keyed hash.
+        hash: Digest,
+    },
 }
 
 impl Change {
-    /// The node a change is about, if any.
-    fn node(&self) -> Option<&str> {
+    /// What a change is about, as [`Shared::queued`] counts it: a node, or a knock token's
+    /// [`knock_key`]. Dead tokens are not tracked.
+    pub fn key(&self) -> Option<String> {
         match self {
-            Change::Put { registration, .. } => Some(&registration.node),
-            Change::Delete { node, .. } => Some(node),
+            Change::Put { registration, .. } => Some(registration.node.clone()),
+            Change::Delete { node, .. } => Some(node.clone()),
             Change::Dead { .. } | Change::Forget { .. } => None,
+            Change::KnockPut { hash, .. }
+            | Change::KnockDelete { hash }
+            | Change::KnockUse { hash } => Some(knock_key(hash)),
         }
     }
+
+    /// Whether the change is about a registration (and may conflict).
+    fn is_registration(&self) -> bool {
+        matches!(self, Change::Put { .. } | Change::Delete { .. })
+    }
+
+    /// The knock tokens a registration change takes along, if the database takes it.
+    fn knocks(&self) -> &[Digest] {
+        match self {
+            Change::Put { knocks, .. } | Change::Delete { knocks, .. } => knocks,
+            _ => &[],
+        }
+    }
+}
+
+/// What marks a knock token's key among nodes in the pending map and the notification queue: a NUL,
+/// which a node (PostgreSQL `text`) can never hold.
+const KNOCK_KEY: &str = "\0knock ";
+
+/// The pending and notification key of a knock token.
+pub(super) fn knock_key(hash: &Digest) -> String {
+    format!("{KNOCK_KEY}{}", hex::encode(hash))
+}
+
+/// The hash a [`knock_key`] names, if it is one.
+fn knock_hash(key: &str) -> Option<Digest> {
+    let hex = key.strip_prefix(KNOCK_KEY)?;
+    Digest::try_from(hex::decode(hex).ok()?.as_slice()).ok()
 }
 
 /// What the engine thread is asked to do.
@@ -208,7 +263,7 @@ pub(super) async fn connect_client(
     Ok(client)
 }
 
-/// Read every registration and dead token into a fresh memory.
+/// Read every registration, dead token and knock token into a fresh memory.
 pub(super) async fn load(client: &Client, codec: &Codec) -> Result<Memory, StoreError> {
     let mut memory = Memory::default();
     let rows = client
@@ -237,7 +292,31 @@ pub(super) async fn load(client: &Client, codec: &Codec) -> Result<Memory, Store
             memory.dead.insert(token, u64::try_from(until).unwrap_or(0));
         }
     }
+    for row in client
+        .query("SELECT hash, record FROM knock_tokens", &[])
+        .await
+        .map_err(io)?
+    {
+        let (hash, knock) = knock_row(codec, &row)?;
+        memory.put_knock(hash, knock);
+    }
     Ok(memory)
+}
+
+/// A `knock_tokens` row's hash and token, decoded.
+fn knock_row(codec: &Codec, row: &tokio_postgres::Row) -> Result<(Digest, Knock), StoreError> {
+    let hash: Vec<u8> = row.get(0);
+    let record: Vec<u8> = row.get(1);
+    let hash = Digest::try_from(hash.as_slice())
+        .map_err(|_| StoreError::Corrupt("a knock token's hash is not 32 bytes".into()))?;
+    let token = crate::store::knock::decode(codec.key(), &hash, &record)?;
+    Ok((
+        hash,
+        Knock {
+            token,
+            record: record.into(),
+        },
+    ))
 }
 
 /// The store's named values, read at open: what [`crate::store::keys`] reads and writes, through a client
@@ -357,6 +436,9 @@ struct Statements {
     delete_if: Statement,
     dead: Statement,
     forget: Statement,
+    knock_put: Statement,
+    knock_delete: Statement,
+    knock_use: Statement,
 }
 
 impl Statements {
@@ -376,17 +458,31 @@ impl Statements {
                     RETURNING node),
                 gone AS (
                     DELETE FROM knock_registrations
-                    WHERE device = $2 AND node <> $1 AND EXISTS (SELECT 1 FROM up))
+                    WHERE device = $2 AND node <> $1 AND EXISTS (SELECT 1 FROM up)),
+                knocks AS (
+                    DELETE FROM knock_tokens WHERE hash = ANY($7) AND EXISTS (SELECT 1 FROM up))
                 SELECT count(*) FROM up",
             )
             .await
             .map_err(io)?,
-            delete: prepare("DELETE FROM knock_registrations WHERE node = $1")
-                .await
-                .map_err(io)?,
-            delete_if: prepare("DELETE FROM knock_registrations WHERE node = $1 AND record = $2")
-                .await
-                .map_err(io)?,
+            // A node's knock tokens go in the same statement, so only if it does, and in queue order.
+            delete: prepare(
+                "WITH gone AS (DELETE FROM knock_registrations WHERE node = $1 RETURNING 1),
+                knocks AS (
+                    DELETE FROM knock_tokens WHERE hash = ANY($2) AND EXISTS (SELECT 1 FROM gone))
+                SELECT count(*) FROM gone",
+            )
+            .await
+            .map_err(io)?,
+            delete_if: prepare(
+                "WITH gone AS (
+                    DELETE FROM knock_registrations WHERE node = $1 AND record = $3 RETURNING 1),
+                knocks AS (
+                    DELETE FROM knock_tokens WHERE hash = ANY($2) AND EXISTS (SELECT 1 FROM gone))
+                SELECT count(*) FROM gone",
+            )
+            .await
+            .map_err(io)?,
             dead: prepare(
                 "INSERT INTO knock_dead_tokens (token, until) VALUES ($1, $2)
                  ON CONFLICT (token) DO UPDATE SET until = GREATEST(knock_dead_tokens.until, EXCLUDED.until)",
@@ -396,6 +492,25 @@ impl Statements {
             forget: prepare("DELETE FROM knock_dead_tokens WHERE token = $1 AND until = $2")
                 .await
                 .map_err(io)?,
+            knock_put: prepare(
+                "INSERT INTO knock_tokens (hash, owner, record) VALUES ($1, $2, $3)
+                 ON CONFLICT (hash) DO UPDATE SET owner = EXCLUDED.owner, record = EXCLUDED.record",
+            )
+            .await
+            .map_err(io)?,
+            knock_delete: prepare("DELETE FROM knock_tokens WHERE hash = $1")
+                .await
+                .map_err(io)?,
+            // The count is the big-endian u64 at byte 3 (1-based) of the record, in the clear: added to in
+            // place, so uses counted by several instances add up.
+            knock_use: prepare(
+                "UPDATE knock_tokens SET record = overlay(record PLACING int8send(
+                    ('x' || encode(substring(record FROM 3 FOR 8), 'hex'))::bit(64)::bigint + 1)
+                    FROM 3 FOR 8)
+                 WHERE hash = $1 AND length(record) >= 10",
+            )
+            .await
+            .map_err(io)?,
         })
     }
 }
@@ -487,11 +602,13 @@ pub(super) async fn run(
         for (i, job) in batch.drain(..).enumerate() {
             match job {
                 Job::Change(change) => {
-                    if let Some(node) = change.node() {
-                        shared.settled(node);
-                        if let Some(why) = conflicts.get(&i) {
-                            reread.push(node.to_owned());
+                    if let Some(key) = change.key() {
+                        shared.settled(&key);
+                        if let Some(why) = conflicts.get(&i).filter(|_| change.is_registration()) {
                             failed |= *why == Missed::Conflict;
+                            reread.push(key);
+                            // Memory dropped the tokens the change would have taken along; they stay.
+                            reread.extend(change.knocks().iter().map(knock_key));
                         }
                     }
                 }
@@ -542,7 +659,9 @@ async fn write(
             Change::Put {
                 registration: r,
                 record,
+                knocks,
             } => Box::pin(async move {
+                let knocks: Vec<&[u8]> = knocks.iter().map(|h| &h[..]).collect();
                 let row = tx
                     .query_one(
                         &statements.put,
@@ -553,25 +672,35 @@ async fn write(
                             &r.domain,
                             &r.app,
                             record,
+                            &knocks,
                         ],
                     )
                     .await
                     .map_err(io)?;
                 Ok((row.get::<_, i64>(0) == 0).then_some((i, Missed::Conflict)))
             }),
-            Change::Delete { node, record: None } => Box::pin(async move {
-                tx.execute(&statements.delete, &[node]).await.map_err(io)?;
+            Change::Delete {
+                node,
+                record: None,
+                knocks,
+            } => Box::pin(async move {
+                let knocks: Vec<&[u8]> = knocks.iter().map(|h| &h[..]).collect();
+                tx.query_one(&statements.delete, &[node, &knocks])
+                    .await
+                    .map_err(io)?;
                 Ok(None)
             }),
             Change::Delete {
                 node,
                 record: Some(record),
+                knocks,
             } => Box::pin(async move {
-                let deleted = tx
-                    .execute(&statements.delete_if, &[node, record])
+                let knocks: Vec<&[u8]> = knocks.iter().map(|h| &h[..]).collect();
+                let row = tx
+                    .query_one(&statements.delete_if, &[node, &knocks, record])
                     .await
                     .map_err(io)?;
-                Ok((deleted == 0).then_some((i, Missed::Changed)))
+                Ok((row.get::<_, i64>(0) == 0).then_some((i, Missed::Changed)))
             }),
             Change::Dead { token, until } => Box::pin(async move {
                 let until = i64::try_from(*until).unwrap_or(i64::MAX);
@@ -583,6 +712,28 @@ async fn write(
             Change::Forget { token, until } => Box::pin(async move {
                 let until = i64::try_from(*until).unwrap_or(i64::MAX);
                 tx.execute(&statements.forget, &[&&token[..], &until])
+                    .await
+                    .map_err(io)?;
+                Ok(None)
+            }),
+            Change::KnockPut {
+                hash,
+                owner,
+                record,
+            } => Box::pin(async move {
+                tx.execute(&statements.knock_put, &[&&hash[..], &&owner[..], record])
+                    .await
+                    .map_err(io)?;
+                Ok(None)
+            }),
+            Change::KnockDelete { hash } => Box::pin(async move {
+                tx.execute(&statements.knock_delete, &[&&hash[..]])
+                    .await
+                    .map_err(io)?;
+                Ok(None)
+            }),
+            Change::KnockUse { hash } => Box::pin(async move {
+                tx.execute(&statements.knock_use, &[&&hash[..]])
                     .await
                     .map_err(io)?;
                 Ok(None)
@@ -606,9 +757,19 @@ async fn write(
 async fn refresh(
     client: &Client,
     shared: &Shared,
-    nodes: &[String],
+    keys: &[String],
     even_pending: bool,
 ) -> Result<(), StoreError> {
+    let (knocks, nodes): (Vec<&String>, Vec<&String>) =
+        keys.iter().partition(|k| knock_hash(k).is_some());
+    if !knocks.is_empty() {
+        refresh_knocks(client, shared, &knocks, even_pending).await?;
+    }
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    let nodes: Vec<String> = nodes.into_iter().cloned().collect();
+    let nodes = &nodes[..];
     let rows = client
         .query(
             "SELECT node, record FROM knock_registrations WHERE node = ANY($1)",
@@ -636,7 +797,45 @@ async fn refresh(
         match row {
             Some((registration, record)) => memory.put(&registration, record),
             None => {
+                // Removed by another instance, which removes its knock tokens too (notified apart).
+                memory.remove_knock_of_node(node);
                 memory.remove(node);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Re-read knock tokens (by their [`knock_key`]s) from the database into memory, as [`refresh`] does nodes.
+async fn refresh_knocks(
+    client: &Client,
+    shared: &Shared,
+    keys: &[&String],
+    even_pending: bool,
+) -> Result<(), StoreError> {
+    let hashes: Vec<Digest> = keys.iter().filter_map(|k| knock_hash(k)).collect();
+    let params: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
+    let rows = client
+        .query(
+            "SELECT hash, record FROM knock_tokens WHERE hash = ANY($1)",
+            &[&params],
+        )
+        .await
+        .map_err(io)?;
+    let mut found = HashMap::new();
+    for row in &rows {
+        let (hash, knock) = knock_row(&shared.codec, row)?;
+        found.insert(hash, knock);
+    }
+    let mut memory = shared.memory();
+    for hash in hashes {
+        if !even_pending && shared.is_pending(&knock_key(&hash)) {
+            continue;
+        }
+        match found.remove(&hash) {
+            Some(knock) => memory.put_knock(hash, knock),
+            None => {
+                memory.remove_knock(&hash);
             }
         }
     }
@@ -689,6 +888,13 @@ async fn listen_once(options: &PostgresOptions, shared: &Shared) -> StoreError {
                         }
                     }
                 }
+                Ok(AsyncMessage::Notification(n)) if n.channel() == KNOCK_CHANNEL => {
+                    if !n.payload().starts_with(&own) {
+                        if let Some((_, hash)) = n.payload().split_once(' ') {
+                            let _ = notes.send(format!("{KNOCK_KEY}{hash}"));
+                        }
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => return io(e),
             }
@@ -697,7 +903,7 @@ async fn listen_once(options: &PostgresOptions, shared: &Shared) -> StoreError {
     });
     let listened = async {
         client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {KNOCK_CHANNEL}"))
             .await
             .map_err(io)?;
         reload(&client, shared).await?;
@@ -739,7 +945,15 @@ async fn reload(client: &Client, shared: &Shared) -> Result<(), StoreError> {
         .keys()
         .cloned()
         .collect();
-    for node in pending {
+    for key in pending {
+        if let Some(hash) = knock_hash(&key) {
+            fresh.remove_knock(&hash);
+            if let Some(knock) = memory.knock(&hash) {
+                fresh.put_knock(hash, knock.clone());
+            }
+            continue;
+        }
+        let node = key;
         fresh.remove(&node);
         if let Some(entry) = memory.get(&node) {
             fresh.put_entry(&node, entry.clone());

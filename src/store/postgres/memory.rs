@@ -7,11 +7,11 @@
 //! else is asked of a registration is decoded from it), what a publish needs built once, and the device and
 //! owner hashes for the indexes. Nodes are shared between the maps, domains and app names between entries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::store::record::Codec;
-use crate::store::{Digest, PublishTarget, Registration, StoreError};
+use crate::store::{Digest, KnockToken, PublishTarget, Registration, StoreError};
 
 /// One registration.
 #[derive(Debug, Clone)]
@@ -37,6 +37,19 @@ pub(super) struct Memory {
     names: HashSet<Arc<str>>,
     /// Dead tokens (keyed hashes) and until when they are remembered.
     pub dead: HashMap<Digest, u64>,
+    /// Knock tokens by keyed hash: decoded (so a node's tokens are found without unsealing) and as stored.
+    knock: HashMap<Digest, Knock>,
+    /// Every owner's knock tokens.
+    knock_owners: HashMap<Digest, BTreeSet<Digest>>,
+}
+
+/// One knock token.
+#[derive(Debug, Clone)]
+pub(super) struct Knock {
+    /// The token, decoded.
+    pub token: KnockToken,
+    /// Its record, as in the database's `record` column.
+    pub record: Box<[u8]>,
 }
 
 impl Memory {
@@ -55,6 +68,11 @@ impl Memory {
             .get(node)
             .map(|e| codec.decode(node.as_bytes(), &e.record))
             .transpose()
+    }
+
+    /// The owner of a node.
+    pub fn owner_of(&self, node: &str) -> Option<Digest> {
+        self.nodes.get(node).map(|e| e.owner)
     }
 
     /// The node a device is registered under.
@@ -170,5 +188,89 @@ impl Memory {
             .collect();
         counts.sort();
         counts
+    }
+}
+
+/// Knock tokens.
+impl Memory {
+    /// A knock token by hash.
+    pub fn knock(&self, hash: &Digest) -> Option<&Knock> {
+        self.knock.get(hash)
+    }
+
+    /// Put a knock token (replacing any under the same hash).
+    pub fn put_knock(&mut self, hash: Digest, knock: Knock) {
+        self.remove_knock(&hash);
+        self.knock_owners
+            .entry(knock.token.owner)
+            .or_default()
+            .insert(hash);
+        self.knock.insert(hash, knock);
+    }
+
+    /// Remove a knock token; returns it.
+    pub fn remove_knock(&mut self, hash: &Digest) -> Option<Knock> {
+        let old = self.knock.remove(hash)?;
+        if let Some(hashes) = self.knock_owners.get_mut(&old.token.owner) {
+            hashes.remove(hash);
+            if hashes.is_empty() {
+                self.knock_owners.remove(&old.token.owner);
+            }
+        }
+        Some(old)
+    }
+
+    /// An owner's knock tokens, in hash order.
+    pub fn knock_of_owner(&self, owner: &Digest) -> Vec<(Digest, KnockToken)> {
+        self.knock_owners
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| self.knock.get(h).map(|k| (*h, k.token.clone())))
+            .collect()
+    }
+
+    /// The hashes of the knock tokens that wake `node` (all its owner's, so one owner's few are looked at).
+    pub fn knock_of_node(&self, node: &str) -> Vec<Digest> {
+        let Some(entry) = self.nodes.get(node) else {
+            return Vec::new();
+        };
+        self.knock_owners
+            .get(&entry.owner)
+            .into_iter()
+            .flatten()
+            .filter(|h| self.knock.get(*h).is_some_and(|k| k.token.node == node))
+            .copied()
+            .collect()
+    }
+
+    /// Every knock token's hash and record, in hash order (for an export).
+    pub fn knock_records(&self) -> Vec<(Digest, Box<[u8]>)> {
+        let mut records: Vec<_> = self
+            .knock
+            .iter()
+            .map(|(h, k)| (*h, k.record.clone()))
+            .collect();
+        records.sort_by_key(|(h, _)| *h);
+        records
+    }
+
+    /// Remove the knock tokens that wake `node` (before the node itself goes); their hashes.
+    pub fn remove_knock_of_node(&mut self, node: &str) -> Vec<Digest> {
+        let hashes = self.knock_of_node(node);
+        for hash in &hashes {
+            self.remove_knock(hash);
+        }
+        hashes
+    }
+
+    /// Count one use of a knock token, in the record and the decoded token; whether there was one.
+    pub fn count_knock_use(&mut self, hash: &Digest) -> Result<bool, StoreError> {
+        let Some(knock) = self.knock.get_mut(hash) else {
+            return Ok(false);
+        };
+        crate::store::knock::count_use(&mut knock.record)?;
+        knock.token.uses = knock.token.uses.saturating_add(1);
+        Ok(true)
     }
 }

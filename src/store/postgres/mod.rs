@@ -25,9 +25,11 @@ use self::engine::{Change, Job, Shared};
 use crate::push::Token;
 use crate::store::backup::{self, adopt_key, write_header, write_line};
 use crate::store::keys;
+use crate::store::knock;
 use crate::store::record::Codec;
 use crate::store::{
-    BackupError, Digest, PublishTarget, Registration, Store, StoreError, StoreKey, StoreOptions,
+    BackupError, Digest, KnockToken, PublishTarget, Registration, Store, StoreError, StoreKey,
+    StoreOptions,
 };
 
 /// How long a flush waits for its commit before saying it could not confirm it (the change stays queued).
@@ -158,22 +160,30 @@ impl PostgresStore {
             ));
         }
         // 1. Check everything.
-        let exported = backup::read(file, &codec, |_, _| Ok(()))?;
+        let exported = backup::read(file, &codec, |_, _| Ok(()), |_| Ok(()))?;
         // 2. The instance key, then the rows in one transaction.
         adopt_key(&meta, &codec, &exported)?;
-        let mut rows = Vec::new();
-        backup::read(file, &codec, |node, (record, device)| {
-            let registration = codec.decode(node.as_bytes(), &record)?;
-            rows.push((
-                node.to_owned(),
-                device,
-                registration.owner,
-                registration.domain,
-                registration.app,
-                record,
-            ));
-            Ok(())
-        })?;
+        let (mut rows, mut knocks) = (Vec::new(), Vec::new());
+        backup::read(
+            file,
+            &codec,
+            |node, (record, device)| {
+                let registration = codec.decode(node.as_bytes(), &record)?;
+                rows.push((
+                    node.to_owned(),
+                    device,
+                    registration.owner,
+                    registration.domain,
+                    registration.app,
+                    record,
+                ));
+                Ok(())
+            },
+            |knock| {
+                knocks.push(knock);
+                Ok(())
+            },
+        )?;
         let count = rows.len();
         runtime
             .block_on(async {
@@ -194,6 +204,14 @@ impl PostgresStore {
                     ))
                     .await?;
                 }
+                let insert_knock = tx
+                    .prepare("INSERT INTO knock_tokens (hash, owner, record) VALUES ($1, $2, $3)")
+                    .await?;
+                for knock in &knocks {
+                    let (hash, owner): (&[u8], &[u8]) = (&knock.hash, &knock.owner);
+                    tx.execute(&insert_knock, &[&hash, &owner, &knock.record])
+                        .await?;
+                }
                 tx.commit().await
             })
             .map_err(|e| BackupError::Store(schema::io(e)))?;
@@ -201,8 +219,8 @@ impl PostgresStore {
     }
 
     fn queue(&self, change: Change) -> Result<(), StoreError> {
-        if let Some(node) = change_node(&change) {
-            self.shared.queued(node);
+        if let Some(key) = change.key() {
+            self.shared.queued(&key);
         }
         self.jobs
             .send(Job::Change(change))
@@ -224,14 +242,6 @@ impl PostgresStore {
 
     fn memory(&self) -> std::sync::RwLockReadGuard<'_, memory::Memory> {
         self.shared.memory.read().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn change_node(change: &Change) -> Option<&str> {
-    match change {
-        Change::Put { registration, .. } => Some(&registration.node),
-        Change::Delete { node, .. } => Some(node),
-        Change::Dead { .. } | Change::Forget { .. } => None,
     }
 }
 
@@ -300,26 +310,41 @@ impl Store for PostgresStore {
 
     fn put(&self, registration: &Registration) -> Result<(), StoreError> {
         let record = self.shared.codec.encode(registration)?;
-        {
+        let leaving = {
             let mut memory = self.shared.memory();
             if !memory.may_put(registration) {
                 return Err(StoreError::Conflict);
             }
+            // The node the device leaves, if it leaves one, takes its knock tokens along.
+            let leaving = match memory.node_for_device(&registration.device) {
+                Some(previous) if previous != registration.node => {
+                    memory.remove_knock_of_node(&previous)
+                }
+                _ => Vec::new(),
+            };
             memory.put(registration, record.clone());
-        }
+            leaving
+        };
         self.queue(Change::Put {
             registration: Box::new(registration.clone()),
             record,
+            knocks: leaving,
         })
     }
 
     fn remove(&self, node: &str) -> Result<Option<Registration>, StoreError> {
-        let Some(removed) = self.shared.memory().remove(node) else {
+        let (removed, tokens) = {
+            let mut memory = self.shared.memory();
+            let tokens = memory.remove_knock_of_node(node);
+            (memory.remove(node), tokens)
+        };
+        let Some(removed) = removed else {
             return Ok(None);
         };
         self.queue(Change::Delete {
             node: node.to_owned(),
             record: None,
+            knocks: tokens,
         })?;
         self.shared
             .codec
@@ -331,17 +356,21 @@ impl Store for PostgresStore {
         let removed = {
             let mut memory = self.shared.memory();
             match memory.get(node) {
-                Some(entry) if entry.target.token == *token => memory.remove(node),
+                Some(entry) if entry.target.token == *token => {
+                    let tokens = memory.remove_knock_of_node(node);
+                    memory.remove(node).map(|entry| (entry, tokens))
+                }
                 _ => None,
             }
         };
-        let Some(entry) = removed else {
+        let Some((entry, tokens)) = removed else {
             return Ok(false);
         };
         // Only the row as this instance saw it: another instance's fresh token stays.
         self.queue(Change::Delete {
             node: node.to_owned(),
             record: Some(entry.record.into_vec()),
+            knocks: tokens,
         })?;
         Ok(true)
     }
@@ -445,7 +474,60 @@ impl Store for PostgresStore {
             let registration = self.shared.codec.decode(node.as_bytes(), record)?;
             write_line(out, registration, record)?;
         }
+        let knocks = self.memory().knock_records();
+        for (hash, record) in &knocks {
+            backup::write_knock_line(out, hash, record)?;
+        }
         out.flush()?;
         Ok(records.len())
+    }
+
+    fn put_knock_token(&self, hash: &Digest, token: &KnockToken) -> Result<(), StoreError> {
+        let record = knock::encode(self.shared.codec.key(), hash, token)?;
+        {
+            // Only for a node its owner holds, as far as this instance knows (a removal through another
+            // instance at the same moment can still leave the token behind: see issue 21's notes).
+            let mut memory = self.shared.memory();
+            match memory.owner_of(&token.node) {
+                None => return Err(knock::unregistered()),
+                Some(owner) if owner != token.owner => return Err(StoreError::Conflict),
+                Some(_) => {}
+            }
+            memory.put_knock(
+                *hash,
+                memory::Knock {
+                    token: token.clone(),
+                    record: record.clone().into(),
+                },
+            );
+        }
+        self.queue(Change::KnockPut {
+            hash: *hash,
+            owner: token.owner,
+            record,
+        })
+    }
+
+    fn knock_token(&self, hash: &Digest) -> Result<Option<KnockToken>, StoreError> {
+        Ok(self.memory().knock(hash).map(|k| k.token.clone()))
+    }
+
+    fn knock_tokens_of(&self, owner: &Digest) -> Result<Vec<(Digest, KnockToken)>, StoreError> {
+        Ok(self.memory().knock_of_owner(owner))
+    }
+
+    fn remove_knock_token(&self, hash: &Digest) -> Result<bool, StoreError> {
+        if self.shared.memory().remove_knock(hash).is_none() {
+            return Ok(false);
+        }
+        self.queue(Change::KnockDelete { hash: *hash })?;
+        Ok(true)
+    }
+
+    fn count_knock_use(&self, hash: &Digest) -> Result<(), StoreError> {
+        if self.shared.memory().count_knock_use(hash)? {
+            self.queue(Change::KnockUse { hash: *hash })?;
+        }
+        Ok(())
     }
 }

@@ -17,6 +17,9 @@ const MIGRATION_LOCK: i64 = 0x006b_6e6f_636b;
 /// The channel the trigger notifies: `<application_name> <node>` for every row written or deleted.
 pub(super) const CHANNEL: &str = "knock_registrations";
 
+/// The channel knock-token changes are notified on: `<application_name> <hash in hex>`.
+pub(super) const KNOCK_CHANNEL: &str = "knock_tokens";
+
 /// Every migration, in order; the schema's version is how many have been applied. Never edit or reorder
 /// one that has shipped: add another.
 const MIGRATIONS: &[&str] = &[
@@ -49,6 +52,25 @@ const MIGRATIONS: &[&str] = &[
     $$;
     CREATE TRIGGER knock_notify AFTER INSERT OR UPDATE OR DELETE ON knock_registrations
         FOR EACH ROW EXECUTE FUNCTION knock_notify();
+    "#,
+    // 2: knock tokens (issue 21) by keyed hash, their owner's hash for listing, the record (node sealed);
+    // changes notified on a channel of their own, as `<application_name> <hash in hex>`.
+    r#"
+    CREATE TABLE knock_tokens (
+        hash bytea PRIMARY KEY,
+        owner bytea NOT NULL,
+        record bytea NOT NULL
+    );
+    CREATE INDEX knock_tokens_owner ON knock_tokens (owner);
+    CREATE FUNCTION knock_notify_token() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('knock_tokens',
+            current_setting('application_name') || ' ' || encode(COALESCE(NEW.hash, OLD.hash), 'hex'));
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER knock_notify_token AFTER INSERT OR UPDATE OR DELETE ON knock_tokens
+        FOR EACH ROW EXECUTE FUNCTION knock_notify_token();
     "#,
 ];
 

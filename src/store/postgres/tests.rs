@@ -282,3 +282,55 @@ fn a_lost_notification_connection_is_made_good_by_reading_everything_again() {
     });
     eprintln!("after a lost notification connection, the other instance caught up in {took:?}");
 }
+
+#[test]
+fn knock_tokens_written_through_one_instance_are_seen_and_counted_through_another() {
+    let url = new_database();
+    let key = Some(StoreKey::generate());
+    let a = open(&url, key.clone());
+    let b = open(&url, key);
+    let r = registration("node-k", 3);
+    a.put(&r).expect("put");
+    let hash = [0xcc; 32];
+    let token = crate::store::KnockToken {
+        id: [1, 2, 3, 4, 5, 6, 7, 8],
+        node: r.node.clone(),
+        owner: r.owner,
+        expires: 1_900_000_000,
+        per_hour: 20,
+        grace_until: None,
+        uses: 0,
+    };
+    a.put_knock_token(&hash, &token).expect("put_knock_token");
+    flush(&a);
+    within("b sees a's knock token", || {
+        b.knock_token(&hash).ok().flatten().as_ref() == Some(&token)
+    });
+    assert_eq!(
+        b.knock_tokens_of(&r.owner).expect("knock_tokens_of"),
+        vec![(hash, token.clone())]
+    );
+
+    // Uses counted through both instances add up in the database rather than overwrite each other.
+    a.count_knock_use(&hash).expect("count");
+    b.count_knock_use(&hash).expect("count");
+    b.count_knock_use(&hash).expect("count");
+    flush(&a);
+    flush(&b);
+    let c = open(&url, Some(a.shared.codec.key().expect("sealed").clone()));
+    assert_eq!(
+        c.knock_token(&hash).expect("knock_token").map(|t| t.uses),
+        Some(3)
+    );
+
+    // The registration removed through b takes the token along, in a's memory too.
+    b.remove(&r.node).expect("remove");
+    flush(&b);
+    within("a forgets the token of the removed node", || {
+        a.knock_token(&hash).ok().flatten().is_none()
+    });
+    assert!(a
+        .knock_tokens_of(&r.owner)
+        .expect("knock_tokens_of")
+        .is_empty());
+}

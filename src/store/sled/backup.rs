@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{open_db, SledStore};
-use crate::store::backup::{adopt_key, read, write_header, write_line};
+use crate::store::backup::{adopt_key, read, write_header, write_knock_line, write_line};
 use crate::store::keys;
 use crate::store::record::Codec;
 use crate::store::{BackupError, StoreError, StoreOptions};
@@ -38,6 +38,12 @@ impl SledStore {
             write_line(out, registration, &record)?;
             count += 1;
         }
+        for item in open.knock_tokens.iter() {
+            let (hash, record) = item.map_err(StoreError::from)?;
+            let hash = crate::store::Digest::try_from(&*hash)
+                .map_err(|_| StoreError::Corrupt("a knock token's hash is not 32 bytes".into()))?;
+            write_knock_line(out, &hash, &record)?;
+        }
         out.flush()?;
         Ok(count)
     }
@@ -63,24 +69,37 @@ impl SledStore {
             return Err(BackupError::NotEmpty(registrations.len()));
         }
         // 1. Check everything.
-        let instance = read(file, &codec, |_, _| Ok(()))?;
+        let instance = read(file, &codec, |_, _| Ok(()), |_| Ok(()))?;
         // 2. Write the instance key (a sealed one as it was exported), then the records, then make it all
         //    durable.
         adopt_key(&db, &codec, &instance)?;
         let (mut regs, mut devs, mut pending) = (sled::Batch::default(), sled::Batch::default(), 0);
-        read(file, &codec, |node, (record, device)| {
-            regs.insert(node.as_bytes(), record);
-            devs.insert(&device[..], node.as_bytes());
-            pending += 1;
-            if pending == IMPORT_BATCH {
-                registrations.apply_batch(std::mem::take(&mut regs))?;
-                devices.apply_batch(std::mem::take(&mut devs))?;
-                pending = 0;
-            }
-            Ok(())
-        })?;
+        let (mut knocks, mut knock_owners) = (sled::Batch::default(), sled::Batch::default());
+        read(
+            file,
+            &codec,
+            |node, (record, device)| {
+                regs.insert(node.as_bytes(), record);
+                devs.insert(&device[..], node.as_bytes());
+                pending += 1;
+                if pending == IMPORT_BATCH {
+                    registrations.apply_batch(std::mem::take(&mut regs))?;
+                    devices.apply_batch(std::mem::take(&mut devs))?;
+                    pending = 0;
+                }
+                Ok(())
+            },
+            // Few per owner, so kept for one batch at the end.
+            |knock| {
+                knocks.insert(&knock.hash[..], knock.record);
+                knock_owners.insert(super::owners::key(&knock.owner, &knock.hash), &[]);
+                Ok(())
+            },
+        )?;
         registrations.apply_batch(regs)?;
         devices.apply_batch(devs)?;
+        db.open_tree("knock_tokens")?.apply_batch(knocks)?;
+        db.open_tree("knock_owners")?.apply_batch(knock_owners)?;
         super::owners::build(&registrations, &owners, &codec)?;
         db.flush().map_err(StoreError::from)?;
         Ok(registrations.len())

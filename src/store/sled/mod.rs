@@ -41,6 +41,7 @@ use self::index::{Lookup, PublishIndex};
 use self::rebuild::{Rebuild, Rebuilder};
 use crate::push::Token;
 use crate::store::keys;
+use crate::store::knock::{self, KnockToken};
 use crate::store::record::{Codec, PublishFields};
 use crate::store::seal::StoreKey;
 use crate::store::{
@@ -107,6 +108,11 @@ struct Open {
     owners: sled::Tree,
     /// keyed token hash -> until when (seconds since the epoch, big-endian) it is remembered dead.
     dead_tokens: sled::Tree,
+    /// keyed knock-token hash -> its record ([`crate::store::knock`]).
+    knock_tokens: sled::Tree,
+    /// owner hash ++ knock-token hash -> nothing: every owner's knock tokens, in one prefix scan. Kept in
+    /// the same transactions as `knock_tokens`.
+    knock_owners: sled::Tree,
     /// What publishes read: every registration's token, secret hash, domain and app.
     index: Arc<PublishIndex>,
     /// The background rebuild of the index, stopped and joined when this is dropped (after the handles
@@ -135,6 +141,8 @@ impl Open {
             devices: db.open_tree("devices")?,
             owners,
             dead_tokens: db.open_tree("dead_tokens")?,
+            knock_tokens: db.open_tree("knock_tokens")?,
+            knock_owners: db.open_tree("knock_owners")?,
             db,
             registrations,
             index,
@@ -339,8 +347,22 @@ impl SledStore {
         let record = codec.encode(registration)?;
         let fields = PublishFields::of(registration);
         let _writes = lock(&self.shared.writes);
-        let dropped = (&open.registrations, &open.devices, &open.owners)
-            .transaction(|(regs, devices, owners)| {
+        // The knock tokens of the node this device leaves, if it leaves one: they go with it. Read under
+        // the write lock, which every token write takes too, so none is added meanwhile.
+        let leaving = match open.devices.get(registration.device)? {
+            Some(previous) if previous.as_ref() != registration.node.as_bytes() => {
+                self.knock_tokens_of_node(open, &registration.owner, &previous)?
+            }
+            _ => Vec::new(),
+        };
+        let dropped = (
+            &open.registrations,
+            &open.devices,
+            &open.owners,
+            &open.knock_tokens,
+            &open.knock_owners,
+        )
+            .transaction(|(regs, devices, owners, knock_tokens, knock_owners)| {
                 let node = registration.node.as_bytes();
                 if let Some(existing) = regs.get(node)? {
                     let existing = codec
@@ -362,6 +384,10 @@ impl SledStore {
                         regs.remove(&previous)?;
                         // A device is one owner's: its previous node was theirs too.
                         owners.remove(owners::key(&registration.owner, &previous))?;
+                        for hash in &leaving {
+                            knock_tokens.remove(&hash[..])?;
+                            knock_owners.remove(owners::key(&registration.owner, hash))?;
+                        }
                         dropped = Some(previous);
                     }
                 }
@@ -422,8 +448,23 @@ impl SledStore {
     ) -> Result<Option<Registration>, StoreError> {
         let codec = &self.shared.codec;
         let _writes = lock(&self.shared.writes);
-        let removed = (&open.registrations, &open.devices, &open.owners)
-            .transaction(|(regs, devices, owners)| {
+        // The node's knock tokens go with it. Found before the transaction (which cannot scan), under the
+        // write lock, which every token write takes too.
+        let tokens = match open.registrations.get(node.as_bytes())? {
+            Some(bytes) => {
+                let owner = codec.owner(node.as_bytes(), &bytes)?;
+                self.knock_tokens_of_node(open, &owner, node.as_bytes())?
+            }
+            None => Vec::new(),
+        };
+        let removed = (
+            &open.registrations,
+            &open.devices,
+            &open.owners,
+            &open.knock_tokens,
+            &open.knock_owners,
+        )
+            .transaction(|(regs, devices, owners, knock_tokens, knock_owners)| {
                 let Some(bytes) = regs.get(node.as_bytes())? else {
                     return Ok(None);
                 };
@@ -438,6 +479,10 @@ impl SledStore {
                 if devices.get(registration.device)?.as_deref() == Some(node.as_bytes()) {
                     devices.remove(&registration.device)?;
                 }
+                for hash in &tokens {
+                    knock_tokens.remove(&hash[..])?;
+                    knock_owners.remove(owners::key(&registration.owner, hash))?;
+                }
                 Ok(Some(registration))
             })
             .map_err(StoreError::from)?;
@@ -445,6 +490,105 @@ impl SledStore {
             open.index.remove(node);
         }
         Ok(removed)
+    }
+}
+
+/// Knock tokens.
+impl SledStore {
+    /// The hashes of `owner`'s knock tokens that wake `node`. Opens each of the owner's records (a handful).
+    fn knock_tokens_of_node(
+        &self,
+        open: &Open,
+        owner: &Digest,
+        node: &[u8],
+    ) -> Result<Vec<Digest>, StoreError> {
+        Ok(self
+            .knock_tokens_in(open, owner)?
+            .into_iter()
+            .filter(|(_, token)| token.node.as_bytes() == node)
+            .map(|(hash, _)| hash)
+            .collect())
+    }
+
+    /// Every knock token of `owner`, in hash order.
+    fn knock_tokens_in(
+        &self,
+        open: &Open,
+        owner: &Digest,
+    ) -> Result<Vec<(Digest, KnockToken)>, StoreError> {
+        let key = self.shared.codec.key();
+        let mut tokens = Vec::new();
+        for entry in open.knock_owners.scan_prefix(owner).keys() {
+            let entry = entry?;
+            let hash = Digest::try_from(&entry[owner.len()..])
+                .map_err(|_| StoreError::Corrupt("a knock owner entry is not 64 bytes".into()))?;
+            // An index entry without its record would be a bug; a reader skips it rather than fail.
+            if let Some(record) = open.knock_tokens.get(hash)? {
+                tokens.push((hash, knock::decode(key, &hash, &record)?));
+            }
+        }
+        Ok(tokens)
+    }
+
+    fn put_knock_token_in(
+        &self,
+        open: &Open,
+        hash: &Digest,
+        token: &KnockToken,
+    ) -> Result<(), StoreError> {
+        let record = knock::encode(self.shared.codec.key(), hash, token)?;
+        let codec = &self.shared.codec;
+        let _writes = lock(&self.shared.writes);
+        (&open.registrations, &open.knock_tokens, &open.knock_owners)
+            .transaction(|(regs, tokens, owners_index)| {
+                // Only for a node its owner holds: a token for a node gone (or never there) would outlive
+                // every removal meant to take it along.
+                let node = token.node.as_bytes();
+                let Some(registration) = regs.get(node)? else {
+                    return Err(ConflictableTransactionError::Abort(knock::unregistered()));
+                };
+                let owner = codec
+                    .owner(node, &registration)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if owner != token.owner {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+                }
+                if let Some(old) = tokens.insert(&hash[..], record.as_slice())? {
+                    let old_owner =
+                        knock::owner_of(&old).map_err(ConflictableTransactionError::Abort)?;
+                    owners_index.remove(owners::key(&old_owner, hash))?;
+                }
+                owners_index.insert(owners::key(&token.owner, hash), &[])?;
+                Ok(())
+            })
+            .map_err(StoreError::from)
+    }
+
+    fn remove_knock_token_in(&self, open: &Open, hash: &Digest) -> Result<bool, StoreError> {
+        let _writes = lock(&self.shared.writes);
+        (&open.knock_tokens, &open.knock_owners)
+            .transaction(|(tokens, owners_index)| {
+                let Some(old) = tokens.remove(&hash[..])? else {
+                    return Ok(false);
+                };
+                let owner = knock::owner_of(&old).map_err(ConflictableTransactionError::Abort)?;
+                owners_index.remove(owners::key(&owner, hash))?;
+                Ok(true)
+            })
+            .map_err(StoreError::from)
+    }
+
+    fn count_knock_use_in(&self, open: &Open, hash: &Digest) -> Result<(), StoreError> {
+        // In place and lock-free: sled retries the update if the record changed meanwhile. A record too
+        // short to count in is left as it is (reading it reports the corruption).
+        open.knock_tokens.update_and_fetch(hash, |old| {
+            old.map(|old| {
+                let mut record = old.to_vec();
+                let _ = knock::count_use(&mut record);
+                record
+            })
+        })?;
+        Ok(())
     }
 }
 
@@ -636,5 +780,33 @@ impl Store for SledStore {
 
     fn export(&self, out: &mut dyn std::io::Write) -> Result<usize, BackupError> {
         self.write_export(out)
+    }
+
+    fn put_knock_token(&self, hash: &Digest, token: &KnockToken) -> Result<(), StoreError> {
+        let open = self.database()?;
+        self.watch(self.put_knock_token_in(&open, hash, token))
+    }
+
+    fn knock_token(&self, hash: &Digest) -> Result<Option<KnockToken>, StoreError> {
+        let open = self.database()?;
+        let record = self.watch(open.knock_tokens.get(hash).map_err(StoreError::from))?;
+        record
+            .map(|r| knock::decode(self.shared.codec.key(), hash, &r))
+            .transpose()
+    }
+
+    fn knock_tokens_of(&self, owner: &Digest) -> Result<Vec<(Digest, KnockToken)>, StoreError> {
+        let open = self.database()?;
+        self.watch(self.knock_tokens_in(&open, owner))
+    }
+
+    fn remove_knock_token(&self, hash: &Digest) -> Result<bool, StoreError> {
+        let open = self.database()?;
+        self.watch(self.remove_knock_token_in(&open, hash))
+    }
+
+    fn count_knock_use(&self, hash: &Digest) -> Result<(), StoreError> {
+        let open = self.database()?;
+        self.watch(self.count_knock_use_in(&open, hash))
     }
 }

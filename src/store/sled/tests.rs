@@ -10,6 +10,7 @@ use base64::Engine as _;
 
 use crate::push::ProviderKind;
 use crate::store::conformance::{self, Opened};
+use crate::store::KnockToken;
 
 /// Import into the store at `path`, as `knock import` does (a store in the clear allowed).
 fn import_into(path: &Path, key: Option<StoreKey>, file: &Path) -> Result<usize, BackupError> {
@@ -893,5 +894,59 @@ fn a_store_from_before_the_owner_index_gets_it_at_its_first_open() {
             .collect();
         expected.sort();
         assert_eq!(nodes, expected);
+    }
+}
+
+#[test]
+fn a_format_1_export_is_still_read_but_may_not_carry_knock_tokens() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let r = Registration {
+        node: "format-1-node".into(),
+        device: [1; 32],
+        owner: [2; 32],
+        domain: "example.org".into(),
+        app: "chat".into(),
+        provider: ProviderKind::Apns,
+        token: Token::from_bytes(vec![3; 32]),
+        secret_hash: Some([4; 32]),
+        call_token: None,
+        account: None,
+    };
+    store.put(&r).expect("put");
+    let export = |store: &SledStore| {
+        let mut out = Vec::new();
+        store.export(&mut out).expect("export");
+        String::from_utf8(out).expect("an export is text").replacen(
+            "\"knock_export\":2",
+            "\"knock_export\":1",
+            1,
+        )
+    };
+    let import = |text: &str| {
+        let file = tempfile::NamedTempFile::new().expect("file");
+        std::fs::write(file.path(), text).expect("write");
+        let target = tempfile::tempdir().expect("dir");
+        import_into(target.path(), None, file.path())
+    };
+    let old = export(&store);
+    assert!(old.starts_with("{\"knock_export\":1"), "{old}");
+    assert_eq!(import(&old).expect("a format 1 export imports"), 1);
+
+    let token = KnockToken {
+        id: [5; 8],
+        node: r.node.clone(),
+        owner: r.owner,
+        expires: 10,
+        per_hour: 1,
+        grace_until: None,
+        uses: 0,
+    };
+    store
+        .put_knock_token(&[6; 32], &token)
+        .expect("put_knock_token");
+    match import(&export(&store)) {
+        Err(BackupError::Format { line: 3, why }) => assert!(why.contains("format 1"), "{why}"),
+        other => panic!("a knock token in a format 1 export: {other:?}"),
     }
 }
