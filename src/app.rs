@@ -178,6 +178,10 @@ pub struct App {
     pub registration_free_per_hour: u32,
     /// How long a token a push service called dead is refused without asking it again (registration-free).
     pub dead_token_memory: Duration,
+    /// Knocks left per knock token this hour, by the token's opaque id (each token has its own rate).
+    pub knock_budget: Budget<[u8; 8]>,
+    /// Most knock tokens one user may hold; 0 turns knock tokens off (neither offered nor answered).
+    pub knock_tokens_per_user: u32,
 }
 
 /// Assembles an [`App`] from parts: tests plug in their own store and providers. Starts with no app, no
@@ -194,9 +198,15 @@ pub struct AppBuilder {
     registration_limit: RegistrationLimiter,
     registration_free_per_hour: u32,
     dead_token_memory: Duration,
+    knock_tokens_per_user: u32,
 }
 
 impl AppBuilder {
+    /// Most knock tokens per user (0: knock tokens off).
+    pub fn knock_tokens_per_user(mut self, most: u32) -> Self {
+        self.knock_tokens_per_user = most;
+        self
+    }
     /// Registration-free wake-ups per token per hour (0: no cap).
     pub fn registration_free_per_hour(mut self, per_hour: u32) -> Self {
         self.registration_free_per_hour = per_hour;
@@ -254,6 +264,8 @@ impl AppBuilder {
             self_test_budget: Budget::default(),
             registration_free_per_hour: self.registration_free_per_hour,
             dead_token_memory: self.dead_token_memory,
+            knock_budget: Budget::default(),
+            knock_tokens_per_user: self.knock_tokens_per_user,
         })
     }
 }
@@ -272,6 +284,7 @@ impl App {
             registration_limit: RegistrationLimiter::unlimited(),
             registration_free_per_hour: 0,
             dead_token_memory: Duration::from_secs(crate::config::DEFAULT_DEAD_TOKEN_DAYS * 86_400),
+            knock_tokens_per_user: crate::config::DEFAULT_KNOCK_TOKENS_PER_USER,
         }
     }
 
@@ -422,6 +435,7 @@ impl App {
                 config.limits.registrations_per_domain_per_hour,
             ))
             .registration_free_per_hour(config.limits.registration_free_per_token_per_hour)
+            .knock_tokens_per_user(config.limits.knock_tokens_per_user)
             .dead_token_memory(Duration::from_secs(
                 u64::from(config.limits.dead_token_days) * 86_400,
             ))

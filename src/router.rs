@@ -18,8 +18,9 @@ use xmpp_parsers::push::{Disable, Enable};
 
 use crate::app::App;
 use crate::handlers::publish::PublishRequest;
-use crate::handlers::{commands, disco, enable, publish, HandlerError};
+use crate::handlers::{commands, disco, enable, knock, publish, HandlerError};
 use crate::stanza::frame::Frame;
+use crate::stanza::knock::Knock;
 use crate::stanza::notification::Notification;
 use crate::stanza::xep0050::{self, Command};
 use crate::stanza::{self, FastPublish};
@@ -42,6 +43,8 @@ pub enum Request {
     Disable(Disable),
     /// XEP-0357 publish from a user's server.
     Publish(PublishRequest<'static>),
+    /// A knock: anyone holding a knock token asks for its owner's device to be woken.
+    Knock(Knock),
 }
 
 fn parse<T: TryFrom<Element>>(payload: Element, what: &str) -> Result<T, HandlerError> {
@@ -65,6 +68,7 @@ impl Request {
             (false, "command", xep0050::NS) => parse(payload, "command").map(Request::Command),
             (false, "enable", ns::PUSH) => parse(payload, "enable").map(Request::Enable),
             (false, "disable", ns::PUSH) => parse(payload, "disable").map(Request::Disable),
+            (false, "knock", stanza::knock::NS) => parse(payload, "knock").map(Request::Knock),
             (false, "pubsub", ns::PUBSUB) => match parse::<PubSub>(payload, "publish")? {
                 PubSub::Publish {
                     publish,
@@ -104,6 +108,11 @@ pub async fn dispatch(
         }
         Request::Publish(request) => {
             publish::publish(app, from, request).await?;
+            None
+        }
+        // Who knocked is not passed on: knock neither needs nor keeps it.
+        Request::Knock(request) => {
+            knock::knock(app, request).await?;
             None
         }
     })

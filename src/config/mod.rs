@@ -574,6 +574,10 @@ pub struct LimitsConfig {
     /// again (kept in the store, as a keyed hash).
     #[serde(default = "default_dead_token_days")]
     pub dead_token_days: u32,
+    /// Knock tokens (per-contact wake-up tokens, `xep/knock-registration.md` §19): most one user may hold at
+    /// once. 0 turns the feature off: its commands are not offered and knocks are not answered.
+    #[serde(default = "default_knock_tokens_per_user")]
+    pub knock_tokens_per_user: u32,
 }
 
 impl Default for LimitsConfig {
@@ -586,6 +590,7 @@ impl Default for LimitsConfig {
             registrations_per_domain_per_hour: default_registrations_per_domain_per_hour(),
             registration_free_per_token_per_hour: default_registration_free_per_token_per_hour(),
             dead_token_days: default_dead_token_days(),
+            knock_tokens_per_user: default_knock_tokens_per_user(),
         }
     }
 }
@@ -800,6 +805,11 @@ fn default_registrations_per_domain_per_hour() -> u32 {
 }
 fn default_registration_free_per_token_per_hour() -> u32 {
     120
+}
+/// The default of `[limits] knock_tokens_per_user`: room for every contact of a sociable user.
+pub const DEFAULT_KNOCK_TOKENS_PER_USER: u32 = 200;
+fn default_knock_tokens_per_user() -> u32 {
+    DEFAULT_KNOCK_TOKENS_PER_USER
 }
 fn default_dead_token_days() -> u32 {
     DEFAULT_DEAD_TOKEN_DAYS as u32

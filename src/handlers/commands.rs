@@ -1,4 +1,4 @@
-//! Registration by XEP-0050 ad-hoc commands, named as p2 (Conversations' App Server) names them: one
+//! Registration (and knock's own commands: a self-test, knock tokens) by XEP-0050 ad-hoc commands, named as p2 (Conversations' App Server) names them: one
 //! register and one unregister command per push service, each entry of [`COMMANDS`] naming its provider.
 //!
 //! `register-push-apns` and `register-push-fcm` take `token`, `device-id` (or p2's `android-id`, which the
@@ -49,6 +49,8 @@ pub enum CommandKind {
     /// knock's own: a test push to each of the caller's devices, whatever their dialect
     /// ([`super::selftest`]).
     SelfTest,
+    /// knock's own: the caller's knock tokens ([`super::knock`]).
+    Knock(super::knock::Op),
 }
 
 /// What a command does with a device.
@@ -102,6 +104,26 @@ pub const COMMANDS: &[CommandInfo] = &[
         kind: CommandKind::Tigase(Verb::Unregister),
     },
     CommandInfo {
+        node: super::knock::CREATE,
+        name: "Create a knock token for a contact",
+        kind: CommandKind::Knock(super::knock::Op::Create),
+    },
+    CommandInfo {
+        node: super::knock::LIST,
+        name: "List my knock tokens",
+        kind: CommandKind::Knock(super::knock::Op::List),
+    },
+    CommandInfo {
+        node: super::knock::REVOKE,
+        name: "Revoke a knock token",
+        kind: CommandKind::Knock(super::knock::Op::Revoke),
+    },
+    CommandInfo {
+        node: super::knock::ROTATE,
+        name: "Rotate a knock token",
+        kind: CommandKind::Knock(super::knock::Op::Rotate),
+    },
+    CommandInfo {
         node: super::selftest::NODE,
         name: "Send a test push to each of my devices",
         kind: CommandKind::SelfTest,
@@ -118,6 +140,7 @@ pub fn by_node(node: &str) -> Option<&'static CommandInfo> {
 pub fn offered(app: &App, command: &CommandInfo) -> bool {
     match command.kind {
         CommandKind::SelfTest => true,
+        CommandKind::Knock(_) => app.knock_tokens_per_user > 0,
         CommandKind::P2(provider, _) => app.apps().iter().any(|a| a.provider.kind() == provider),
         CommandKind::Tigase(_) => app.apps().iter().any(|a| !a.tigase_providers.is_empty()),
     }
@@ -141,6 +164,9 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         CommandKind::P2(provider, verb) => (provider, verb),
         // Nothing to fill in.
         CommandKind::SelfTest => return super::selftest::execute(app, from, &command).await,
+        CommandKind::Knock(op) => {
+            return super::knock::execute(app, from, &command, info, op, submitted).await
+        }
         CommandKind::Tigase(verb) => {
             return match submitted {
                 Some(form) => super::tigase::execute(app, from, &command, verb, form).await,

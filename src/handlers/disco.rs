@@ -34,6 +34,9 @@ pub fn info(app: &App, query: DiscoInfoQuery) -> Result<DiscoInfoResult, Handler
                 .iter()
                 .flat_map(|a| a.tigase_providers.iter().cloned())
                 .collect();
+            if app.knock_tokens_per_user > 0 {
+                features.insert(crate::stanza::knock::NS.to_owned());
+            }
             if !tigase.is_empty() {
                 features.extend(tigase);
                 features.extend(tigase::FEATURES.iter().map(|f| (*f).to_owned()));

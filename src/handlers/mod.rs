@@ -1,5 +1,5 @@
 //! One handler per protocol: [`disco`], [`commands`] (XEP-0050 registration), [`enable`] (the XEP-0357
-//! `<enable/>` shorthand) and [`publish`]. Handlers take typed requests and the [`App`] and
+//! `<enable/>` shorthand), [`publish`] and [`knock`] (knock tokens: their commands, and knocks). Handlers take typed requests and the [`App`] and
 //! return a typed payload or a [`HandlerError`]; they know nothing of sockets.
 //!
 //! This file holds what they share: the error type, which maps 1:1 onto an XMPP stanza error, bounded
@@ -9,6 +9,7 @@
 pub mod commands;
 pub mod disco;
 pub mod enable;
+pub mod knock;
 pub mod publish;
 pub mod selftest;
 pub mod tigase;
@@ -71,6 +72,11 @@ impl HandlerError {
     /// cancel / not-allowed: this service does not take the request from this sender, by policy.
     pub fn not_allowed(text: impl Into<String>) -> Self {
         Self::new(ErrorType::Cancel, DefinedCondition::NotAllowed, text)
+    }
+    /// modify / policy-violation: over a limit of this service's that waiting does not lift (the caller
+    /// must first undo something, e.g. revoke tokens).
+    pub fn policy_violation(text: impl Into<String>) -> Self {
+        Self::new(ErrorType::Modify, DefinedCondition::PolicyViolation, text)
     }
     /// wait / resource-constraint: try again later.
     pub fn resource_constraint(text: impl Into<String>) -> Self {

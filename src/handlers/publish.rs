@@ -124,7 +124,7 @@ pub async fn publish(
 /// Why a publish was refused, for the counters: the reply alone does not tell a dead token from an
 /// unknown node (both are `item-not-found`).
 #[derive(Debug, Clone, Copy)]
-enum Refused {
+pub(super) enum Refused {
     UnknownNode,
     Forbidden,
     DeadToken,
@@ -133,9 +133,9 @@ enum Refused {
 }
 
 /// A refused publish: why, and the reply.
-struct Refusal {
-    why: Refused,
-    error: HandlerError,
+pub(super) struct Refusal {
+    pub(super) why: Refused,
+    pub(super) error: HandlerError,
 }
 
 impl Refused {
@@ -151,7 +151,7 @@ impl From<crate::store::StoreError> for Refusal {
 }
 
 /// Who a publish wakes, found and authorised.
-struct Target {
+pub(super) struct Target {
     /// The app the token belongs to.
     push_app: Arc<PushApp>,
     /// The provider that sends (the app's own, or its sandbox in registration-free mode).
@@ -248,6 +248,24 @@ async fn check_and_push(
     }
 
     // 4. Push.
+    let pushed = push(app, &target, node, kind, encrypted, None).await;
+    if pushed.is_err() {
+        release();
+    }
+    pushed.map(|()| Published::Pushed(kind))
+}
+
+/// Send one wake-up of `kind` to `target`, the wake-up for `node`, and handle what the push service says: a
+/// dead token removes the registration (or, registration-free, is remembered dead), anything that may heal
+/// is a `wait`. Shared by publishes and knocks ([`super::knock`]), so both follow the same rules.
+pub(super) async fn push(
+    app: &App,
+    target: &Target,
+    node: &str,
+    kind: WakeKind,
+    encrypted: Option<push::Encrypted<'_>>,
+    knock: Option<&str>,
+) -> Result<(), Refusal> {
     let token = match kind {
         WakeKind::Call => target.call_token.as_ref().unwrap_or(&target.token),
         _ => &target.token,
@@ -258,6 +276,7 @@ async fn check_and_push(
         kind,
         account: target.account.as_deref(),
         encrypted,
+        knock,
     };
     let push_app = &target.push_app;
     let outcome =
@@ -267,11 +286,8 @@ async fn check_and_push(
                 reason: "push provider missed the publish deadline".into(),
             },
         };
-    if outcome != PushOutcome::Delivered {
-        release();
-    }
     match outcome {
-        PushOutcome::Delivered => Ok(Published::Pushed(kind)),
+        PushOutcome::Delivered => Ok(()),
         PushOutcome::DeadToken { reason } => {
             if kind == WakeKind::Call {
                 // Only the call token is dead: the device still takes messages.
@@ -359,6 +375,12 @@ fn registered(
     if !authorised {
         return Err(Refused::Forbidden.with(HandlerError::forbidden("wrong secret or publisher")));
     }
+    target_of(app, registration)
+}
+
+/// Where a registration's wake-ups go: its app's provider, if the app is still configured for the push
+/// service the token belongs to.
+pub(super) fn target_of(app: &App, registration: PublishTarget) -> Result<Target, Refusal> {
     let Some(push_app) = app.app(Some(&registration.app)) else {
         tracing::error!(app = %registration.app, "registration names an app that is no longer configured");
         return Err(Refused::TransientFailure.with(HandlerError::internal(
@@ -425,7 +447,7 @@ fn registration_free(app: &App, node: &str, module: &str) -> Result<Target, Refu
 
 /// The kind of wake-up for a publish, and for a silent one in `auto`, the device's hourly budget it must
 /// fit in.
-fn wake_kind(
+pub(super) fn wake_kind(
     target: &Target,
     notification: &Notification<'_>,
 ) -> Result<(WakeKind, Option<u32>), Refusal> {

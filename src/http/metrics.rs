@@ -94,6 +94,29 @@ pub fn render(
         out.sample("knock_registrations_total", &[("outcome", outcome)], n);
     }
     out.family(
+        "knock_knocks_total",
+        "counter",
+        "Knocks (a contact holding a knock token asked for a wake-up), by outcome. unknown: an unknown, \
+         revoked or expired token; limited: over the token's hourly rate; failed: answered wait.",
+    );
+    let k = &s.knocks;
+    for (outcome, n) in [
+        ("pushed", k.pushed),
+        ("unknown", k.unknown),
+        ("limited", k.limited),
+        ("failed", k.failed),
+    ] {
+        out.sample("knock_knocks_total", &[("outcome", outcome)], n);
+    }
+    out.family(
+        "knock_knock_tokens_total",
+        "counter",
+        "Knock tokens created (rotations included) and revoked by their owners.",
+    );
+    for (change, n) in [("created", k.created), ("revoked", k.revoked)] {
+        out.sample("knock_knock_tokens_total", &[("change", change)], n);
+    }
+    out.family(
         "knock_unregistrations_total",
         "counter",
         "Unregistration requests, by outcome. removed: a registration was deleted by its owner.",

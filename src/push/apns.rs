@@ -266,8 +266,8 @@ impl ApnsClient {
         usize::from(kind == WakeKind::Call)
     }
 
-    /// The JSON payload: a bare wake-up, never any message content; the node, the account and the
-    /// client's encrypted payload as top-level keys when the wake-up has them.
+    /// The JSON payload: a bare wake-up, never any message content; the node, the account, the client's
+    /// encrypted payload and a knock's token id as top-level keys when the wake-up has them.
     fn payload(&self, wakeup: &Wakeup<'_>) -> Bytes {
         let fixed = match wakeup.kind {
             WakeKind::Background => &self.background,
@@ -281,6 +281,7 @@ impl ApnsClient {
             ("account", wakeup.account),
             ("encrypted", encrypted.map(|e| e.data)),
             ("iv", encrypted.map(|e| e.iv)),
+            ("knock", wakeup.knock),
         ];
         if extra.iter().all(|(_, value)| value.is_none()) {
             return fixed.clone();

@@ -381,6 +381,7 @@ impl FcmClient {
                     account: wakeup.account,
                     encrypted: wakeup.encrypted.map(|e| e.data),
                     iv: wakeup.encrypted.map(|e| e.iv),
+                    knock: wakeup.knock,
                 },
                 android: Android {
                     priority: match wakeup.kind {
@@ -528,11 +529,14 @@ struct Data<'a> {
     encrypted: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     iv: Option<&'a str>,
+    /// A knock's token id ([`Wakeup::knock`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    knock: Option<&'a str>,
 }
 
 impl Data<'_> {
     fn is_empty(&self) -> bool {
-        self.account.is_none() && self.encrypted.is_none()
+        self.account.is_none() && self.encrypted.is_none() && self.knock.is_none()
     }
 }
 

@@ -175,6 +175,10 @@ pub struct Wakeup<'a> {
     pub account: Option<&'a str>,
     /// The client's own encrypted payload, passed through.
     pub encrypted: Option<Encrypted<'a>>,
+    /// For a knock (a contact holding one of the owner's knock tokens asked for this wake-up): the token's
+    /// opaque id, 16 hex digits, which the app maps to the contact it gave that token to. Never the token,
+    /// never a JID.
+    pub knock: Option<&'a str>,
 }
 
 impl<'a> Wakeup<'a> {
@@ -186,6 +190,7 @@ impl<'a> Wakeup<'a> {
             kind,
             account: None,
             encrypted: None,
+            knock: None,
         }
     }
 }

@@ -21,7 +21,9 @@ use self::xml::{
 };
 
 pub mod frame;
+pub mod knock;
 pub mod notification;
+pub mod report;
 pub mod shape;
 pub mod xep0050;
 pub mod xml;

@@ -1,12 +1,15 @@
 //! The XEP-0050 ad-hoc command element, typed with xso (xmpp-parsers 0.23 has none).
 //!
-//! Only the parts knock uses: `node`, `action`, `status`, `sessionid`, the `<actions/>` hint, `<note/>` and one
-//! data form. Unknown attributes and children are ignored rather than rejected, so newer clients still work.
+//! Only the parts knock uses: `node`, `action`, `status`, `sessionid`, the `<actions/>` hint, `<note/>`, one
+//! data form and, in a listing's reply, one multi-item result ([`Report`]). Unknown attributes and children
+//! are ignored rather than rejected, so newer clients still work.
 
 use std::borrow::Cow;
 
 use rxml::{xml_ncname, Namespace};
 use xmpp_parsers::data_forms::DataForm;
+
+use super::report::Report;
 use xso::{error::Error, AsXml, AsXmlText, FromXml, FromXmlText};
 
 /// The XEP-0050 namespace.
@@ -131,6 +134,10 @@ pub struct Command {
     /// The form to fill in, the submitted form, or the result form.
     #[xml(child(default))]
     pub form: Option<DataForm>,
+    /// A result table (XEP-0004 multi-item), in replies that list things. Never read from a request: a
+    /// form there is [`Command::form`].
+    #[xml(child(default))]
+    pub report: Option<Report>,
 }
 
 impl Command {
@@ -177,6 +184,7 @@ impl Command {
             actions: None,
             notes: Vec::new(),
             form,
+            report: None,
         }
     }
 }
@@ -209,6 +217,7 @@ mod tests {
             actions: None,
             notes: vec![],
             form: None,
+            report: None,
         };
         let mut reply = Command::reply(&request, Status::Executing, None, || "fresh".into());
         reply.actions = Some(Actions {

@@ -50,6 +50,8 @@ pub struct Stats {
     pub registration_not_allowed: AtomicU64,
     /// Registrations answered `wait` because the store failed; nothing was acknowledged.
     pub registration_failed: AtomicU64,
+    /// Knocks (knock tokens, §19) and the tokens' commands.
+    pub knocks: KnockStats,
     /// The component link, as the link reports it.
     link: LinkStats,
     /// Publishes being handled right now (see [`Stats::publish_started`]).
@@ -81,10 +83,59 @@ impl Default for Stats {
             registration_unchanged: zero(),
             registration_not_allowed: zero(),
             registration_failed: zero(),
+            knocks: KnockStats::default(),
             link: LinkStats::default(),
             publishes_in_flight: zero(),
             apns: Exchanges::new(&APNS_STATUSES, &APNS_REASONS),
             fcm: Exchanges::new(&FCM_STATUSES, &FCM_REASONS),
+        }
+    }
+}
+
+/// What became of knocks and of knock tokens. Counts only: never which token or who knocked.
+#[derive(Debug, Default)]
+pub struct KnockStats {
+    /// Knocks whose wake-up the push service accepted.
+    pub pushed: AtomicU64,
+    /// Knocks with a token knock does not honour: unknown, revoked, expired, or its registration gone.
+    pub unknown: AtomicU64,
+    /// Knocks over their token's hourly rate.
+    pub limited: AtomicU64,
+    /// Knocks answered `wait` because the push service or the store failed.
+    pub failed: AtomicU64,
+    /// Knock tokens created (rotations included).
+    pub created: AtomicU64,
+    /// Knock tokens revoked by their owner.
+    pub revoked: AtomicU64,
+}
+
+/// [`KnockStats`], read at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KnockSnapshot {
+    /// Knocks pushed.
+    pub pushed: u64,
+    /// Knocks refused as unknown.
+    pub unknown: u64,
+    /// Knocks over their rate.
+    pub limited: u64,
+    /// Knocks answered `wait`.
+    pub failed: u64,
+    /// Tokens created.
+    pub created: u64,
+    /// Tokens revoked.
+    pub revoked: u64,
+}
+
+impl KnockStats {
+    fn snapshot(&self) -> KnockSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        KnockSnapshot {
+            pushed: g(&self.pushed),
+            unknown: g(&self.unknown),
+            limited: g(&self.limited),
+            failed: g(&self.failed),
+            created: g(&self.created),
+            revoked: g(&self.revoked),
         }
     }
 }
@@ -371,6 +422,8 @@ pub struct Snapshot {
     pub registration_failed: u64,
     /// Registrations removed by their owner.
     pub unregistered: u64,
+    /// Knocks and knock tokens.
+    pub knocks: KnockSnapshot,
     /// Whether the component link is up.
     pub link_up: bool,
     /// Whether another knock holds the component and this one stands by.
@@ -452,6 +505,7 @@ impl Stats {
             registration_not_allowed: g(&self.registration_not_allowed),
             registration_failed: g(&self.registration_failed),
             unregistered: g(&self.unregistered),
+            knocks: self.knocks.snapshot(),
             link_up: self.is_link_up(),
             link_standby: self.is_link_standby(),
             link_reconnects: g(&self.link.ups).saturating_sub(1),

@@ -116,6 +116,12 @@ impl Keyring {
         ])
     }
 
+    /// The identity of a knock token: the store's key for it, so the store never holds the token itself
+    /// and a copy of the database cannot be used to knock.
+    pub fn knock_token(&self, token: &[u8]) -> Digest {
+        self.mac(&[b"knock-token", token])
+    }
+
     /// The publish secret knock hands out for a node (256 bits, URL-safe base64).
     pub fn node_secret(&self, node: &str) -> String {
         URL_SAFE_NO_PAD.encode(self.mac(&[b"secret", node.as_bytes()]))
