@@ -58,6 +58,8 @@ pub enum Op {
 /// may leak, so none lives for ever.
 const DEFAULT_DAYS: u32 = 90;
 const MAX_DAYS: u32 = 365;
+/// The shortest lifetime `expiry-seconds` may ask for.
+const MIN_SECONDS: u32 = 10;
 /// Knocks an hour when the owner names no rate, and the most allowed: a knock shows on the owner's phone.
 const DEFAULT_PER_HOUR: u32 = 6;
 const MAX_PER_HOUR: u32 = 60;
@@ -92,23 +94,14 @@ pub async fn execute(
                 Some(node) => node.to_owned(),
                 None => only_registration(app, &owner)?,
             };
-            let lifetime = number(&values, "expiry-days", DEFAULT_DAYS, 1..=MAX_DAYS)?;
+            let lifetime = lifetime(&values)?;
             let per_hour = number(&values, "per-hour", DEFAULT_PER_HOUR, 1..=MAX_PER_HOUR)?;
             if !app.store.nodes_of(&owner)?.contains(&node) {
                 return Err(HandlerError::item_not_found(
                     "node is not one of your registrations",
                 ));
             }
-            let made = mint(
-                app,
-                from,
-                &owner,
-                &tokens,
-                node,
-                now + u64::from(lifetime) * 86_400,
-                per_hour,
-            )
-            .await?;
+            let made = mint(app, from, &owner, &tokens, node, now + lifetime, per_hour).await?;
             Ok(created(request, &made, None))
         }
         Op::Revoke => {
@@ -152,7 +145,7 @@ pub async fn execute(
                 DEFAULT_GRACE_HOURS,
                 0..=MAX_GRACE_HOURS,
             )?;
-            let lifetime = number(&values, "expiry-days", DEFAULT_DAYS, 1..=MAX_DAYS)?;
+            let lifetime = lifetime(&values)?;
             let per_hour = number(&values, "per-hour", old.per_hour, 1..=MAX_PER_HOUR)?;
             // The successor first: if it cannot be made, the old token stays as it was.
             let made = mint(
@@ -161,7 +154,7 @@ pub async fn execute(
                 &owner,
                 &tokens,
                 old.node.clone(),
-                now + u64::from(lifetime) * 86_400,
+                now + lifetime,
                 per_hour,
             )
             .await?;
@@ -373,6 +366,24 @@ fn token_id(values: &std::collections::HashMap<&str, &str>) -> Result<[u8; 8], H
     hex::decode_to_slice(text, &mut id)
         .map_err(|_| HandlerError::bad_request("id must be a knock token's id: 16 hex digits"))?;
     Ok(id)
+}
+
+/// How long a new token lives, in seconds: `expiry-days` for people, or `expiry-seconds` for a client that
+/// wants a short-lived token (a contact for the afternoon); not both.
+fn lifetime(values: &std::collections::HashMap<&str, &str>) -> Result<u64, HandlerError> {
+    let days = number(values, "expiry-days", DEFAULT_DAYS, 1..=MAX_DAYS)?;
+    match optional(values, "expiry-seconds") {
+        None => Ok(u64::from(days) * 86_400),
+        Some(_) if optional(values, "expiry-days").is_some() => Err(HandlerError::bad_request(
+            "give expiry-days or expiry-seconds, not both",
+        )),
+        Some(_) => Ok(u64::from(number(
+            values,
+            "expiry-seconds",
+            0,
+            MIN_SECONDS..=MAX_DAYS * 86_400,
+        )?)),
+    }
 }
 
 /// An optional whole number within `range`; `default` when absent.
