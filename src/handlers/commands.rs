@@ -164,8 +164,13 @@ pub async fn execute(app: &App, from: &Jid, command: Command) -> Result<Command,
         CommandKind::P2(provider, verb) => (provider, verb),
         // Nothing to fill in.
         CommandKind::SelfTest => return super::selftest::execute(app, from, &command).await,
+        // Every field of these is optional, so a submitted form counts even when empty.
         CommandKind::Knock(op) => {
-            return super::knock::execute(app, from, &command, info, op, submitted).await
+            let form = command
+                .form
+                .as_ref()
+                .filter(|f| f.type_ == DataFormType::Submit);
+            return super::knock::execute(app, from, &command, info, op, form).await;
         }
         CommandKind::Tigase(verb) => {
             return match submitted {

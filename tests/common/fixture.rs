@@ -26,6 +26,8 @@ pub struct Woken {
     pub account: Option<String>,
     /// (data, iv), as passed through.
     pub encrypted: Option<(String, String)>,
+    /// A knock's token id.
+    pub knock: Option<String>,
 }
 
 /// A backend that answers what the test scripted per token and records every wake-up.
@@ -77,6 +79,7 @@ impl Provider for Scripted {
             kind: w.kind,
             account: w.account.map(String::from),
             encrypted: w.encrypted.map(|e| (e.data.to_owned(), e.iv.to_owned())),
+            knock: w.knock.map(String::from),
         });
         let outcome = self
             .outcomes
