@@ -362,7 +362,7 @@ async fn executed_without_a_form_each_command_asks_for_one() {
         } else {
             &token.id
         };
-        assert_eq!(&options, &[expected.clone()], "{command}");
+        assert_eq!(options, [expected.as_str()], "{command}");
     }
 }
 
