@@ -218,9 +218,16 @@ async fn mint(
         grace_until: None,
         uses: 0,
     };
-    app.store
-        .put_knock_token(&app.keys.knock_token(&secret), &record)?;
+    let hash = app.keys.knock_token(&secret);
+    app.store.put_knock_token(&hash, &record)?;
     app.store.flush().await?;
+    // The registration may have gone meanwhile (unregistered through another knock sharing the database):
+    // then the store did not take the token, and it must not be handed out.
+    if app.store.knock_token(&hash)?.is_none() {
+        return Err(HandlerError::item_not_found(
+            "node is not one of your registrations",
+        ));
+    }
     Stats::bump(&app.stats.knocks.created);
     tracing::debug!("knock token created");
     Ok(Minted {

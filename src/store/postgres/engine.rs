@@ -83,6 +83,8 @@ pub(super) enum Change {
         hash: Digest,
         /// Its owner's keyed hash, the column listing reads.
         owner: Digest,
+        /// The registration it wakes: it is written only while that is the owner's.
+        node: String,
         /// Its record, as stored.
         record: Vec<u8>,
     },
@@ -114,7 +116,10 @@ impl Change {
 
     /// Whether the change is about a registration (and may conflict).
     fn is_registration(&self) -> bool {
-        matches!(self, Change::Put { .. } | Change::Delete { .. })
+        matches!(
+            self,
+            Change::Put { .. } | Change::Delete { .. } | Change::KnockPut { .. }
+        )
     }
 
     /// The knock tokens a registration change takes along, if the database takes it.
@@ -492,9 +497,13 @@ impl Statements {
             forget: prepare("DELETE FROM knock_dead_tokens WHERE token = $1 AND until = $2")
                 .await
                 .map_err(io)?,
+            // Only while the node is the owner's: a removal through another instance may have won.
             knock_put: prepare(
-                "INSERT INTO knock_tokens (hash, owner, record) VALUES ($1, $2, $3)
-                 ON CONFLICT (hash) DO UPDATE SET owner = EXCLUDED.owner, record = EXCLUDED.record",
+                "INSERT INTO knock_tokens (hash, owner, node, record)
+                 SELECT $1, $2, $3, $4 WHERE EXISTS (
+                    SELECT 1 FROM knock_registrations WHERE node = $3 AND owner = $2)
+                 ON CONFLICT (hash) DO UPDATE SET owner = EXCLUDED.owner, node = EXCLUDED.node,
+                    record = EXCLUDED.record",
             )
             .await
             .map_err(io)?,
@@ -598,6 +607,7 @@ pub(super) async fn run(
         };
         // Committed: settle the nodes, re-read those the database would not take, answer the flushes.
         let mut reread = Vec::new();
+        let mut replies = Vec::new();
         let mut failed = false;
         for (i, job) in batch.drain(..).enumerate() {
             match job {
@@ -612,13 +622,7 @@ pub(super) async fn run(
                         }
                     }
                 }
-                Job::Flush(reply) => {
-                    let _ = reply.send(if failed {
-                        Err(StoreError::Conflict)
-                    } else {
-                        Ok(())
-                    });
-                }
+                Job::Flush(reply) => replies.push((reply, failed)),
             }
         }
         if !reread.is_empty() {
@@ -627,6 +631,14 @@ pub(super) async fn run(
                     tracing::warn!(error = %e, "PostgreSQL: could not re-read nodes another instance changed");
                 }
             }
+        }
+        // Answered once memory holds what the database took, so a flushed writer reads the outcome.
+        for (reply, failed) in replies.drain(..) {
+            let _ = reply.send(if failed {
+                Err(StoreError::Conflict)
+            } else {
+                Ok(())
+            });
         }
         drop(commits);
     }
@@ -719,12 +731,17 @@ async fn write(
             Change::KnockPut {
                 hash,
                 owner,
+                node,
                 record,
             } => Box::pin(async move {
-                tx.execute(&statements.knock_put, &[&&hash[..], &&owner[..], record])
+                let written = tx
+                    .execute(
+                        &statements.knock_put,
+                        &[&&hash[..], &&owner[..], node, record],
+                    )
                     .await
                     .map_err(io)?;
-                Ok(None)
+                Ok((written == 0).then_some((i, Missed::Conflict)))
             }),
             Change::KnockDelete { hash } => Box::pin(async move {
                 tx.execute(&statements.knock_delete, &[&&hash[..]])

@@ -180,7 +180,10 @@ impl PostgresStore {
                 Ok(())
             },
             |knock| {
-                knocks.push(knock);
+                // The node column, from the record (checked already, so it opens).
+                let node =
+                    crate::store::knock::decode(codec.key(), &knock.hash, &knock.record)?.node;
+                knocks.push((knock, node));
                 Ok(())
             },
         )?;
@@ -205,11 +208,13 @@ impl PostgresStore {
                     .await?;
                 }
                 let insert_knock = tx
-                    .prepare("INSERT INTO knock_tokens (hash, owner, record) VALUES ($1, $2, $3)")
+                    .prepare(
+                        "INSERT INTO knock_tokens (hash, owner, node, record) VALUES ($1, $2, $3, $4)",
+                    )
                     .await?;
-                for knock in &knocks {
+                for (knock, node) in &knocks {
                     let (hash, owner): (&[u8], &[u8]) = (&knock.hash, &knock.owner);
-                    tx.execute(&insert_knock, &[&hash, &owner, &knock.record])
+                    tx.execute(&insert_knock, &[&hash, &owner, node, &knock.record])
                         .await?;
                 }
                 tx.commit().await
@@ -504,6 +509,7 @@ impl Store for PostgresStore {
         self.queue(Change::KnockPut {
             hash: *hash,
             owner: token.owner,
+            node: token.node.clone(),
             record,
         })
     }

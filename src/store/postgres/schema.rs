@@ -54,14 +54,18 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION knock_notify();
     "#,
     // 2: knock tokens (issue 21) by keyed hash, their owner's hash for listing, the record (node sealed);
-    // changes notified on a channel of their own, as `<application_name> <hash in hex>`.
+    // changes notified on a channel of their own, as `<application_name> <hash in hex>`. The node is a
+    // foreign key too, so a registration removed through any instance takes its tokens along, whatever
+    // that instance knew of them (the node is in the clear in knock_registrations anyway).
     r#"
     CREATE TABLE knock_tokens (
         hash bytea PRIMARY KEY,
         owner bytea NOT NULL,
+        node text NOT NULL REFERENCES knock_registrations (node) ON DELETE CASCADE,
         record bytea NOT NULL
     );
     CREATE INDEX knock_tokens_owner ON knock_tokens (owner);
+    CREATE INDEX knock_tokens_node ON knock_tokens (node);
     CREATE FUNCTION knock_notify_token() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         PERFORM pg_notify('knock_tokens',

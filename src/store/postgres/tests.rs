@@ -334,3 +334,70 @@ fn knock_tokens_written_through_one_instance_are_seen_and_counted_through_anothe
         .expect("knock_tokens_of")
         .is_empty());
 }
+
+#[test]
+fn a_knock_token_never_outlives_its_registration_whichever_instance_wrote_what() {
+    let url = new_database();
+    let key = Some(StoreKey::generate());
+    let a = open(&url, key.clone());
+    let b = open(&url, key.clone());
+    let token = |node: &str, owner| crate::store::KnockToken {
+        id: [9; 8],
+        node: node.to_owned(),
+        owner,
+        expires: 1_900_000_000,
+        per_hour: 5,
+        grace_until: None,
+        uses: 0,
+    };
+    let fresh_view = || open(&url, key.clone());
+
+    // b writes a token for a node a has just removed, before b hears of the removal: the database
+    // refuses it, and b's flush says so rather than acknowledge a token nobody can use.
+    let r = registration("node-race-1", 4);
+    a.put(&r).expect("put");
+    flush(&a);
+    within("b sees the node", || {
+        b.get(&r.node).ok().flatten().is_some()
+    });
+    a.remove(&r.node).expect("remove");
+    flush(&a);
+    let late = [0xd1; 32];
+    let written = b
+        .put_knock_token(&late, &token(&r.node, r.owner))
+        .and_then(|()| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(b.flush())
+        });
+    // Refused at once, or by the database: then the flush fails or, if the refusal came in an earlier
+    // batch than the flush, memory has dropped the token by the time the flush returns.
+    assert!(
+        written.is_err() || b.knock_token(&late).expect("read").is_none(),
+        "a token for a removed node is not taken"
+    );
+    assert_eq!(fresh_view().knock_token(&late).expect("read"), None);
+    within("b forgets it", || {
+        b.knock_token(&late).ok().flatten().is_none()
+    });
+
+    // a removes a node right after b gave it a token a has not heard of yet: the token goes too.
+    let r = registration("node-race-2", 5);
+    a.put(&r).expect("put");
+    flush(&a);
+    within("b sees the node", || {
+        b.get(&r.node).ok().flatten().is_some()
+    });
+    let early = [0xd2; 32];
+    b.put_knock_token(&early, &token(&r.node, r.owner))
+        .expect("put_knock_token");
+    flush(&b);
+    a.remove(&r.node).expect("remove");
+    flush(&a);
+    assert_eq!(fresh_view().knock_token(&early).expect("read"), None);
+    within("b forgets it", || {
+        b.knock_token(&early).ok().flatten().is_none()
+    });
+}
