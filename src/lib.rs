@@ -10,7 +10,8 @@
 //! - [`stanza`]: bytes to a typed request. [`stanza::frame`] cuts the stream into stanzas without parsing
 //!   them; a server's publish is read straight from its bytes ([`stanza::FastPublish`], lexed by the narrow
 //!   [`stanza::xml`], or only compared with a [`stanza::shape`] already read); everything else goes through
-//!   minidom and xmpp-parsers, with [`stanza::xep0050`] for the ad-hoc command element.
+//!   minidom and xmpp-parsers, with [`stanza::xep0050`] for the ad-hoc command element (and
+//!   [`stanza::report`] for a listing's table) and [`stanza::knock`] for knock's own `<knock/>`.
 //!   [`stanza::notification`] says what a publish's notification means for delivery (important or not, a
 //!   client-encrypted payload to pass through), never what it says.
 //! - [`router`]: turns each IQ into one [`router::Request`], hands it to its handler, and turns the answer
@@ -19,17 +20,18 @@
 //!   (XEP-0050 registration, p2's dialect, and the table of every command), [`handlers::tigase`] (Siskin's
 //!   `register-device`), [`handlers::selftest`] (a test push to each of a user's devices),
 //!   [`handlers::enable`] (the `<enable/>` shorthand), [`handlers::publish`] (XEP-0357 publishes, to a
-//!   registered node or, for Monal, registration-free; the kind of wake-up each gets). Each maps its
+//!   registered node or, for Monal, registration-free; the kind of wake-up each gets), [`handlers::knock`]
+//!   (knock tokens: a user's per-contact tokens, and the knocks of whoever holds one). Each maps its
 //!   failures to a [`handlers::HandlerError`], one XMPP error each.
 //! - [`store`]: the [`store::Store`] trait, the [`store::Registration`] it keeps and [`store::open`]; the
 //!   sled engine with its in-memory publish index, tokens sealed at rest, a registration acknowledged only
-//!   once durable. [`store::secrets`] makes the keyed hashes stored instead of JIDs.
+//!   once durable, and the PostgreSQL engine for several instances. Knock tokens are kept as keyed hashes. [`store::secrets`] makes the keyed hashes stored instead of JIDs.
 //! - [`push`]: the provider seam ([`push::Provider`], [`push::Wakeup`], [`push::PushOutcome`], tokens as
 //!   opaque bytes) and its clients, APNs and FCM. Knows tokens and HTTP/2, not XMPP.
 //!
 //! Around them: [`app`] (the state handlers share, built once), [`config`] (the TOML file), [`limits`]
-//! (per-node coalescing, registration flood caps, hourly budgets of silent and registration-free pushes), [`stats`] (counters, and log lines limited per
-//! interval), [`http`] (the optional `/metrics` and `/health` listener), [`admin`] (`keygen`, `stats`,
+//! (per-node coalescing, registration flood caps, hourly budgets of silent, registration-free and knock
+//! pushes), [`stats`] (counters, and log lines limited per interval), [`http`] (the optional `/metrics` and `/health` listener), [`admin`] (`keygen`, `stats`,
 //! `export`, `import`, `delete` on a stopped knock's store), [`shutdown`] (graceful stop as a value).
 //!
 //! Data flows one way: link -> stanza -> router -> handler -> store / push -> reply. Handlers do not know

@@ -1632,6 +1632,7 @@ team_id = "TEAM123456"
         assert_eq!(app.max_payload_size, 3072);
         assert_eq!(c.limits.registration_free_per_token_per_hour, 120);
         assert_eq!(c.limits.dead_token_days, 30);
+        assert_eq!(c.limits.knock_tokens_per_user, 200);
 
         let with = |keys: &str| GOOD.replace("[apns.auth]", &format!("{keys}\n[apns.auth]"));
         let c = Config::parse(&with(
