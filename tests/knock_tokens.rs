@@ -596,6 +596,15 @@ async fn creating_tokens_counts_against_the_registration_flood_cap() {
     assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
 }
 
+/// knock's disco#info, as Bob's client asks for it.
+async fn disco_info(f: &Fixture) -> String {
+    let xml = format!(
+        "<iq xmlns='{NS}' type='get' id='d1' from='{BOB}' to='push.localhost'>\
+         <query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+    );
+    String::from(&ask(f, &xml).await)
+}
+
 #[tokio::test]
 async fn switched_off_nothing_is_offered_or_answered() {
     let f = fixture_built(|b| b.knock_tokens_per_user(0));
@@ -606,26 +615,10 @@ async fn switched_off_nothing_is_offered_or_answered() {
         knock_as(&f, BOB, &"A".repeat(43)).await,
         err("cancel", "service-unavailable")
     );
-    let info = ask(
-        &f,
-        &format!(
-            "<iq xmlns='{NS}' type='get' id='d1' from='{BOB}' to='push.localhost'>\
-             <query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
-        ),
-    )
-    .await;
-    assert!(!String::from(&info).contains("knock:token:0"));
+    assert!(!disco_info(&f).await.contains("knock:token:0"));
 
     let on = fixture();
-    let info = ask(
-        &on,
-        &format!(
-            "<iq xmlns='{NS}' type='get' id='d1' from='{BOB}' to='push.localhost'>\
-             <query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
-        ),
-    )
-    .await;
-    assert!(String::from(&info).contains("knock:token:0"));
+    assert!(disco_info(&on).await.contains("knock:token:0"));
     let items = String::from(
         &ask(
             &on,

@@ -12,8 +12,6 @@
 //!
 //! The store keeps a keyed hash of each token and never who holds it; nothing here logs the knocker.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
@@ -21,7 +19,7 @@ use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_
 use xmpp_parsers::jid::Jid;
 
 use super::commands::{form_stage, CommandInfo};
-use super::publish::{self, Refused};
+use super::publish::{self, unix_now, Refused};
 use super::{capped, form_values, optional, HandlerError};
 use crate::app::App;
 use crate::stanza::knock::Knock;
@@ -542,14 +540,6 @@ fn ask_for_form(
         Op::List => unreachable!("a listing needs no form"),
     };
     Ok(form_stage(request, info, instructions.to_owned(), fields))
-}
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
 }
 
 /// A time as XEP-0082 writes it (UTC, to the second): `2026-12-04T11:49:51Z`.

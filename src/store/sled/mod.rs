@@ -121,6 +121,26 @@ struct Open {
 }
 
 impl Open {
+    /// The trees a registration change writes in one transaction: a registration's own, and its knock
+    /// tokens', which go with it.
+    fn registration_trees(
+        &self,
+    ) -> (
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+    ) {
+        (
+            &self.registrations,
+            &self.devices,
+            &self.owners,
+            &self.knock_tokens,
+            &self.knock_owners,
+        )
+    }
+
     /// Take over an opened database and start rebuilding its index.
     fn start(db: sled::Db, codec: &Codec, writes: &Arc<Mutex<()>>) -> Result<Open, StoreError> {
         let registrations = db.open_tree("registrations")?;
@@ -355,13 +375,8 @@ impl SledStore {
             }
             _ => Vec::new(),
         };
-        let dropped = (
-            &open.registrations,
-            &open.devices,
-            &open.owners,
-            &open.knock_tokens,
-            &open.knock_owners,
-        )
+        let dropped = open
+            .registration_trees()
             .transaction(|(regs, devices, owners, knock_tokens, knock_owners)| {
                 let node = registration.node.as_bytes();
                 if let Some(existing) = regs.get(node)? {
@@ -457,13 +472,8 @@ impl SledStore {
             }
             None => Vec::new(),
         };
-        let removed = (
-            &open.registrations,
-            &open.devices,
-            &open.owners,
-            &open.knock_tokens,
-            &open.knock_owners,
-        )
+        let removed = open
+            .registration_trees()
             .transaction(|(regs, devices, owners, knock_tokens, knock_owners)| {
                 let Some(bytes) = regs.get(node.as_bytes())? else {
                     return Ok(None);
