@@ -4,7 +4,9 @@ knock connects to the relay; the relay connects to the server's component port a
 unchanged. When either side closes, it closes the other, so the server sees exactly what knock does (a closed
 link when knock stops, a connection refused-then-closed when the server is down). A copy of each direction goes
 through a real XML stream parser (xml.etree's pull parser), so the tests can see every publish the server sends
-(node, IQ id) and knock's reply to it (result, or the error type and condition), and when the handshake completes.
+(node, IQ id) and knock's reply to it (result, or the error type and condition), every knock (`<knock
+xmlns='knock:token:0'/>`, as the server hands it over: who sent it) and knock's reply, and when the handshake
+completes.
 
 `inject_to_server` is the one exception to "changes nothing": it lets a scenario send the server a stanza as if
 knock had sent it (XEP-0357's remote-disable message, which knock itself never sends), written only between two
@@ -16,6 +18,7 @@ import time
 import xml.etree.ElementTree as ET
 
 PUBSUB = "{http://jabber.org/protocol/pubsub}"
+KNOCK = "{knock:token:0}"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
@@ -32,6 +35,21 @@ class Publish:
 
     def __repr__(self):
         return f"<publish id={self.iq_id} from={self.sender} reply={self.reply}>"
+
+
+class KnockIq:
+    """A knock the server handed knock: who it came from (the server stamps the knocker's full JID) and the reply."""
+
+    def __init__(self, at: float, conn: int, iq_id: str, sender: str):
+        self.at = at
+        self.conn = conn
+        self.iq_id = iq_id
+        self.sender = sender
+        self.reply = None  # as Publish.reply
+        self.reply_at = None
+
+    def __repr__(self):
+        return f"<knock id={self.iq_id} from={self.sender} reply={self.reply}>"
 
 
 class _StreamReader:
@@ -76,7 +94,8 @@ class Wiretap:
         self.server = None
         self.conn_count = 0
         self.publishes: list[Publish] = []
-        self._by_id: dict[str, Publish] = {}
+        self.knocks: list[KnockIq] = []
+        self._by_id: dict[str, Publish | KnockIq] = {}
         # connection number -> (opened_at, handshake_at or None, closed_at or None)
         self.links: dict[int, list] = {}
         self._writers = set()
@@ -126,6 +145,9 @@ class Wiretap:
 
     def publishes_to(self, node: str, since: float = 0.0) -> list[Publish]:
         return [p for p in self.publishes if p.node == node and p.at >= since]
+
+    def knocks_since(self, since: float = 0.0) -> list[KnockIq]:
+        return [k for k in self.knocks if k.at >= since]
 
     async def inject_to_server(self, data: bytes, timeout: float = 5.0):
         """Write `data` (whole stanzas) to the server on the newest link, as if knock had sent it.
@@ -178,6 +200,10 @@ class Wiretap:
                     p.stanza = elem
                     self.publishes.append(p)
                     self._by_id[p.iq_id] = p
+                elif elem.find(f"{KNOCK}knock") is not None:
+                    k = KnockIq(time.monotonic(), conn, elem.get("id", ""), elem.get("from", ""))
+                    self.knocks.append(k)
+                    self._by_id[k.iq_id] = k
 
         def on_knock_element(elem):
             tag = elem.tag.split("}")[-1]
