@@ -20,12 +20,13 @@ import ios_scenarios  # noqa: E402
 import android_scenarios  # noqa: E402
 import failover_scenarios  # noqa: E402
 import postgres_scenarios  # noqa: E402
+import knock_scenarios  # noqa: E402
 from client import StepFailed  # noqa: E402
 import tigase_crypto  # noqa: E402
 
 SCENARIO_TIMEOUT = 90
 # the client dialects' scenarios, each module with its SCENARIOS, SERVERS (where not both) and USERS
-DIALECTS = (ios_scenarios, android_scenarios, failover_scenarios, postgres_scenarios)
+DIALECTS = (ios_scenarios, android_scenarios, failover_scenarios, postgres_scenarios, knock_scenarios)
 SCENARIOS = BASE_SCENARIOS + [s for m in DIALECTS for s in m.SCENARIOS]
 SERVERS = {name: kinds for m in DIALECTS for name, kinds in m.SERVERS.items()}
 DIALECT_USERS = {name: users for m in DIALECTS for name, users in m.USERS.items()}
