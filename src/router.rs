@@ -141,7 +141,9 @@ pub async fn handle_frame(app: &App, frame: Frame) -> Option<Iq> {
         }
     }
     match stanza::parse_iq(&frame) {
-        Ok(iq) => handle(app, iq).await,
+        // Boxed: every stanza's future is moved into the link's set of work in flight at its full size,
+        // and this path (everything but publishes) is the larger one by far. Publishes stay unboxed.
+        Ok(iq) => Box::pin(handle(app, iq)).await,
         Err(error) => {
             tracing::debug!(%error, "malformed IQ");
             Stats::bump(&app.stats.bad_request);
