@@ -182,6 +182,9 @@ pub struct App {
     pub knock_budget: Budget<[u8; 8]>,
     /// Most knock tokens one user may hold; 0 turns knock tokens off (neither offered nor answered).
     pub knock_tokens_per_user: u32,
+    /// Knock tokens created per owner and per domain per hour: a user may make all the tokens they may hold
+    /// within an hour (a client handing one to each contact), and no faster, however many they revoke.
+    pub knock_token_limit: RegistrationLimiter,
 }
 
 /// Assembles an [`App`] from parts: tests plug in their own store and providers. Starts with no app, no
@@ -199,9 +202,15 @@ pub struct AppBuilder {
     registration_free_per_hour: u32,
     dead_token_memory: Duration,
     knock_tokens_per_user: u32,
+    knock_token_limit: RegistrationLimiter,
 }
 
 impl AppBuilder {
+    /// Knock-token creation caps per owner and per domain.
+    pub fn knock_token_limit(mut self, limit: RegistrationLimiter) -> Self {
+        self.knock_token_limit = limit;
+        self
+    }
     /// Most knock tokens per user (0: knock tokens off).
     pub fn knock_tokens_per_user(mut self, most: u32) -> Self {
         self.knock_tokens_per_user = most;
@@ -266,6 +275,7 @@ impl AppBuilder {
             dead_token_memory: self.dead_token_memory,
             knock_budget: Budget::default(),
             knock_tokens_per_user: self.knock_tokens_per_user,
+            knock_token_limit: self.knock_token_limit,
         })
     }
 }
@@ -285,6 +295,7 @@ impl App {
             registration_free_per_hour: 0,
             dead_token_memory: Duration::from_secs(crate::config::DEFAULT_DEAD_TOKEN_DAYS * 86_400),
             knock_tokens_per_user: crate::config::DEFAULT_KNOCK_TOKENS_PER_USER,
+            knock_token_limit: RegistrationLimiter::unlimited(),
         }
     }
 
@@ -436,6 +447,10 @@ impl App {
             ))
             .registration_free_per_hour(config.limits.registration_free_per_token_per_hour)
             .knock_tokens_per_user(config.limits.knock_tokens_per_user)
+            .knock_token_limit(RegistrationLimiter::new(
+                config.limits.knock_tokens_per_user,
+                config.limits.registrations_per_domain_per_hour,
+            ))
             .dead_token_memory(Duration::from_secs(
                 u64::from(config.limits.dead_token_days) * 86_400,
             ))

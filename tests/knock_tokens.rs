@@ -586,14 +586,30 @@ async fn a_user_holds_at_most_the_configured_number_of_tokens() {
 }
 
 #[tokio::test]
-async fn creating_tokens_counts_against_the_registration_flood_cap() {
+async fn token_creation_has_an_hourly_cap_of_its_own() {
+    use knock::limits::RegistrationLimiter;
+    // Registrations' cap does not hold tokens back: a client hands one to each contact at once.
     let f = fixture_built(|b| {
-        b.registration_limit(knock::limits::registration::RegistrationLimiter::new(2, 0))
+        b.registration_limit(RegistrationLimiter::new(1, 0))
+            .knock_token_limit(RegistrationLimiter::new(3, 0))
     });
     register(&f, ALICE, "d", TOKEN).await;
+    let first = create(&f, &[]).await;
+    create(&f, &[]).await;
+    // Revoking does not buy more creations.
+    let reply = ask(
+        &f,
+        &command_xml(ALICE, "knock-token-revoke", Some(&[("all", "1")])),
+    )
+    .await;
+    assert_eq!(error_of(&reply), None);
     create(&f, &[]).await;
     let reply = ask(&f, &command_xml(ALICE, "knock-token-create", Some(&[]))).await;
     assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
+    assert_eq!(
+        knock_as(&f, BOB, &first.token).await,
+        err("cancel", "item-not-found")
+    );
 }
 
 /// knock's disco#info, as Bob's client asks for it.

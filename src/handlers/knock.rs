@@ -178,8 +178,9 @@ struct Minted {
     record: KnockToken,
 }
 
-/// Make, store and durably save a new token for `node`, within the owner's allowance and the registration
-/// flood caps (a token is a write like a registration).
+/// Make, store and durably save a new token for `node`, within the owner's allowance and the creation caps
+/// (a token is a write like a registration: per owner, as many an hour as they may hold; per domain, as
+/// many as registrations).
 async fn mint(
     app: &App,
     from: &Jid,
@@ -197,10 +198,9 @@ async fn mint(
         )));
     }
     if let Err(refused) = app
-        .registration_limit
+        .knock_token_limit
         .try_acquire(owner, from.domain().as_str())
     {
-        Stats::bump(&app.stats.registration_capped);
         return Err(capped(refused));
     }
     let mut secret = [0u8; 32];
@@ -243,6 +243,11 @@ pub async fn knock(app: &App, request: Knock) -> Result<(), HandlerError> {
         ));
     }
     let result = wake(app, &request.token).await;
+    // Neither the token nor the knocker: only what became of it.
+    tracing::debug!(
+        outcome = result.as_ref().map_or_else(Refusal::name, |()| "pushed"),
+        "knock answered"
+    );
     Stats::bump(match &result {
         Ok(()) => &app.stats.knocks.pushed,
         Err(Refusal::Unknown) => &app.stats.knocks.unknown,
@@ -257,6 +262,17 @@ pub async fn knock(app: &App, request: Knock) -> Result<(), HandlerError> {
         ),
         Refusal::Failed(error) => error,
     })
+}
+
+impl Refusal {
+    /// The outcome's name, as the metrics label it.
+    fn name(&self) -> &'static str {
+        match self {
+            Refusal::Unknown => "unknown",
+            Refusal::Limited => "limited",
+            Refusal::Failed(_) => "failed",
+        }
+    }
 }
 
 /// Why a knock did not wake anyone.
