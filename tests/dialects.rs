@@ -632,6 +632,10 @@ async fn disco_shows_the_tigase_provider_ids_and_features_only_when_configured()
         [
             "register-push-apns",
             "unregister-push-apns",
+            "knock-token-create",
+            "knock-token-list",
+            "knock-token-revoke",
+            "knock-token-rotate",
             "push-self-test"
         ]
     );
@@ -908,6 +912,10 @@ async fn fcm_commands_are_offered_only_with_an_fcm_app() {
             "unregister-push-apns",
             "register-push-fcm",
             "unregister-push-fcm",
+            "knock-token-create",
+            "knock-token-list",
+            "knock-token-revoke",
+            "knock-token-rotate",
             "push-self-test"
         ]
     );

@@ -497,6 +497,10 @@ async fn disco_items_lists_the_commands() {
         [
             "register-push-apns",
             "unregister-push-apns",
+            "knock-token-create",
+            "knock-token-list",
+            "knock-token-revoke",
+            "knock-token-rotate",
             "push-self-test"
         ]
     );
