@@ -82,9 +82,12 @@ async fn list(f: &Fixture, from: &str) -> Vec<std::collections::HashMap<String, 
     assert_eq!(command.attr("status"), Some("completed"));
     let report = command.get_child("x", DATA).expect("a result table");
     assert_eq!(report.attr("type"), Some("result"));
-    let columns: Vec<_> = report
-        .get_child("reported", DATA)
-        .expect("reported")
+    let reported = report.get_child("reported", DATA).expect("reported");
+    assert!(
+        reported.children().all(|c| c.attr("type").is_some()),
+        "every column names its type"
+    );
+    let columns: Vec<_> = reported
         .children()
         .filter_map(|c| c.attr("var"))
         .map(String::from)
@@ -575,7 +578,7 @@ async fn a_user_holds_at_most_the_configured_number_of_tokens() {
     create(&f, &[]).await;
     let reply = ask(&f, &command_xml(ALICE, "knock-token-create", Some(&[]))).await;
     assert_eq!(error_of(&reply), err("modify", "policy-violation"));
-    // Rotating needs room for the successor too.
+    // Rotating with a grace period needs room for the successor too.
     let reply = ask(
         &f,
         &command_xml(ALICE, "knock-token-rotate", Some(&[("id", &first.id)])),
@@ -583,6 +586,19 @@ async fn a_user_holds_at_most_the_configured_number_of_tokens() {
     .await;
     assert_eq!(error_of(&reply), err("modify", "policy-violation"));
     assert_eq!(knock_as(&f, BOB, &first.token).await, None, "unchanged");
+    // Without a grace period the old token makes room for its successor.
+    let reply = ask(
+        &f,
+        &command_xml(
+            ALICE,
+            "knock-token-rotate",
+            Some(&[("id", &first.id), ("grace-hours", "0")]),
+        ),
+    )
+    .await;
+    let successor = made(&reply);
+    assert_eq!(knock_as(&f, BOB, &successor.token).await, None);
+    assert_eq!(list(&f, ALICE).await.len(), 2);
 }
 
 #[tokio::test]
@@ -606,6 +622,8 @@ async fn token_creation_has_an_hourly_cap_of_its_own() {
     create(&f, &[]).await;
     let reply = ask(&f, &command_xml(ALICE, "knock-token-create", Some(&[]))).await;
     assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
+    assert!(String::from(&reply).contains("too many new knock tokens from this account"));
+    assert_eq!(f.app.stats.snapshot().knocks.capped, 1);
     assert_eq!(
         knock_as(&f, BOB, &first.token).await,
         err("cancel", "item-not-found")
@@ -780,6 +798,10 @@ mod binary {
             messages[0].body
         );
         assert_eq!(messages[0].priority.as_deref(), Some("HIGH"));
+        assert_eq!(
+            messages[0].collapse_key, None,
+            "no later message replaces a knock"
+        );
 
         let mut to_push_services: Vec<u8> = Vec::new();
         for request in &sent {

@@ -28,7 +28,7 @@ use crate::stanza::report::Report;
 use crate::stanza::xep0050::{Command, Note, NoteType, Status};
 use crate::stats::Stats;
 use crate::store::secrets::random_id;
-use crate::store::{Digest, KnockToken};
+use crate::store::{Digest, KnockToken, StoreError};
 
 /// Create a knock token.
 pub const CREATE: &str = "knock-token-create";
@@ -99,7 +99,16 @@ pub async fn execute(
                     "node is not one of your registrations",
                 ));
             }
-            let made = mint(app, from, &owner, &tokens, node, now + lifetime, per_hour).await?;
+            let made = mint(
+                app,
+                from,
+                &owner,
+                tokens.len(),
+                node,
+                now + lifetime,
+                per_hour,
+            )
+            .await?;
             Ok(created(request, &made, None))
         }
         Op::Revoke => {
@@ -145,28 +154,37 @@ pub async fn execute(
             )?;
             let lifetime = lifetime(&values)?;
             let per_hour = number(&values, "per-hour", old.per_hour, 1..=MAX_PER_HOUR)?;
-            // The successor first: if it cannot be made, the old token stays as it was.
+            // The successor first: if it cannot be made, the old token stays as it was. Without a grace
+            // period the old one makes room for it.
+            let held = tokens.len() - usize::from(grace == 0);
             let made = mint(
                 app,
                 from,
                 &owner,
-                &tokens,
+                held,
                 old.node.clone(),
                 now + lifetime,
                 per_hour,
             )
             .await?;
             let until = (now + u64::from(grace) * 3_600).min(old.expires);
-            if grace == 0 {
-                app.store.remove_knock_token(old_hash)?;
-            } else {
-                let graced = KnockToken {
-                    grace_until: Some(until),
-                    ..old.clone()
-                };
-                app.store.put_knock_token(old_hash, &graced)?;
+            let retired = async {
+                if grace == 0 {
+                    app.store.remove_knock_token(old_hash)?;
+                } else {
+                    let graced = KnockToken {
+                        grace_until: Some(until),
+                        ..old.clone()
+                    };
+                    app.store.put_knock_token(old_hash, &graced)?;
+                }
+                app.store.flush().await
+            };
+            if let Err(e) = retired.await {
+                // The caller is told it failed, so the successor, never shown, must not stay behind.
+                let _ = app.store.remove_knock_token(&made.hash);
+                return Err(e.into());
             }
-            app.store.flush().await?;
             Ok(created(request, &made, Some((old, until))))
         }
     }
@@ -175,6 +193,8 @@ pub async fn execute(
 /// A token just made: what its owner must keep (the token is shown once and never again).
 struct Minted {
     token: String,
+    /// Its keyed hash, the store's key.
+    hash: Digest,
     record: KnockToken,
 }
 
@@ -185,23 +205,23 @@ async fn mint(
     app: &App,
     from: &Jid,
     owner: &Digest,
-    held: &[(Digest, KnockToken)],
+    held: usize,
     node: String,
     expires: u64,
     per_hour: u32,
 ) -> Result<Minted, HandlerError> {
     let most = app.knock_tokens_per_user as usize;
-    if held.len() >= most {
+    if held >= most {
         return Err(HandlerError::policy_violation(format!(
-            "you hold {} knock tokens, the most this service allows: revoke some first",
-            held.len()
+            "you hold {held} knock tokens, the most this service allows: revoke some first"
         )));
     }
     if let Err(refused) = app
         .knock_token_limit
         .try_acquire(owner, from.domain().as_str())
     {
-        return Err(capped(refused));
+        Stats::bump(&app.stats.knocks.capped);
+        return Err(capped(refused, "new knock tokens"));
     }
     let mut secret = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);
@@ -217,19 +237,25 @@ async fn mint(
         uses: 0,
     };
     let hash = app.keys.knock_token(&secret);
-    app.store.put_knock_token(&hash, &record)?;
+    let gone = || HandlerError::item_not_found("node is not one of your registrations");
+    app.store
+        .put_knock_token(&hash, &record)
+        .map_err(|e| match e {
+            // Unregistered since the caller's list was read.
+            StoreError::Invalid(_) => gone(),
+            e => e.into(),
+        })?;
     app.store.flush().await?;
     // The registration may have gone meanwhile (unregistered through another knock sharing the database):
     // then the store did not take the token, and it must not be handed out.
     if app.store.knock_token(&hash)?.is_none() {
-        return Err(HandlerError::item_not_found(
-            "node is not one of your registrations",
-        ));
+        return Err(gone());
     }
     Stats::bump(&app.stats.knocks.created);
     tracing::debug!("knock token created");
     Ok(Minted {
         token: URL_SAFE_NO_PAD.encode(secret),
+        hash,
         record,
     })
 }

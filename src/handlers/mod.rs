@@ -254,7 +254,7 @@ async fn store_registration(app: &App, registration: &Registration) -> Result<()
         crate::stats::Stats::bump(&app.stats.registration_capped);
         // Debug only: a flood must not turn into one log line per attempt.
         tracing::debug!(scope = ?refused.scope, "registration over the flood cap");
-        return Err(capped(refused));
+        return Err(capped(refused, "registrations"));
     }
     // 4. Acknowledged only once durable.
     app.store.put(registration)?;
@@ -263,15 +263,16 @@ async fn store_registration(app: &App, registration: &Registration) -> Result<()
     Ok(())
 }
 
-/// The reply to a registration over a flood cap: `wait`, with roughly when to come back.
-fn capped(refused: Refused) -> HandlerError {
+/// The reply to a write over a flood cap (`what`: registrations, knock tokens): `wait`, with roughly when
+/// to come back.
+fn capped(refused: Refused, what: &str) -> HandlerError {
     let whose = match refused.scope {
         Scope::User => "this account",
         Scope::Domain => "this account's server",
     };
     let minutes = refused.retry_after.as_secs().div_ceil(60).max(1);
     HandlerError::resource_constraint(format!(
-        "too many registrations from {whose}; try again in about {minutes} min"
+        "too many {what} from {whose}; try again in about {minutes} min"
     ))
 }
 

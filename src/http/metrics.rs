@@ -50,8 +50,9 @@ pub fn render(
     out.family(
         "knock_pushes_total",
         "counter",
-        "Pushes the push service accepted, by kind: background (silent; Apple delivers two or three an hour), \
-         alert (visible, with the fixed title), call (PushKit).",
+        "Publishes' pushes the push service accepted, by kind: background (silent; Apple delivers two or \
+         three an hour), alert (visible, with the fixed title), call (PushKit). Knocks are counted in \
+         knock_knocks_total.",
     );
     for (kind, n) in [
         ("background", s.pushed_background),
@@ -111,9 +112,14 @@ pub fn render(
     out.family(
         "knock_knock_tokens_total",
         "counter",
-        "Knock tokens created (rotations included) and revoked by their owners.",
+        "Knock tokens created (rotations included) and revoked by their owners, and creations refused by \
+         the hourly creation cap (capped).",
     );
-    for (change, n) in [("created", k.created), ("revoked", k.revoked)] {
+    for (change, n) in [
+        ("created", k.created),
+        ("revoked", k.revoked),
+        ("capped", k.capped),
+    ] {
         out.sample("knock_knock_tokens_total", &[("change", change)], n);
     }
     out.family(

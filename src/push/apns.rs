@@ -335,9 +335,10 @@ impl ApnsClient {
         let headers = request.headers_mut();
         headers.insert("apns-topic", topic.clone());
         headers.insert("apns-push-type", HeaderValue::from_static(push_type));
-        if wakeup.kind == WakeKind::Background {
+        if wakeup.kind == WakeKind::Background && wakeup.knock.is_none() {
             // Apple keeps only the newest of a device's undelivered pushes with one collapse id: a device
-            // off for a while gets one wake-up for its node, not a queue of them.
+            // off for a while gets one wake-up for its node, not a queue of them. Not a knock: it names
+            // who knocked, which a later wake-up must not replace.
             headers.insert("apns-collapse-id", collapse_id(wakeup.node));
         }
         headers.insert("apns-priority", HeaderValue::from_static(priority));
@@ -653,6 +654,17 @@ mod tests {
             body,
             serde_json::json!({ "aps": { "alert": { "title": "New message" }, "mutable-content": 1 }, "node": "node1" })
         );
+
+        // A knock: its token's id beside aps, and never collapsed, even silent, so no later wake-up
+        // replaces who knocked.
+        let knocked = Wakeup {
+            knock: Some("0011223344556677"),
+            ..Wakeup::new(&token, "node1", WakeKind::Background)
+        };
+        let (h, body, _) = sent(&client, knocked);
+        assert_eq!(header(&h, "apns-collapse-id"), None);
+        assert_eq!(body["knock"], "0011223344556677");
+        assert_eq!(body["node"], "node1");
 
         // A Tigase-dialect message: the account and the client's payload, untouched, beside aps.
         let encrypted = Encrypted {

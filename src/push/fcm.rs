@@ -373,7 +373,9 @@ impl FcmClient {
     /// The message: a wake-up with the registration's account id and the client's own encrypted payload
     /// when it has them, and never anything else.
     fn body(&self, token: &str, wakeup: &Wakeup<'_>) -> Bytes {
-        let collapse_key = (wakeup.kind != WakeKind::Call).then(|| node_digest(wakeup.node));
+        // A call is now or never; a knock names who knocked, which a later wake-up must not replace.
+        let collapse_key = (wakeup.kind != WakeKind::Call && wakeup.knock.is_none())
+            .then(|| node_digest(wakeup.node));
         let message = Send {
             message: Message {
                 token,

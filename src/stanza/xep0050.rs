@@ -150,17 +150,26 @@ impl Command {
             .children_mut()
             .filter(|c| c.is("x", xmpp_parsers::ns::DATA_FORMS))
         {
-            for field in form.children_mut().filter(|c| c.name() == "field") {
-                if field.attr("type").is_none() {
-                    field.set_attr(
-                        Namespace::NONE,
-                        xml_ncname!("type").to_owned(),
-                        "text-single",
-                    );
-                }
+            name_field_types(form);
+            // A table's columns too (its rows' fields carry values only).
+            if let Some(columns) = form.get_child_mut("reported", xmpp_parsers::ns::DATA_FORMS) {
+                name_field_types(columns);
             }
         }
         element
+    }
+}
+
+/// Give each field directly under `parent` without a `type` the default one, spelled out.
+fn name_field_types(parent: &mut minidom::Element) {
+    for field in parent.children_mut().filter(|c| c.name() == "field") {
+        if field.attr("type").is_none() {
+            field.set_attr(
+                Namespace::NONE,
+                xml_ncname!("type").to_owned(),
+                "text-single",
+            );
+        }
     }
 }
 

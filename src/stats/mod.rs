@@ -107,6 +107,8 @@ pub struct KnockStats {
     pub created: AtomicU64,
     /// Knock tokens revoked by their owner.
     pub revoked: AtomicU64,
+    /// Knock-token creations refused by the hourly creation cap.
+    pub capped: AtomicU64,
 }
 
 /// [`KnockStats`], read at one moment.
@@ -124,6 +126,8 @@ pub struct KnockSnapshot {
     pub created: u64,
     /// Tokens revoked.
     pub revoked: u64,
+    /// Creations refused by the hourly cap.
+    pub capped: u64,
 }
 
 impl KnockStats {
@@ -136,6 +140,7 @@ impl KnockStats {
             failed: g(&self.failed),
             created: g(&self.created),
             revoked: g(&self.revoked),
+            capped: g(&self.capped),
         }
     }
 }

@@ -7,8 +7,10 @@
 //!
 //! The record is small and binary, versioned by its first byte. The use count sits at a fixed offset in
 //! the clear, so counting a use rewrites eight bytes without opening anything sealed. With a store key the
-//! node is sealed like a device token, bound to the token's hash, so a copy of the database does not tell
+//! node is sealed like a device token, bound to the token's hash, so a copy of a sled store does not tell
 //! which of an owner's devices a token wakes (the owner's hash stays in the clear: listing needs it).
+//! PostgreSQL keeps the node in a column of its own as well, a foreign key that takes a registration's
+//! tokens along whichever instance removes it; there the node is in the clear anyway.
 
 use crate::store::seal::StoreKey;
 use crate::store::{Digest, StoreError};
