@@ -14,8 +14,8 @@ the fields the handler reads), the knock as `<iq type='set' to='push.localhost'>
 token='...'/></iq>`. A knock that pushed has already pushed when it is answered (knock answers after the push
 service did), so the mock's count is checked at the answer, not after a quiet second.
 
-Each scenario has its own owner (k21, k22, k23): a token counts against the owner's registrations an hour
-(knock's `registrations_per_user_per_hour`, 10 by default), so one owner could not run them all.
+Each scenario has its own owner (k21, k22, k23), so one scenario's tokens and registrations (and their hourly
+caps: registrations_per_user_per_hour, and knock tokens' own creation cap) never affect another's.
 """
 
 import asyncio
