@@ -1,5 +1,5 @@
 """prosody-test/demo: Prosody + mock APNs + knock on 127.0.0.1, in the foreground, with a how-to. Called by the
-`demo` wrapper. With --client, runs the register -> enable -> offline -> message -> push flow once."""
+`demo` wrapper. With --client, runs the register -> enable -> offline -> message -> push flow once, then a knock."""
 
 import argparse
 import asyncio
@@ -15,6 +15,8 @@ sys.path.insert(0, HERE)
 from bed import COMPONENT, DOMAIN, TOPIC, Bed, find_bins  # noqa: E402
 from client import PUBLISH_OPTIONS, REGISTER, UNREGISTER, Client  # noqa: E402
 from procs import Registry, port_listening, tail  # noqa: E402
+from scenarios import XDATA  # noqa: E402
+import knock_scenarios  # noqa: E402
 
 PASSWORD = "password"
 PREFERRED = {"c2s_port": 15222, "component_port": 15347}
@@ -62,6 +64,14 @@ knock demo: Prosody + mock APNs + knock, all on 127.0.0.1 (Ctrl-C stops everythi
 3. Disconnect alice (without stream management), and send her a message as bob.
    The push knock sends shows up below, as the mock APNs logs it.
 
+4. Knock tokens (xep/knock-registration.md §19): as alice, run the command 'knock-token-create' at {COMPONENT}
+   (an empty submitted form takes the defaults); the reply's 'token' is for one contact. As bob, with it:
+
+   <iq type='set' to='{COMPONENT}' id='k1'><knock xmlns='knock:token:0' token='TOKEN'/></iq>
+
+   knock answers an empty result and wakes alice's device; the push names the token's 'id', never bob.
+   'knock-token-list', '-revoke' and '-rotate' manage alice's tokens.
+
    Make a token fail:  curl -X POST {bed.apns.control}/behaviour/<token>/unregistered   (or unavailable, ok)
    All requests:       curl {bed.apns.control}/requests
 
@@ -71,7 +81,7 @@ Files: {run_dir}
   Prosody's log       {bed.server.log_file}
   Prosody's config    {bed.server.config}     (prosodyctl --config <it> register carol {DOMAIN} pw)
 
-`prosody-test/demo --client` does steps 1-3 with a real client (slixmpp).
+`prosody-test/demo --client` does steps 1-4 with a real client (slixmpp).
 """)
 
 
@@ -82,6 +92,9 @@ async def client_flow(bed: Bed):
     jid, node, secret = await alice.register_device(COMPONENT, "demo-phone", token)
     out(f"[client] knock answered: jid={jid} node={node} secret={secret[:6]}...")
     await alice.enable_push(COMPONENT, node, secret)
+    made = await knock_scenarios.command(alice, "knock-token-create", {})
+    fields = {f.get("var"): f.findtext(f"{XDATA}value") for f in made.iter(f"{XDATA}field")}
+    out(f"[client] alice made a knock token for bob: id {fields.get('id')}, expires {fields.get('expires')}")
     out("[client] alice enabled push at Prosody, and goes offline")
     await alice.offline()
     await asyncio.sleep(0.3)
@@ -89,14 +102,22 @@ async def client_flow(bed: Bed):
     bob.send_message(mto=f"alice@{DOMAIN}", mbody="Hi Alice, this text never reaches Apple", mtype="chat")
     out("[client] bob sent alice a message; waiting for the push...")
     reqs = await bed.apns.wait_requests(token, 1, 10)
+    if not reqs:
+        await bob.offline()
+        out("[client] no push arrived within 10 s; see knock's log")
+        return False
+    r = reqs[0]
+    out(f"[client] push arrived at the mock APNs: status {r['status']}, apns-push-type {r['push_type']}, "
+        f"priority {r['priority']}, body {r['body']}")
+    answer = await knock_scenarios.knock(None, fields.get("token"), bob)
+    out(f"[client] bob knocked with alice's token: {answer}")
+    reqs = await bed.apns.wait_requests(token, 2, 10)
     await bob.offline()
-    if reqs:
-        r = reqs[0]
-        out(f"[client] push arrived at the mock APNs: status {r['status']}, apns-push-type {r['push_type']}, "
-            f"priority {r['priority']}, body {r['body']}")
-        return True
-    out("[client] no push arrived within 10 s; see knock's log")
-    return False
+    if len(reqs) < 2:
+        out("[client] no knock push arrived within 10 s; see knock's log")
+        return False
+    out(f"[client] the knock's push arrived: priority {reqs[1]['priority']}, body {reqs[1]['body']}")
+    return True
 
 
 def describe(line: str) -> str | None:
