@@ -1,5 +1,5 @@
 //! The admin listener of the real `knock` binary: `/metrics` counts exactly what a scenario did (publishes by
-//! outcome, registrations, the link's ups and downs, APNs answers, publishes in flight), and `/health`
+//! outcome, registrations, knocks and knock tokens, the link's ups and downs, APNs answers, publishes in flight), and `/health`
 //! answers 503 with a JSON reason while the component link is down.
 
 use std::time::Duration;
@@ -416,4 +416,76 @@ async fn fcm_answers_have_their_own_families() {
         !text.contains("knock_apns_responses_total{"),
         "the APNs app pushed nothing: {text}"
     );
+}
+
+/// A one-step knock-token command of alice's.
+fn knock_command(node: &str, fields: &str) -> String {
+    format!(
+        "<iq xmlns='{NS}' type='set' id='c' from='alice@localhost/phone' to='push.localhost'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='{node}' action='execute'>\
+         <x xmlns='jabber:x:data' type='submit'>{fields}</x></command></iq>"
+    )
+}
+
+fn knock_xml(token: &str) -> String {
+    format!(
+        "<iq xmlns='{NS}' type='set' id='k' from='bob@example.net/x' to='push.localhost'>\
+         <knock xmlns='knock:token:0' token='{token}'/></iq>"
+    )
+}
+
+#[tokio::test]
+async fn knocks_and_knock_tokens_have_their_own_families() {
+    let h = start(Options {
+        limits_extra: "knock_tokens_per_user = 2",
+        ..Options::default()
+    })
+    .await;
+    let mut conn = h.accept().await;
+    register(&mut conn, "phone", TOKEN).await;
+    let one_an_hour = "<field var='per-hour'><value>1</value></field>";
+    let reply = ask(&mut conn, &knock_command("knock-token-create", one_an_hour)).await;
+    let (token, id) = (
+        field(&reply, "token").expect("token"),
+        field(&reply, "id").expect("id"),
+    );
+    let reply = ask(&mut conn, &knock_command("knock-token-create", "")).await;
+    let other = field(&reply, "id").expect("id");
+    // A third is over knock_tokens_per_user; after a revocation there is room, but not within the hour's
+    // creations (as many as a user may hold).
+    let reply = ask(&mut conn, &knock_command("knock-token-create", "")).await;
+    assert_eq!(error_of(&reply), err("modify", "policy-violation"));
+    let revoke = format!("<field var='id'><value>{other}</value></field>");
+    let reply = ask(&mut conn, &knock_command("knock-token-revoke", &revoke)).await;
+    assert_eq!(error_of(&reply), None);
+    let reply = ask(&mut conn, &knock_command("knock-token-create", "")).await;
+    assert_eq!(error_of(&reply), err("wait", "resource-constraint"));
+
+    assert_eq!(error_of(&ask(&mut conn, &knock_xml(&token)).await), None);
+    assert_eq!(
+        error_of(&ask(&mut conn, &knock_xml(&token)).await),
+        err("wait", "resource-constraint")
+    );
+    assert_eq!(
+        error_of(&ask(&mut conn, &knock_xml(&"A".repeat(43))).await),
+        err("cancel", "item-not-found")
+    );
+
+    let (m, text) = h.metrics().await;
+    for (series, value) in [
+        ("knock_knocks_total{outcome=\"pushed\"}", 1),
+        ("knock_knocks_total{outcome=\"unknown\"}", 1),
+        ("knock_knocks_total{outcome=\"limited\"}", 1),
+        ("knock_knocks_total{outcome=\"failed\"}", 0),
+        ("knock_knock_tokens_total{change=\"created\"}", 2),
+        ("knock_knock_tokens_total{change=\"revoked\"}", 1),
+        ("knock_knock_tokens_total{change=\"capped\"}", 1),
+        // A knock is not a publish.
+        ("knock_publishes_total{outcome=\"pushed\"}", 0),
+    ] {
+        assert_eq!(m.get(series), Some(value), "{series} in\n{text}");
+    }
+    for leak in [token.as_str(), id.as_str(), "bob", "alice"] {
+        assert!(!text.contains(leak), "{leak:?} in /metrics");
+    }
 }
