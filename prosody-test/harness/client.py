@@ -145,10 +145,10 @@ class Client(ClientXMPP):
 
     # ---- the Tigase dialect (Siskin)
 
-    async def execute(self, app_server: str, node: str, payload, timeout: float = 10.0) -> dict[str, list[str]]:
-        """A one-step XEP-0050 execute carrying `payload` (a slixmpp Form, or an XML element: a client's form as
-        that client writes it). Returns the completed reply's form as {var: [values]} (every <value>, so a
-        multi-value field keeps each one)."""
+    async def completed(self, app_server: str, node: str, payload, timeout: float = 10.0):
+        """A one-step XEP-0050 execute carrying `payload` (a slixmpp Form, an XML element, or None for no form);
+        the completed reply's <command/> stanza. CommandError on an error reply, StepFailed on silence or a
+        command that did not complete."""
         try:
             reply = await self["xep_0050"].send_command(app_server, node, action="execute", payload=payload,
                                                         timeout=timeout)
@@ -159,6 +159,13 @@ class Client(ClientXMPP):
         command = reply["command"]
         if command["status"] != "completed":
             raise StepFailed(f"{node} not completed: status={command['status']!r}")
+        return command
+
+    async def execute(self, app_server: str, node: str, payload, timeout: float = 10.0) -> dict[str, list[str]]:
+        """[`completed`] with a client's form (a slixmpp Form, or an XML element: a client's form as that client
+        writes it). Returns the reply's form as {var: [values]} (every <value>, so a multi-value field keeps
+        each one)."""
+        command = await self.completed(app_server, node, payload, timeout)
         values: dict[str, list[str]] = {}
         x = command.xml.find(f"{XDATA}x")
         if x is not None:

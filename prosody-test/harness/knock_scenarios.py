@@ -29,7 +29,7 @@ import time
 import xml.etree.ElementTree as ET
 
 from bed import AUTO_ALERT_TITLE, COMPONENT, DOMAIN, FCM_APP, TOPIC
-from client import CommandError
+from client import CommandError, StepFailed
 from scenarios import XDATA, Ctx, Failure, check, need_app, new_token
 from slixmpp.exceptions import IqError, IqTimeout
 import android_scenarios
@@ -68,15 +68,11 @@ async def command(c, node: str, fields: dict[str, str] | None = None, timeout: f
         for var, value in fields.items():
             payload.add_field(var=var, value=value)
     try:
-        reply = await c["xep_0050"].send_command(COMPONENT, node, action="execute", payload=payload,
-                                                 timeout=timeout)
-    except IqError as e:
-        raise CommandError(node, e.iq["error"]["type"], e.iq["error"]["condition"], e.iq["error"]["text"])
-    except IqTimeout:
-        raise Failure(f"{node}: no answer from {COMPONENT} within {timeout:g} s")
-    cmd = reply["command"]
-    check(cmd["status"] == "completed", f"{node}: status {cmd['status']!r}, expected completed")
-    return cmd.xml
+        return (await c.completed(COMPONENT, node, payload, timeout)).xml
+    except CommandError:
+        raise
+    except StepFailed as e:
+        raise Failure(str(e))
 
 
 async def refused(c, node: str, fields: dict[str, str] | None) -> str:
