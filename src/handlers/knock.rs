@@ -85,109 +85,166 @@ pub async fn execute(
         };
     };
     let values = form_values(form)?;
+    let caller = Caller {
+        from,
+        owner: &owner,
+        tokens: &tokens,
+        now,
+    };
     match op {
         Op::List => Ok(list(request, &tokens, now)),
-        Op::Create => {
-            let node = match optional(&values, "node") {
-                Some(node) => node.to_owned(),
-                None => only_registration(app, &owner)?,
-            };
-            let lifetime = lifetime(&values)?;
-            let per_hour = number(&values, "per-hour", DEFAULT_PER_HOUR, 1..=MAX_PER_HOUR)?;
-            if !app.store.nodes_of(&owner)?.contains(&node) {
-                return Err(HandlerError::item_not_found(
-                    "node is not one of your registrations",
-                ));
-            }
-            let made = mint(
-                app,
-                from,
-                &owner,
-                tokens.len(),
-                node,
-                now + lifetime,
-                per_hour,
-            )
-            .await?;
-            Ok(created(request, &made, None))
-        }
-        Op::Revoke => {
-            let all = matches!(optional(&values, "all"), Some("1" | "true"));
-            let chosen: Vec<&(Digest, KnockToken)> = if all {
-                tokens.iter().collect()
-            } else {
-                let id = token_id(&values)?;
-                let chosen: Vec<_> = tokens.iter().filter(|(_, t)| t.id == id).collect();
-                if chosen.is_empty() {
-                    return Err(HandlerError::item_not_found("no such knock token"));
-                }
-                chosen
-            };
-            for (hash, _) in &chosen {
-                app.store.remove_knock_token(hash)?;
-                Stats::bump(&app.stats.knocks.revoked);
-            }
-            app.store.flush().await?;
-            tracing::debug!(count = chosen.len(), "knock tokens revoked");
-            let mut reply = Command::reply(request, Status::Completed, None, random_id);
-            reply.notes.push(Note {
-                type_: Some(NoteType::Info),
-                text: format!("Revoked {} knock token(s).", chosen.len()),
-            });
-            Ok(reply)
-        }
-        Op::Rotate => {
-            let id = token_id(&values)?;
-            let Some((old_hash, old)) = tokens.iter().find(|(_, t)| t.id == id) else {
-                return Err(HandlerError::item_not_found("no such knock token"));
-            };
-            if old.grace_until.is_some() {
-                return Err(HandlerError::bad_request(
-                    "this knock token was rotated already: rotate its successor",
-                ));
-            }
-            let grace = number(
-                &values,
-                "grace-hours",
-                DEFAULT_GRACE_HOURS,
-                0..=MAX_GRACE_HOURS,
-            )?;
-            let lifetime = lifetime(&values)?;
-            let per_hour = number(&values, "per-hour", old.per_hour, 1..=MAX_PER_HOUR)?;
-            // The successor first: if it cannot be made, the old token stays as it was. Without a grace
-            // period the old one makes room for it.
-            let held = tokens.len() - usize::from(grace == 0);
-            let made = mint(
-                app,
-                from,
-                &owner,
-                held,
-                old.node.clone(),
-                now + lifetime,
-                per_hour,
-            )
-            .await?;
-            let until = (now + u64::from(grace) * 3_600).min(old.expires);
-            let retired = async {
-                if grace == 0 {
-                    app.store.remove_knock_token(old_hash)?;
-                } else {
-                    let graced = KnockToken {
-                        grace_until: Some(until),
-                        ..old.clone()
-                    };
-                    app.store.put_knock_token(old_hash, &graced)?;
-                }
-                app.store.flush().await
-            };
-            if let Err(e) = retired.await {
-                // The caller is told it failed, so the successor, never shown, must not stay behind.
-                let _ = app.store.remove_knock_token(&made.hash);
-                return Err(e.into());
-            }
-            Ok(created(request, &made, Some((old, until))))
-        }
+        Op::Create => create(app, &caller, request, &values).await,
+        Op::Revoke => revoke(app, &caller, request, &values).await,
+        Op::Rotate => rotate(app, &caller, request, &values).await,
     }
+}
+
+/// Who runs a command, and what they hold.
+struct Caller<'a> {
+    from: &'a Jid,
+    /// Their keyed hash.
+    owner: &'a Digest,
+    /// Their live tokens.
+    tokens: &'a [(Digest, KnockToken)],
+    /// The time the command runs at.
+    now: u64,
+}
+
+/// A submitted form's values by field ([`form_values`]).
+type Values<'a> = std::collections::HashMap<&'a str, &'a str>;
+
+/// `knock-token-create`: a new token for one of the caller's registrations.
+async fn create(
+    app: &App,
+    caller: &Caller<'_>,
+    request: &Command,
+    values: &Values<'_>,
+) -> Result<Command, HandlerError> {
+    let &Caller {
+        from,
+        owner,
+        tokens,
+        now,
+    } = caller;
+    let node = match optional(values, "node") {
+        Some(node) => node.to_owned(),
+        None => only_registration(app, owner)?,
+    };
+    let lifetime = lifetime(values)?;
+    let per_hour = number(values, "per-hour", DEFAULT_PER_HOUR, 1..=MAX_PER_HOUR)?;
+    if !app.store.nodes_of(owner)?.contains(&node) {
+        return Err(HandlerError::item_not_found(
+            "node is not one of your registrations",
+        ));
+    }
+    let made = mint(
+        app,
+        from,
+        owner,
+        tokens.len(),
+        node,
+        now + lifetime,
+        per_hour,
+    )
+    .await?;
+    Ok(created(request, &made, None))
+}
+
+/// `knock-token-revoke`: one token by id, or all of the caller's.
+async fn revoke(
+    app: &App,
+    caller: &Caller<'_>,
+    request: &Command,
+    values: &Values<'_>,
+) -> Result<Command, HandlerError> {
+    let tokens = caller.tokens;
+    let all = matches!(optional(values, "all"), Some("1" | "true"));
+    let chosen: Vec<&(Digest, KnockToken)> = if all {
+        tokens.iter().collect()
+    } else {
+        let id = token_id(values)?;
+        let chosen: Vec<_> = tokens.iter().filter(|(_, t)| t.id == id).collect();
+        if chosen.is_empty() {
+            return Err(HandlerError::item_not_found("no such knock token"));
+        }
+        chosen
+    };
+    for (hash, _) in &chosen {
+        app.store.remove_knock_token(hash)?;
+        Stats::bump(&app.stats.knocks.revoked);
+    }
+    app.store.flush().await?;
+    tracing::debug!(count = chosen.len(), "knock tokens revoked");
+    let mut reply = Command::reply(request, Status::Completed, None, random_id);
+    reply.notes.push(Note {
+        type_: Some(NoteType::Info),
+        text: format!("Revoked {} knock token(s).", chosen.len()),
+    });
+    Ok(reply)
+}
+
+/// `knock-token-rotate`: a new token and id for the same contact; the old one works for the grace period.
+async fn rotate(
+    app: &App,
+    caller: &Caller<'_>,
+    request: &Command,
+    values: &Values<'_>,
+) -> Result<Command, HandlerError> {
+    let &Caller {
+        from,
+        owner,
+        tokens,
+        now,
+    } = caller;
+    let id = token_id(values)?;
+    let Some((old_hash, old)) = tokens.iter().find(|(_, t)| t.id == id) else {
+        return Err(HandlerError::item_not_found("no such knock token"));
+    };
+    if old.grace_until.is_some() {
+        return Err(HandlerError::bad_request(
+            "this knock token was rotated already: rotate its successor",
+        ));
+    }
+    let grace = number(
+        values,
+        "grace-hours",
+        DEFAULT_GRACE_HOURS,
+        0..=MAX_GRACE_HOURS,
+    )?;
+    let lifetime = lifetime(values)?;
+    let per_hour = number(values, "per-hour", old.per_hour, 1..=MAX_PER_HOUR)?;
+    // The successor first: if it cannot be made, the old token stays as it was. Without a grace
+    // period the old one makes room for it.
+    let held = tokens.len() - usize::from(grace == 0);
+    let made = mint(
+        app,
+        from,
+        owner,
+        held,
+        old.node.clone(),
+        now + lifetime,
+        per_hour,
+    )
+    .await?;
+    let until = (now + u64::from(grace) * 3_600).min(old.expires);
+    let retired = async {
+        if grace == 0 {
+            app.store.remove_knock_token(old_hash)?;
+        } else {
+            let graced = KnockToken {
+                grace_until: Some(until),
+                ..old.clone()
+            };
+            app.store.put_knock_token(old_hash, &graced)?;
+        }
+        app.store.flush().await
+    };
+    if let Err(e) = retired.await {
+        // The caller is told it failed, so the successor, never shown, must not stay behind.
+        let _ = app.store.remove_knock_token(&made.hash);
+        return Err(e.into());
+    }
+    Ok(created(request, &made, Some((old, until))))
 }
 
 /// A token just made: what its owner must keep (the token is shown once and never again).
@@ -406,7 +463,7 @@ fn only_registration(app: &App, owner: &Digest) -> Result<String, HandlerError> 
 }
 
 /// A token id as a command names it: 16 hex digits.
-fn token_id(values: &std::collections::HashMap<&str, &str>) -> Result<[u8; 8], HandlerError> {
+fn token_id(values: &Values<'_>) -> Result<[u8; 8], HandlerError> {
     let text =
         optional(values, "id").ok_or_else(|| HandlerError::bad_request("missing field \"id\""))?;
     let mut id = [0u8; 8];
@@ -417,7 +474,7 @@ fn token_id(values: &std::collections::HashMap<&str, &str>) -> Result<[u8; 8], H
 
 /// How long a new token lives, in seconds: `expiry-days` for people, or `expiry-seconds` for a client that
 /// wants a short-lived token (a contact for the afternoon); not both.
-fn lifetime(values: &std::collections::HashMap<&str, &str>) -> Result<u64, HandlerError> {
+fn lifetime(values: &Values<'_>) -> Result<u64, HandlerError> {
     let days = number(values, "expiry-days", DEFAULT_DAYS, 1..=MAX_DAYS)?;
     match optional(values, "expiry-seconds") {
         None => Ok(u64::from(days) * 86_400),
@@ -435,7 +492,7 @@ fn lifetime(values: &std::collections::HashMap<&str, &str>) -> Result<u64, Handl
 
 /// An optional whole number within `range`; `default` when absent.
 fn number(
-    values: &std::collections::HashMap<&str, &str>,
+    values: &Values<'_>,
     var: &str,
     default: u32,
     range: std::ops::RangeInclusive<u32>,
