@@ -241,8 +241,14 @@ async fn rotate(
     };
     if let Err(e) = retired.await {
         // The caller is told it failed, so the successor, never shown, must not stay behind.
-        let _ = app.store.remove_knock_token(&made.hash);
-        return Err(e.into());
+        if app.store.remove_knock_token(&made.hash).is_ok() {
+            let _ = app.store.flush().await;
+        }
+        return Err(match e {
+            // The registration went meanwhile, and both tokens with it.
+            StoreError::Invalid(_) => HandlerError::item_not_found("no such knock token"),
+            e => e.into(),
+        });
     }
     Ok(created(request, &made, Some((old, until))))
 }
@@ -302,12 +308,13 @@ async fn mint(
             StoreError::Invalid(_) => gone(),
             e => e.into(),
         })?;
-    app.store.flush().await?;
     // The registration may have gone meanwhile (unregistered through another knock sharing the database):
-    // then the store did not take the token, and it must not be handed out.
+    // then the store did not take the token (its flush may say so as a conflict), and it is not handed out.
+    let flushed = app.store.flush().await;
     if app.store.knock_token(&hash)?.is_none() {
         return Err(gone());
     }
+    flushed?;
     Stats::bump(&app.stats.knocks.created);
     tracing::debug!("knock token created");
     Ok(Minted {
