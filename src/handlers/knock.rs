@@ -408,7 +408,7 @@ async fn wake(app: &App, token: &str) -> Result<(), Refusal> {
         encrypted: None,
     };
     let (kind, _) = publish::wake_kind(&target, &important).map_err(refused)?;
-    let id = hex::encode(record.id);
+    let id = record.id_text();
     publish::push(app, &target, &record.node, kind, None, Some(&id))
         .await
         .map_err(refused)?;
@@ -473,10 +473,8 @@ fn only_registration(app: &App, owner: &Digest) -> Result<String, HandlerError> 
 fn token_id(values: &Values<'_>) -> Result<[u8; 8], HandlerError> {
     let text =
         optional(values, "id").ok_or_else(|| HandlerError::bad_request("missing field \"id\""))?;
-    let mut id = [0u8; 8];
-    hex::decode_to_slice(text, &mut id)
-        .map_err(|_| HandlerError::bad_request("id must be a knock token's id: 16 hex digits"))?;
-    Ok(id)
+    KnockToken::parse_id(text)
+        .ok_or_else(|| HandlerError::bad_request("id must be a knock token's id: 16 hex digits"))
 }
 
 /// How long a new token lives, in seconds: `expiry-days` for people, or `expiry-seconds` for a client that
@@ -524,13 +522,13 @@ fn created(request: &Command, made: &Minted, replaced: Option<(&KnockToken, u64)
     let record = &made.record;
     let mut fields = vec![
         Field::new("token", FieldType::TextPrivate).with_value(&made.token),
-        Field::text_single("id", &hex::encode(record.id)),
+        Field::text_single("id", &record.id_text()),
         Field::text_single("node", &record.node),
         Field::text_single("expires", &xep0082(record.expires)),
         Field::text_single("per-hour", &record.per_hour.to_string()),
     ];
     if let Some((old, until)) = replaced {
-        fields.push(Field::text_single("replaces", &hex::encode(old.id)));
+        fields.push(Field::text_single("replaces", &old.id_text()));
         fields.push(Field::text_single("replaced-until", &xep0082(until)));
     }
     let form = DataForm {
@@ -563,7 +561,7 @@ fn list(request: &Command, tokens: &[(Digest, KnockToken)], now: u64) -> Command
         .filter(|(_, t)| t.is_live(now))
         .map(|(_, t)| {
             vec![
-                Field::text_single("id", &hex::encode(t.id)),
+                Field::text_single("id", &t.id_text()),
                 Field::text_single("node", &t.node),
                 Field::text_single("expires", &xep0082(t.expires)),
                 Field::text_single("per-hour", &t.per_hour.to_string()),
@@ -606,7 +604,7 @@ fn ask_for_form(
             .collect();
         field
     };
-    let ids = || tokens.iter().map(|(_, t)| hex::encode(t.id)).collect();
+    let ids = || tokens.iter().map(|(_, t)| t.id_text()).collect();
     let days = format!("Days until it expires (1 to {MAX_DAYS})");
     let rate = format!("Knocks an hour (1 to {MAX_PER_HOUR})");
     let (instructions, fields) = match op {

@@ -46,6 +46,19 @@ pub struct KnockToken {
     pub uses: u64,
 }
 
+impl KnockToken {
+    /// The token's id as the protocol writes it, in commands and in pushes: 16 lowercase hex digits.
+    pub fn id_text(&self) -> String {
+        hex::encode(self.id)
+    }
+
+    /// The id a command names, if it is 16 hex digits.
+    pub fn parse_id(text: &str) -> Option<[u8; 8]> {
+        let mut id = [0u8; 8];
+        hex::decode_to_slice(text, &mut id).ok().map(|()| id)
+    }
+}
+
 /// What a sealed node is bound to: the token's hash, so a sealed node cannot be moved to another token.
 fn context(hash: &Digest) -> Vec<u8> {
     [&b"knock knock-token node v1\0"[..], hash].concat()
@@ -221,6 +234,19 @@ mod tests {
             decode(None, &[7; 32], &record),
             Err(StoreError::KeyRequired)
         ));
+    }
+
+    #[test]
+    fn ids_are_written_and_read_as_16_hex_digits() {
+        assert_eq!(token().id_text(), "0102030405060708");
+        assert_eq!(KnockToken::parse_id("0102030405060708"), Some(token().id));
+        assert_eq!(
+            KnockToken::parse_id("ABCDEF0102030405").map(|_| ()),
+            Some(())
+        );
+        for bad in ["", "0102", "01020304050607089", "zz02030405060708"] {
+            assert_eq!(KnockToken::parse_id(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
