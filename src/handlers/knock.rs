@@ -120,12 +120,7 @@ async fn create(
     request: &Command,
     values: &Values<'_>,
 ) -> Result<Command, HandlerError> {
-    let &Caller {
-        from,
-        owner,
-        tokens,
-        now,
-    } = caller;
+    let owner = caller.owner;
     let node = match optional(values, "node") {
         Some(node) => node.to_owned(),
         None => only_registration(app, owner)?,
@@ -137,16 +132,7 @@ async fn create(
             "node is not one of your registrations",
         ));
     }
-    let made = mint(
-        app,
-        from,
-        owner,
-        tokens.len(),
-        node,
-        now + lifetime,
-        per_hour,
-    )
-    .await?;
+    let made = mint(app, caller, caller.tokens.len(), node, lifetime, per_hour).await?;
     Ok(created(request, &made, None))
 }
 
@@ -190,12 +176,7 @@ async fn rotate(
     request: &Command,
     values: &Values<'_>,
 ) -> Result<Command, HandlerError> {
-    let &Caller {
-        from,
-        owner,
-        tokens,
-        now,
-    } = caller;
+    let &Caller { tokens, now, .. } = caller;
     let id = token_id(values)?;
     let Some((old_hash, old)) = tokens.iter().find(|(_, t)| t.id == id) else {
         return Err(HandlerError::item_not_found("no such knock token"));
@@ -216,16 +197,7 @@ async fn rotate(
     // The successor first: if it cannot be made, the old token stays as it was. Without a grace
     // period the old one makes room for it.
     let held = tokens.len() - usize::from(grace == 0);
-    let made = mint(
-        app,
-        from,
-        owner,
-        held,
-        old.node.clone(),
-        now + lifetime,
-        per_hour,
-    )
-    .await?;
+    let made = mint(app, caller, held, old.node.clone(), lifetime, per_hour).await?;
     let until = (now + u64::from(grace) * 3_600).min(old.expires);
     let retired = async {
         if grace == 0 {
@@ -266,13 +238,16 @@ struct Minted {
 /// many as registrations).
 async fn mint(
     app: &App,
-    from: &Jid,
-    owner: &Digest,
+    caller: &Caller<'_>,
     held: usize,
     node: String,
-    expires: u64,
+    lifetime: u64,
     per_hour: u32,
 ) -> Result<Minted, HandlerError> {
+    let &Caller {
+        from, owner, now, ..
+    } = caller;
+    let expires = now + lifetime;
     let most = app.knock_tokens_per_user as usize;
     if held >= most {
         return Err(HandlerError::policy_violation(format!(
